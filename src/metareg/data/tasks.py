@@ -1,0 +1,48 @@
+"""What the engine consumes: a batch of few-shot tasks, each a support and a query set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TaskBatch:
+    """B tasks stacked on a leading dimension.
+
+    Classification: ``support_x`` is ``[B, way*shot, C, H, W]`` float in [0, 1], ``support_y`` is
+    ``[B, way*shot]`` long in ``0..way-1`` (labels shuffled per task). Regression: ``x`` is
+    ``[B, n, 1]`` and ``y`` is ``[B, n, 1]`` float.
+    """
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TaskBatch":
+        def move(t: Tensor) -> Tensor:
+            if dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype, non_blocking=True)
+            return t.to(device=device, non_blocking=True)
+
+        return TaskBatch(*(move(t) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+    def task(self, i: int) -> "TaskBatch":
+        """The i-th task as a batch of one."""
+        return TaskBatch(*(t[i : i + 1] for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+
+class TaskSource(Protocol):
+    """Anything that samples task batches reproducibly from a ``torch.Generator``."""
+
+    is_classification: bool
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch: ...

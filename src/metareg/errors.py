@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Every problem a user can cause (bad data, bad config, bad checkpoint, a diverging run) raises a
+subclass of :class:`MetaregError`. The command line prints its message on one line and exits
+non-zero; library users catch it like any exception.
+"""
+
+
+class MetaregError(Exception):
+    """Base class of errors caused by the user's input, reported without a traceback."""
+
+
+class DataError(MetaregError):
+    """Missing, corrupt or insufficient data (e.g. a 30-way task on a 20-class split)."""
+
+
+class ConfigError(MetaregError):
+    """Unknown config key or preset, wrong value type, impossible setting."""
+
+
+class CheckpointError(MetaregError):
+    """Missing, corrupt or foreign checkpoint."""
+
+
+class DivergenceError(MetaregError):
+    """A loss became NaN or Inf during training."""

@@ -1,0 +1,18 @@
+"""Inner update rules (axis 2): gradient transforms and their composition."""
+
+from .base import Chain, GradientTransform, Grads, param_key
+from .registry import available, build_inner_rule, register
+from .steps import SGD, MetaSGD, PerStepSGD
+
+__all__ = [
+    "SGD",
+    "Chain",
+    "GradientTransform",
+    "Grads",
+    "MetaSGD",
+    "PerStepSGD",
+    "available",
+    "build_inner_rule",
+    "param_key",
+    "register",
+]

@@ -1,0 +1,65 @@
+"""Name -> gradient transform. A new inner-loop regularizer is one file plus one ``register`` call.
+
+Factories are called as ``make(fast_params, inner_config_options...)`` and return a
+``GradientTransform``. ``build_inner_rule`` chains the configured transforms and ends the chain with
+the configured step (``sgd``, ``meta-sgd`` or ``per-step``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import Tensor
+
+from ..errors import ConfigError
+from .base import Chain, GradientTransform
+from .steps import SGD, MetaSGD, PerStepSGD
+
+TransformFactory = Callable[..., GradientTransform]
+_TRANSFORMS: dict[str, TransformFactory] = {}
+
+
+def register(name: str) -> Callable[[TransformFactory], TransformFactory]:
+    def wrap(make: TransformFactory) -> TransformFactory:
+        if name in _TRANSFORMS:
+            raise ValueError(f"gradient transform {name!r} registered twice")
+        _TRANSFORMS[name] = make
+        return make
+
+    return wrap
+
+
+STEPS = {
+    "sgd": lambda params, lr, steps: SGD(lr),
+    "meta-sgd": lambda params, lr, steps: MetaSGD(params, lr),
+    "per-step": lambda params, lr, steps: PerStepSGD(params, lr, steps),
+}
+
+
+def available() -> list[str]:
+    return sorted(_TRANSFORMS)
+
+
+def build_inner_rule(
+    fast_params: dict[str, Tensor],
+    *,
+    step: str,
+    lr: float,
+    steps: int,
+    transforms: list[dict[str, Any]] | None = None,
+) -> Chain:
+    """``transforms`` is a list of ``{"name": ..., **options}`` applied before the step."""
+    chain: list[GradientTransform] = []
+    for spec in transforms or []:
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if name not in _TRANSFORMS:
+            raise ConfigError(f"unknown gradient transform {name!r}; available: {', '.join(available()) or 'none'}")
+        try:
+            chain.append(_TRANSFORMS[name](fast_params, **spec))
+        except TypeError as err:
+            raise ConfigError(f"bad options for gradient transform {name!r}: {err}") from None
+    if step not in STEPS:
+        raise ConfigError(f"unknown inner step {step!r}; choose one of {', '.join(STEPS)}")
+    chain.append(STEPS[step](fast_params, lr, steps))
+    return Chain(*chain)

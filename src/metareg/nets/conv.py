@@ -1,0 +1,71 @@
+"""Conv4 / ConvN of Finn et al. (2017), with a feature-perturbation slot in every block."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..perturb.base import LayerInfo, PerturbationFactory, identity_factory
+from .layers import BatchNorm
+
+
+class ConvBlock(nn.Module):
+    """3x3 'same' conv -> batch norm (batch statistics) -> perturbation -> ReLU -> 2x2 max-pool.
+
+    ``strided=True`` replaces the max-pool by a stride-2 convolution (MAML's Omniglot variant).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, perturb: nn.Module, strided: bool = False):
+        super().__init__()
+        self.strided = strided
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1)
+        self.norm = BatchNorm(out_channels)
+        self.perturb = perturb
+
+    def forward(self, x: Tensor, *, sample: bool = False) -> Tensor:
+        pre = self.perturb(self.norm(self.conv(x)), x, sample=sample)
+        # max-pool before ReLU: ReLU is monotone, so max(relu(a), relu(b)) = relu(max(a, b)) and
+        # the gradients agree too; the ReLU then runs on a 4x smaller tensor.
+        return F.relu(pre if self.strided else F.max_pool2d(pre, 2))
+
+
+class ConvNet(nn.Module):
+    """``depth`` conv blocks and a linear classifier on the flattened features.
+
+    Conv4 for Omniglot: 64 channels, 28x28 input (1x1x64 features). Conv4 for miniImageNet: 32
+    channels, 84x84 input (5x5x32 = 800 features). The perturbation factory is asked for one module
+    per conv block; the classifier has none here (a perturbation that needs the last layer, such as
+    Meta-Dropout's additive Gaussian, is added by its own issue through ``head_perturb``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 1,
+        image_size: int = 28,
+        channels: int = 64,
+        depth: int = 4,
+        strided: bool = False,
+        perturbation: PerturbationFactory = identity_factory,
+    ):
+        super().__init__()
+        blocks = []
+        size, cin = image_size, in_channels
+        for i in range(depth):
+            info = LayerInfo(i, "conv", cin, channels, kernel_size=3, stride=2 if strided else 1, padding=1)
+            blocks.append(ConvBlock(cin, channels, perturbation(info), strided=strided))
+            size = (size + 1) // 2 if strided else size // 2
+            cin = channels
+        if size < 1:
+            raise ValueError(f"image_size {image_size} is too small for {depth} blocks")
+        self.blocks = nn.ModuleList(blocks)
+        self.feature_dim = channels * size * size
+        self.head = nn.Linear(self.feature_dim, num_classes)
+
+    def features(self, x: Tensor, *, sample: bool = False) -> Tensor:
+        for block in self.blocks:
+            x = block(x, sample=sample)
+        return x.flatten(1)
+
+    def forward(self, x: Tensor, *, sample: bool = False) -> Tensor:
+        return self.head(self.features(x, sample=sample))

@@ -1,0 +1,33 @@
+"""Layers shared by the backbones, written for functional (``torch.func.functional_call``) use."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization with batch statistics at train *and* test time (MAML convention).
+
+    Episodic meta-learning normalizes each task's batch by its own statistics (transductive, as in
+    Finn et al. 2017); there are no running statistics. ``explicit=True`` writes the normalization
+    as explicit mean/variance ops, which is what ``torch.func.vmap`` needs: under ``vmap``,
+    ``F.batch_norm`` silently gives wrong second-order gradients.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5, explicit: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+        self.explicit = explicit
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.explicit:
+            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)

@@ -1,0 +1,41 @@
+"""Name -> perturbation factory. A new regularizer is one file plus one ``register`` call."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..errors import ConfigError
+from .base import LayerInfo, PerturbationFactory, identity_factory
+
+_REGISTRY: dict[str, Callable[..., PerturbationFactory]] = {}
+
+
+def register(name: str) -> Callable:
+    """Register ``make(**options) -> factory`` under ``name``."""
+
+    def wrap(make: Callable[..., PerturbationFactory]) -> Callable[..., PerturbationFactory]:
+        if name in _REGISTRY:
+            raise ValueError(f"perturbation {name!r} registered twice")
+        _REGISTRY[name] = make
+        return make
+
+    return wrap
+
+
+register("none")(lambda: identity_factory)
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_perturbation(name: str, options: dict[str, Any] | None = None) -> PerturbationFactory:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown perturbation {name!r}; available: {', '.join(available())}")
+    try:
+        return _REGISTRY[name](**(options or {}))
+    except TypeError as err:
+        raise ConfigError(f"bad options for perturbation {name!r}: {err}") from None
+
+
+__all__ = ["LayerInfo", "available", "build_perturbation", "register"]

@@ -1,0 +1,135 @@
+"""The bilevel engine against an independent reference loop and finite differences."""
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import learner_for, random_image_batch, random_regression_batch, tiny_conv, tiny_mlp
+from metareg.errors import ConfigError
+from metareg.meta.reference import conv_forward, mlp_forward, reference_meta_gradient
+
+
+def engine_grads(learner, batch):
+    learner.zero_grad(set_to_none=True)
+    metrics = learner.meta_backward(batch)
+    return metrics, {n: p.grad.clone() for n, p in learner.model.named_parameters()}
+
+
+def assert_close_rel(a: dict, b: dict, rtol: float):
+    """Relative error per tensor; tensors whose exact gradient is zero (a conv bias before batch
+    norm) are held to an absolute tolerance at the scale of the whole gradient."""
+    scale = torch.cat([t.flatten() for t in b.values()]).norm()
+    for name in a:
+        err = (a[name] - b[name]).norm()
+        assert err <= rtol * b[name].norm() + 1e-12 * scale, f"{name}: error {err:.2e}, norm {b[name].norm():.2e}"
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_gradient_equals_reference_loop_conv(strategy, first_order):
+    model = tiny_conv(depth=2)
+    learner = learner_for(model, lr=0.3, steps=3, first_order=first_order, strategy=strategy)
+    batch = random_image_batch(tasks=3)
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    ref_loss, ref = reference_meta_gradient(params, batch, lr=0.3, steps=3, forward=partial(conv_forward, depth=2), first_order=first_order)
+    metrics, got = engine_grads(learner, batch)
+    assert torch.allclose(metrics["loss"], ref_loss, rtol=1e-10)
+    assert_close_rel(got, ref, 1e-6)
+
+
+def test_meta_gradient_equals_reference_loop_mlp_regression():
+    model = tiny_mlp()
+    learner = learner_for(model, lr=0.01, steps=2, task="regression")
+    batch = random_regression_batch()
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    _, ref = reference_meta_gradient(params, batch, lr=0.01, steps=2, forward=mlp_forward, loss_fn=F.mse_loss)
+    _, got = engine_grads(learner, batch)
+    assert_close_rel(got, ref, 1e-6)
+
+
+def test_second_order_matches_finite_differences():
+    """d/dtheta of L_query(theta - lr * grad L_support(theta)), by central differences."""
+    model = tiny_mlp(hidden=(4,))
+    learner = learner_for(model, lr=0.5, steps=2, task="regression")
+    batch = random_regression_batch(tasks=2, shot=4, query=3)
+    _, got = engine_grads(learner, batch)
+    eps = 1e-6
+    for name, p in learner.model.named_parameters():
+        flat = p.data.view(-1)
+        for j in range(flat.numel()):
+            old = flat[j].item()
+            flat[j] = old + eps
+            up = learner.meta_loss(batch).item()
+            flat[j] = old - eps
+            down = learner.meta_loss(batch).item()
+            flat[j] = old
+            fd = (up - down) / (2 * eps)
+            assert abs(got[name].view(-1)[j].item() - fd) < 1e-6 * max(1.0, abs(fd)), (name, j)
+
+
+def test_first_order_drops_the_second_order_term():
+    model = tiny_mlp(hidden=(4,))
+    batch = random_regression_batch(tasks=2, shot=4, query=3)
+    _, second = engine_grads(learner_for(model, lr=0.5, steps=2, task="regression"), batch)
+    _, first = engine_grads(learner_for(model, lr=0.5, steps=2, task="regression", first_order=True), batch)
+    # First order: the meta-gradient is the query gradient at the adapted weights.
+    learner = learner_for(model, lr=0.5, steps=2, task="regression")
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(batch.num_tasks):
+        start = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
+        adapted = learner.adapt(start, batch.support_x[i], batch.support_y[i], create_graph=False)
+        adapted = {n: p.detach().requires_grad_() for n, p in adapted.items()}
+        out = torch.func.functional_call(model, adapted, (batch.query_x[i],))
+        for n, g in zip(adapted, torch.autograd.grad(F.mse_loss(out, batch.query_y[i]) / batch.num_tasks, list(adapted.values()))):
+            expected[n] += g
+    assert_close_rel(first, expected, 1e-10)
+    assert any((first[n] - second[n]).norm() > 1e-6 * second[n].norm() for n in first)
+
+
+def test_meta_sgd_step_sizes_get_gradients_and_match_sgd_at_init():
+    model = tiny_conv(depth=2)
+    batch = random_image_batch(tasks=2)
+    meta_sgd = learner_for(model, lr=0.2, steps=2, step="meta-sgd")
+    metrics, grads = engine_grads(meta_sgd, batch)
+    lr_grads = [p.grad for n, p in meta_sgd.named_parameters() if n.startswith("inner.")]
+    assert lr_grads and all(g is not None and g.abs().sum() > 0 for g in lr_grads)
+    _, sgd_grads = engine_grads(learner_for(model, lr=0.2, steps=2), batch)
+    assert_close_rel(grads, sgd_grads, 1e-10)
+
+
+def test_only_fast_parameters_are_adapted():
+    model = tiny_conv(depth=2)
+    learner = learner_for(model, fast=["blocks.*.conv.*", "head.*"])
+    batch = random_image_batch(tasks=1)
+    start = learner.initial_params()
+    adapted = learner.adapt(start, batch.support_x[0], batch.support_y[0])
+    for n in start:
+        changed = not torch.equal(adapted[n], start[n])
+        assert changed == (n in learner.fast_names), n
+    assert "blocks.0.norm.bias" not in learner.fast_names
+
+
+def test_bad_fast_pattern_is_a_config_error():
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        learner_for(tiny_conv(), fast=["nonexistent.*"])
+
+
+def test_evaluate_does_not_touch_meta_parameters_and_matches_manual_adaptation():
+    model = tiny_conv(depth=2)
+    learner = learner_for(model, lr=0.3, steps=2)
+    batch = random_image_batch(tasks=2)
+    before = {n: p.detach().clone() for n, p in learner.named_parameters()}
+    scores = learner.evaluate(batch)
+    assert scores.shape == (2,)
+    assert all(torch.equal(before[n], p) for n, p in learner.named_parameters())
+    assert all(p.grad is None for p in learner.parameters())
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    for i in range(2):
+        fast = list(params.values())
+        for _ in range(2):
+            loss = F.cross_entropy(conv_forward(dict(zip(params, fast)), batch.support_x[i], depth=2), batch.support_y[i])
+            fast = [w - 0.3 * g for w, g in zip(fast, torch.autograd.grad(loss, fast))]
+        acc = (conv_forward(dict(zip(params, fast)), batch.query_x[i], depth=2).argmax(-1) == batch.query_y[i]).double().mean()
+        assert scores[i].item() == pytest.approx(acc.item(), abs=1e-7)
