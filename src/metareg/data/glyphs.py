@@ -12,9 +12,9 @@ A class (per split, from its own random stream) draws:
   start on the previous stroke (at its start, middle or end), as pen strokes of a letter do;
 * a size (the glyph's larger side spans 55..70 % of the image, centred) and a pen width.
 
-An instance perturbs its class: every control point moves by N(0, 0.03 image widths), the glyph gets
-a random affine map (rotation N(0, 8 deg), per-axis scale exp N(0, 0.07), shear N(0, 0.07), shift
-N(0, 0.035)), and the pen width varies by +-15 %. The strokes are rendered anti-aliased (each as a
+An instance perturbs its class: every control point moves by N(0, 0.045 image widths), the glyph
+gets a random affine map (rotation N(0, 12 deg), per-axis scale exp N(0, 0.1), shear N(0, 0.1),
+shift N(0, 0.05)), and the pen width varies by +-15 %. The strokes are rendered anti-aliased (each as a
 line integral of a Gaussian pen, which separates into one small matrix product per image), ink
 bright on a black background as for Omniglot, and stored as ``uint8`` ``[M, 1, S, S]``.
 
@@ -22,8 +22,10 @@ Splits draw their classes from separate random streams derived from ``(seed, spl
 (1200 classes by default), ``val`` (200) and ``test`` (400) are different characters, and
 ``trainval`` is ``train`` followed by ``val``. A class's shapes do not depend on ``image_size``.
 
-Difficulty (for calibration): a nearest-neighbour classifier on raw pixels reaches about 60 % on
-5-way 1-shot test episodes (chance 20 %), so the classes are distinguishable but the instances vary.
+Difficulty (for calibration): a nearest-neighbour classifier on raw pixels reaches about 62 % on
+5-way 1-shot test episodes and 82 % on 5-way 5-shot (chance 20 %; the same classifier gets 46 % and
+67 % on Omniglot's Vinyals test split), so the classes are distinguishable but the instances vary.
+Generating the 24,000 train images takes about 2 s on two CPU cores.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ GLYPH_SPLITS = {"train": 1200, "val": 200, "test": 400}
 
 _MAX_STROKES = 4
 _STROKE_COUNT_PROBS = (0.35, 0.40, 0.25)  # 2, 3, 4 strokes
-_SEGMENTS = 32  # line segments per rendered stroke
+_SEGMENTS = 16  # line segments per rendered stroke
 _CHUNK = 2048  # images rendered at once
 
 
@@ -108,7 +110,7 @@ def _classes(n: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     extent = (hi - lo).amax(-1).clamp_min(1e-3)
     scale = (0.55 + 0.15 * rand(n)) / extent
     ctrl = (ctrl - ((lo + hi) / 2)[:, None, None]) * scale[:, None, None, None] + 0.5
-    width = 0.75 + 0.35 * rand(n)  # Gaussian pen sigma, in pixels of a 28-pixel image
+    width = 0.65 + 0.3 * rand(n)  # Gaussian pen sigma, in pixels of a 28-pixel image
     return ctrl, active, width
 
 
@@ -116,11 +118,11 @@ def _instances(ctrl: Tensor, width: Tensor, per_class: int, g: torch.Generator) 
     """Perturbed copies: control points ``[n, I, S, 4, 2]`` and pen widths ``[n, I]``."""
     n, s = ctrl.shape[:2]
     shape = (n, per_class)
-    pts = ctrl.unsqueeze(1) + 0.03 * torch.randn(n, per_class, s, 4, 2, generator=g)
-    rot = math.radians(8.0) * torch.randn(shape, generator=g)
-    scale = torch.exp(0.07 * torch.randn(n, per_class, 2, generator=g))
-    shear = 0.07 * torch.randn(shape, generator=g)
-    shift = 0.035 * torch.randn(n, per_class, 2, generator=g)
+    pts = ctrl.unsqueeze(1) + 0.045 * torch.randn(n, per_class, s, 4, 2, generator=g)
+    rot = math.radians(12.0) * torch.randn(shape, generator=g)
+    scale = torch.exp(0.1 * torch.randn(n, per_class, 2, generator=g))
+    shear = 0.1 * torch.randn(shape, generator=g)
+    shift = 0.05 * torch.randn(n, per_class, 2, generator=g)
     cos, sin = torch.cos(rot), torch.sin(rot)
     rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # [n, I, 2, 2]
     shearing = torch.eye(2).repeat(n, per_class, 1, 1)

@@ -1,0 +1,226 @@
+"""The ``metareg`` command. Every user error ends in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ConfigError, MetaregError
+
+
+# ----------------------------------------------------------------------------------- arguments
+def _config_flags(p: argparse.ArgumentParser, *, resume: bool = False) -> None:
+    p.add_argument("--preset", help="named preset (see `metareg presets`)")
+    p.add_argument("--config", help="YAML or JSON config file, merged over the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set inner.lr=0.1 (repeatable)")
+    p.add_argument("--data-root", help="folder holding the data set (default $METAREG_DATA_ROOT/<name>)")
+    p.add_argument("--seed", type=int, help="training seed")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--episodes", type=int, help="test episodes (default 1000)")
+    p.add_argument("--shot", type=int, help="shots per class at meta-test time (default: the training shots)")
+    p.add_argument("--test-seed", type=int, help="seed of the test episode stream (default: the config's eval.seed)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metareg", description="Meta-learned regularization: train, test and compare meta-learners.")
+    parser.add_argument("--version", action="version", version=f"metareg {__version__}")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="meta-train (then meta-test) a config into a run folder")
+    _config_flags(p, resume=True)
+    p.add_argument("--out", help="run folder (default runs/<preset or data>)")
+    p.add_argument("--iterations", type=int, help="meta-training iterations")
+    _eval_flags(p)
+    p.add_argument("--no-test", action="store_true", help="skip the meta-test after training")
+
+    p = sub.add_parser("test", help="meta-test a checkpoint: score +- 95%% CI over fixed episodes")
+    p.add_argument("--checkpoint", required=True, help="run folder or its checkpoint.json")
+    p.add_argument("--data-root", help="folder holding the data set")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--out", help="where to write the per-episode results (default <run>/test.json)")
+    _eval_flags(p)
+
+    p = sub.add_parser("compare", help="paired comparison of two models on the same episodes")
+    p.add_argument("a", help="run folder, checkpoint.json, or a result file written by `metareg test`")
+    p.add_argument("b", help="idem")
+    p.add_argument("--data-root", help="folder holding the data set")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    _eval_flags(p)
+
+    sub.add_parser("presets", help="list the named presets and the paper rows they reproduce")
+
+    p = sub.add_parser("download", help="download a data set's official archives (checksums verified)")
+    p.add_argument("dataset", choices=["omniglot"])
+    p.add_argument("--to", required=True, help="destination folder")
+
+    p = sub.add_parser("bench", help="meta-training speed against a plain per-task reference loop")
+    p.add_argument("--iterations", type=int, default=3, help="timed meta-iterations per implementation")
+    p.add_argument("--way", type=int, default=20)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--query", type=int, default=15)
+    p.add_argument("--meta-batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-check", action="store_true", help="skip the float64 meta-gradient comparison")
+    p.add_argument("--profile", action="store_true", help="print the engine's operator profile")
+    return parser
+
+
+# ------------------------------------------------------------------------------------ commands
+def _resolve_config(args: argparse.Namespace) -> Any:
+    from .config import parse_assignment, resolve
+
+    overrides = [parse_assignment(s) for s in args.overrides]
+    flat = {"data.root": args.data_root, "seed": args.seed, "device": args.device,
+            "train.iterations": getattr(args, "iterations", None), "eval.episodes": getattr(args, "episodes", None)}
+    for key, value in flat.items():
+        if value is not None:
+            overrides.append(parse_assignment(f"{key}={json.dumps(value)}"))
+    return resolve(args.preset or ("quickstart" if not args.config else None), args.config, overrides)
+
+
+def _format(result: Any, regression: bool) -> str:
+    return result.format(1.0, 4) if regression else result.format(100.0, 2) + " %"
+
+
+def _describe(protocol: dict[str, Any]) -> str:
+    task = f"{protocol['shot']}-shot" if protocol.get("way") is None else f"{protocol['way']}-way {protocol['shot']}-shot"
+    return f"{protocol['data']} {protocol['split']} split, {task}, {protocol['episodes']} episodes, seed {protocol['seed']}"
+
+
+def _report(label: str, result: Any) -> None:
+    regression = result.protocol.get("way") is None
+    metric = "MSE" if regression else "accuracy"
+    print(f"{label} {metric}: {_format(result.estimate, regression)} (mean +- 95% CI; {_describe(result.protocol)})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .experiment import config_of_checkpoint, save_result, test_model, train
+
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out, the run folder to continue")
+        if args.preset or args.config or args.overrides:
+            raise ConfigError("--resume takes the config stored in the run folder; only --iterations, --episodes and --device may change")
+        config = config_of_checkpoint(args.out)
+        if args.iterations is not None:
+            config.train.iterations = args.iterations
+        if args.device:
+            config.device = args.device
+        if args.episodes:
+            config.eval.episodes = args.episodes
+    else:
+        config = _resolve_config(args)
+    out = Path(args.out or f"runs/{config.preset or config.data.name}")
+    print(f"run folder: {out}", file=sys.stderr)
+    trainer = train(config, out, resume=args.resume, progress=not args.no_progress)
+    print(f"meta-trained {trainer.step} iterations in {trainer.seconds:.0f} s; checkpoint {out / 'checkpoint.json'}")
+    if not args.no_test:
+        result = test_model(config, trainer.learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress)
+        save_result(result, out / "test.json")
+        _report("test", result)
+
+
+def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = None) -> tuple[Any, Any]:
+    """(result, config): a stored result file (config None), or a checkpoint tested now
+    (on ``protocol_config``'s episodes if given)."""
+    from .evaluate import EvalResult
+    from .experiment import config_of_checkpoint, load_learner, test_model
+
+    p = Path(path)
+    if p.is_file() and p.name != "checkpoint.json" and p.suffix == ".json":
+        try:
+            values = json.loads(p.read_text())
+            return EvalResult.from_dict(values), None
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{p} is neither a checkpoint nor a result file written by `metareg test`") from None
+    config = config_of_checkpoint(path)
+    if args.data_root:
+        config.data.root = args.data_root
+    if args.device:
+        config.device = args.device
+    if protocol_config is not None:  # test B on A's episodes
+        config.data = protocol_config.data
+        config.eval = protocol_config.eval
+    _, learner = load_learner(path, config)
+    return test_model(config, learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress), config
+
+
+def cmd_test(args: argparse.Namespace) -> None:
+    from .experiment import save_result
+
+    result, _ = _model_result(args.checkpoint, args)
+    target = Path(args.out) if args.out else (Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent) / "test.json"
+    save_result(result, target)
+    _report("test", result)
+    print(f"per-episode scores written to {target}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .experiment import compare
+
+    a, config_a = _model_result(args.a, args)
+    b, _ = _model_result(args.b, args, protocol_config=config_a)
+    summary = compare(a, b)
+    regression = a.protocol.get("way") is None
+    print(f"A {args.a}: {_format(summary['a'], regression)}")
+    print(f"B {args.b}: {_format(summary['b'], regression)}")
+    d = summary["difference"]
+    verdict = "no significant difference" if abs(d.mean) <= d.ci95 else ("A is better" if (d.mean > 0) != regression else "B is better")
+    print(f"A - B (paired over the same {d.n} episodes): {_format(d, regression)} -> {verdict}")
+    print(f"episodes: {_describe(a.protocol)}")
+
+
+def cmd_presets(args: argparse.Namespace) -> None:  # noqa: ARG001
+    from .presets import PRESETS
+
+    width = max(map(len, PRESETS))
+    for name, preset in PRESETS.items():
+        print(f"{name:<{width}}  {preset.description}\n{'':<{width}}  reproduces: {preset.paper}")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from .data import download_omniglot
+
+    paths = download_omniglot(Path(args.to), progress=not args.no_progress)
+    for path in paths:
+        print(path)
+    print(f"Omniglot is ready: use --data-root {args.to} --preset omniglot-20w1s")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+
+    run_bench(args)
+
+
+COMMANDS = {"train": cmd_train, "test": cmd_test, "compare": cmd_compare, "presets": cmd_presets, "download": cmd_download, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except MetaregError as err:
+        print(f"metareg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nmetareg {args.command}: interrupted; a run continues with `metareg train --out RUN --resume`", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

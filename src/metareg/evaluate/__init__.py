@@ -1,0 +1,6 @@
+"""Evaluation: scores over fixed episode streams, confidence intervals, paired comparisons."""
+
+from .episodes import EvalResult, episode_stream, evaluate
+from .stats import Estimate, mean_ci, paired_difference
+
+__all__ = ["EvalResult", "episode_stream", "evaluate", "Estimate", "mean_ci", "paired_difference"]

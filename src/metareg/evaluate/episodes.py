@@ -1,0 +1,81 @@
+"""Meta-testing over a fixed stream of episodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..data.tasks import TaskBatch, TaskSource
+from ..meta.bilevel import BilevelLearner
+from .stats import Estimate, mean_ci
+
+
+@dataclass
+class EvalResult:
+    """Per-episode scores on a described protocol; two results compare only on equal protocols."""
+
+    scores: Tensor  # [episodes], accuracy in [0, 1] or MSE
+    protocol: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def estimate(self) -> Estimate:
+        return mean_ci(self.scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        e = self.estimate
+        return {"protocol": self.protocol, "mean": e.mean, "ci95": e.ci95, "episodes": e.n, "scores": self.scores.tolist()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "EvalResult":
+        return cls(torch.tensor(values["scores"], dtype=torch.float64), values["protocol"])
+
+
+def episode_stream(source: TaskSource, episodes: int, seed: int, tasks_per_batch: int):
+    """Yield batches of the episode stream fixed by ``seed``: episode i is the i-th single-task
+    draw of a generator seeded with ``seed``, whatever the batch size, so that every model is
+    tested on the same episodes."""
+    generator = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < episodes:
+        n = min(tasks_per_batch, episodes - done)
+        tasks = [source.sample(1, generator) for _ in range(n)]
+        yield TaskBatch(*(torch.cat(parts) for parts in zip(*((t.support_x, t.support_y, t.query_x, t.query_y) for t in tasks))))
+        done += n
+
+
+def evaluate(
+    learner: BilevelLearner,
+    source: TaskSource,
+    *,
+    episodes: int,
+    seed: int,
+    tasks_per_batch: int = 4,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    steps: int | None = None,
+    samples: int | None = None,
+    progress: bool = True,
+    desc: str = "test",
+    protocol: dict[str, Any] | None = None,
+) -> EvalResult:
+    """Adapt to each episode's support set and score its query set. Perturbation noise is drawn
+    from torch's global generator re-seeded with ``seed`` inside a forked RNG scope, so evaluation
+    is reproducible and leaves the caller's random state untouched."""
+    learner.eval()
+    scores = []
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with tqdm(total=episodes, desc=desc, unit="ep", disable=not progress, leave=False) as bar:
+            for batch in episode_stream(source, episodes, seed, tasks_per_batch):
+                scores.append(learner.evaluate(batch.to(device, dtype), steps=steps, samples=samples).double().cpu())
+                bar.update(batch.num_tasks)
+                if len(scores) % 10 == 0:
+                    bar.set_postfix_str(mean_ci(torch.cat(scores)).format(100 if learner.task == "classification" else 1))
+    learner.train()
+    info = {"episodes": episodes, "seed": seed, "steps": steps or learner.eval_inner_steps, "mc_samples": samples or learner.eval_mc_samples}
+    return EvalResult(torch.cat(scores), (protocol or {}) | info)

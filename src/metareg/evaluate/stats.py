@@ -1,0 +1,42 @@
+"""Mean and 95% confidence interval over episodes, and paired comparisons on the same episodes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Z95 = 1.96
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with the half-width of its 95% confidence interval (1.96 x std / sqrt(n))."""
+
+    mean: float
+    ci95: float
+    n: int
+
+    def format(self, scale: float = 1.0, digits: int = 2) -> str:
+        return f"{self.mean * scale:.{digits}f} +- {self.ci95 * scale:.{digits}f}"
+
+
+def mean_ci(values: Tensor | list[float]) -> Estimate:
+    """Normal-approximation 95% interval with the sample standard deviation (n - 1)."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    n = v.numel()
+    if n == 0:
+        raise ValueError("no values")
+    std = v.std(unbiased=True).item() if n > 1 else math.nan
+    return Estimate(v.mean().item(), Z95 * std / math.sqrt(n), n)
+
+
+def paired_difference(a: Tensor | list[float], b: Tensor | list[float]) -> Estimate:
+    """Mean of ``a - b`` over the same episodes with its own 95% interval."""
+    a = torch.as_tensor(a, dtype=torch.float64).flatten()
+    b = torch.as_tensor(b, dtype=torch.float64).flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"paired comparison needs the same episodes: {a.numel()} vs {b.numel()} values")
+    return mean_ci(a - b)

@@ -1,0 +1,54 @@
+"""Training logs a user can plot: a CSV file (and TensorBoard events when it is installed)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ["step", "loss", "score", "val_score", "val_ci95", "seconds", "tasks_per_s"]
+
+
+class MetricLog:
+    """Append-only CSV of training metrics; on resume, rows past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = path
+        if resume_step is None or not path.exists():
+            with path.open("w", newline="") as f:
+                csv.writer(f).writerow(COLUMNS)
+        else:
+            with path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, COLUMNS)
+                writer.writeheader()
+                writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                self.writer = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, COLUMNS).writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
