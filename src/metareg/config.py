@@ -141,7 +141,7 @@ def _build(cls: type, values: Any, where: str) -> Any:
         path = f"{where}{key}"
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {where}{close[0]!r}?)" if close else f"; valid keys: {', '.join(fields)}"
+            hint = f" (did you mean '{where}{close[0]}'?)" if close else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key {path!r}{hint}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):

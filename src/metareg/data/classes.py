@@ -22,7 +22,7 @@ from metareg.data.tasks import TaskBatch
 __all__ = ["ClassImages", "EpisodeSampler"]
 
 
-@dataclass
+@dataclass(eq=False)
 class ClassImages:
     """The images of one split of a data set, grouped by class.
 

@@ -164,8 +164,13 @@ def _read_split(root: Path, split: str) -> tuple[list[str], str]:
             return path.read_text(encoding="utf-8").splitlines(), str(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"cannot read the split file {path} ({exc}); fix or delete it to use metareg's copy")
-    packaged = resources.files("metareg.data").joinpath(f"splits/vinyals/{split}.txt.gz")
-    return gzip.decompress(packaged.read_bytes()).decode("utf-8").splitlines(), f"metareg's vinyals/{split}.txt"
+    try:
+        packaged = resources.files("metareg.data").joinpath(f"splits/vinyals/{split}.txt.gz").read_bytes()
+        lines = gzip.decompress(packaged).decode("utf-8").splitlines()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is absent and metareg's packaged copy of the Vinyals split is unreadable ({exc}); "
+                        f"put the split files in {path.parent} or reinstall metareg")
+    return lines, f"metareg's vinyals/{split}.txt"
 
 
 def load_omniglot(

@@ -1,0 +1,178 @@
+"""``metareg bench``: meta-training throughput of the engine against a plain per-task loop.
+
+Configuration (defaults): Omniglot-shaped 20-way 1-shot tasks (28x28 grayscale, 15 queries per
+class), Conv4 with 64 channels, 5 inner SGD steps, second order, meta-batch 4. The inputs are random
+images from a fixed seed: speed does not depend on the pixels, and the bench needs no data set.
+
+Each implementation runs in a fresh subprocess, so its peak memory is its own and process-level
+settings do not leak between them:
+- ``reference``: ``metareg.meta.reference.reference_meta_gradient``, a plain loop with
+  ``torch.autograd.grad(create_graph=True)`` and a backward after each task, default allocator;
+- ``reference+alloc``: the same loop with ``metareg.runtime.keep_freed_memory()`` (what the engine's
+  command line sets), to show how much of the engine's gain is that process-level setting;
+- ``engine``: ``BilevelLearner.meta_backward`` with the strategy used on this device, as
+  ``metareg train`` runs it (allocator setting on);
+- ``engine-vmap`` (CPU only, for the record): the ``vmap`` strategy.
+Before timing, the engine's meta-gradient is compared with the reference's in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import torch
+
+from .data.tasks import TaskBatch
+from .inner import build_inner_rule
+from .meta import BilevelLearner
+from .meta.reference import conv_forward, reference_meta_gradient
+from .nets import ConvNet
+from .runtime import keep_freed_memory
+
+IMPLEMENTATIONS = ("reference", "reference+alloc", "engine", "engine-vmap")
+
+
+def _problem(args: argparse.Namespace, dtype: torch.dtype, device: str, strategy: str = "loop"):
+    torch.manual_seed(0)
+    model = ConvNet(args.way, 1, 28, channels=args.channels).to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    b, n = args.meta_batch, args.way
+
+    def labels(k: int) -> torch.Tensor:
+        return torch.stack([torch.randperm(n, generator=g).repeat_interleave(k) for _ in range(b)])
+
+    batch = TaskBatch(
+        torch.rand(b, n * args.shot, 1, 28, 28, generator=g),
+        labels(args.shot),
+        torch.rand(b, n * args.query, 1, 28, 28, generator=g),
+        labels(args.query),
+    ).to(device, dtype)
+    rule = build_inner_rule(dict(model.named_parameters()), step="sgd", lr=0.1, steps=args.steps)
+    learner = BilevelLearner(model, rule, inner_steps=args.steps, strategy=strategy).to(device=device, dtype=dtype)
+    return learner, batch
+
+
+def _reference_step(learner: BilevelLearner, batch: TaskBatch, steps: int):
+    params = {n: p.detach().clone().requires_grad_() for n, p in learner.model.named_parameters()}
+    forward = partial(conv_forward, depth=len(learner.model.blocks))
+    return lambda: reference_meta_gradient(params, batch, lr=0.1, steps=steps, forward=forward)
+
+
+def _engine_step(learner: BilevelLearner, batch: TaskBatch):
+    def step():
+        learner.zero_grad(set_to_none=True)
+        return learner.meta_backward(batch)
+
+    return step
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def worker(impl: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time one implementation in this process; returns seconds per iteration and peak memory."""
+    if impl != "reference":
+        keep_freed_memory()
+    strategy = "vmap" if impl == "engine-vmap" or (impl == "engine" and args.device.startswith("cuda")) else "loop"
+    learner, batch = _problem(args, torch.float32, args.device, strategy)
+    step = _reference_step(learner, batch, args.steps) if impl.startswith("reference") else _engine_step(learner, batch)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    step()  # warm-up
+    _sync(args.device)
+    times = []
+    for _ in range(args.iterations):
+        start = time.perf_counter()
+        step()
+        _sync(args.device)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {"impl": impl, "strategy": strategy, "seconds": statistics.median(times), "times": times,
+           "peak_rss_mb": peak, "rss_growth_mb": peak - rss_before}
+    if args.device.startswith("cuda"):
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def check_gradients(args: argparse.Namespace) -> float:
+    """Largest relative difference between engine and reference meta-gradients, in float64."""
+    learner, batch = _problem(args, torch.float64, args.device)
+    _, ref = _reference_step(learner, batch, args.steps)()
+    _engine_step(learner, batch)()
+    scale = torch.cat([g.flatten() for g in ref.values()]).norm()
+    worst = 0.0
+    for name, p in learner.model.named_parameters():
+        err = (p.grad - ref[name]).norm().item()
+        # A conv bias before batch norm has an exact gradient of zero: judge it on the global scale.
+        denom = max(ref[name].norm().item(), 1e-6 * scale.item())
+        worst = max(worst, err / denom)
+    return worst
+
+
+def profile_engine(args: argparse.Namespace) -> str:
+    from torch.profiler import profile
+
+    keep_freed_memory()
+    learner, batch = _problem(args, torch.float32, args.device)
+    step = _engine_step(learner, batch)
+    step()
+    with profile() as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
+def _worker_args(args: argparse.Namespace) -> list[str]:
+    return ["--iterations", str(args.iterations), "--way", str(args.way), "--shot", str(args.shot), "--query", str(args.query),
+            "--meta-batch", str(args.meta_batch), "--steps", str(args.steps), "--channels", str(args.channels), "--device", args.device]
+
+
+def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    print(f"bench: {args.way}-way {args.shot}-shot, {args.query} queries, Conv4-{args.channels}, {args.steps} inner steps, "
+          f"second order, meta-batch {args.meta_batch}, device {args.device}, torch threads {torch.get_num_threads()}")
+    if not args.skip_check:
+        worst = check_gradients(args)
+        verdict = "same meta-gradient" if worst < 1e-6 else "MISMATCH"
+        print(f"float64 meta-gradient, engine vs reference: max relative difference {worst:.2e} ({verdict})")
+    impls = [i for i in IMPLEMENTATIONS if not (i == "engine-vmap" and args.device.startswith("cuda"))]
+    results = []
+    for impl in impls:
+        cmd = [sys.executable, "-m", "metareg.bench", "--worker", impl, *_worker_args(args)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{impl}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            continue
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    base = next((r["seconds"] for r in results if r["impl"] == "reference"), None)
+    print(f"{'implementation':<18}{'s/iter':>8}{'tasks/s':>9}{'peak RSS MB':>13}{'RSS growth MB':>15}{'speed-up':>10}")
+    for r in results:
+        ratio = f"{base / r['seconds']:.2f}x" if base else "-"
+        print(f"{r['impl']:<18}{r['seconds']:>8.3f}{args.meta_batch / r['seconds']:>9.2f}{r['peak_rss_mb']:>13.0f}{r['rss_growth_mb']:>15.0f}{ratio:>10}")
+    if args.profile:
+        print(profile_engine(args))
+    return results
+
+
+def main() -> None:
+    from .cli import build_parser
+
+    argv = sys.argv[1:]
+    if argv[:1] != ["--worker"]:
+        raise SystemExit("usage: python -m metareg.bench --worker IMPL [bench flags]; users run `metareg bench`")
+    impl = argv[1]
+    args = build_parser().parse_args(["bench", *argv[2:]])
+    print(json.dumps(worker(impl, args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Configs: presets, files, overrides, and the errors a typo gets."""
+
+import json
+
+import pytest
+
+from metareg.config import Config, parse_assignment, resolve
+from metareg.errors import ConfigError
+from metareg.presets import PRESETS
+
+
+def test_every_preset_resolves_and_names_its_paper_row():
+    for name, preset in PRESETS.items():
+        config = resolve(name)
+        assert config.preset == name
+        assert preset.paper
+
+
+def test_omniglot_preset_has_the_reference_readme_hyperparameters():
+    c = resolve("omniglot-20w1s")
+    assert (c.data.way, c.data.shot, c.data.query) == (20, 1, 15)
+    assert (c.inner.lr, c.inner.steps, c.train.meta_batch, c.train.meta_lr, c.train.iterations, c.train.clip) == (0.1, 5, 4, 3e-4, 60000, 3.0)
+    assert c.data.train_split == "trainval"
+    c = resolve("miniimagenet-5w5s-metasgd")
+    assert (c.inner.step, c.inner.lr, c.train.meta_lr, c.model.options["channels"]) == ("meta-sgd", 0.01, 1e-4, 32)
+
+
+def test_sine_preset_follows_the_thesis():
+    c = resolve("sine-10shot")
+    assert (c.data.shot, c.inner.lr, c.inner.steps, c.train.meta_batch, c.train.iterations, c.train.meta_lr) == (10, 0.01, 1, 4, 60000, 1e-3)
+    assert c.model.options["hidden"] == [40, 40]
+
+
+def test_file_and_overrides_merge_over_preset(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  lr: 0.2\ntrain:\n  iterations: 7\n")
+    c = resolve("quickstart", path, [parse_assignment("train.iterations=9"), parse_assignment("model.options={channels: 8}")])
+    assert c.inner.lr == 0.2 and c.train.iterations == 9 and c.model.options == {"channels": 8}
+    assert c.data.name == "glyphs"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"train": {"iteratons": 5}}, "unknown config key 'train.iteratons' (did you mean 'train.iterations'?)"),
+        ({"bogus": 1}, "unknown config key 'bogus'"),
+        ({"inner": {"lr": "fast"}}, "'inner.lr' must be"),
+        ({"train": {"meta_batch": 0}}, "train.meta_batch must be >= 1"),
+        ({"data": {"way": True}}, "'data.way' must be"),
+        ({"train": 3}, "must be a mapping"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path, values, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(ConfigError) as err:
+        resolve(None, path)
+    assert message in str(err.value)
+
+
+def test_unknown_preset_and_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        resolve("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve(None, bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(None, tmp_path / "missing.yaml")
+
+
+def test_round_trip():
+    c = resolve("sine-10shot-metasgd")
+    assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c
