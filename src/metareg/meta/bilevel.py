@@ -31,7 +31,7 @@ from torch.func import functional_call
 from ..data.tasks import TaskBatch
 from ..errors import ConfigError
 from ..inner.base import GradientTransform
-from ..nets.layers import BatchNorm
+from ..nets.layers import use_vmap_safe_layers
 
 Params = dict[str, Tensor]
 
@@ -82,9 +82,7 @@ class BilevelLearner(nn.Module):
         self.eval_mc_samples = eval_mc_samples
         self.strategy = strategy
         if strategy == "vmap":
-            for module in model.modules():
-                if isinstance(module, BatchNorm):
-                    module.explicit = True
+            use_vmap_safe_layers(model)
 
     # ----------------------------------------------------------------------------------- losses
     def loss(self, out: Tensor, y: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..perturb.base import LayerInfo, PerturbationFactory, identity_factory
-from .layers import BatchNorm
+from .layers import BatchNorm, MaxPool2x2
 
 
 class ConvBlock(nn.Module):
@@ -21,12 +21,13 @@ class ConvBlock(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1)
         self.norm = BatchNorm(out_channels)
         self.perturb = perturb
+        self.pool = None if strided else MaxPool2x2()
 
     def forward(self, x: Tensor, *, sample: bool = False) -> Tensor:
         pre = self.perturb(self.norm(self.conv(x)), x, sample=sample)
         # max-pool before ReLU: ReLU is monotone, so max(relu(a), relu(b)) = relu(max(a, b)) and
         # the gradients agree too; the ReLU then runs on a 4x smaller tensor.
-        return F.relu(pre if self.strided else F.max_pool2d(pre, 2))
+        return F.relu(pre if self.pool is None else self.pool(pre))
 
 
 class ConvNet(nn.Module):
