@@ -107,7 +107,7 @@ def _report(label: str, result: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .experiment import config_of_checkpoint, save_result, test_model, train
+    from .experiment import config_of_checkpoint, save_result, meta_test, train
 
     if args.resume:
         if not args.out:
@@ -128,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     trainer = train(config, out, resume=args.resume, progress=not args.no_progress)
     print(f"meta-trained {trainer.step} iterations in {trainer.seconds:.0f} s; checkpoint {out / 'checkpoint.json'}")
     if not args.no_test:
-        result = test_model(config, trainer.learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress)
+        result = meta_test(config, trainer.learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress)
         save_result(result, out / "test.json")
         _report("test", result)
 
@@ -137,7 +137,7 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
     """(result, config): a stored result file (config None), or a checkpoint tested now
     (on ``protocol_config``'s episodes if given)."""
     from .evaluate import EvalResult
-    from .experiment import config_of_checkpoint, load_learner, test_model
+    from .experiment import config_of_checkpoint, load_learner, meta_test
 
     p = Path(path)
     if p.is_file() and p.name != "checkpoint.json" and p.suffix == ".json":
@@ -155,7 +155,7 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
         config.data = protocol_config.data
         config.eval = protocol_config.eval
     _, learner = load_learner(path, config)
-    return test_model(config, learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress), config
+    return meta_test(config, learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress), config
 
 
 def cmd_test(args: argparse.Namespace) -> None:

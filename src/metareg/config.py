@@ -124,6 +124,11 @@ def _type_ok(value: Any, hint: Any) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError from None
     if hint is int and isinstance(value, bool):
         raise TypeError
     if not isinstance(value, hint):
@@ -155,7 +160,7 @@ def _build(cls: type, values: Any, where: str) -> Any:
 
 
 def _hint_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "")
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +183,11 @@ def parse_assignment(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     out: dict[str, Any] = {}
     node = out
     keys = path.strip().split(".")

@@ -24,7 +24,7 @@ def _protocol(config: Config, split: str, shot: int) -> dict[str, Any]:
             "image_size": d.image_size, "options": d.options}
 
 
-def test_model(
+def meta_test(
     config: Config,
     learner: BilevelLearner,
     *,
