@@ -80,8 +80,8 @@ def resolve_checkpoint(path: str | Path, name: str = "checkpoint") -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, name: str = "checkpoint") -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Load and verify a checkpoint; raise CheckpointError if it is missing, corrupt or foreign."""
+def read_checkpoint_meta(path: str | Path, name: str = "checkpoint") -> tuple[Path, dict[str, Any]]:
+    """The checkpoint's JSON path and contents, checked to be a metareg checkpoint of this version."""
     json_path = resolve_checkpoint(path, name)
     try:
         meta = json.loads(json_path.read_text())
@@ -91,6 +91,12 @@ def load_checkpoint(path: str | Path, name: str = "checkpoint") -> tuple[dict[st
         raise CheckpointError(f"{json_path} is not a metareg checkpoint")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{json_path} has checkpoint version {meta.get('version')}; this metareg reads version {VERSION}")
+    return json_path, meta
+
+
+def load_checkpoint(path: str | Path, name: str = "checkpoint") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Load and verify a checkpoint; raise CheckpointError if it is missing, corrupt or foreign."""
+    json_path, meta = read_checkpoint_meta(path, name)
     tensor_path = json_path.parent / str(meta.get("tensors"))
     if not tensor_path.is_file():
         raise CheckpointError(f"{json_path} names tensor file {tensor_path.name}, which is missing")

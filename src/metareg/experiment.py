@@ -3,14 +3,13 @@ compare two models on the same episodes. The command line is a thin layer over t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .builders import build_learner, build_source, dtype_of, is_regression, resolve_device
-from .checkpoint import load_checkpoint, resolve_checkpoint, write_json_atomic
+from .checkpoint import load_checkpoint, read_checkpoint_meta, write_json_atomic
 from .config import Config
 from .errors import CheckpointError, ConfigError, MetaregError
 from .evaluate import EvalResult, evaluate, paired_difference
@@ -91,11 +90,10 @@ def train(config: Config, out: str | Path, *, resume: bool = False, progress: bo
 
 def config_of_checkpoint(path: str | Path) -> Config:
     """The config stored in a checkpoint (without loading its tensors)."""
-    json_path = resolve_checkpoint(path)
+    json_path, meta = read_checkpoint_meta(path)
     try:
-        values = json.loads(json_path.read_text())["config"]
-        return Config.from_dict(values)
-    except (ValueError, KeyError, TypeError, MetaregError) as err:
+        return Config.from_dict(meta["config"])
+    except (KeyError, TypeError, MetaregError) as err:
         raise CheckpointError(f"{json_path} holds no valid metareg config ({err})") from None
 
 

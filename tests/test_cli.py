@@ -1,0 +1,75 @@
+"""The command line: every bad input is one line on stderr and exit status 2, never a traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from test_training import TINY
+
+CLI = [sys.executable, "-m", "metareg.cli", "--no-progress"]
+TINY_FLAGS = sum((["--set", s] for s in TINY), [])
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+
+
+def assert_one_line_error(done, *fragments):
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("run folder")]
+    assert len(lines) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["train", "--set", "data.way=2000"], ["2000", "way"]),
+        (["train", "--set", "data.shot=15", "--set", "data.query=15"], ["shot", "query"]),
+        (["train", "--set", "train.bogus=1"], ["unknown config key 'train.bogus'"]),
+        (["train", "--preset", "no-such-preset"], ["unknown preset 'no-such-preset'"]),
+        (["train", "--preset", "omniglot-20w1s", "--data-root", "/nonexistent/omniglot"], ["metareg download omniglot"]),
+        (["train", "--config", "/nonexistent.yaml"], ["does not exist"]),
+        (["test", "--checkpoint", "/nonexistent/run"], ["no checkpoint"]),
+        (["train", "--resume"], ["--resume needs --out"]),
+        (["train", "--set", "model.backbone=resnet9000"], ["unknown backbone"]),
+        (["train", "--device", "cuda:7"], ["cuda"]),
+    ],
+)
+def test_bad_input_gets_one_line(tmp_path, args, fragments):
+    done = run(*args, "--out", str(tmp_path / "run")) if args[0] == "train" and "--out" not in args and "--resume" not in args else run(*args)
+    assert_one_line_error(done, *fragments)
+
+
+def test_train_test_compare_end_to_end(tmp_path):
+    for name in ("a", "b"):
+        done = run("train", *TINY_FLAGS, "--iterations", "2", "--seed", str(len(name)), "--out", str(tmp_path / name))
+        assert done.returncode == 0, done.stderr
+        assert "test accuracy:" in done.stdout and "+-" in done.stdout
+    result = json.loads((tmp_path / "a" / "test.json").read_text())
+    assert len(result["scores"]) == 6 and result["protocol"]["way"] == 3
+    done = run("test", "--checkpoint", str(tmp_path / "a"), "--episodes", "5", "--out", str(tmp_path / "t.json"))
+    assert done.returncode == 0 and "5 episodes" in done.stdout
+    done = run("compare", str(tmp_path / "a"), str(tmp_path / "b"), "--episodes", "5")
+    assert done.returncode == 0, done.stderr
+    assert "A - B (paired over the same 5 episodes)" in done.stdout
+    # Results measured on different episodes are refused.
+    done = run("compare", str(tmp_path / "a" / "test.json"), str(tmp_path / "t.json"))
+    assert_one_line_error(done, "not measured on the same episodes")
+
+
+def test_corrupt_checkpoint_on_the_command_line(tmp_path):
+    done = run("train", *TINY_FLAGS, "--iterations", "1", "--no-test", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "checkpoint.json").write_text("{")
+    assert_one_line_error(run("test", "--checkpoint", str(tmp_path)), "not a readable checkpoint")
+    assert_one_line_error(run("train", "--out", str(tmp_path), "--resume"), "checkpoint")
+
+
+def test_presets_lists_paper_rows():
+    done = run("presets")
+    assert done.returncode == 0 and "95.23" in done.stdout and "0.71" in done.stdout
