@@ -74,6 +74,18 @@ def _engine_step(learner: BilevelLearner, batch: TaskBatch):
     return step
 
 
+def _peak_rss_mb() -> float:
+    """The process's peak resident memory. ``VmHWM`` starts afresh at exec (``ru_maxrss`` of a
+    child process would start at its parent's peak)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -86,7 +98,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict[str, Any]:
     strategy = "vmap" if impl == "engine-vmap" or (impl == "engine" and args.device.startswith("cuda")) else "loop"
     learner, batch = _problem(args, torch.float32, args.device, strategy)
     step = _reference_step(learner, batch, args.steps) if impl.startswith("reference") else _engine_step(learner, batch)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = _peak_rss_mb()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     step()  # warm-up
@@ -97,7 +109,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict[str, Any]:
         step()
         _sync(args.device)
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     out = {"impl": impl, "strategy": strategy, "seconds": statistics.median(times), "times": times,
            "peak_rss_mb": peak, "rss_growth_mb": peak - rss_before}
     if args.device.startswith("cuda"):
