@@ -73,3 +73,21 @@ def test_corrupt_checkpoint_on_the_command_line(tmp_path):
 def test_presets_lists_paper_rows():
     done = run("presets")
     assert done.returncode == 0 and "95.23" in done.stdout and "0.71" in done.stdout
+
+
+def test_download_from_a_local_mirror(tmp_path):
+    from test_data import SHARED  # the shared data folder, or None
+
+    if not (SHARED / "omniglot" / "images_background.zip").exists():
+        pytest.skip("../shared/data/omniglot is absent")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name in ("images_background.zip", "images_evaluation.zip"):
+        (mirror / name).symlink_to(SHARED / "omniglot" / name)
+    done = run("download", "omniglot", "--to", str(tmp_path / "dest"), "--base-url", mirror.as_uri() + "/")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "dest" / "images_background.zip").exists()
+    (mirror / "images_evaluation.zip").unlink()
+    (mirror / "images_evaluation.zip").write_bytes(b"not the archive")
+    (tmp_path / "dest" / "images_evaluation.zip").unlink()
+    assert_one_line_error(run("download", "omniglot", "--to", str(tmp_path / "dest"), "--base-url", mirror.as_uri() + "/"), "checksum")

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="download a data set's official archives (checksums verified)")
     p.add_argument("dataset", choices=["omniglot"])
     p.add_argument("--to", required=True, help="destination folder")
+    p.add_argument("--base-url", help="a mirror holding the same archives (any URL urllib opens, e.g. file:///...)")
 
     p = sub.add_parser("bench", help="meta-training speed against a plain per-task reference loop")
     p.add_argument("--iterations", type=int, default=3, help="timed meta-iterations per implementation")
@@ -194,7 +195,8 @@ def cmd_presets(args: argparse.Namespace) -> None:  # noqa: ARG001
 def cmd_download(args: argparse.Namespace) -> None:
     from .data import download_omniglot
 
-    paths = download_omniglot(Path(args.to), progress=not args.no_progress)
+    options = {"base_url": args.base_url} if args.base_url else {}
+    paths = download_omniglot(Path(args.to), progress=not args.no_progress, **options)
     for path in paths:
         print(path)
     print(f"Omniglot is ready: use --data-root {args.to} --preset omniglot-20w1s")
