@@ -7,7 +7,7 @@ import torch
 from metareg.data.tasks import TaskBatch
 from metareg.inner import build_inner_rule
 from metareg.meta import BilevelLearner
-from metareg.nets import ConvNet, MLP
+from metareg.nets import MLP, ConvNet
 
 
 def random_image_batch(tasks=2, way=3, shot=1, query=2, channels=1, size=8, dtype=torch.float64, seed=0) -> TaskBatch:

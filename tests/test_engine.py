@@ -5,8 +5,14 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    learner_for,
+    random_image_batch,
+    random_regression_batch,
+    tiny_conv,
+    tiny_mlp,
+)
 
-from helpers import learner_for, random_image_batch, random_regression_batch, tiny_conv, tiny_mlp
 from metareg.errors import ConfigError
 from metareg.meta.reference import conv_forward, mlp_forward, reference_meta_gradient
 

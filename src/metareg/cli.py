@@ -108,7 +108,7 @@ def _report(label: str, result: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .experiment import config_of_checkpoint, save_result, meta_test, train
+    from .experiment import config_of_checkpoint, meta_test, save_result, train
 
     if args.resume:
         if not args.out:

@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 
-from .builders import build_learner, build_source, dtype_of, is_regression, resolve_device
+from .builders import (
+    build_learner,
+    build_source,
+    dtype_of,
+    is_regression,
+    resolve_device,
+)
 from .checkpoint import load_checkpoint, read_checkpoint_meta, write_json_atomic
 from .config import Config
 from .errors import CheckpointError, ConfigError, MetaregError

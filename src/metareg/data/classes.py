@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from metareg.errors import DataError
 from metareg.data.tasks import TaskBatch
+from metareg.errors import DataError
 
 __all__ = ["ClassImages", "EpisodeSampler"]
 

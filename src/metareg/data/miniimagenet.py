@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from metareg.data.cache import cache_key, cached_images, file_signature
 from metareg.data.classes import ClassImages
+from metareg.data.images import decode_image
 from metareg.errors import DataError
 
 __all__ = ["load_miniimagenet", "MINIIMAGENET_SPLITS"]
@@ -67,11 +67,7 @@ def _read_csv(path: Path) -> list[tuple[int, str, str]]:
 
 def _decode(path: Path, image_size: int) -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), resample=Image.Resampling.LANCZOS)
-            pixels = np.asarray(im, dtype=np.uint8)
+        pixels = decode_image(path, "RGB", image_size)
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot decode miniImageNet image {path} ({exc}); the file is corrupt: replace it")
     return pixels.transpose(2, 0, 1)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import logging
 import re
 import zipfile
@@ -43,11 +42,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from metareg.data.cache import cache_key, cached_images, file_signature
 from metareg.data.classes import ClassImages
+from metareg.data.images import decode_image
 from metareg.errors import DataError
 
 __all__ = ["load_omniglot", "OMNIGLOT_ARCHIVES", "OMNIGLOT_HOME", "VINYALS_SPLITS", "ALPHABET_SPLITS"]
@@ -79,11 +78,7 @@ class _Archive:
 
 def _decode(data: bytes | Path, image_size: int, label: str) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            im = im.convert("L")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), resample=Image.Resampling.LANCZOS)
-            pixels = np.asarray(im, dtype=np.uint8)
+        pixels = decode_image(data, "L", image_size)
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot decode Omniglot image {label} ({exc}); the file is corrupt: download the data again")
     return 255 - pixels  # ink bright, background 0

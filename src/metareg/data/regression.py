@@ -62,7 +62,33 @@ def _batch(x: Tensor, y: Tensor, shot: int) -> TaskBatch:
                      x[:, shot:].contiguous(), y[:, shot:].contiguous())
 
 
-class SineTasks:
+class _FunctionTasks:
+    """Regression tasks y = f_params(x): subclasses give ``sample_params`` and ``function``."""
+
+    is_classification = False
+    shot: int
+    query: int
+    x_range: tuple[float, float]
+
+    def sample_params(self, num_tasks: int, generator: torch.Generator) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def function(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sample_with_params(self, num_tasks: int, generator: torch.Generator) -> tuple[TaskBatch, dict[str, Tensor]]:
+        """A batch of tasks and the parameters that generated it."""
+        params = self.sample_params(num_tasks, generator)
+        x = _uniform((num_tasks, self.shot + self.query), self.x_range, generator)
+        return _batch(x, self.function(params, x), self.shot), params
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        """``num_tasks`` tasks: support ``[B, shot, 1]``, query ``[B, query, 1]``."""
+        return self.sample_with_params(num_tasks, generator)[0]
+
+
+class SineTasks(_FunctionTasks):
     """Sinusoid regression tasks ``y = A sin(w x + b)`` (see the module docstring).
 
     Args:
@@ -73,8 +99,6 @@ class SineTasks:
         phase: range of ``b`` in radians.
         x_range: range of the inputs (low < high).
     """
-
-    is_classification = False
 
     def __init__(
         self,
@@ -113,18 +137,9 @@ class SineTasks:
         a, w, b = (params[k].reshape(shape) for k in ("amplitude", "frequency", "phase"))
         return a * torch.sin(w * x + b)
 
-    def sample_with_params(self, num_tasks: int, generator: torch.Generator) -> tuple[TaskBatch, dict[str, Tensor]]:
-        """A batch of tasks and the parameters that generated it."""
-        params = self.sample_params(num_tasks, generator)
-        x = _uniform((num_tasks, self.shot + self.query), self.x_range, generator)
-        return _batch(x, self.function(params, x), self.shot), params
-
-    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
-        """``num_tasks`` tasks: support ``[B, shot, 1]``, query ``[B, query, 1]``."""
-        return self.sample_with_params(num_tasks, generator)[0]
 
 
-class PolynomialTasks:
+class PolynomialTasks(_FunctionTasks):
     """Polynomial regression tasks ``y = sum_{i=0}^{order} c_i x^i`` (see the module docstring).
 
     Args:
@@ -134,8 +149,6 @@ class PolynomialTasks:
         coefficients: range of each ``c_i``.
         x_range: range of the inputs (low < high).
     """
-
-    is_classification = False
 
     def __init__(
         self,
@@ -172,13 +185,3 @@ class PolynomialTasks:
         for i in range(c.shape[1] - 2, -1, -1):
             y = y * x + c[:, i].reshape(shape)
         return y
-
-    def sample_with_params(self, num_tasks: int, generator: torch.Generator) -> tuple[TaskBatch, dict[str, Tensor]]:
-        """A batch of tasks and the coefficients that generated it."""
-        params = self.sample_params(num_tasks, generator)
-        x = _uniform((num_tasks, self.shot + self.query), self.x_range, generator)
-        return _batch(x, self.function(params, x), self.shot), params
-
-    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
-        """``num_tasks`` tasks: support ``[B, shot, 1]``, query ``[B, query, 1]``."""
-        return self.sample_with_params(num_tasks, generator)[0]

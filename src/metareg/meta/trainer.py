@@ -15,7 +15,14 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_checkpoint, restore_rng, rng_tensors, save_checkpoint, state_to_tensors, tensors_to_state
+from ..checkpoint import (
+    load_checkpoint,
+    restore_rng,
+    rng_tensors,
+    save_checkpoint,
+    state_to_tensors,
+    tensors_to_state,
+)
 from ..data.tasks import TaskSource
 from ..errors import CheckpointError, DivergenceError
 from .bilevel import BilevelLearner
