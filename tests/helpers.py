@@ -6,7 +6,7 @@ import torch
 
 from metareg.data.tasks import TaskBatch
 from metareg.inner import build_inner_rule
-from metareg.meta import BilevelLearner
+from metareg.meta import BilevelLearner, select_fast
 from metareg.nets import MLP, ConvNet
 
 
@@ -33,7 +33,8 @@ def tiny_conv(way=3, channels=4, size=8, depth=2, dtype=torch.float64, seed=0, *
 
 
 def learner_for(model, *, lr=0.1, steps=2, step="sgd", task="classification", transforms=None, **kw) -> BilevelLearner:
-    fast = {n: p for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    fast = {n: params[n] for n in select_fast(list(params), kw.get("fast", ["*"]))}
     rule = build_inner_rule(fast, step=step, lr=lr, steps=steps, transforms=transforms).to(next(model.parameters()).dtype)
     return BilevelLearner(model, rule, task=task, inner_steps=steps, **kw)
 

@@ -4,8 +4,14 @@ from .base import Chain, GradientTransform, Grads, param_key
 from .registry import available, build_inner_rule, register
 from .steps import SGD, MetaSGD, PerStepSGD
 
+# Transforms register themselves on import.
+from .dropgrad import DropGrad  # noqa: E402
+from .mask import SubspaceMask  # noqa: E402
+
 __all__ = [
     "SGD",
+    "DropGrad",
+    "SubspaceMask",
     "Chain",
     "GradientTransform",
     "Grads",

@@ -91,6 +91,12 @@ class BilevelLearner(nn.Module):
         if strategy == "loop" and "memory_format" in inspect.signature(model.forward).parameters:
             self.query_options = {"memory_format": torch.channels_last}
 
+    def set_training_progress(self, fraction: float) -> None:
+        """Tell scheduled parts (DropGrad's linear schedule) how far meta-training is, in [0, 1]."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_training_progress"):
+                module.set_training_progress(fraction)
+
     # ----------------------------------------------------------------------------------- losses
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(out, y) if self.task == "classification" else F.mse_loss(out, y)

@@ -103,6 +103,7 @@ class MetaTrainer:
     def train_step(self) -> dict[str, torch.Tensor]:
         batch = self.source.sample(self.meta_batch, self.episodes).to(self.device, self.dtype)
         self.optimizer.zero_grad(set_to_none=True)
+        self.learner.set_training_progress(self.step / max(self.iterations, 1))
         metrics = self.learner.meta_backward(batch)
         if self.clip is not None:
             torch.nn.utils.clip_grad_value_(self.learner.parameters(), self.clip)

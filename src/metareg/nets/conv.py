@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..perturb.base import LayerInfo, PerturbationFactory, identity_factory
-from .layers import BatchNorm
+from .layers import BatchNorm, Transform
 
 
 class ConvBlock(nn.Module):
@@ -16,15 +16,18 @@ class ConvBlock(nn.Module):
     ``strided=True`` replaces the max-pool by a stride-2 convolution (MAML's Omniglot variant).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, perturb: nn.Module, strided: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, perturb: nn.Module, strided: bool = False, transform: bool = False):
         super().__init__()
         self.strided = strided
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1)
+        self.transform = Transform(out_channels, conv=True) if transform else None
         self.norm = BatchNorm(out_channels)
         self.perturb = perturb
 
     def forward(self, x: Tensor, *, sample: bool = False, memory_format: torch.memory_format | None = None) -> Tensor:
         y = self.conv(x)
+        if self.transform is not None:
+            y = self.transform(y)
         if memory_format is not None:
             y = y.contiguous(memory_format=memory_format)
         pre = self.perturb(self.norm(y), x, sample=sample)
@@ -38,7 +41,8 @@ class ConvNet(nn.Module):
 
     Conv4 for Omniglot: 64 channels, 28x28 input (1x1x64 features). Conv4 for miniImageNet: 32
     channels, 84x84 input (5x5x32 = 800 features). The perturbation factory is asked for one module
-    per conv block; the classifier has none here (a perturbation that needs the last layer, such as
+    per conv block; ``transform=True`` adds T-net's meta-learned 1x1 convolution T after every conv
+    W (and an n x n T after the classifier), initialized to the identity. The classifier has none here (a perturbation that needs the last layer, such as
     Meta-Dropout's additive Gaussian, is added by its own issue through ``head_perturb``).
     """
 
@@ -51,13 +55,14 @@ class ConvNet(nn.Module):
         depth: int = 4,
         strided: bool = False,
         perturbation: PerturbationFactory = identity_factory,
+        transform: bool = False,
     ):
         super().__init__()
         blocks = []
         size, cin = image_size, in_channels
         for i in range(depth):
             info = LayerInfo(i, "conv", cin, channels, kernel_size=3, stride=2 if strided else 1, padding=1)
-            blocks.append(ConvBlock(cin, channels, perturbation(info), strided=strided))
+            blocks.append(ConvBlock(cin, channels, perturbation(info), strided=strided, transform=transform))
             size = (size + 1) // 2 if strided else size // 2
             cin = channels
         if size < 1:
@@ -65,6 +70,7 @@ class ConvNet(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.feature_dim = channels * size * size
         self.head = nn.Linear(self.feature_dim, num_classes)
+        self.head_transform = Transform(num_classes) if transform else None
 
     def features(self, x: Tensor, *, sample: bool = False, memory_format: torch.memory_format | None = None) -> Tensor:
         """``memory_format``: the layout of the activations from the first convolution on (the
@@ -74,4 +80,5 @@ class ConvNet(nn.Module):
         return x.flatten(1)
 
     def forward(self, x: Tensor, *, sample: bool = False, memory_format: torch.memory_format | None = None) -> Tensor:
-        return self.head(self.features(x, sample=sample, memory_format=memory_format))
+        out = self.head(self.features(x, sample=sample, memory_format=memory_format))
+        return out if self.head_transform is None else self.head_transform(out)

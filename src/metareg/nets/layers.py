@@ -38,3 +38,24 @@ def use_vmap_safe_layers(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, BatchNorm):
             module.explicit = True
+
+
+class Transform(nn.Module):
+    """T-net's meta-learned metric T placed after a layer's W (thesis Eq. 3.1): a square linear map
+    on the layer's outputs, an n x n matrix for dense layers or a 1x1 convolution that keeps the
+    channel count for conv layers, initialized to the identity. It is meta-only: the inner loop
+    adapts W, and T shapes the metric of that adaptation (Eq. 3.4)."""
+
+    def __init__(self, features: int, conv: bool = False):
+        super().__init__()
+        eye = torch.eye(features)
+        self.weight = nn.Parameter(eye.view(features, features, 1, 1) if conv else eye)
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight) if self.conv else F.linear(x, self.weight)
+
+
+def truncated_normal_(weight: Tensor, std: float) -> Tensor:
+    """Normal(0, std) truncated at two standard deviations (TensorFlow's truncated_normal)."""
+    return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)

@@ -1,15 +1,24 @@
-"""The fully connected regressor of MAML's sine experiment (1-40-40-1, ReLU)."""
+"""The fully connected regressor of MAML's sine experiment (1-40-40-1, ReLU), optionally as a T-net."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..perturb.base import LayerInfo, PerturbationFactory, identity_factory
+from .layers import Transform, truncated_normal_
 
 
 class MLP(nn.Module):
-    """Dense layers with ReLU between them and a perturbation slot before each ReLU."""
+    """Dense layers with ReLU between them and a perturbation slot before each ReLU.
+
+    ``transform=True`` makes every cell ``T W`` (T-net / MT-net, thesis Eq. 3.1): a meta-learned
+    ``Transform`` after each layer including the output layer. ``init="truncated_normal"``: weights
+    from a normal with std 0.01 truncated at 2 std and zero biases (MAML's and the MT-net code's
+    regression setting); ``"default"``: PyTorch's.
+    """
 
     def __init__(
         self,
@@ -17,6 +26,8 @@ class MLP(nn.Module):
         out_features: int = 1,
         hidden: tuple[int, ...] = (40, 40),
         perturbation: PerturbationFactory = identity_factory,
+        transform: bool = False,
+        init: Literal["default", "truncated_normal"] = "default",
     ):
         super().__init__()
         widths = [in_features, *hidden]
@@ -25,8 +36,20 @@ class MLP(nn.Module):
             perturbation(LayerInfo(i, "dense", a, b)) for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
         )
         self.head = nn.Linear(widths[-1], out_features)
+        self.transforms = nn.ModuleList(Transform(b) for b in hidden) if transform else None
+        self.head_transform = Transform(out_features) if transform else None
+        if init == "truncated_normal":
+            for linear in [*self.layers, self.head]:
+                truncated_normal_(linear.weight, 0.01)
+                nn.init.zeros_(linear.bias)
+        elif init != "default":
+            raise ValueError(f"init must be default or truncated_normal, got {init!r}")
 
     def forward(self, x: Tensor, *, sample: bool = False) -> Tensor:
-        for layer, perturb in zip(self.layers, self.perturbs):
-            x = F.relu(perturb(layer(x), x, sample=sample))
-        return self.head(x)
+        for i, (layer, perturb) in enumerate(zip(self.layers, self.perturbs)):
+            pre = layer(x)
+            if self.transforms is not None:
+                pre = self.transforms[i](pre)
+            x = F.relu(perturb(pre, x, sample=sample))
+        out = self.head(x)
+        return out if self.head_transform is None else self.head_transform(out)
