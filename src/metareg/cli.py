@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="destination folder")
     p.add_argument("--base-url", help="a mirror holding the same archives (any URL urllib opens, e.g. file:///...)")
 
+    p = sub.add_parser("reproduce", help="run a paper's table or figure as a resumable grid of runs")
+    p.add_argument("experiment", nargs="?", help="experiment name (omit to list them)")
+    p.add_argument("--out", help="folder for the runs and results.md (default runs/<experiment>)")
+    p.add_argument("--iterations", type=int, help="meta-iterations per run (default: the presets' full schedule)")
+    p.add_argument("--episodes", type=int, default=1000, help="test tasks per number (default 1000)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default 2)")
+
     p = sub.add_parser("bench", help="meta-training speed against a plain per-task reference loop")
     p.add_argument("--iterations", type=int, default=3, help="timed meta-iterations per implementation")
     p.add_argument("--way", type=int, default=20)
@@ -202,13 +209,26 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(f"Omniglot is ready: use --data-root {args.to} --preset omniglot-20w1s")
 
 
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from .reproduce import EXPERIMENTS, run_experiment
+
+    if not args.experiment:
+        for name, e in EXPERIMENTS.items():
+            print(f"{name:<20} {e.source}: {len(e.runs)} runs")
+        return
+    path = run_experiment(args.experiment, args.out or f"runs/{args.experiment}", iterations=args.iterations,
+                          episodes=args.episodes, jobs=args.jobs, progress=not args.no_progress)
+    print(path.read_text())
+    print(f"written to {path}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
     run_bench(args)
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "compare": cmd_compare, "presets": cmd_presets, "download": cmd_download, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "test": cmd_test, "compare": cmd_compare, "presets": cmd_presets, "download": cmd_download, "bench": cmd_bench, "reproduce": cmd_reproduce}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,9 +43,10 @@ def _miniimagenet(shot: int) -> dict[str, Any]:
 
 
 def _sine(step: str) -> dict[str, Any]:
+    # Thesis 6.1: 2 hidden cells of 40, Adam 1e-3, alpha 0.01, W ~ truncated normal (std 0.01).
     return {
         "data": {"name": "sine", "shot": 10, "query": 10},
-        "model": {"backbone": "mlp", "options": {"hidden": [40, 40]}},
+        "model": {"backbone": "mlp", "options": {"hidden": [40, 40], "init": "truncated_normal"}},
         "inner": {"step": step, "lr": 0.01, "steps": 1},
         "train": {"iterations": 60000, "meta_batch": 4, "meta_lr": 1e-3, "clip": None, "val_every": 5000, "val_episodes": 500, "log_every": 100, "checkpoint_every": 5000},
         "eval": {"tasks_per_batch": 100},
@@ -97,6 +98,27 @@ PRESETS |= {
     for name, p in list(PRESETS.items())
     if name != "quickstart"
 }
+
+
+# T-nets, M-nets and MT-nets on sine (thesis Table 6.1). T is meta-only: only W and b adapt.
+_W_ONLY = {"fast": ["layers.*", "head.*"]}
+_MT_VARIANTS = {
+    "mnet-full": ("M-net-full", False, {"name": "subspace-mask", "per": "weight", "layers": ["*"]}, "0.63 +- 0.07"),
+    "mnet": ("M-net", False, {"name": "subspace-mask", "per": "row"}, "0.60 +- 0.06"),
+    "tnet": ("T-net", True, None, "0.56 +- 0.06"),
+    "mtnet-full": ("MT-net-full", True, {"name": "subspace-mask", "per": "weight", "layers": ["*"]}, "0.51 +- 0.05"),
+    "mtnet": ("MT-net", True, {"name": "subspace-mask", "per": "row"}, "0.49 +- 0.05"),
+}
+for _suffix, (_label, _transform, _mask, _paper) in _MT_VARIANTS.items():
+    _values = _sine("sgd")
+    _values["model"]["options"] |= {"transform": _transform}
+    _values["inner"] |= (_W_ONLY if _transform else {}) | ({"transforms": [_mask]} if _mask else {})
+    PRESETS[f"sine-10shot-{_suffix}"] = Preset(
+        f"sine-10shot-{_suffix}",
+        f"{_label}, 1-40-40-1 MLP, sine regression 10-shot, one inner step, alpha 0.01",
+        f"MT-net thesis Table 6.1, {_label}, 10-shot: MSE {_paper}",
+        _values,
+    )
 
 
 def get_preset(name: str) -> Preset:

@@ -1,0 +1,256 @@
+"""``metareg reproduce``: a paper's table or figure as a grid of runs, resumable, written as markdown.
+
+Each experiment is a list of runs (a preset plus overrides) and the shots each run is tested at.
+Runs are ``metareg train`` subprocesses (``--jobs`` at a time, one thread each), so a killed
+experiment continues where it stopped: finished runs are kept, unfinished ones resume from their
+checkpoints, and test results already written are reused. Every number is the mean +- 95% CI over
+``--episodes`` test tasks from the fixed test stream, next to the paper's. A run whose loss became
+NaN/Inf is reported as diverged, not hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    preset: str
+    overrides: tuple[str, ...] = ()
+    shots: tuple[int, ...] = (10,)
+    paper: dict[int, str] = field(default_factory=dict)  # shot -> the paper's number
+    row: str = ""  # the table row it belongs to
+    column: str = ""  # the table column it belongs to
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    source: str
+    runs: tuple[Run, ...]
+    columns: tuple[str, ...]
+    figure: str | None = None  # "mask-fractions": draw Figure 6.1
+
+
+def _table_6_1() -> Experiment:
+    paper = {
+        "MAML": ("sine-10shot", ["1.07 +- 0.11", "0.71 +- 0.07", "0.50 +- 0.05"]),
+        "Meta-SGD": ("sine-10shot-metasgd", ["0.88 +- 0.14", "0.53 +- 0.09", "0.35 +- 0.06"]),
+        "M-net-full": ("sine-10shot-mnet-full", ["0.91 +- 0.09", "0.63 +- 0.07", "0.38 +- 0.04"]),
+        "M-net": ("sine-10shot-mnet", ["0.88 +- 0.09", "0.60 +- 0.06", "0.41 +- 0.04"]),
+        "T-net": ("sine-10shot-tnet", ["0.83 +- 0.08", "0.56 +- 0.06", "0.38 +- 0.04"]),
+        "MT-net-full": ("sine-10shot-mtnet-full", ["0.81 +- 0.08", "0.51 +- 0.05", "0.35 +- 0.04"]),
+        "MT-net": ("sine-10shot-mtnet", ["0.76 +- 0.09", "0.49 +- 0.05", "0.33 +- 0.04"]),
+    }
+    runs = tuple(
+        Run(preset.removeprefix("sine-10shot-") if preset != "sine-10shot" else "maml", preset, shots=(5, 10, 20),
+            paper=dict(zip((5, 10, 20), values)), row=label)
+        for label, (preset, values) in paper.items()
+    )
+    return Experiment("mtnet-table-6.1", "Sine regression, meta-trained 10-shot, MSE after adaptation with K shots",
+                      "MT-net thesis Table 6.1", runs, ("5-shot", "10-shot", "20-shot"))
+
+
+def _table_6_2() -> Experiment:
+    paper = {
+        10.0: ("171.92 +- 25.04", "4.08 +- 0.30", "4.18 +- 0.30"),
+        1.0: ("5.81 +- 0.49", "4.15 +- 0.30", "0.61 +- 0.07"),
+        0.1: ("1.05 +- 0.11", "0.68 +- 0.06", "0.54 +- 0.05"),
+        0.01: ("0.71 +- 0.07", "0.56 +- 0.06", "0.49 +- 0.05"),
+        0.001: ("0.82 +- 0.08", "0.59 +- 0.06", "0.59 +- 0.06"),
+        0.0001: ("2.54 +- 0.19", "0.62 +- 0.06", "0.72 +- 0.07"),
+    }
+    models = (("MAML", "sine-10shot"), ("T-net", "sine-10shot-tnet"), ("MT-net", "sine-10shot-mtnet"))
+    runs = []
+    for alpha, values in paper.items():
+        for (label, preset), value in zip(models, values):
+            base = preset.removeprefix("sine-10shot-") if preset != "sine-10shot" else "maml"
+            # alpha = 0.01 is the presets' own setting: the same run as Table 6.1's (shared when both
+            # experiments use the same --out folder).
+            name = base if alpha == 0.01 else f"{base}-alpha{alpha:g}"
+            overrides = () if alpha == 0.01 else (f"inner.lr={alpha}",)
+            runs.append(Run(name, preset, overrides, (10,), {10: value}, row=f"{alpha:g}", column=label))
+    return Experiment("mtnet-table-6.2", "10-shot sine regression MSE for inner step sizes alpha", "MT-net thesis Table 6.2",
+                      tuple(runs), tuple(label for label, _ in models))
+
+
+def _figure_6_1() -> Experiment:
+    runs = tuple(
+        Run(f"mtnet-poly{order}", "sine-10shot-mtnet", ("data.name=polynomial", f"data.options={{order: {order}}}"), (10,), row=f"order {order}")
+        for order in (0, 1, 2)
+    )
+    return Experiment("mtnet-figure-6.1", "MT-net on 10-shot polynomial regression: fraction of weights a task changes",
+                      "MT-net thesis Figure 6.1", runs, ("10-shot MSE",), figure="mask-fractions")
+
+
+def _dropgrad_figure_2() -> Experiment:
+    runs = [Run("maml", "sine-10shot", row="p = 0 (MAML)", column="binary")]
+    for p in (0.1, 0.2, 0.3, 0.5):
+        for kind in ("binary", "gaussian"):
+            runs.append(Run(f"dropgrad-{kind}-p{p:g}", "sine-10shot",
+                            (f"inner.transforms=[{{name: dropgrad, kind: {kind}, p: {p}}}]",), row=f"p = {p:g}", column=kind))
+    return Experiment("dropgrad-figure-2", "DropGrad, binary vs Gaussian, on 10-shot sine regression (MSE; the paper used miniImageNet)",
+                      "DropGrad Figure 2 (setting changed to one that runs on a CPU)", tuple(runs), ("binary", "gaussian"))
+
+
+EXPERIMENTS = {e.name: e for e in (_table_6_1(), _table_6_2(), _figure_6_1(), _dropgrad_figure_2())}
+
+
+# ------------------------------------------------------------------------------------- running
+def _train(run: Run, folder: Path, iterations: int | None, log: Path) -> str:
+    """Train one run to completion (resuming if it was started); returns "done" or "diverged"."""
+    checkpoint = folder / "checkpoint.json"
+    cmd = [sys.executable, "-m", "metareg.cli", "--no-progress", "train", "--no-test", "--out", str(folder)]
+    if checkpoint.exists():
+        meta = json.loads(checkpoint.read_text())
+        target = iterations or meta["config"]["train"]["iterations"]
+        if meta["step"] >= target:
+            return "done"
+        cmd += ["--resume"]
+    else:
+        cmd += ["--preset", run.preset, *sum((["--set", o] for o in run.overrides), [])]
+    if iterations:
+        cmd += ["--iterations", str(iterations)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    with log.open("a") as out:
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode == 0:
+        return "done"
+    text = log.read_text()
+    if "loss became" in text:
+        return "diverged"
+    raise ConfigError(f"run {run.name} failed (exit {done.returncode}); see {log}")
+
+
+def _test(run: Run, folder: Path, shot: int, episodes: int) -> dict[str, Any]:
+    from .experiment import load_learner, meta_test, save_result
+
+    path = folder / f"test-{shot}shot-{episodes}ep.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    config, learner = load_learner(folder)
+    result = meta_test(config, learner, episodes=episodes, shot=shot, progress=False)
+    save_result(result, path)
+    return result.to_dict()
+
+
+def _fractions(folder: Path) -> dict[str, float]:
+    from .experiment import load_learner
+    from .inner.mask import SubspaceMask
+
+    _, learner = load_learner(folder)
+    masks = [m for m in learner.modules() if isinstance(m, SubspaceMask)]
+    return masks[0].update_fractions() if masks else {}
+
+
+def run_experiment(name: str, out: str | Path, *, iterations: int | None = None, episodes: int = 1000, jobs: int = 2,
+                   progress: bool = True) -> Path:
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    experiment = EXPERIMENTS[name]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def one(run: Run) -> tuple[str, str]:
+        status = _train(run, out / run.name, iterations, out / f"{run.name}.log")
+        if progress:
+            print(f"[{time.perf_counter() - start:6.0f} s] {run.name}: {status}", file=sys.stderr, flush=True)
+        return run.name, status
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        statuses = dict(pool.map(one, experiment.runs))
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for run in experiment.runs:
+        if statuses[run.name] == "done":
+            results[run.name] = {shot: _test(run, out / run.name, shot, episodes) for shot in run.shots}
+    report = _markdown(experiment, statuses, results, iterations, episodes)
+    if experiment.figure == "mask-fractions":
+        fractions = {run.row: _fractions(out / run.name) for run in experiment.runs if statuses[run.name] == "done"}
+        report += _fraction_table(fractions)
+        png = _plot_fractions(fractions, out / "figure-6.1.png")
+        report += f"\n![fractions]({png.name})\n" if png else "\n(matplotlib is not installed: no PNG)\n"
+    path = out / "results.md"
+    path.write_text(report)
+    return path
+
+
+# ------------------------------------------------------------------------------------ reporting
+def _cell(result: dict[str, Any] | None, status: str) -> str:
+    if status == "diverged":
+        return "diverged (NaN/Inf loss)"
+    if result is None:
+        return "-"
+    return f"{result['mean']:.2f} +- {result['ci95']:.2f}"
+
+
+def _markdown(experiment: Experiment, statuses: dict[str, str], results: dict, iterations: int | None, episodes: int) -> str:
+    schedule = f"{iterations} meta-iterations (reduced schedule)" if iterations else "the preset's full schedule"
+    lines = [f"# {experiment.title}", "", f"Reproduces {experiment.source}. Ours: mean +- 95% CI over {episodes} test tasks "
+             f"(fixed stream, seed 1234), {schedule}; paper in brackets.", ""]
+    by_row: dict[str, dict[str, str]] = {}
+    for run in experiment.runs:
+        status = statuses[run.name]
+        if experiment.figure is None and run.column:  # one run per cell, shot 10
+            shot = run.shots[0]
+            cell = _cell(results.get(run.name, {}).get(shot), status)
+            by_row.setdefault(run.row, {})[run.column] = cell + (f" [{run.paper[shot]}]" if shot in run.paper else "")
+        else:  # one run per row, one column per shot
+            for column, shot in zip(experiment.columns, run.shots):
+                cell = _cell(results.get(run.name, {}).get(shot), status)
+                by_row.setdefault(run.row, {})[column] = cell + (f" [{run.paper[shot]}]" if shot in run.paper else "")
+    header = ["", *experiment.columns]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, cells in by_row.items():
+        lines.append("| " + " | ".join([row, *(cells.get(c, "-") for c in experiment.columns)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fraction_table(fractions: dict[str, dict[str, float]]) -> str:
+    if not fractions:
+        return ""
+    layers = list(next(iter(fractions.values())))
+    lines = ["", "Fraction of weights changed by a task (mean of e^zeta / (e^zeta + 1) over each layer's row logits):", "",
+             "| | " + " | ".join(layers) + " | all |", "|" + "---|" * (len(layers) + 2)]
+    for row, values in fractions.items():
+        mean = sum(values.values()) / len(values)
+        lines.append(f"| {row} | " + " | ".join(f"{values[k]:.3f}" for k in layers) + f" | {mean:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_fractions(fractions: dict[str, dict[str, float]], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not fractions:
+        return None
+    layers = list(next(iter(fractions.values())))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(fractions)
+    for i, (row, values) in enumerate(fractions.items()):
+        ax.bar([j + i * width for j in range(len(layers))], [values[k] for k in layers], width, label=row)
+    ax.set_xticks([j + width * (len(fractions) - 1) / 2 for j in range(len(layers))], [k.removesuffix(".weight") for k in layers])
+    ax.set_ylabel("fraction of weights changed")
+    ax.set_ylim(0, 1)
+    ax.set_title("MT-net, 10-shot polynomial regression")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
