@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="run a paper's table or figure as a resumable grid of runs")
     p.add_argument("experiment", nargs="?", help="experiment name (omit to list them)")
-    p.add_argument("--out", help="folder for the runs and results.md (default runs/<experiment>)")
+    p.add_argument("--out", help="folder for the runs and <experiment>.md (default runs/<experiment>)")
     p.add_argument("--iterations", type=int, help="meta-iterations per run (default: the presets' full schedule)")
     p.add_argument("--episodes", type=int, default=1000, help="test tasks per number (default 1000)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default 2)")

@@ -182,7 +182,7 @@ def run_experiment(name: str, out: str | Path, *, iterations: int | None = None,
         report += _fraction_table(fractions)
         png = _plot_fractions(fractions, out / "figure-6.1.png")
         report += f"\n![fractions]({png.name})\n" if png else "\n(matplotlib is not installed: no PNG)\n"
-    path = out / "results.md"
+    path = out / f"{experiment.name}.md"
     path.write_text(report)
     return path
 
