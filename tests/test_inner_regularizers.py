@@ -139,3 +139,17 @@ def test_composes_with_meta_sgd_and_vmap_gives_the_same_numbers():
     for name, g in grads["loop"].items():
         assert torch.allclose(g, grads["vmap"][name], rtol=1e-9, atol=1e-12), name
     assert any(name.startswith("inner.transforms.2.lr") for name in grads["loop"])  # Meta-SGD alphas learn
+
+
+def test_dropgrad_layer_groups_of_table_2():
+    from metareg.inner.dropgrad import layer_group
+    from metareg.nets import ConvNet
+
+    names = [n for n, _ in ConvNet(5, 1, 28, channels=4).named_parameters()]
+    assert layer_group("fc", names) == ["head.*"]
+    assert layer_group("last-block+fc", names) == ["blocks.3.*", "head.*"]
+    assert layer_group("first-block", names) == ["blocks.0.*"]
+    drop = DropGrad(dict.fromkeys(names, torch.zeros(1)), layers="last-block+fc")
+    assert drop.names == [n for n in names if n.startswith(("blocks.3.", "head."))]
+    with pytest.raises(Exception, match="unknown DropGrad layer group"):
+        DropGrad(dict.fromkeys(names, torch.zeros(1)), layers="middle")
