@@ -65,6 +65,7 @@ def evaluate(
     """Adapt to each episode's support set and score its query set. Perturbation noise is drawn
     from torch's global generator re-seeded with ``seed`` inside a forked RNG scope, so evaluation
     is reproducible and leaves the caller's random state untouched."""
+    was_training = learner.training
     learner.eval()
     scores = []
     device = torch.device(device)
@@ -76,6 +77,6 @@ def evaluate(
                 bar.update(batch.num_tasks)
                 if len(scores) % 10 == 0:
                     bar.set_postfix_str(mean_ci(torch.cat(scores)).format(100 if learner.task == "classification" else 1))
-    learner.train()
+    learner.train(was_training)
     info = {"episodes": episodes, "seed": seed, "steps": steps or learner.eval_inner_steps, "mc_samples": samples or learner.eval_mc_samples}
     return EvalResult(torch.cat(scores), (protocol or {}) | info)
