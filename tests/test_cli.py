@@ -90,3 +90,13 @@ def test_download_from_a_local_mirror(tmp_path):
     (mirror / "images_evaluation.zip").write_bytes(b"not the archive")
     (tmp_path / "dest" / "images_evaluation.zip").unlink()
     assert_one_line_error(run("download", "omniglot", "--to", str(tmp_path / "dest"), "--base-url", mirror.as_uri() + "/"), "checksum")
+
+
+def test_plot_curves_from_a_log(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.csv").write_text(
+        "step,loss,score,val_score,val_ci95,seconds,tasks_per_s\n10,1.5,0.4,,,1,4\n20,1.2,0.5,0.55,0.03,2,4\n")
+    done = run("plot", "curves", str(tmp_path / "run"), "--out", str(tmp_path / "c.png"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert_one_line_error(run("plot", "curves", str(tmp_path / "nothing")), "no training log")

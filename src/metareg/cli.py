@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="destination folder")
     p.add_argument("--base-url", help="a mirror holding the same archives (any URL urllib opens, e.g. file:///...)")
 
+    p = sub.add_parser("plot", help="plots: `plot curves RUN [RUN ...]` draws learning curves from log.csv")
+    p.add_argument("kind", choices=["curves"])
+    p.add_argument("runs", nargs="+", help="run folders (or log.csv files)")
+    p.add_argument("--out", default="curves.png", help="PNG to write (default curves.png)")
+
     p = sub.add_parser("reproduce", help="run a paper's table or figure as a resumable grid of runs")
     p.add_argument("experiment", nargs="?", help="experiment name (omit to list them)")
     p.add_argument("--out", help="folder for the runs and <experiment>.md (default runs/<experiment>)")
@@ -209,6 +214,12 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(f"Omniglot is ready: use --data-root {args.to} --preset omniglot-20w1s")
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .viz.curves import plot_curves
+
+    print(f"wrote {plot_curves(args.runs, args.out)}")
+
+
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from .reproduce import EXPERIMENTS, run_experiment
 
@@ -228,7 +239,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(args)
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "compare": cmd_compare, "presets": cmd_presets, "download": cmd_download, "bench": cmd_bench, "reproduce": cmd_reproduce}
+COMMANDS = {"train": cmd_train, "test": cmd_test, "compare": cmd_compare, "presets": cmd_presets, "download": cmd_download, "bench": cmd_bench, "reproduce": cmd_reproduce, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:
