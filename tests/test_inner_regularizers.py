@@ -90,6 +90,8 @@ def test_mtnet_mask_at_infinite_logits_updates_exactly_the_chosen_rows():
             if (~rows).any():
                 assert not torch.equal(unmasked[name][~rows], start[name][~rows]), name  # (they would move)
     assert mask.update_fractions()["layers.0.weight"] == pytest.approx(0.5)
+    everything = torch.cat(list(chosen.values()))
+    assert mask.update_fractions()["all"] == pytest.approx(everything.float().mean().item())  # over all logits
 
 
 def test_straight_through_gradient_reaches_the_logits_and_full_masks_have_one_logit_per_weight():

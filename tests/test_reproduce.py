@@ -7,7 +7,7 @@ from metareg.reproduce import EXPERIMENTS, Experiment, Run, run_experiment
 def test_tiny_figure_run_writes_table_fractions_and_png(tmp_path):
     path = run_experiment("mtnet-figure-6.1", tmp_path, iterations=2, episodes=3, jobs=2, progress=False)
     text = path.read_text()
-    assert "order 0" in text and "order 2" in text and "layers.0.weight" in text
+    assert "order 0, seed 2" in text and "| order 2 | 3 |" in text and "layers.0.weight" in text and "| all |" in text
     assert (tmp_path / "figure-6.1.png").exists()
     # A second call reuses everything: no run is trained again.
     logs = {p: p.stat().st_size for p in tmp_path.glob("*.log")}

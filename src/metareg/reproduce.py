@@ -32,6 +32,8 @@ class Run:
     paper: dict[int, str] = field(default_factory=dict)  # shot -> the paper's number
     row: str = ""  # the table row it belongs to
     column: str = ""  # the table column it belongs to
+    seed: int = 0  # training seed
+    group: str = ""  # runs of one group (repeats over seeds) are aggregated in figures
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,14 @@ def _table_6_2() -> Experiment:
                       tuple(runs), tuple(label for label, _ in models))
 
 
-def _figure_6_1() -> Experiment:
+def _figure_6_1(seeds: tuple[int, ...] = (0, 1, 2)) -> Experiment:
+    # The thesis shows one bar per order; three meta-training seeds per order show how much of the
+    # trend is run-to-run noise.
     runs = tuple(
-        Run(f"mtnet-poly{order}", "sine-10shot-mtnet", ("data.name=polynomial", f"data.options={{order: {order}}}"), (10,), row=f"order {order}")
-        for order in (0, 1, 2)
+        Run(f"mtnet-poly{order}" + (f"-seed{seed}" if seed else ""), "sine-10shot-mtnet",
+            ("data.name=polynomial", f"data.options={{order: {order}}}"), (10,), row=f"order {order}, seed {seed}",
+            seed=seed, group=f"order {order}")
+        for order in (0, 1, 2) for seed in seeds
     )
     return Experiment("mtnet-figure-6.1", "MT-net on 10-shot polynomial regression: fraction of weights a task changes",
                       "MT-net thesis Figure 6.1", runs, ("10-shot MSE",), figure="mask-fractions")
@@ -121,6 +127,8 @@ def _train(run: Run, folder: Path, iterations: int | None, log: Path) -> str:
         cmd += ["--resume"]
     else:
         cmd += ["--preset", run.preset, *sum((["--set", o] for o in run.overrides), [])]
+        if run.seed:
+            cmd += ["--seed", str(run.seed)]
     if iterations:
         cmd += ["--iterations", str(iterations)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -178,7 +186,10 @@ def run_experiment(name: str, out: str | Path, *, iterations: int | None = None,
             results[run.name] = {shot: _test(run, out / run.name, shot, episodes) for shot in run.shots}
     report = _markdown(experiment, statuses, results, iterations, episodes)
     if experiment.figure == "mask-fractions":
-        fractions = {run.row: _fractions(out / run.name) for run in experiment.runs if statuses[run.name] == "done"}
+        fractions: dict[str, list[dict[str, float]]] = {}
+        for run in experiment.runs:
+            if statuses[run.name] == "done":
+                fractions.setdefault(run.group, []).append(_fractions(out / run.name))
         report += _fraction_table(fractions)
         png = _plot_fractions(fractions, out / "figure-6.1.png")
         report += f"\n![fractions]({png.name})\n" if png else "\n(matplotlib is not installed: no PNG)\n"
@@ -218,19 +229,26 @@ def _markdown(experiment: Experiment, statuses: dict[str, str], results: dict, i
     return "\n".join(lines) + "\n"
 
 
-def _fraction_table(fractions: dict[str, dict[str, float]]) -> str:
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
+def _fraction_table(fractions: dict[str, list[dict[str, float]]]) -> str:
+    """One row per group: each layer's fraction (and "all" logits) as mean +- std over the group's runs."""
     if not fractions:
         return ""
-    layers = list(next(iter(fractions.values())))
-    lines = ["", "Fraction of weights changed by a task (mean of e^zeta / (e^zeta + 1) over each layer's row logits):", "",
-             "| | " + " | ".join(layers) + " | all |", "|" + "---|" * (len(layers) + 2)]
-    for row, values in fractions.items():
-        mean = sum(values.values()) / len(values)
-        lines.append(f"| {row} | " + " | ".join(f"{values[k]:.3f}" for k in layers) + f" | {mean:.3f} |")
+    layers = list(next(iter(fractions.values()))[0])
+    lines = ["", "Fraction of weights a task changes, e^zeta / (e^zeta + 1) averaged over each layer's logits and "
+             "over all logits (mean +- std over meta-training seeds):", "",
+             "| | runs | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 2)]
+    for group, runs in fractions.items():
+        cells = ["{:.3f} +- {:.3f}".format(*_mean_std([r[k] for r in runs])) for k in layers]
+        lines.append(f"| {group} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _plot_fractions(fractions: dict[str, dict[str, float]], path: Path) -> Path | None:
+def _plot_fractions(fractions: dict[str, list[dict[str, float]]], path: Path) -> Path | None:
     try:
         import matplotlib
 
@@ -240,15 +258,18 @@ def _plot_fractions(fractions: dict[str, dict[str, float]], path: Path) -> Path 
         return None
     if not fractions:
         return None
-    layers = list(next(iter(fractions.values())))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    layers = list(next(iter(fractions.values()))[0])
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
     width = 0.8 / len(fractions)
-    for i, (row, values) in enumerate(fractions.items()):
-        ax.bar([j + i * width for j in range(len(layers))], [values[k] for k in layers], width, label=row)
-    ax.set_xticks([j + width * (len(fractions) - 1) / 2 for j in range(len(layers))], [k.removesuffix(".weight") for k in layers])
+    for i, (group, runs) in enumerate(fractions.items()):
+        stats = [_mean_std([r[k] for r in runs]) for k in layers]
+        ax.bar([j + i * width for j in range(len(layers))], [m for m, _ in stats], width,
+               yerr=[s for _, s in stats] if len(runs) > 1 else None, capsize=3, label=group)
+    ax.set_xticks([j + width * (len(fractions) - 1) / 2 for j in range(len(layers))],
+                  [k.removesuffix(".weight") if k != "all" else "all logits" for k in layers])
     ax.set_ylabel("fraction of weights changed")
-    ax.set_ylim(0, 1)
-    ax.set_title("MT-net, 10-shot polynomial regression")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("MT-net, 10-shot polynomial regression (mean +- std over seeds)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

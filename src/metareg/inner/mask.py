@@ -86,8 +86,12 @@ class SubspaceMask(GradientTransform):
         return {n: g * state[n] if n in state else g for n, g in grads.items()}, state
 
     def update_fractions(self) -> dict[str, float]:
-        """Per masked parameter: the expected fraction of its weights a task changes."""
-        return {n: torch.sigmoid(self.logits[param_key(n)].detach()).mean().item() for n in self.names}
+        """Per masked parameter, the expected fraction of its weights a task changes; under "all",
+        the same expectation over every logit of the network (the thesis's Section 6.3 figure)."""
+        probs = {n: torch.sigmoid(self.logits[param_key(n)].detach()) for n in self.names}
+        fractions = {n: p.mean().item() for n, p in probs.items()}
+        fractions["all"] = torch.cat([p.flatten() for p in probs.values()]).mean().item()
+        return fractions
 
 
 register("subspace-mask")(SubspaceMask)
