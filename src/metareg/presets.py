@@ -21,14 +21,21 @@ class Preset:
     values: dict[str, Any]
 
 
+# The network of the Meta-Dropout reference code, whose MAML rows are "MAML (our reproduction)":
+# truncated-normal init, batch norm with a meta-learned shift and no scale, and only the conv and
+# dense weights adapted in the inner loop (batch norm is meta-only).
+_REFERENCE_NET = {"init": "truncated_normal", "norm_scale": False}
+_REFERENCE_FAST = ["blocks.*.conv.*", "head.weight", "head.bias"]
+
+
 def _omniglot(way: int, shot: int, lr: float, meta_lr: float) -> dict[str, Any]:
     return {
         "data": {"name": "omniglot", "way": way, "shot": shot, "query": 15, "options": {"class_split": "vinyals"},
                  # The 4800 meta-train classes of the Vinyals split include its validation classes,
                  # so a validation score would not be held out: none is computed.
                  "train_split": "trainval", "val_split": None},
-        "model": {"backbone": "conv4", "options": {"channels": 64}},
-        "inner": {"step": "sgd", "lr": lr, "steps": 5},
+        "model": {"backbone": "conv4", "options": {"channels": 64} | _REFERENCE_NET},
+        "inner": {"step": "sgd", "lr": lr, "steps": 5, "fast": _REFERENCE_FAST},
         "train": {"iterations": 60000, "meta_batch": 4, "meta_lr": meta_lr, "clip": 3.0, "val_every": 2000, "checkpoint_every": 500},
     }
 
@@ -36,8 +43,8 @@ def _omniglot(way: int, shot: int, lr: float, meta_lr: float) -> dict[str, Any]:
 def _miniimagenet(shot: int) -> dict[str, Any]:
     return {
         "data": {"name": "miniimagenet", "way": 5, "shot": shot, "query": 15},
-        "model": {"backbone": "conv4", "options": {"channels": 32}},
-        "inner": {"step": "sgd", "lr": 0.01, "steps": 5},
+        "model": {"backbone": "conv4", "options": {"channels": 32} | _REFERENCE_NET},
+        "inner": {"step": "sgd", "lr": 0.01, "steps": 5, "fast": _REFERENCE_FAST},
         "train": {"iterations": 60000, "meta_batch": 4, "meta_lr": 1e-4, "clip": 3.0, "val_every": 2000, "checkpoint_every": 500},
     }
 
@@ -119,6 +126,37 @@ for _suffix, (_label, _transform, _mask, _paper) in _MT_VARIANTS.items():
         f"MT-net thesis Table 6.1, {_label}, 10-shot: MSE {_paper}",
         _values,
     )
+
+
+# Meta-Dropout (Table 1) and the noise ablations (Table 3) on the four classification presets: the
+# same network and hyperparameters with a perturbation; S = 1 noise sample per inner step in
+# meta-training and S = 30 in meta-testing (paper Section 3.1).
+_BASES = {"omniglot-20w1s": 0, "omniglot-20w5s": 1, "miniimagenet-5w1s": 2, "miniimagenet-5w5s": 3}
+_TABLE_1 = {  # (suffix, label, perturbation, step, numbers for the four bases)
+    "metadropout": ("MAML + Meta-dropout", "meta-dropout", "sgd", ("96.63 +- 0.13", "98.73 +- 0.06", "51.93 +- 0.67", "67.42 +- 0.52")),
+    "metasgd-metadropout": ("Meta-SGD + Meta-dropout", "meta-dropout", "meta-sgd", ("97.02 +- 0.13", "99.05 +- 0.05", "50.87 +- 0.63", "65.55 +- 0.57")),
+}
+_TABLE_3 = {
+    "fixed-gaussian": ("Fixed Gaussian", "fixed-gaussian", "sgd", ("95.44 +- 0.17", "98.99 +- 0.06", "49.39 +- 0.63", "66.84 +- 0.54")),
+    "independent-gaussian": ("Independent Gaussian", "independent-gaussian", "sgd", ("94.36 +- 0.18", "98.26 +- 0.08", "50.31 +- 0.64", "66.97 +- 0.54")),
+    "weight-gaussian": ("Weight Gaussian", "weight-gaussian", "sgd", ("94.32 +- 0.18", "98.35 +- 0.07", "49.37 +- 0.64", "64.78 +- 0.54")),
+    "metadropout-deterministic": ("Deterministic Meta-dropout", "meta-dropout-deterministic", "sgd",
+                                  ("95.99 +- 0.14", "97.78 +- 0.09", "50.75 +- 0.63", "65.62 +- 0.53")),
+    "metadropout-learned-variance": ("Meta-dropout w/ learned variance", "meta-dropout-learned-variance", "sgd",
+                                     ("95.98 +- 0.15", "98.87 +- 0.06", "50.93 +- 0.68", "66.15 +- 0.56")),
+}
+for _table, _rows in (("Table 1", _TABLE_1), ("Table 3", _TABLE_3)):
+    for _suffix, (_label, _perturbation, _step, _numbers) in _rows.items():
+        for _base, _column in _BASES.items():
+            _p = PRESETS[_base]
+            _stochastic = _perturbation != "meta-dropout-deterministic"
+            PRESETS[f"{_base}-{_suffix}"] = Preset(
+                f"{_base}-{_suffix}",
+                _p.description.replace("MAML", _label if _table == "Table 1" else f"MAML + {_label}", 1),
+                f"Meta-Dropout {_table}, {_label}, {_p.paper.split(', ', 2)[2].rsplit(':', 1)[0]}: {_numbers[_column]}",
+                _with(_p.values, model={"perturbation": _perturbation},
+                      inner={"step": _step, "mc_samples": 1, "eval_mc_samples": 30 if _stochastic else 1}),
+            )
 
 
 def get_preset(name: str) -> Preset:

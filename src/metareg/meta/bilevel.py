@@ -33,6 +33,7 @@ from ..data.tasks import TaskBatch
 from ..errors import ConfigError
 from ..inner.base import GradientTransform
 from ..nets.layers import use_vmap_safe_layers
+from ..perturb.base import FeaturePerturbation
 
 Params = dict[str, Tensor]
 
@@ -44,6 +45,20 @@ def select_fast(names: list[str], patterns: list[str]) -> list[str]:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ConfigError(f"fast-parameter pattern {pattern!r} matches no parameter; names are: {', '.join(names)}")
     return fast
+
+
+def _check_first_order(model: nn.Module) -> None:
+    """First-order meta-gradients drop the path through the inner steps, the one through which a
+    feature perturbation's parameters learn from its sampled noise (Meta-Dropout, Section 3.1:
+    "otherwise the gradient w.r.t. phi will always be zero"): refuse rather than learn nothing."""
+    learned = [f"{module_name}.{name}" for module_name, module in model.named_modules() if isinstance(module, FeaturePerturbation)
+               for name, _ in module.named_parameters()]
+    if learned:
+        raise ConfigError(
+            f"first-order meta-gradients cannot train the perturbation's parameters ({', '.join(learned[:3])}"
+            f"{', ...' if len(learned) > 3 else ''}): they learn through the inner-loop steps; "
+            "use second order (inner.first_order=false) or a perturbation without parameters"
+        )
 
 
 class BilevelLearner(nn.Module):
@@ -79,6 +94,8 @@ class BilevelLearner(nn.Module):
         self.eval_inner_steps = eval_inner_steps or inner_steps
         self.first_order = first_order
         self.fast_names = select_fast([n for n, _ in model.named_parameters()], list(fast))
+        if first_order:
+            _check_first_order(model)
         self.mc_samples = mc_samples
         self.eval_mc_samples = eval_mc_samples
         self.strategy = strategy

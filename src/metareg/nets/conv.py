@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..perturb.base import LayerInfo, PerturbationFactory, identity_factory
-from .layers import BatchNorm, Transform
+from .layers import BatchNorm, Transform, truncated_normal_
 
 
 class ConvBlock(nn.Module):
-    """3x3 'same' conv -> batch norm (batch statistics) -> perturbation -> ReLU -> 2x2 max-pool.
+    """3x3 'same' conv -> batch norm (batch statistics) -> ReLU -> 2x2 max-pool, with the
+    perturbation after the conv or after the norm (its ``position``, see ``metareg.perturb.base``).
 
     ``strided=True`` replaces the max-pool by a stride-2 convolution (MAML's Omniglot variant).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, perturb: nn.Module, strided: bool = False, transform: bool = False):
+    def __init__(self, in_channels: int, out_channels: int, perturb: nn.Module, strided: bool = False, transform: bool = False,
+                 norm_scale: bool = True):
         super().__init__()
         self.strided = strided
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1)
         self.transform = Transform(out_channels, conv=True) if transform else None
-        self.norm = BatchNorm(out_channels)
+        self.norm = BatchNorm(out_channels, scale=norm_scale)
         self.perturb = perturb
+        self.perturb_before_norm = getattr(perturb, "position", "norm") == "linear"
 
     def forward(self, x: Tensor, *, sample: bool = False, memory_format: torch.memory_format | None = None) -> Tensor:
         y = self.conv(x)
@@ -30,7 +35,10 @@ class ConvBlock(nn.Module):
             y = self.transform(y)
         if memory_format is not None:
             y = y.contiguous(memory_format=memory_format)
-        pre = self.perturb(self.norm(y), x, sample=sample)
+        if self.perturb_before_norm:
+            pre = self.norm(self.perturb(y, x, sample=sample))
+        else:
+            pre = self.perturb(self.norm(y), x, sample=sample)
         # max-pool before ReLU: ReLU is monotone, so max(relu(a), relu(b)) = relu(max(a, b)) and
         # the gradients agree too; the ReLU then runs on a 4x smaller tensor.
         return F.relu(pre if self.strided else F.max_pool2d(pre, 2))
@@ -41,9 +49,12 @@ class ConvNet(nn.Module):
 
     Conv4 for Omniglot: 64 channels, 28x28 input (1x1x64 features). Conv4 for miniImageNet: 32
     channels, 84x84 input (5x5x32 = 800 features). The perturbation factory is asked for one module
-    per conv block; ``transform=True`` adds T-net's meta-learned 1x1 convolution T after every conv
-    W (and an n x n T after the classifier), initialized to the identity. The classifier has none here (a perturbation that needs the last layer, such as
-    Meta-Dropout's additive Gaussian, is added by its own issue through ``head_perturb``).
+    per conv block and one for the classifier (``LayerInfo.output``; Meta-Dropout's additive
+    Gaussian sits there, most perturbations return the identity). ``transform=True`` adds T-net's
+    meta-learned 1x1 convolution T after every conv W (and an n x n T after the classifier),
+    initialized to the identity. ``init="truncated_normal"``: the Meta-Dropout reference's init
+    (conv weights truncated normal std 0.02, classifier weights normal std 0.02, zero biases);
+    ``"default"``: PyTorch's. ``norm_scale=False``: batch norm with a shift only (the reference).
     """
 
     def __init__(
@@ -56,13 +67,17 @@ class ConvNet(nn.Module):
         strided: bool = False,
         perturbation: PerturbationFactory = identity_factory,
         transform: bool = False,
+        init: Literal["default", "truncated_normal"] = "default",
+        norm_scale: bool = True,
     ):
         super().__init__()
+        if init not in ("default", "truncated_normal"):
+            raise ValueError(f"init must be default or truncated_normal, got {init!r}")
         blocks = []
         size, cin = image_size, in_channels
         for i in range(depth):
             info = LayerInfo(i, "conv", cin, channels, kernel_size=3, stride=2 if strided else 1, padding=1)
-            blocks.append(ConvBlock(cin, channels, perturbation(info), strided=strided, transform=transform))
+            blocks.append(ConvBlock(cin, channels, perturbation(info), strided=strided, transform=transform, norm_scale=norm_scale))
             size = (size + 1) // 2 if strided else size // 2
             cin = channels
         if size < 1:
@@ -71,6 +86,13 @@ class ConvNet(nn.Module):
         self.feature_dim = channels * size * size
         self.head = nn.Linear(self.feature_dim, num_classes)
         self.head_transform = Transform(num_classes) if transform else None
+        self.head_perturb = perturbation(LayerInfo(depth, "dense", self.feature_dim, num_classes, output=True))
+        if init == "truncated_normal":
+            for block in self.blocks:
+                truncated_normal_(block.conv.weight, 0.02)
+                nn.init.zeros_(block.conv.bias)
+            nn.init.normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
 
     def features(self, x: Tensor, *, sample: bool = False, memory_format: torch.memory_format | None = None) -> Tensor:
         """``memory_format``: the layout of the activations from the first convolution on (the
@@ -80,5 +102,7 @@ class ConvNet(nn.Module):
         return x.flatten(1)
 
     def forward(self, x: Tensor, *, sample: bool = False, memory_format: torch.memory_format | None = None) -> Tensor:
-        out = self.head(self.features(x, sample=sample, memory_format=memory_format))
-        return out if self.head_transform is None else self.head_transform(out)
+        features = self.features(x, sample=sample, memory_format=memory_format)
+        out = self.head(features)
+        out = out if self.head_transform is None else self.head_transform(out)
+        return self.head_perturb(out, features, sample=sample)

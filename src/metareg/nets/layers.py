@@ -13,12 +13,13 @@ class BatchNorm(nn.Module):
     Episodic meta-learning normalizes each task's batch by its own statistics (transductive, as in
     Finn et al. 2017); there are no running statistics. ``explicit=True`` writes the normalization
     as explicit mean/variance ops, which is what ``torch.func.vmap`` needs: under ``vmap``,
-    ``F.batch_norm`` silently gives wrong second-order gradients.
+    ``F.batch_norm`` silently gives wrong second-order gradients. ``scale=False``: a shift only, no
+    learned scale (TensorFlow's ``batch_norm`` default, used by the Meta-Dropout reference).
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5, explicit: bool = False):
+    def __init__(self, channels: int, eps: float = 1e-5, explicit: bool = False, scale: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
+        self.weight = nn.Parameter(torch.ones(channels)) if scale else None
         self.bias = nn.Parameter(torch.zeros(channels))
         self.eps = eps
         self.explicit = explicit
@@ -30,7 +31,8 @@ class BatchNorm(nn.Module):
         mean = x.mean(dims, keepdim=True)
         var = x.var(dims, unbiased=False, keepdim=True)
         shape = [1, -1] + [1] * (x.dim() - 2)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return (x if self.weight is None else x * self.weight.view(shape)) + self.bias.view(shape)
 
 
 def use_vmap_safe_layers(model: nn.Module) -> None:

@@ -12,7 +12,7 @@ from .layers import Transform, truncated_normal_
 
 
 class MLP(nn.Module):
-    """Dense layers with ReLU between them and a perturbation slot before each ReLU.
+    """Dense layers with ReLU between them, a perturbation slot before each ReLU and one at the output.
 
     ``transform=True`` makes every cell ``T W`` (T-net / MT-net, thesis Eq. 3.1): a meta-learned
     ``Transform`` after each layer including the output layer. ``init="truncated_normal"``: weights
@@ -36,6 +36,7 @@ class MLP(nn.Module):
             perturbation(LayerInfo(i, "dense", a, b)) for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
         )
         self.head = nn.Linear(widths[-1], out_features)
+        self.head_perturb = perturbation(LayerInfo(len(hidden), "dense", widths[-1], out_features, output=True))
         self.transforms = nn.ModuleList(Transform(b) for b in hidden) if transform else None
         self.head_transform = Transform(out_features) if transform else None
         if init == "truncated_normal":
@@ -50,6 +51,7 @@ class MLP(nn.Module):
             pre = layer(x)
             if self.transforms is not None:
                 pre = self.transforms[i](pre)
-            x = F.relu(perturb(pre, x, sample=sample))
+            x = F.relu(perturb(pre, x, sample=sample))  # no norm here: both positions are the same
         out = self.head(x)
-        return out if self.head_transform is None else self.head_transform(out)
+        out = out if self.head_transform is None else self.head_transform(out)
+        return self.head_perturb(out, x, sample=sample)

@@ -1,14 +1,21 @@
-"""Feature perturbations (axis 1): identity by default; Meta-Dropout, MetaPerturb and baselines."""
+"""Feature perturbations (axis 1): identity by default; Meta-Dropout, its ablations, MetaPerturb."""
 
+from . import meta_dropout, weight_gaussian  # noqa: F401  (registers them)
 from .base import FeaturePerturbation, LayerInfo, PerturbationFactory, identity_factory
+from .meta_dropout import AdditiveGaussianOutput, MultiplicativeNoise, multiplicative_noise
 from .registry import available, build_perturbation, register
+from .weight_gaussian import WeightGaussian
 
 __all__ = [
+    "AdditiveGaussianOutput",
     "FeaturePerturbation",
     "LayerInfo",
+    "MultiplicativeNoise",
     "PerturbationFactory",
+    "WeightGaussian",
     "available",
     "build_perturbation",
     "identity_factory",
+    "multiplicative_noise",
     "register",
 ]

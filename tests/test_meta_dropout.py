@@ -1,0 +1,186 @@
+"""Meta-Dropout (Eq. 5-6, Algorithms 1-2) and the noise ablations of its Table 3."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import learner_for, random_image_batch, tiny_conv
+from metareg.errors import ConfigError
+from metareg.perturb import LayerInfo, MultiplicativeNoise, WeightGaussian, build_perturbation
+from test_training import final_params, tiny
+
+REF_FAST = ["blocks.*.conv.*", "head.weight", "head.bias"]
+CONV = LayerInfo(0, "conv", 3, 5, kernel_size=3, padding=1)
+
+
+def softplus_normal_moments(mu: float) -> tuple[float, float]:
+    """Mean and variance of Softplus(a), a ~ N(mu, 1), by numerical integration."""
+    a = torch.linspace(mu - 12, mu + 12, 200001, dtype=torch.float64)
+    density = torch.exp(-0.5 * (a - mu) ** 2) / math.sqrt(2 * math.pi)
+    z = F.softplus(a)
+    mean = torch.trapezoid(z * density, a).item()
+    return mean, torch.trapezoid((z - mean) ** 2 * density, a).item()
+
+
+@pytest.mark.parametrize("mu", [-2.0, 0.0, 1.5])
+def test_noise_law_is_softplus_of_unit_gaussian_around_mu(mu):
+    noise = MultiplicativeNoise(CONV).double()
+    with torch.no_grad():
+        noise.phi.weight.zero_()
+        noise.phi.bias.fill_(mu)  # mu(h) = mu everywhere
+    torch.manual_seed(0)
+    h = torch.randn(50, 3, 20, 20, dtype=torch.float64)
+    z = noise(torch.ones(50, 5, 20, 20, dtype=torch.float64), h, sample=True)  # pre = 1: the output is z
+    mean, var = softplus_normal_moments(mu)
+    n = z.numel()  # 100 000 independent draws
+    assert abs(z.mean().item() - mean) < 5 * math.sqrt(var / n)
+    assert z.var().item() == pytest.approx(var, rel=0.03)
+    # the query path: a = mu exactly, z = Softplus(mu)
+    zbar = noise(torch.ones(2, 5, 4, 4, dtype=torch.float64), h[:2, :, :4, :4], sample=False)
+    assert torch.allclose(zbar, torch.full_like(zbar, F.softplus(torch.tensor(mu)).item()))
+
+
+def test_learned_variance_scales_the_gaussian():
+    noise = build_perturbation("meta-dropout-learned-variance")(CONV).double()
+    with torch.no_grad():
+        for layer, value in ((noise.phi, 0.3), (noise.phi_sigma, math.log(math.expm1(0.5)))):  # sigma = 0.5
+            layer.weight.zero_()
+            layer.bias.fill_(value)
+    torch.manual_seed(1)
+    a = torch.log(torch.expm1(noise.noise(torch.ones(40, 5, 20, 20, dtype=torch.float64), torch.randn(40, 3, 20, 20, dtype=torch.float64), sample=True)))
+    assert a.mean().item() == pytest.approx(0.3, abs=0.01)
+    assert a.std().item() == pytest.approx(0.5, rel=0.02)
+
+
+def test_block_follows_the_reference_placement_bn_of_f_times_z():
+    model = tiny_conv(perturbation=build_perturbation("meta-dropout-deterministic"), norm_scale=False)
+    block, x = model.blocks[0], torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    f = block.conv(x)
+    expected = F.relu(F.max_pool2d(block.norm(f * F.softplus(block.perturb.phi(x))), 2))
+    assert torch.allclose(block(x, sample=True), expected)
+
+
+def test_query_path_is_deterministic_and_support_path_is_not():
+    model = tiny_conv(perturbation=build_perturbation("meta-dropout"))
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    assert torch.equal(model(x, sample=False), model(x, sample=False))
+    assert not torch.equal(model(x, sample=True), model(x, sample=True))
+
+
+def test_phi_gets_gradients_in_second_order_and_first_order_is_refused():
+    model = tiny_conv(perturbation=build_perturbation("meta-dropout"), init="truncated_normal", norm_scale=False)
+    learner = learner_for(model, fast=REF_FAST, mc_samples=1)
+    learner.meta_backward(random_image_batch())
+    phi = {n: p for n, p in model.named_parameters() if ".phi." in n}
+    assert len(phi) == 2 * 2 + 2  # two conv blocks (weight, bias) and the output layer's sigma
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in phi.values())
+    with pytest.raises(ConfigError, match="first-order"):
+        learner_for(model, fast=REF_FAST, first_order=True)
+    learner_for(tiny_conv(perturbation=build_perturbation("fixed-gaussian")), first_order=True)  # nothing to learn: fine
+
+
+def test_inner_steps_never_change_phi_or_batch_norm():
+    model = tiny_conv(perturbation=build_perturbation("meta-dropout"), norm_scale=False)
+    learner = learner_for(model, fast=REF_FAST, steps=3)
+    batch = random_image_batch()
+    start = learner.initial_params()
+    adapted = learner.adapt(start, batch.support_x[0], batch.support_y[0])
+    for name in start:
+        moved = not torch.equal(adapted[name], start[name])
+        assert moved == (name in learner.fast_names), name
+    assert not any(".phi." in n or ".norm." in n for n in learner.fast_names)
+
+
+def test_s_sample_inner_loss_is_the_mean_of_s_single_sample_losses():
+    learner = learner_for(tiny_conv(perturbation=build_perturbation("meta-dropout")), fast=REF_FAST)
+    batch, params = random_image_batch(), learner.initial_params()
+    x, y = batch.support_x[0], batch.support_y[0]
+    torch.manual_seed(3)
+    averaged = learner.inner_loss(params, x, y, samples=5)
+    torch.manual_seed(3)
+    singles = [learner.inner_loss(params, x, y, samples=1) for _ in range(5)]
+    assert torch.allclose(averaged, torch.stack(singles).mean())
+    assert torch.stack(singles).std() > 0  # the samples differ
+
+
+EXPECTED_PARAMETERS = {  # perturbation -> the perturbation parameters of a 2-block ConvNet, and nothing else
+    "none": set(),
+    "meta-dropout": {"blocks.0.perturb.phi.weight", "blocks.0.perturb.phi.bias", "blocks.1.perturb.phi.weight",
+                     "blocks.1.perturb.phi.bias", "head_perturb.phi.weight", "head_perturb.phi.bias"},
+    "meta-dropout-deterministic": {"blocks.0.perturb.phi.weight", "blocks.0.perturb.phi.bias", "blocks.1.perturb.phi.weight",
+                                   "blocks.1.perturb.phi.bias"},
+    "meta-dropout-learned-variance": {f"blocks.{i}.perturb.{p}.{w}" for i in (0, 1) for p in ("phi", "phi_sigma") for w in ("weight", "bias")}
+    | {"head_perturb.phi.weight", "head_perturb.phi.bias"},
+    "fixed-gaussian": set(),
+    "independent-gaussian": {"blocks.0.perturb.mu", "blocks.1.perturb.mu"},
+    "weight-gaussian": {"blocks.0.perturb.rho", "blocks.1.perturb.rho", "head_perturb.rho"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMETERS))
+def test_each_ablation_has_its_parameters_and_none_of_the_others(name):
+    model = tiny_conv(perturbation=build_perturbation(name))
+    got = {n for n in dict(model.named_parameters()) if "perturb" in n}
+    assert got == EXPECTED_PARAMETERS[name]
+    shapes = dict(model.named_parameters())
+    if name == "independent-gaussian":
+        assert shapes["blocks.0.perturb.mu"].shape == (4,)  # one mu per channel
+    if name == "weight-gaussian":
+        assert shapes["blocks.0.perturb.rho"].shape == model.blocks[0].conv.weight.shape  # one sigma per weight
+    if name == "meta-dropout":
+        assert shapes["blocks.1.perturb.phi.weight"].shape == model.blocks[1].conv.weight.shape  # phi mirrors theta
+        assert shapes["head_perturb.phi.weight"].shape == (1, model.feature_dim)  # one column shared by the classes
+
+
+def test_weight_gaussian_is_a_gaussian_weight_sample():
+    layer = WeightGaussian(LayerInfo(0, "dense", 3, 2), init_std=0.5).double()
+    h = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64).expand(40000, 3)
+    torch.manual_seed(0)
+    out = layer(torch.zeros(40000, 2, dtype=torch.float64), h, sample=True)
+    # one weight sample per forward: every row sees the same W~, so compare over many forwards
+    outs = torch.cat([layer(torch.zeros(1, 2, dtype=torch.float64), h[:1], sample=True) for _ in range(20000)])
+    assert out.std(0).max() == 0  # shared within a forward pass
+    assert outs.var(0).tolist() == pytest.approx([0.25 * (1 + 4 + 0.25)] * 2, rel=0.05)  # sum_j h_j^2 sigma^2
+    assert torch.equal(layer(torch.ones(2, 2, dtype=torch.float64), h[:2], sample=False), torch.ones(2, 2, dtype=torch.float64))
+
+
+def test_fixed_and_independent_gaussian_queries_use_a_equals_mu():
+    for name, expected in (("fixed-gaussian", math.log(2.0)), ("independent-gaussian", math.log(2.0))):
+        noise = build_perturbation(name)(CONV).double()
+        pre = torch.ones(2, 5, 3, 3, dtype=torch.float64)
+        assert torch.allclose(noise(pre, torch.randn(2, 3, 3, 3, dtype=torch.float64), sample=False), pre * expected)
+
+
+def test_meta_sgd_with_meta_dropout_learns_step_sizes_and_phi():
+    model = tiny_conv(perturbation=build_perturbation("meta-dropout"))
+    learner = learner_for(model, step="meta-sgd", fast=REF_FAST)
+    learner.meta_backward(random_image_batch())
+    grads = {n: p.grad for n, p in learner.named_parameters()}
+    assert any("inner" in n and g is not None and g.abs().sum() > 0 for n, g in grads.items())  # Meta-SGD's alpha
+    assert grads["model.blocks.0.perturb.phi.weight"].abs().sum() > 0
+
+
+def test_deterministic_meta_dropout_same_meta_gradient_batched_and_unbatched():
+    grads = {}
+    for strategy in ("loop", "vmap"):
+        model = tiny_conv(perturbation=build_perturbation("meta-dropout-deterministic"), norm_scale=False)
+        learner = learner_for(model, fast=REF_FAST, strategy=strategy)
+        learner.meta_backward(random_image_batch(tasks=3))
+        grads[strategy] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads["loop"].items():
+        assert torch.allclose(g, grads["vmap"][name], rtol=1e-6, atol=1e-10), name
+
+
+def test_meta_dropout_run_resumes_exactly(tmp_path):
+    extra = ("model.perturbation=meta-dropout", "inner.eval_mc_samples=2", "model.options={channels: 4, norm_scale: false}",
+             "inner.fast=[blocks.*.conv.*, head.weight, head.bias]")
+    from metareg.experiment import train
+
+    train(tiny("train.iterations=6", "train.checkpoint_every=3", *extra), tmp_path / "straight", progress=False)
+    train(tiny("train.iterations=3", "train.checkpoint_every=3", *extra), tmp_path / "split", progress=False)
+    train(tiny("train.iterations=6", "train.checkpoint_every=3", *extra), tmp_path / "split", resume=True, progress=False)
+    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "split")
+    assert any(".phi." in k for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
