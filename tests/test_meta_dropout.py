@@ -184,3 +184,27 @@ def test_meta_dropout_run_resumes_exactly(tmp_path):
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "split")
     assert any(".phi." in k for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_boundary_coordinates_put_the_classifier_decision_on_the_vertical_line():
+    from metareg.viz.boundary import boundary_coordinates
+
+    torch.manual_seed(0)
+    h, w, b = torch.randn(40, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    x, y, x_db = boundary_coordinates(h, w, b)
+    margin = (h @ w.T + b)[:, 0] - (h @ w.T + b)[:, 1]  # > 0: class c1 wins
+    assert torch.allclose((x - x_db) * (w[0] - w[1]).norm(), margin)  # Eq. 10 and 12
+    assert y.shape == (40,)
+
+
+def test_feature_and_boundary_plots_from_a_trained_run(tmp_path):
+    from metareg.experiment import train
+    from metareg.viz.boundary import plot_boundary
+    from metareg.viz.features import plot_features
+
+    run = tmp_path / "run"
+    train(tiny("train.iterations=2", "model.perturbation=meta-dropout", "inner.eval_mc_samples=2"), run, progress=False)
+    for path in (plot_features(run, tmp_path / "f.png", layer=1), plot_boundary(run, tmp_path / "b.png", samples=3)):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    with pytest.raises(ConfigError, match="--layer"):
+        plot_features(run, tmp_path / "x.png", layer=7)

@@ -65,10 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="destination folder")
     p.add_argument("--base-url", help="a mirror holding the same archives (any URL urllib opens, e.g. file:///...)")
 
-    p = sub.add_parser("plot", help="plots: `plot curves RUN [RUN ...]` draws learning curves from log.csv")
-    p.add_argument("kind", choices=["curves"])
-    p.add_argument("runs", nargs="+", help="run folders (or log.csv files)")
-    p.add_argument("--out", default="curves.png", help="PNG to write (default curves.png)")
+    p = sub.add_parser("plot", help="plots: `curves RUN [RUN ...]` (learning curves from log.csv), `features RUN` (a "
+                       "layer's activations and perturbed activations), `boundary RUN` (a task's decision boundary)")
+    p.add_argument("kind", choices=["curves", "features", "boundary"])
+    p.add_argument("runs", nargs="+", help="run folders (or log.csv files); features and boundary take one run")
+    p.add_argument("--out", help="PNG to write (default <kind>.png)")
+    p.add_argument("--episode", type=int, default=0, help="features/boundary: which episode of the fixed test stream (default 0)")
+    p.add_argument("--layer", type=int, default=0, help="features: the conv block (default 0)")
+    p.add_argument("--channel", type=int, help="features: the channel (default: the most active one)")
+    p.add_argument("--samples", type=int, default=4, help="features/boundary: noise draws to show (default 4)")
+    p.add_argument("--classes", type=int, nargs=2, default=(0, 1), help="boundary: the two classes (default 0 1)")
 
     p = sub.add_parser("reproduce", help="run a paper's table or figure as a resumable grid of runs")
     p.add_argument("experiment", nargs="?", help="experiment name (omit to list them)")
@@ -215,9 +221,23 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from .viz.curves import plot_curves
+    out = args.out or f"{args.kind}.png"
+    if args.kind == "curves":
+        from .viz.curves import plot_curves
 
-    print(f"wrote {plot_curves(args.runs, args.out)}")
+        print(f"wrote {plot_curves(args.runs, out)}")
+        return
+    if len(args.runs) != 1:
+        raise ConfigError(f"plot {args.kind} takes one run folder, got {len(args.runs)}")
+    if args.kind == "features":
+        from .viz.features import plot_features
+
+        path = plot_features(args.runs[0], out, layer=args.layer, channel=args.channel, samples=args.samples, episode=args.episode)
+    else:
+        from .viz.boundary import plot_boundary
+
+        path = plot_boundary(args.runs[0], out, classes=tuple(args.classes), samples=args.samples, episode=args.episode)
+    print(f"wrote {path}")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:

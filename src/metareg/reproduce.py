@@ -249,12 +249,11 @@ def _fraction_table(fractions: dict[str, list[dict[str, float]]]) -> str:
 
 
 def _plot_fractions(fractions: dict[str, list[dict[str, float]]], path: Path) -> Path | None:
-    try:
-        import matplotlib
+    from .viz.backend import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    try:
+        plt = pyplot()
+    except ConfigError:
         return None
     if not fractions:
         return None

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 from ..errors import ConfigError
+from .backend import pyplot
 
 
 def read_log(run: str | Path) -> dict[str, list[float]]:
@@ -22,13 +23,7 @@ def read_log(run: str | Path) -> dict[str, list[float]]:
 
 def plot_curves(runs: list[str | Path], out: str | Path) -> Path:
     """One figure, three panels (loss, score, validation score) with a line per run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("plotting needs matplotlib: pip install 'metareg[plot]'") from None
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for run in runs:
         log = read_log(run)

@@ -1,0 +1,59 @@
+"""One test episode of a trained run, adapted as at meta-test time: what the visualizations draw."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from ..builders import build_source, resolve_device
+from ..config import Config
+from ..data.tasks import TaskBatch
+from ..errors import ConfigError
+from ..evaluate.episodes import episode_stream
+from ..experiment import load_learner
+from ..meta import BilevelLearner
+
+
+@dataclass
+class AdaptedTask:
+    config: Config
+    learner: BilevelLearner
+    task: TaskBatch  # a single task (leading dimension 1)
+    params: dict[str, Tensor]  # the fast weights after the meta-test inner loop
+
+    def capture(self, x: Tensor, module: str, *, sample: bool, inputs: bool = False) -> Tensor:
+        """Run the adapted model on ``x`` and return what module ``module`` output (or, with
+        ``inputs``, received as its first argument)."""
+        model, captured = self.learner.model, []
+        target = model.get_submodule(module)
+        if inputs:
+            handle = target.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        else:
+            handle = target.register_forward_hook(lambda m, args, out: captured.append(out))
+        try:
+            with torch.no_grad():
+                functional_call(model, self.params, (x,), {"sample": sample})
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+def adapted_task(run: str | Path, episode: int = 0, seed: int | None = None, split: str | None = None) -> AdaptedTask:
+    """Episode ``episode`` of the fixed test stream (``seed``: the config's eval seed), adapted with
+    the meta-test inner loop (sampled noise, S Monte-Carlo samples, the meta-test step count)."""
+    config, learner = load_learner(run)
+    if config.data.name in ("sine", "polynomial"):
+        raise ConfigError("this plot draws image classifiers; the run is a regression run")
+    source = build_source(config, split or config.data.test_split)
+    stream = episode_stream(source, episode + 1, config.eval.seed if seed is None else seed, 1)
+    task = [batch for batch in stream][-1].to(resolve_device(config.device), next(learner.parameters()).dtype)
+    torch.manual_seed(0)
+    start = {n: p.detach().requires_grad_(n in learner.fast_names) for n, p in learner.initial_params().items()}
+    with torch.enable_grad():
+        params = learner.adapt(start, task.support_x[0], task.support_y[0], steps=learner.eval_inner_steps,
+                               create_graph=False, samples=learner.eval_mc_samples)
+    return AdaptedTask(config, learner, task, {n: p.detach() for n, p in params.items()})
