@@ -29,6 +29,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--episodes", type=int, help="test episodes (default 1000)")
     p.add_argument("--shot", type=int, help="shots per class at meta-test time (default: the training shots)")
     p.add_argument("--test-seed", type=int, help="seed of the test episode stream (default: the config's eval.seed)")
+    p.add_argument("--mc-samples", type=int, help="noise samples per inner step at meta-test time (default: the config's inner.eval_mc_samples)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +104,8 @@ def _resolve_config(args: argparse.Namespace) -> Any:
 
     overrides = [parse_assignment(s) for s in args.overrides]
     flat = {"data.root": args.data_root, "seed": args.seed, "device": args.device,
-            "train.iterations": getattr(args, "iterations", None), "eval.episodes": getattr(args, "episodes", None)}
+            "train.iterations": getattr(args, "iterations", None), "eval.episodes": getattr(args, "episodes", None),
+            "inner.eval_mc_samples": getattr(args, "mc_samples", None)}
     for key, value in flat.items():
         if value is not None:
             overrides.append(parse_assignment(f"{key}={json.dumps(value)}"))
@@ -173,6 +175,10 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
     if protocol_config is not None:  # test B on A's episodes
         config.data = protocol_config.data
         config.eval = protocol_config.eval
+    if getattr(args, "mc_samples", None) is not None:
+        if args.mc_samples < 1:
+            raise ConfigError(f"--mc-samples must be >= 1, got {args.mc_samples}")
+        config.inner.eval_mc_samples = args.mc_samples
     _, learner = load_learner(path, config)
     return meta_test(config, learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress), config
 
