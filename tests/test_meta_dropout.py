@@ -5,11 +5,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import learner_for, random_image_batch, tiny_conv
-from metareg.errors import ConfigError
-from metareg.perturb import LayerInfo, MultiplicativeNoise, WeightGaussian, build_perturbation
 from test_training import final_params, tiny
+
+from metareg.errors import ConfigError
+from metareg.perturb import (
+    LayerInfo,
+    MultiplicativeNoise,
+    WeightGaussian,
+    build_perturbation,
+)
 
 REF_FAST = ["blocks.*.conv.*", "head.weight", "head.bias"]
 CONV = LayerInfo(0, "conv", 3, 5, kernel_size=3, padding=1)
@@ -208,3 +213,19 @@ def test_feature_and_boundary_plots_from_a_trained_run(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     with pytest.raises(ConfigError, match="--layer"):
         plot_features(run, tmp_path / "x.png", layer=7)
+
+
+def test_fgsm_moves_every_pixel_by_epsilon_uphill_and_zero_changes_nothing():
+    from metareg.evaluate.adversarial import FGSM
+
+    learner = learner_for(tiny_conv(perturbation=build_perturbation("meta-dropout")), fast=REF_FAST)
+    batch = random_image_batch(tasks=1)
+    x = batch.query_x[0].clamp(0.2, 0.8)  # room to move both ways
+    params = learner.adapt(learner.initial_params(), batch.support_x[0], batch.support_y[0], create_graph=False)
+    adv = FGSM(0.05)(learner, params, x, batch.query_y[0])
+    assert torch.allclose((adv - x).abs(), torch.full_like(x, 0.05))
+    loss = lambda z: learner.loss(learner.query_forward(params, z), batch.query_y[0]).item()  # noqa: E731
+    assert loss(adv) > loss(x)
+    assert torch.equal(FGSM(0.0)(learner, params, x, batch.query_y[0]), x)
+    with pytest.raises(ConfigError):
+        FGSM(-1.0)

@@ -30,6 +30,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shot", type=int, help="shots per class at meta-test time (default: the training shots)")
     p.add_argument("--test-seed", type=int, help="seed of the test episode stream (default: the config's eval.seed)")
     p.add_argument("--mc-samples", type=int, help="noise samples per inner step at meta-test time (default: the config's inner.eval_mc_samples)")
+    p.add_argument("--fgsm", type=float, metavar="EPS", help="score on FGSM-attacked query images of size EPS (test and compare)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +119,8 @@ def _format(result: Any, regression: bool) -> str:
 
 def _describe(protocol: dict[str, Any]) -> str:
     task = f"{protocol['shot']}-shot" if protocol.get("way") is None else f"{protocol['way']}-way {protocol['shot']}-shot"
-    return f"{protocol['data']} {protocol['split']} split, {task}, {protocol['episodes']} episodes, seed {protocol['seed']}"
+    attack = f", query images attacked by {protocol['attack']}" if protocol.get("attack") else ""
+    return f"{protocol['data']} {protocol['split']} split, {task}, {protocol['episodes']} episodes, seed {protocol['seed']}{attack}"
 
 
 def _report(label: str, result: Any) -> None:
@@ -149,7 +151,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     trainer = train(config, out, resume=args.resume, progress=not args.no_progress)
     print(f"meta-trained {trainer.step} iterations in {trainer.seconds:.0f} s; checkpoint {out / 'checkpoint.json'}")
     if not args.no_test:
-        result = meta_test(config, trainer.learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress)
+        result = meta_test(config, trainer.learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot,
+                           progress=not args.no_progress, attack=_attack(args))
         save_result(result, out / "test.json")
         _report("test", result)
 
@@ -180,7 +183,17 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
             raise ConfigError(f"--mc-samples must be >= 1, got {args.mc_samples}")
         config.inner.eval_mc_samples = args.mc_samples
     _, learner = load_learner(path, config)
-    return meta_test(config, learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress), config
+    return meta_test(config, learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress,
+                     attack=_attack(args)), config
+
+
+def _attack(args: argparse.Namespace) -> Any:
+    """The query-set attack the flags ask for, or None."""
+    if getattr(args, "fgsm", None) is None:
+        return None
+    from .evaluate.adversarial import FGSM
+
+    return FGSM(args.fgsm)
 
 
 def cmd_test(args: argparse.Namespace) -> None:

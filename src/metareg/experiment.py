@@ -38,8 +38,10 @@ def meta_test(
     shot: int | None = None,
     split: str | None = None,
     progress: bool = True,
+    attack: Any = None,
 ) -> EvalResult:
-    """Meta-test on ``episodes`` episodes of the test split (the stream fixed by ``seed``)."""
+    """Meta-test on ``episodes`` episodes of the test split (the stream fixed by ``seed``);
+    ``attack`` (e.g. ``metareg.evaluate.adversarial.FGSM(0.1)``) perturbs the query images."""
     split = split or config.data.test_split
     shot = shot or config.data.eval_shot or config.data.shot
     device = resolve_device(config.device)
@@ -54,6 +56,7 @@ def meta_test(
         progress=progress,
         desc=f"{split} {shot}-shot",
         protocol=_protocol(config, split, shot),
+        attack=attack,
     )
 
 

@@ -61,6 +61,7 @@ def evaluate(
     progress: bool = True,
     desc: str = "test",
     protocol: dict[str, Any] | None = None,
+    attack: Any = None,
 ) -> EvalResult:
     """Adapt to each episode's support set and score its query set. Perturbation noise is drawn
     from torch's global generator re-seeded with ``seed`` inside a forked RNG scope, so evaluation
@@ -73,10 +74,12 @@ def evaluate(
         torch.manual_seed(seed)
         with tqdm(total=episodes, desc=desc, unit="ep", disable=not progress, leave=False) as bar:
             for batch in episode_stream(source, episodes, seed, tasks_per_batch):
-                scores.append(learner.evaluate(batch.to(device, dtype), steps=steps, samples=samples).double().cpu())
+                scores.append(learner.evaluate(batch.to(device, dtype), steps=steps, samples=samples, attack=attack).double().cpu())
                 bar.update(batch.num_tasks)
                 if len(scores) % 10 == 0:
                     bar.set_postfix_str(mean_ci(torch.cat(scores)).format(100 if learner.task == "classification" else 1))
     learner.train(was_training)
     info = {"episodes": episodes, "seed": seed, "steps": steps or learner.eval_inner_steps, "mc_samples": samples or learner.eval_mc_samples}
+    if attack is not None:
+        info["attack"] = attack.describe()
     return EvalResult(torch.cat(scores), (protocol or {}) | info)

@@ -222,8 +222,9 @@ class BilevelLearner(nn.Module):
         return torch.stack(losses).mean()
 
     # ------------------------------------------------------------------------------ evaluation
-    def evaluate(self, batch: TaskBatch, *, steps: int | None = None, samples: int | None = None) -> Tensor:
-        """Per-task query score after adaptation (no meta-graph is built): ``[num_tasks]``."""
+    def evaluate(self, batch: TaskBatch, *, steps: int | None = None, samples: int | None = None, attack=None) -> Tensor:
+        """Per-task query score after adaptation (no meta-graph is built): ``[num_tasks]``.
+        ``attack(learner, params, x, y) -> x'`` replaces the query images (``metareg.evaluate.adversarial``)."""
         steps = self.eval_inner_steps if steps is None else steps
         samples = self.eval_mc_samples if samples is None else samples
         start = {n: p.detach().requires_grad_(n in self.fast_names) for n, p in self.initial_params().items()}
@@ -231,8 +232,9 @@ class BilevelLearner(nn.Module):
         for i in range(batch.num_tasks):
             with torch.enable_grad():
                 params = self.adapt(start, batch.support_x[i], batch.support_y[i], steps=steps, create_graph=False, samples=samples)
+            query_x = batch.query_x[i] if attack is None else attack(self, params, batch.query_x[i], batch.query_y[i])
             with torch.no_grad():
-                out = self.query_forward(params, batch.query_x[i])
+                out = self.query_forward(params, query_x)
                 scores.append(self.score(out, batch.query_y[i]))
         return torch.stack(scores)
 

@@ -2,7 +2,11 @@
 
 from . import meta_dropout, weight_gaussian  # noqa: F401  (registers them)
 from .base import FeaturePerturbation, LayerInfo, PerturbationFactory, identity_factory
-from .meta_dropout import AdditiveGaussianOutput, MultiplicativeNoise, multiplicative_noise
+from .meta_dropout import (
+    AdditiveGaussianOutput,
+    MultiplicativeNoise,
+    multiplicative_noise,
+)
 from .registry import available, build_perturbation, register
 from .weight_gaussian import WeightGaussian
 
