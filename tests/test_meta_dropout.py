@@ -229,3 +229,19 @@ def test_fgsm_moves_every_pixel_by_epsilon_uphill_and_zero_changes_nothing():
     assert torch.equal(FGSM(0.0)(learner, params, x, batch.query_y[0]), x)
     with pytest.raises(ConfigError):
         FGSM(-1.0)
+
+
+@pytest.mark.parametrize("kind", ["binary", "gaussian"])
+def test_feature_dropout_baselines_have_mean_one_variance_p_over_1_minus_p_and_spatial_masks(kind):
+    from metareg.perturb import Dropout
+
+    pre = torch.ones(200, 8, 10, 10, dtype=torch.float64)
+    torch.manual_seed(0)
+    noise = Dropout(0.3, kind)(pre, pre, sample=True)
+    assert noise.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert noise.var().item() == pytest.approx(0.3 / 0.7, rel=0.03)
+    spatial = Dropout(0.3, kind, spatial=True)(pre, pre, sample=True)
+    assert torch.equal(spatial, spatial[:, :, :1, :1].expand_as(spatial))  # one draw per example and channel
+    assert torch.equal(Dropout(0.3, kind)(pre, pre, sample=False), pre)  # the query set is untouched
+    model = tiny_conv(perturbation=build_perturbation("spatial-dropout", {"p": 0.2, "kind": kind}))
+    assert not any("perturb" in n for n, _ in model.named_parameters())  # nothing meta-learned

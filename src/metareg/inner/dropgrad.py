@@ -19,10 +19,10 @@ from __future__ import annotations
 import fnmatch
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..noise import dropout_noise
 from .base import GradientTransform, Grads
 from .registry import register
 
@@ -78,9 +78,7 @@ class DropGrad(GradientTransform):
         return self.p * self.progress if self.schedule == "linear" else self.p
 
     def noise_like(self, g: Tensor, p: float) -> Tensor:
-        if self.kind == "binary":
-            return torch.bernoulli(torch.full_like(g, 1.0 - p)) / (1.0 - p)
-        return 1.0 + torch.randn_like(g) * (p / (1.0 - p)) ** 0.5
+        return dropout_noise(g.shape, p, self.kind, g)
 
     def update(self, grads: Grads, state, step: int) -> tuple[Grads, None]:
         p = self.rate

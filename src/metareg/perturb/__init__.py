@@ -1,17 +1,19 @@
-"""Feature perturbations (axis 1): identity by default; Meta-Dropout, its ablations, MetaPerturb."""
+"""Feature perturbations (axis 1): identity by default; Meta-Dropout, its ablations, dropout baselines."""
 
-from . import meta_dropout, weight_gaussian  # noqa: F401  (registers them)
+from . import dropout, meta_dropout, weight_gaussian  # noqa: F401  (registers them)
 from .base import FeaturePerturbation, LayerInfo, PerturbationFactory, identity_factory
 from .meta_dropout import (
     AdditiveGaussianOutput,
     MultiplicativeNoise,
     multiplicative_noise,
 )
+from .dropout import Dropout
 from .registry import available, build_perturbation, register
 from .weight_gaussian import WeightGaussian
 
 __all__ = [
     "AdditiveGaussianOutput",
+    "Dropout",
     "FeaturePerturbation",
     "LayerInfo",
     "MultiplicativeNoise",
