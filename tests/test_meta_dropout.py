@@ -245,3 +245,16 @@ def test_feature_dropout_baselines_have_mean_one_variance_p_over_1_minus_p_and_s
     assert torch.equal(Dropout(0.3, kind)(pre, pre, sample=False), pre)  # the query set is untouched
     model = tiny_conv(perturbation=build_perturbation("spatial-dropout", {"p": 0.2, "kind": kind}))
     assert not any("perturb" in n for n, _ in model.named_parameters())  # nothing meta-learned
+
+
+def test_compare_accepts_different_noise_samples_but_not_different_attacks():
+    from metareg.evaluate import EvalResult
+    from metareg.experiment import compare
+
+    base = {"data": "omniglot", "episodes": 3, "seed": 1234, "steps": 5}
+    a = EvalResult(torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64), base | {"mc_samples": 30})
+    b = EvalResult(torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64), base | {"mc_samples": 1})
+    assert compare(a, b)["difference"].mean == pytest.approx(1 / 6)  # S is part of the model
+    attacked = EvalResult(b.scores, base | {"mc_samples": 1, "attack": "fgsm eps=0.1"})
+    with pytest.raises(ConfigError, match="same episodes"):
+        compare(a, attacked)

@@ -125,8 +125,12 @@ def save_result(result: EvalResult, path: str | Path) -> None:
 
 
 def compare(a: EvalResult, b: EvalResult) -> dict[str, Any]:
-    """Paired difference a - b on the same episodes; refuses results from different protocols."""
-    if a.protocol != b.protocol:
-        diff = {k: (a.protocol.get(k), b.protocol.get(k)) for k in set(a.protocol) | set(b.protocol) if a.protocol.get(k) != b.protocol.get(k)}
+    """Paired difference a - b on the same episodes; refuses results measured on different
+    episodes or under different test conditions (an attack). How each model adapts (its inner
+    steps, its noise samples S) may differ: that is part of the model being compared."""
+    own = ("steps", "mc_samples")
+    keys = (set(a.protocol) | set(b.protocol)) - set(own)
+    diff = {k: (a.protocol.get(k), b.protocol.get(k)) for k in keys if a.protocol.get(k) != b.protocol.get(k)}
+    if diff:
         raise ConfigError(f"the two results were not measured on the same episodes: {diff}")
     return {"a": a.estimate, "b": b.estimate, "difference": paired_difference(a.scores, b.scores)}

@@ -16,7 +16,8 @@ from .stats import Estimate, mean_ci
 
 @dataclass
 class EvalResult:
-    """Per-episode scores on a described protocol; two results compare only on equal protocols."""
+    """Per-episode scores on a described protocol; two results compare only when measured on the
+    same episodes under the same test conditions (see ``metareg.experiment.compare``)."""
 
     scores: Tensor  # [episodes], accuracy in [0, 1] or MSE
     protocol: dict[str, Any] = field(default_factory=dict)
