@@ -210,7 +210,7 @@ def _cell(result: dict[str, Any] | None, status: str) -> str:
 def _markdown(experiment: Experiment, statuses: dict[str, str], results: dict, iterations: int | None, episodes: int) -> str:
     schedule = f"{iterations} meta-iterations (reduced schedule)" if iterations else "the preset's full schedule"
     lines = [f"# {experiment.title}", "", f"Reproduces {experiment.source}. Ours: mean +- 95% CI over {episodes} test tasks "
-             f"(fixed stream, seed 1234), {schedule}; paper in brackets.", ""]
+             f"(fixed stream, seed 1234), {schedule}" + ("; paper in brackets." if any(r.paper for r in experiment.runs) else "."), ""]
     by_row: dict[str, dict[str, str]] = {}
     for run in experiment.runs:
         status = statuses[run.name]
