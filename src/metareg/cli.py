@@ -160,6 +160,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = None) -> tuple[Any, Any]:
     """(result, config): a stored result file (config None), or a checkpoint tested now
     (on ``protocol_config``'s episodes if given)."""
+    from .config import validate
     from .evaluate import EvalResult
     from .experiment import config_of_checkpoint, load_learner, meta_test
 
@@ -179,9 +180,8 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
         config.data = protocol_config.data
         config.eval = protocol_config.eval
     if getattr(args, "mc_samples", None) is not None:
-        if args.mc_samples < 1:
-            raise ConfigError(f"--mc-samples must be >= 1, got {args.mc_samples}")
         config.inner.eval_mc_samples = args.mc_samples
+        validate(config)
     _, learner = load_learner(path, config)
     return meta_test(config, learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress,
                      attack=_attack(args)), config

@@ -8,6 +8,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
+
+
+def check_dropout(what: str, p: float, kind: str) -> None:
+    """A clear error for a rate outside [0, 1) or an unknown noise kind."""
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"{what} rate p must be in [0, 1), got {p}")
+    if kind not in ("binary", "gaussian"):
+        raise ConfigError(f"{what} kind must be binary or gaussian, got {kind!r}")
+
 
 def dropout_noise(shape: torch.Size | tuple[int, ...], p: float, kind: Literal["binary", "gaussian"], like: Tensor) -> Tensor:
     """binary: Bernoulli(1 - p) / (1 - p); gaussian: N(1, p / (1 - p)) (DropGrad Eq. 5-6, Gaussian

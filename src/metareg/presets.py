@@ -131,7 +131,12 @@ for _suffix, (_label, _transform, _mask, _paper) in _MT_VARIANTS.items():
 # Meta-Dropout (Table 1) and the noise ablations (Table 3) on the four classification presets: the
 # same network and hyperparameters with a perturbation; S = 1 noise sample per inner step in
 # meta-training and S = 30 in meta-testing (paper Section 3.1).
-_BASES = {"omniglot-20w1s": 0, "omniglot-20w5s": 1, "miniimagenet-5w1s": 2, "miniimagenet-5w5s": 3}
+_BASES = {  # preset -> (its column in the tables, the column's name)
+    "omniglot-20w1s": (0, "Omniglot 20-way 1-shot"),
+    "omniglot-20w5s": (1, "Omniglot 20-way 5-shot"),
+    "miniimagenet-5w1s": (2, "miniImageNet 5-way 1-shot"),
+    "miniimagenet-5w5s": (3, "miniImageNet 5-way 5-shot"),
+}
 _TABLE_1 = {  # (suffix, label, perturbation, step, numbers for the four bases)
     "metadropout": ("MAML + Meta-dropout", "meta-dropout", "sgd", ("96.63 +- 0.13", "98.73 +- 0.06", "51.93 +- 0.67", "67.42 +- 0.52")),
     "metasgd-metadropout": ("Meta-SGD + Meta-dropout", "meta-dropout", "meta-sgd", ("97.02 +- 0.13", "99.05 +- 0.05", "50.87 +- 0.63", "65.55 +- 0.57")),
@@ -147,13 +152,13 @@ _TABLE_3 = {
 }
 for _table, _rows in (("Table 1", _TABLE_1), ("Table 3", _TABLE_3)):
     for _suffix, (_label, _perturbation, _step, _numbers) in _rows.items():
-        for _base, _column in _BASES.items():
+        for _base, (_column, _setting) in _BASES.items():
             _p = PRESETS[_base]
             _stochastic = _perturbation != "meta-dropout-deterministic"
             PRESETS[f"{_base}-{_suffix}"] = Preset(
                 f"{_base}-{_suffix}",
                 _p.description.replace("MAML", _label if _table == "Table 1" else f"MAML + {_label}", 1),
-                f"Meta-Dropout {_table}, {_label}, {_p.paper.split(', ', 2)[2].rsplit(':', 1)[0]}: {_numbers[_column]}",
+                f"Meta-Dropout {_table}, {_label}, {_setting}: {_numbers[_column]}",
                 _with(_p.values, model={"perturbation": _perturbation},
                       inner={"step": _step, "mc_samples": 1, "eval_mc_samples": 30 if _stochastic else 1}),
             )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -190,8 +191,9 @@ def run_experiment(name: str, out: str | Path, *, iterations: int | None = None,
         for run in experiment.runs:
             if statuses[run.name] == "done":
                 fractions.setdefault(run.group, []).append(_fractions(out / run.name))
-        report += _fraction_table(fractions)
-        png = _plot_fractions(fractions, out / "figure-6.1.png")
+        stats = _fraction_stats(fractions)
+        report += _fraction_table(stats)
+        png = _plot_fractions(stats, out / "figure-6.1.png")
         report += f"\n![fractions]({png.name})\n" if png else "\n(matplotlib is not installed: no PNG)\n"
     path = out / f"{experiment.name}.md"
     path.write_text(report)
@@ -229,42 +231,42 @@ def _markdown(experiment: Experiment, statuses: dict[str, str], results: dict, i
     return "\n".join(lines) + "\n"
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    return mean, (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+def _fraction_stats(fractions: dict[str, list[dict[str, float]]]) -> dict[str, tuple[int, dict[str, tuple[float, float]]]]:
+    """Per group: (number of runs, each layer's fraction as (mean, std) over the group's runs)."""
+    return {group: (len(runs), {k: (statistics.fmean(r[k] for r in runs), statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0)
+                                for k in runs[0]})
+            for group, runs in fractions.items()}
 
 
-def _fraction_table(fractions: dict[str, list[dict[str, float]]]) -> str:
+def _fraction_table(stats: dict[str, tuple[int, dict[str, tuple[float, float]]]]) -> str:
     """One row per group: each layer's fraction (and "all" logits) as mean +- std over the group's runs."""
-    if not fractions:
+    if not stats:
         return ""
-    layers = list(next(iter(fractions.values()))[0])
+    layers = list(next(iter(stats.values()))[1])
     lines = ["", "Fraction of weights a task changes, e^zeta / (e^zeta + 1) averaged over each layer's logits and "
              "over all logits (mean +- std over meta-training seeds):", "",
              "| | runs | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 2)]
-    for group, runs in fractions.items():
-        cells = ["{:.3f} +- {:.3f}".format(*_mean_std([r[k] for r in runs])) for k in layers]
-        lines.append(f"| {group} | {len(runs)} | " + " | ".join(cells) + " |")
+    for group, (n, layer_stats) in stats.items():
+        lines.append(f"| {group} | {n} | " + " | ".join(f"{m:.3f} +- {s:.3f}" for m, s in layer_stats.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _plot_fractions(fractions: dict[str, list[dict[str, float]]], path: Path) -> Path | None:
+def _plot_fractions(stats: dict[str, tuple[int, dict[str, tuple[float, float]]]], path: Path) -> Path | None:
     from .viz.backend import pyplot
 
     try:
         plt = pyplot()
     except ConfigError:
         return None
-    if not fractions:
+    if not stats:
         return None
-    layers = list(next(iter(fractions.values()))[0])
+    layers = list(next(iter(stats.values()))[1])
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    width = 0.8 / len(fractions)
-    for i, (group, runs) in enumerate(fractions.items()):
-        stats = [_mean_std([r[k] for r in runs]) for k in layers]
-        ax.bar([j + i * width for j in range(len(layers))], [m for m, _ in stats], width,
-               yerr=[s for _, s in stats] if len(runs) > 1 else None, capsize=3, label=group)
-    ax.set_xticks([j + width * (len(fractions) - 1) / 2 for j in range(len(layers))],
+    width = 0.8 / len(stats)
+    for i, (group, (n, layer_stats)) in enumerate(stats.items()):
+        ax.bar([j + i * width for j in range(len(layers))], [m for m, _ in layer_stats.values()], width,
+               yerr=[s for _, s in layer_stats.values()] if n > 1 else None, capsize=3, label=group)
+    ax.set_xticks([j + width * (len(stats) - 1) / 2 for j in range(len(layers))],
                   [k.removesuffix(".weight") if k != "all" else "all logits" for k in layers])
     ax.set_ylabel("fraction of weights changed")
     ax.set_ylim(0, 1.05)

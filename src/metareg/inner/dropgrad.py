@@ -22,10 +22,9 @@ from typing import Literal
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..noise import dropout_noise
+from ..noise import check_dropout, dropout_noise
 from .base import GradientTransform, Grads
 from .registry import register
-
 
 GROUPS = ("fc", "last-block+fc", "full", "first-block")
 
@@ -56,10 +55,7 @@ class DropGrad(GradientTransform):
         layers: str | list[str] | tuple[str, ...] = ("*",),
     ):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ConfigError(f"DropGrad rate p must be in [0, 1), got {p}")
-        if kind not in ("binary", "gaussian"):
-            raise ConfigError(f"DropGrad kind must be binary or gaussian, got {kind!r}")
+        check_dropout("DropGrad", p, kind)
         if schedule not in ("constant", "linear"):
             raise ConfigError(f"DropGrad schedule must be constant or linear, got {schedule!r}")
         if isinstance(layers, str):

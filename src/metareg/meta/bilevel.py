@@ -222,16 +222,25 @@ class BilevelLearner(nn.Module):
         return torch.stack(losses).mean()
 
     # ------------------------------------------------------------------------------ evaluation
+    def detached_params(self) -> Params:
+        """The meta-learned parameters cut from the meta-graph, the fast ones ready for the inner loop."""
+        return {n: p.detach().requires_grad_(n in self.fast_names) for n, p in self.initial_params().items()}
+
+    def adapt_for_test(self, start: Params, x: Tensor, y: Tensor, *, steps: int | None = None, samples: int | None = None) -> Params:
+        """The meta-test inner loop (Algorithm 2): the meta-test step count and noise samples S, no
+        meta-graph. ``start`` comes from :meth:`detached_params`."""
+        steps = self.eval_inner_steps if steps is None else steps
+        samples = self.eval_mc_samples if samples is None else samples
+        with torch.enable_grad():
+            return self.adapt(start, x, y, steps=steps, create_graph=False, samples=samples)
+
     def evaluate(self, batch: TaskBatch, *, steps: int | None = None, samples: int | None = None, attack=None) -> Tensor:
         """Per-task query score after adaptation (no meta-graph is built): ``[num_tasks]``.
         ``attack(learner, params, x, y) -> x'`` replaces the query images (``metareg.evaluate.adversarial``)."""
-        steps = self.eval_inner_steps if steps is None else steps
-        samples = self.eval_mc_samples if samples is None else samples
-        start = {n: p.detach().requires_grad_(n in self.fast_names) for n, p in self.initial_params().items()}
+        start = self.detached_params()
         scores = []
         for i in range(batch.num_tasks):
-            with torch.enable_grad():
-                params = self.adapt(start, batch.support_x[i], batch.support_y[i], steps=steps, create_graph=False, samples=samples)
+            params = self.adapt_for_test(start, batch.support_x[i], batch.support_y[i], steps=steps, samples=samples)
             query_x = batch.query_x[i] if attack is None else attack(self, params, batch.query_x[i], batch.query_y[i])
             with torch.no_grad():
                 out = self.query_forward(params, query_x)

@@ -44,5 +44,5 @@ def create_model(
         options["hidden"] = tuple(options["hidden"])
     try:
         return _MODELS[name](num_outputs, in_channels, image_size, perturbation, **options)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"bad options for backbone {name!r}: {err}") from None

@@ -2,12 +2,12 @@
 
 from . import dropout, meta_dropout, weight_gaussian  # noqa: F401  (registers them)
 from .base import FeaturePerturbation, LayerInfo, PerturbationFactory, identity_factory
+from .dropout import Dropout
 from .meta_dropout import (
     AdditiveGaussianOutput,
     MultiplicativeNoise,
     multiplicative_noise,
 )
-from .dropout import Dropout
 from .registry import available, build_perturbation, register
 from .weight_gaussian import WeightGaussian
 

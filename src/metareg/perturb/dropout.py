@@ -16,8 +16,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..noise import dropout_noise
+from ..noise import check_dropout, dropout_noise
 from .base import FeaturePerturbation, LayerInfo, PerturbationFactory
 from .registry import register
 
@@ -27,10 +26,7 @@ class Dropout(FeaturePerturbation):
 
     def __init__(self, p: float = 0.1, kind: Literal["binary", "gaussian"] = "binary", spatial: bool = False):
         super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ConfigError(f"dropout rate p must be in [0, 1), got {p}")
-        if kind not in ("binary", "gaussian"):
-            raise ConfigError(f"dropout kind must be binary or gaussian, got {kind!r}")
+        check_dropout("dropout", p, kind)
         self.p, self.kind, self.spatial = p, kind, spatial
 
     def forward(self, pre: Tensor, layer_input: Tensor, *, sample: bool) -> Tensor:  # noqa: ARG002

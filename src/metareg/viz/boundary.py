@@ -42,7 +42,7 @@ def plot_boundary(run: str | Path, out: str | Path, *, classes: tuple[int, int] 
     plt = pyplot()
     view = adapted_task(run, episode)
     model = view.learner.model
-    if not hasattr(model, "head") or not hasattr(model, "features") or getattr(model, "head_transform", None) is not None:
+    if not hasattr(model, "head") or getattr(model, "head_transform", None) is not None:
         raise ConfigError("plot boundary needs a classifier whose last layer is one linear map (a conv backbone without T-net)")
     way = view.config.data.way
     if len(set(classes)) != 2 or not all(0 <= c < way for c in classes):

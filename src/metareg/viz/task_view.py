@@ -52,8 +52,5 @@ def adapted_task(run: str | Path, episode: int = 0, seed: int | None = None, spl
     stream = episode_stream(source, episode + 1, config.eval.seed if seed is None else seed, 1)
     task = [batch for batch in stream][-1].to(resolve_device(config.device), next(learner.parameters()).dtype)
     torch.manual_seed(0)
-    start = {n: p.detach().requires_grad_(n in learner.fast_names) for n, p in learner.initial_params().items()}
-    with torch.enable_grad():
-        params = learner.adapt(start, task.support_x[0], task.support_y[0], steps=learner.eval_inner_steps,
-                               create_graph=False, samples=learner.eval_mc_samples)
+    params = learner.adapt_for_test(learner.detached_params(), task.support_x[0], task.support_y[0])
     return AdaptedTask(config, learner, task, {n: p.detach() for n, p in params.items()})
