@@ -14,6 +14,13 @@ settings do not leak between them:
   ``metareg train`` runs it (allocator setting on);
 - ``engine-vmap`` (CPU only, for the record): the ``vmap`` strategy.
 Before timing, the engine's meta-gradient is compared with the reference's in float64.
+
+``--scheme joint`` times one step of MetaPerturb's joint meta-training (Algorithm 1's two passes,
+without the optimizer steps) on T task networks (default: ResNet20, 10 tasks, 32 images of 32x32
+per task and pass): ``joint-reference``, a plain per-task loop as the released code writes it (a
+full ``backward()`` in both passes, the unneeded gradients thrown away); ``joint-loop``, the
+engine's loop (``backward(inputs=...)``: only theta's gradients in the train pass and phi's in the
+test pass); ``joint-vmap``, the engine's ``vmap`` over the stacked task networks.
 """
 
 from __future__ import annotations
@@ -38,6 +45,74 @@ from .nets import ConvNet
 from .runtime import keep_freed_memory
 
 IMPLEMENTATIONS = ("reference", "reference+alloc", "engine", "engine-vmap")
+JOINT_IMPLEMENTATIONS = ("joint-reference", "joint-loop", "joint-vmap")
+
+
+def _joint_problem(args: argparse.Namespace, dtype: torch.dtype, device: str, strategy: str):
+    from .meta.joint import JointLearner
+    from .nets import STANDARD_OPTIONS, create_model
+    from .perturb import MetaPerturbFunction
+
+    def build(t: int):
+        torch.manual_seed(t)
+        return create_model(args.arch, 10, in_channels=3, image_size=args.image_size, **STANDARD_OPTIONS.get(args.arch, {}))
+
+    torch.manual_seed(0)
+    phi = MetaPerturbFunction()
+    phi.sample = False  # the same numbers for every implementation (the gradient check)
+    learner = JointLearner(build, list(range(args.tasks)), args.tasks, phi, input_shape=(3, args.image_size, args.image_size),
+                           strategy=strategy).to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    shape = (args.tasks, args.batch_size, 3, args.image_size, args.image_size)
+    batches = [(torch.randn(shape, generator=g, dtype=dtype).to(device), torch.randint(0, 10, shape[:2], generator=g).to(device))
+               for _ in range(2)]
+    return learner, batches
+
+
+def _joint_reference_step(learner, batches):
+    """Algorithm 1's passes written plainly: full backward passes, then discard the gradients that
+    the stop-gradients of Eq. 3 exclude."""
+    from .meta.joint import norm_in_eval_mode
+
+    (x_tr, y_tr), (x_te, y_te) = batches
+
+    def step():
+        learner.zero_grad(set_to_none=True)
+        for i, net in enumerate(learner.networks):
+            torch.nn.functional.cross_entropy(net(x_tr[i]), y_tr[i]).backward()
+        learner.phi.zero_grad(set_to_none=True)  # phi learns from the test losses only
+        theta = [p.grad.clone() for p in learner.theta_parameters()]
+        with norm_in_eval_mode(learner.networks):
+            for i, net in enumerate(learner.networks):
+                (torch.nn.functional.cross_entropy(net(x_te[i]), y_te[i]) / learner.num_tasks).backward()
+        for p, g in zip(learner.theta_parameters(), theta):  # theta learns from the train losses only
+            p.grad = g
+    return step
+
+
+def _joint_engine_step(learner, batches):
+    (x_tr, y_tr), (x_te, y_te) = batches
+
+    def step():
+        learner.zero_grad(set_to_none=True)
+        learner.theta_backward(x_tr, y_tr, seed=0, step=0)
+        learner.phi_backward(x_te, y_te, seed=0, step=0)
+    return step
+
+
+def check_joint_gradients(args: argparse.Namespace) -> float:
+    """Largest relative difference of theta's and phi's gradients, engine (loop and vmap) vs the
+    plain loop, in float64."""
+    worst = 0.0
+    reference, batches = _joint_problem(args, torch.float64, args.device, "loop")
+    _joint_reference_step(reference, batches)()
+    expected = [p.grad for p in reference.parameters()]
+    for strategy in ("loop", "vmap"):
+        learner, batches = _joint_problem(args, torch.float64, args.device, strategy)
+        _joint_engine_step(learner, batches)()
+        for e, p in zip(expected, learner.parameters()):
+            worst = max(worst, ((p.grad - e).norm() / e.norm().clamp_min(1e-12)).item())
+    return worst
 
 
 def _problem(args: argparse.Namespace, dtype: torch.dtype, device: str, strategy: str = "loop"):
@@ -95,9 +170,13 @@ def worker(impl: str, args: argparse.Namespace) -> dict[str, Any]:
     """Time one implementation in this process; returns seconds per iteration and peak memory."""
     if impl != "reference":
         keep_freed_memory()
-    strategy = "vmap" if impl == "engine-vmap" or (impl == "engine" and args.device.startswith("cuda")) else "loop"
-    learner, batch = _problem(args, torch.float32, args.device, strategy)
-    step = _reference_step(learner, batch, args.steps) if impl.startswith("reference") else _engine_step(learner, batch)
+    strategy = "vmap" if impl.endswith("vmap") or (impl == "engine" and args.device.startswith("cuda")) else "loop"
+    if impl.startswith("joint"):
+        learner, batches = _joint_problem(args, torch.float32, args.device, strategy)
+        step = _joint_reference_step(learner, batches) if impl == "joint-reference" else _joint_engine_step(learner, batches)
+    else:
+        learner, batch = _problem(args, torch.float32, args.device, strategy)
+        step = _reference_step(learner, batch, args.steps) if impl.startswith("reference") else _engine_step(learner, batch)
     rss_before = _peak_rss_mb()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -146,17 +225,12 @@ def profile_engine(args: argparse.Namespace) -> str:
 
 def _worker_args(args: argparse.Namespace) -> list[str]:
     return ["--iterations", str(args.iterations), "--way", str(args.way), "--shot", str(args.shot), "--query", str(args.query),
-            "--meta-batch", str(args.meta_batch), "--steps", str(args.steps), "--channels", str(args.channels), "--device", args.device]
+            "--meta-batch", str(args.meta_batch), "--steps", str(args.steps), "--channels", str(args.channels), "--device", args.device,
+            "--scheme", args.scheme, "--arch", args.arch, "--tasks", str(args.tasks), "--batch-size", str(args.batch_size),
+            "--image-size", str(args.image_size)]
 
 
-def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
-    print(f"bench: {args.way}-way {args.shot}-shot, {args.query} queries, Conv4-{args.channels}, {args.steps} inner steps, "
-          f"second order, meta-batch {args.meta_batch}, device {args.device}, torch threads {torch.get_num_threads()}")
-    if not args.skip_check:
-        worst = check_gradients(args)
-        verdict = "same meta-gradient" if worst < 1e-6 else "MISMATCH"
-        print(f"float64 meta-gradient, engine vs reference: max relative difference {worst:.2e} ({verdict})")
-    impls = [i for i in IMPLEMENTATIONS if not (i == "engine-vmap" and args.device.startswith("cuda"))]
+def _run_workers(args: argparse.Namespace, impls: tuple[str, ...]) -> list[dict[str, Any]]:
     results = []
     for impl in impls:
         cmd = [sys.executable, "-m", "metareg.bench", "--worker", impl, *_worker_args(args)]
@@ -165,11 +239,41 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             print(f"{impl}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    base = next((r["seconds"] for r in results if r["impl"] == "reference"), None)
-    print(f"{'implementation':<18}{'s/iter':>8}{'tasks/s':>9}{'peak RSS MB':>13}{'RSS growth MB':>15}{'speed-up':>10}")
+    return results
+
+
+def _print_results(results: list[dict[str, Any]], per_step: int, unit: str) -> None:
+    base = results[0]["seconds"] if results else None
+    print(f"{'implementation':<18}{'s/iter':>8}{unit:>11}{'peak RSS MB':>13}{'RSS growth MB':>15}{'speed-up':>10}")
     for r in results:
         ratio = f"{base / r['seconds']:.2f}x" if base else "-"
-        print(f"{r['impl']:<18}{r['seconds']:>8.3f}{args.meta_batch / r['seconds']:>9.2f}{r['peak_rss_mb']:>13.0f}{r['rss_growth_mb']:>15.0f}{ratio:>10}")
+        print(f"{r['impl']:<18}{r['seconds']:>8.3f}{per_step / r['seconds']:>11.1f}{r['peak_rss_mb']:>13.0f}{r['rss_growth_mb']:>15.0f}{ratio:>10}")
+
+
+def run_joint_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    print(f"bench: MetaPerturb joint step, {args.arch}, {args.tasks} tasks, {args.batch_size} images of {args.image_size}x{args.image_size} "
+          f"per task and pass, device {args.device}, torch threads {torch.get_num_threads()}")
+    if not args.skip_check:
+        worst = check_joint_gradients(args)
+        print(f"float64 gradients of theta and phi, engine (loop, vmap) vs plain loop: max relative difference {worst:.2e} "
+              f"({'same gradients' if worst < 1e-9 else 'MISMATCH'})")
+    results = _run_workers(args, JOINT_IMPLEMENTATIONS)
+    _print_results(results, 2 * args.tasks * args.batch_size, "images/s")
+    return results
+
+
+def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.scheme == "joint":
+        return run_joint_bench(args)
+    print(f"bench: {args.way}-way {args.shot}-shot, {args.query} queries, Conv4-{args.channels}, {args.steps} inner steps, "
+          f"second order, meta-batch {args.meta_batch}, device {args.device}, torch threads {torch.get_num_threads()}")
+    if not args.skip_check:
+        worst = check_gradients(args)
+        verdict = "same meta-gradient" if worst < 1e-6 else "MISMATCH"
+        print(f"float64 meta-gradient, engine vs reference: max relative difference {worst:.2e} ({verdict})")
+    impls = tuple(i for i in IMPLEMENTATIONS if not (i == "engine-vmap" and args.device.startswith("cuda")))
+    results = _run_workers(args, impls)
+    _print_results(results, args.meta_batch, "tasks/s")
     if args.profile:
         print(profile_engine(args))
     return results

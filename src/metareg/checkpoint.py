@@ -27,7 +27,7 @@ FORMAT = "metareg-checkpoint"
 VERSION = 1
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -54,7 +54,7 @@ def save_checkpoint(folder: str | Path, name: str, tensors: dict[str, Tensor], m
     tmp = tensor_path.with_name(tensor_path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, tensor_path)
-    record = {"format": FORMAT, "version": VERSION, "step": step, "tensors": tensor_path.name, "sha256": _sha256(tensor_path)} | meta
+    record = {"format": FORMAT, "version": VERSION, "step": step, "tensors": tensor_path.name, "sha256": sha256_file(tensor_path)} | meta
     write_json_atomic(json_path, record)
     if old is not None and old != tensor_path and old.exists():
         old.unlink()
@@ -80,33 +80,43 @@ def resolve_checkpoint(path: str | Path, name: str = "checkpoint") -> Path:
     return path
 
 
+def read_record(path: Path, form: str, what: str) -> dict[str, Any]:
+    """A JSON record of format ``form`` (a checkpoint, a stored phi), or a CheckpointError naming ``what``."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is not a readable {what} ({type(err).__name__})") from None
+    if not isinstance(record, dict) or record.get("format") != form:
+        raise CheckpointError(f"{path} is not a metareg {what}")
+    return record
+
+
 def read_checkpoint_meta(path: str | Path, name: str = "checkpoint") -> tuple[Path, dict[str, Any]]:
     """The checkpoint's JSON path and contents, checked to be a metareg checkpoint of this version."""
     json_path = resolve_checkpoint(path, name)
-    try:
-        meta = json.loads(json_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{json_path} is not a readable checkpoint ({type(err).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{json_path} is not a metareg checkpoint")
+    meta = read_record(json_path, FORMAT, "checkpoint")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{json_path} has checkpoint version {meta.get('version')}; this metareg reads version {VERSION}")
     return json_path, meta
 
 
+def verified_tensors(json_path: Path, record: dict[str, Any]) -> dict[str, Tensor]:
+    """The safetensors file a JSON record names (``tensors``), checked against its ``sha256``."""
+    tensor_path = json_path.parent / str(record.get("tensors"))
+    if not tensor_path.is_file():
+        raise CheckpointError(f"{json_path} names tensor file {tensor_path.name}, which is missing")
+    if sha256_file(tensor_path) != record.get("sha256"):
+        raise CheckpointError(f"{tensor_path} is corrupt or does not belong to {json_path.name} (checksum mismatch)")
+    try:
+        return load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{tensor_path} cannot be read: {err}") from None
+
+
 def load_checkpoint(path: str | Path, name: str = "checkpoint") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Load and verify a checkpoint; raise CheckpointError if it is missing, corrupt or foreign."""
     json_path, meta = read_checkpoint_meta(path, name)
-    tensor_path = json_path.parent / str(meta.get("tensors"))
-    if not tensor_path.is_file():
-        raise CheckpointError(f"{json_path} names tensor file {tensor_path.name}, which is missing")
-    if _sha256(tensor_path) != meta.get("sha256"):
-        raise CheckpointError(f"{tensor_path} is corrupt or does not belong to {json_path.name} (checksum mismatch)")
-    try:
-        tensors = load_file(str(tensor_path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{tensor_path} cannot be read: {err}") from None
-    return tensors, meta
+    return verified_tensors(json_path, meta), meta
 
 
 def state_to_tensors(prefix: str, state: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:

@@ -67,9 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="destination folder")
     p.add_argument("--base-url", help="a mirror holding the same archives (any URL urllib opens, e.g. file:///...)")
 
+    p = sub.add_parser("perturb", help="MetaPerturb: meta-train a perturbation over source tasks; train any CNN with it (transfer)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("meta-train", "meta-train phi jointly over a source data set's class-wise tasks (Algorithm 1; "
+                                        "several processes with torchrun)"),
+                         ("transfer", "train and test a network on a target data set with a fixed phi, none, or fine-tuned "
+                                      "(Algorithm 2)")):
+        a = actions.add_parser(action, help=text, description=text)
+        _config_flags(a, resume=True)
+        a.add_argument("--out", help="run folder (default runs/<preset or data>)")
+        a.add_argument("--data", help="data set name (data.name; see the README for the layouts)")
+        a.add_argument("--arch", help="backbone: conv4, conv6, vgg9, resnet20/32/44/56, resnet18, wrn-28-2 (model.backbone)")
+        a.add_argument("--steps", type=int, help="training steps (optim.steps)")
+        a.add_argument("--batch-size", type=int, help="images per batch (per task when meta-training) (optim.batch_size)")
+        if action == "transfer":
+            a.add_argument("--perturbation", choices=["metaperturb", "none"], help="metaperturb (default) or none (the Base baseline)")
+            a.add_argument("--phi", help="'builtin' (default), a meta-train run folder, or its phi.json")
+            a.add_argument("--init-from", help="fine-tune: a transfer run of the same backbone whose convolutions start this one")
+            a.add_argument("--mc-samples", type=int, help="Monte-Carlo samples of the final test predictions (default 100)")
+        else:
+            a.add_argument("--tasks", type=int, help="number of source tasks T (default 10)")
+    a = actions.add_parser("info", help="the provenance of a stored phi (source data, backbone, command)")
+    a.add_argument("phi", nargs="?", default="builtin", help="'builtin', a meta-train run folder or its phi.json")
+
     p = sub.add_parser("plot", help="plots: `curves RUN [RUN ...]` (learning curves from log.csv), `features RUN` (a "
-                       "layer's activations and perturbed activations), `boundary RUN` (a task's decision boundary)")
-    p.add_argument("kind", choices=["curves", "features", "boundary"])
+                       "layer's activations and perturbed activations), `boundary RUN` (a task's decision boundary), "
+                       "`scales RUN [RUN ...]` (MetaPerturb's learned scale s per block and channel), `reliability RUN [RUN ...]` "
+                       "(calibration of transfer runs)")
+    p.add_argument("kind", choices=["curves", "features", "boundary", "scales", "reliability"])
     p.add_argument("runs", nargs="+", help="run folders (or log.csv files); features and boundary take one run")
     p.add_argument("--out", help="PNG to write (default <kind>.png)")
     p.add_argument("--episode", type=int, default=0, help="features/boundary: which episode of the fixed test stream (default 0)")
@@ -95,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-check", action="store_true", help="skip the float64 meta-gradient comparison")
+    p.add_argument("--scheme", choices=["bilevel", "joint"], default="bilevel",
+                   help="bilevel: MAML meta-gradient (default); joint: one step of MetaPerturb's joint meta-training")
+    p.add_argument("--arch", default="resnet20", help="joint: the task networks' backbone")
+    p.add_argument("--tasks", type=int, default=10, help="joint: number of task networks")
+    p.add_argument("--batch-size", type=int, default=32, help="joint: images per task and pass")
+    p.add_argument("--image-size", type=int, default=32, help="joint: image side")
     p.add_argument("--profile", action="store_true", help="print the engine's operator profile")
     return parser
 
@@ -117,14 +148,26 @@ def _format(result: Any, regression: bool) -> str:
     return result.format(1.0, 4) if regression else result.format(100.0, 2) + " %"
 
 
+def _is_regression(protocol: dict[str, Any]) -> bool:
+    return protocol.get("kind") != "transfer" and protocol.get("way") is None
+
+
+def _unit(protocol: dict[str, Any]) -> str:
+    return "test images" if protocol.get("kind") == "transfer" else "episodes"
+
+
 def _describe(protocol: dict[str, Any]) -> str:
+    if protocol.get("kind") == "transfer":
+        train = f"{protocol['train_per_class']} training images per class" if protocol.get("train_per_class") else f"its {protocol['train_split']} split"
+        return (f"{protocol['data']} {protocol['test_split']} split, {protocol['classes']} classes, trained on {train}, "
+                f"{protocol['test_images']} test images ({protocol['image_size']}px, data seed {protocol['data_seed']})")
     task = f"{protocol['shot']}-shot" if protocol.get("way") is None else f"{protocol['way']}-way {protocol['shot']}-shot"
     attack = f", query images attacked by {protocol['attack']}" if protocol.get("attack") else ""
     return f"{protocol['data']} {protocol['split']} split, {task}, {protocol['episodes']} episodes, seed {protocol['seed']}{attack}"
 
 
 def _report(label: str, result: Any) -> None:
-    regression = result.protocol.get("way") is None
+    regression = _is_regression(result.protocol)
     metric = "MSE" if regression else "accuracy"
     print(f"{label} {metric}: {_format(result.estimate, regression)} (mean +- 95% CI; {_describe(result.protocol)})")
 
@@ -164,7 +207,17 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
     from .evaluate import EvalResult
     from .experiment import config_of_checkpoint, load_learner, meta_test
 
+    from .checkpoint import read_checkpoint_meta
+
     p = Path(path)
+    if not (p.is_file() and p.name != "checkpoint.json" and p.suffix == ".json"):
+        kind = read_checkpoint_meta(path)[1].get("kind")
+        if kind == "meta-train":
+            raise ConfigError(f"{path} is a MetaPerturb meta-training run, which has no test result; compare transfer runs")
+        if kind == "transfer":  # a transfer run is tested when it ends: compare its test.json
+            p = (p if p.is_dir() else p.parent) / "test.json"
+            if not p.is_file():
+                raise ConfigError(f"transfer run {path} has no test.json yet; finish it with `metareg perturb transfer --out {path} --resume`")
     if p.is_file() and p.name != "checkpoint.json" and p.suffix == ".json":
         try:
             values = json.loads(p.read_text())
@@ -212,21 +265,23 @@ def cmd_compare(args: argparse.Namespace) -> None:
     a, config_a = _model_result(args.a, args)
     b, _ = _model_result(args.b, args, protocol_config=config_a)
     summary = compare(a, b)
-    regression = a.protocol.get("way") is None
+    regression = _is_regression(a.protocol)
     print(f"A {args.a}: {_format(summary['a'], regression)}")
     print(f"B {args.b}: {_format(summary['b'], regression)}")
     d = summary["difference"]
     verdict = "no significant difference" if abs(d.mean) <= d.ci95 else ("A is better" if (d.mean > 0) != regression else "B is better")
-    print(f"A - B (paired over the same {d.n} episodes): {_format(d, regression)} -> {verdict}")
-    print(f"episodes: {_describe(a.protocol)}")
+    print(f"A - B (paired over the same {d.n} {_unit(a.protocol)}): {_format(d, regression)} -> {verdict}")
+    print(f"{_unit(a.protocol)}: {_describe(a.protocol)}")
 
 
 def cmd_presets(args: argparse.Namespace) -> None:  # noqa: ARG001
     from .presets import PRESETS
 
+    from .config import COMMANDS as RUNNERS
+
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
-        print(f"{name:<{width}}  {preset.description}\n{'':<{width}}  reproduces: {preset.paper}")
+        print(f"{name:<{width}}  {preset.description}\n{'':<{width}}  run with `{RUNNERS[preset.kind]}`; reproduces: {preset.paper}")
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -246,6 +301,12 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
         print(f"wrote {plot_curves(args.runs, out)}")
         return
+    if args.kind in ("scales", "reliability"):
+        from .viz.reliability import plot_reliability
+        from .viz.scales import plot_scales
+
+        print(f"wrote {(plot_scales if args.kind == 'scales' else plot_reliability)(args.runs, out)}")
+        return
     if len(args.runs) != 1:
         raise ConfigError(f"plot {args.kind} takes one run folder, got {len(args.runs)}")
     if args.kind == "features":
@@ -257,6 +318,60 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
         path = plot_boundary(args.runs[0], out, classes=tuple(args.classes), samples=args.samples, episode=args.episode)
     print(f"wrote {path}")
+
+
+def _perturb_config(args: argparse.Namespace) -> Any:
+    from .config import MetaTrainConfig, TransferConfig, parse_assignment, resolve
+
+    schema = MetaTrainConfig if args.action == "meta-train" else TransferConfig
+    flat = {"data.root": args.data_root, "data.name": args.data, "model.backbone": args.arch, "optim.steps": args.steps,
+            "optim.batch_size": args.batch_size, "seed": args.seed, "device": args.device, "tasks": getattr(args, "tasks", None),
+            "perturb.name": getattr(args, "perturbation", None), "perturb.phi": getattr(args, "phi", None),
+            "init_from": getattr(args, "init_from", None), "perturb.mc_samples": getattr(args, "mc_samples", None)}
+    # Options belong to a backbone or a data set: --arch and --data start from none (--set still applies).
+    overrides = [parse_assignment("model.options={}")] if args.arch else []
+    overrides += [parse_assignment("data.options={}")] if args.data else []
+    overrides += [parse_assignment(s) for s in args.overrides]
+    overrides += [parse_assignment(f"{k}={json.dumps(v)}") for k, v in flat.items() if v is not None]
+    # The built-in quickstart runs when nothing says what to train; --data or --config start from the
+    # plain defaults (the paper's hyperparameters).
+    default = ("perturb-quickstart" if args.action == "meta-train" else "transfer-quickstart") if not (args.config or args.data) else None
+    return resolve(args.preset or default, args.config, overrides, schema=schema)
+
+
+def cmd_perturb(args: argparse.Namespace) -> None:
+    from .perturb_experiment import config_of_run, meta_train, transfer
+
+    if args.action == "info":
+        from .perturb.pretrained import phi_info
+
+        print(json.dumps(phi_info(args.phi), indent=2))
+        return
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out, the run folder to continue")
+        if args.preset or args.config or args.overrides or args.data or args.arch:
+            raise ConfigError("--resume takes the config stored in the run folder; only --steps and --device may change")
+        config = config_of_run(args.out, args.action)
+        if args.steps is not None:
+            config.optim.steps = args.steps
+        if args.device:
+            config.device = args.device
+    else:
+        config = _perturb_config(args)
+    if args.action == "meta-train":
+        out = Path(args.out or f"runs/{config.preset or 'perturb-' + config.data.name}")
+        trainer = meta_train(config, out, resume=args.resume, progress=not args.no_progress)
+        if trainer.world.is_main:
+            print(f"meta-trained phi for {trainer.step} steps in {trainer.seconds:.0f} s; {out / 'phi.json'} "
+                  f"(use it with: metareg perturb transfer --phi {out})")
+        return
+    out = Path(args.out or f"runs/{config.preset or 'transfer-' + config.data.name}")
+    record = transfer(config, out, resume=args.resume, progress=not args.no_progress)
+    what = {"metaperturb": "MetaPerturb", "none": "no perturbation"}[config.perturb.name] + (" + fine-tuning" if config.init_from else "")
+    print(f"test accuracy: {100 * record['mean']:.2f} +- {100 * record['ci95']:.2f} % (mean +- 95% CI over {record['episodes']} test images; "
+          f"{config.model.backbone}, {what}, {record['protocol']['mc_samples']} MC samples); NLL {record['nll']:.3f}, ECE {record['ece']:.3f}")
+    print(f"written to {out / 'test.json'}")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -278,19 +393,21 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(args)
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "compare": cmd_compare, "presets": cmd_presets, "download": cmd_download, "bench": cmd_bench, "reproduce": cmd_reproduce, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "test": cmd_test, "compare": cmd_compare, "presets": cmd_presets, "download": cmd_download, "bench": cmd_bench,
+            "reproduce": cmd_reproduce, "plot": cmd_plot, "perturb": cmd_perturb}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "test", "compare"):
+    if args.command in ("train", "test", "compare", "perturb"):
         from .runtime import keep_freed_memory
 
         keep_freed_memory()  # see metareg.runtime: about 1.2x on CPU meta-training
     try:
         COMMANDS[args.command](args)
     except MetaregError as err:
-        print(f"metareg {args.command}: error: {err}", file=sys.stderr)
+        command = f"{args.command} {args.action}" if args.command == "perturb" else args.command
+        print(f"metareg {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nmetareg {args.command}: interrupted; a run continues with `metareg train --out RUN --resume`", file=sys.stderr)

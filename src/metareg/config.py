@@ -1,7 +1,15 @@
 """Dataclass configs, loading from YAML/JSON with overrides, and the named presets.
 
-A config is five sections (``data``, ``model``, ``inner``, ``train``, ``eval``) plus run-wide
-fields. Unknown keys are errors, never silently ignored: a typo must not run the wrong experiment.
+Three kinds of run, one dataclass each:
+
+* :class:`Config` (``metareg train``): episodic meta-learning, five sections (``data``, ``model``,
+  ``inner``, ``train``, ``eval``) plus run-wide fields;
+* :class:`MetaTrainConfig` (``metareg perturb meta-train``): MetaPerturb's joint meta-training of a
+  perturbation over T source tasks;
+* :class:`TransferConfig` (``metareg perturb transfer``): ordinary training of a network on a target
+  data set with a fixed perturbation (or none, or fine-tuned from a source network).
+
+Unknown keys are errors, never silently ignored: a typo must not run the wrong experiment.
 """
 
 from __future__ import annotations
@@ -76,8 +84,19 @@ class EvalConfig:
     tasks_per_batch: int = 4
 
 
+class _RunConfig:
+    """A whole run's config: to and from plain dicts (unknown keys are errors)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        return _build(cls, values, "")
+
+
 @dataclass
-class Config:
+class Config(_RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
@@ -88,12 +107,92 @@ class Config:
     dtype: str = "float32"
     preset: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Config":
-        return _build(cls, values, "")
+# ------------------------------------------------------------------ MetaPerturb: ordinary training
+@dataclass
+class ImageDataConfig:
+    """A labeled image data set (``metareg.data.load_labeled``) for ordinary training.
+
+    If ``train_split`` and ``test_split`` are the same split, each class's images are divided:
+    ``train_per_class`` of them for training, the rest (at most ``test_per_class``) for testing.
+    Otherwise ``train_per_class`` subsamples the training split (a data-scarce regime) and
+    ``test_per_class`` caps the test split. ``classes`` keeps a random subset of the classes.
+    ``seed`` fixes these choices, so every run (any method, any run seed) sees the same images.
+    """
+
+    name: str = "miniimagenet"
+    root: str | None = None  # default $METAREG_DATA_ROOT/<name>
+    image_size: int = 32
+    train_split: str = "train"
+    test_split: str = "test"
+    classes: int | None = None
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # loader options (e.g. annotation, labels)
+
+
+@dataclass
+class NetworkConfig:
+    backbone: str = "resnet20"  # conv4 | conv6 | vgg9 | resnet20/32/44/56 | resnet18 | wrn-28-2
+    options: dict[str, Any] = field(default_factory=dict)
+    at: list[str] | None = None  # perturbation points (module names or patterns); default: every block output
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 10000
+    batch_size: int = 128
+    lr: float = 1e-3  # Adam
+    weight_decay: float = 5e-4
+    milestones: list[float] = field(default_factory=lambda: [0.4, 0.7, 0.9])  # fractions of steps where lr *= gamma
+    gamma: float = 0.3
+    augment: bool = True  # random crop (zero padding 4 px at 32x32, 8 px above) and horizontal flip
+    log_every: int = 50
+    checkpoint_every: int = 500
+
+
+@dataclass
+class PerturbConfig:
+    clip: float | None = 100.0  # k: perturbed features are clipped from above at k
+    anneal: float = 0.4  # the strength c rises linearly from 0 to 1 over this fraction of the steps (0: always 1)
+
+
+@dataclass
+class TransferPerturbConfig(PerturbConfig):
+    name: str = "metaperturb"  # metaperturb | none
+    phi: str = "builtin"  # the shipped phi, a meta-train run folder, or its phi.json
+    mc_samples: int = 100  # Monte-Carlo samples of the final test predictions (noise and scale)
+
+
+@dataclass
+class MetaTrainConfig(_RunConfig):
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    model: NetworkConfig = field(default_factory=NetworkConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=750, milestones=[]))
+    perturb: PerturbConfig = field(default_factory=PerturbConfig)
+    tasks: int = 10  # T: the source split class-wise into T tasks
+    train_fraction: float = 0.5  # of each class's images in its task's train split D_t^tr
+    strategy: str = "auto"  # loop | vmap | auto (loop on CPU, vmap on CUDA)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    preset: str | None = None
+
+
+@dataclass
+class TransferConfig(_RunConfig):
+    data: ImageDataConfig = field(default_factory=ImageDataConfig)
+    model: NetworkConfig = field(default_factory=NetworkConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    perturb: TransferPerturbConfig = field(default_factory=TransferPerturbConfig)
+    init_from: str | None = None  # fine-tuning: a transfer run (same backbone) whose convolutions start this one
+    eval_every: int | None = None  # test accuracy every N steps during training (with eval_mc_samples)
+    eval_mc_samples: int = 5
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    preset: str | None = None
 
 
 # --------------------------------------------------------------------------------------- building
@@ -213,25 +312,78 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def resolve(preset: str | None = None, file: str | Path | None = None, overrides: list[dict[str, Any]] | None = None) -> Config:
-    """Defaults <- preset <- config file <- overrides, validated."""
+KINDS = {Config: "bilevel", MetaTrainConfig: "meta-train", TransferConfig: "transfer"}
+COMMANDS = {"bilevel": "metareg train", "meta-train": "metareg perturb meta-train", "transfer": "metareg perturb transfer"}
+
+
+def resolve(preset: str | None = None, file: str | Path | None = None, overrides: list[dict[str, Any]] | None = None,
+            schema: type = Config) -> Any:
+    """Defaults <- preset <- config file <- overrides, validated; ``schema`` is the kind of run
+    (:class:`Config`, :class:`MetaTrainConfig` or :class:`TransferConfig`)."""
     from .presets import get_preset
 
-    values: dict[str, Any] = Config().to_dict()
+    values: dict[str, Any] = schema().to_dict()
     if preset:
-        values = merge(values, get_preset(preset).values)
+        found = get_preset(preset)
+        if found.kind != KINDS[schema]:
+            raise ConfigError(f"preset {preset!r} is a {found.kind} preset: run it with `{COMMANDS[found.kind]}`")
+        values = merge(values, found.values)
         values["preset"] = preset
     if file:
         values = merge(values, load_file(file))
     for override in overrides or []:
         values = merge(values, override)
-    config = Config.from_dict(values)
+    config = schema.from_dict(values)
     validate(config)
     return config
 
 
-def validate(config: Config) -> None:
+def _check_positive(values: dict[str, float]) -> None:
+    for key, value in values.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+
+
+def _validate_ordinary(config: MetaTrainConfig | TransferConfig) -> None:
+    """Checks shared by the MetaPerturb runs."""
+    d, o, p = config.data, config.optim, config.perturb
+    _check_positive({"data.image_size": d.image_size, "data.classes": d.classes, "data.train_per_class": d.train_per_class,
+                     "data.test_per_class": d.test_per_class, "optim.batch_size": o.batch_size, "optim.log_every": o.log_every,
+                     "optim.checkpoint_every": o.checkpoint_every})
+    if o.steps < 0:
+        raise ConfigError(f"optim.steps must be >= 0, got {o.steps}")
+    if o.lr <= 0 or o.weight_decay < 0 or not 0 < o.gamma <= 1:
+        raise ConfigError("optim.lr must be positive, optim.weight_decay >= 0 and optim.gamma in (0, 1]")
+    if any(not 0 < m < 1 for m in o.milestones) or sorted(o.milestones) != list(o.milestones):
+        raise ConfigError(f"optim.milestones must be increasing fractions of the steps in (0, 1), got {o.milestones}")
+    if not 0 <= p.anneal <= 1:
+        raise ConfigError(f"perturb.anneal must be a fraction of the steps in [0, 1], got {p.anneal}")
+    if p.clip is not None and p.clip <= 0:
+        raise ConfigError(f"perturb.clip must be positive or null, got {p.clip}")
+    if config.dtype not in ("float32", "float64"):
+        raise ConfigError(f"dtype must be float32 or float64, got {config.dtype!r}")
+
+
+def validate(config: Any) -> None:
     """Checks that span fields (single fields are type-checked while building)."""
+    if isinstance(config, MetaTrainConfig):
+        _validate_ordinary(config)
+        _check_positive({"tasks": config.tasks})
+        if not 0 < config.train_fraction < 1:
+            raise ConfigError(f"train_fraction must be in (0, 1), got {config.train_fraction}")
+        if config.strategy not in ("auto", "loop", "vmap"):
+            raise ConfigError(f"strategy must be auto, loop or vmap, got {config.strategy!r}")
+        return
+    if isinstance(config, TransferConfig):
+        _validate_ordinary(config)
+        _check_positive({"perturb.mc_samples": config.perturb.mc_samples, "eval_mc_samples": config.eval_mc_samples,
+                         "eval_every": config.eval_every})
+        if config.perturb.name not in ("metaperturb", "none"):
+            raise ConfigError(f"perturb.name must be metaperturb or none, got {config.perturb.name!r}")
+        if config.data.train_split == config.data.test_split and config.data.train_per_class is None:
+            raise ConfigError(f"train and test images both come from split {config.data.train_split!r}: set data.train_per_class "
+                              "(images of each class for training; the rest are for testing)")
+        return
     positive = {
         "data.way": config.data.way,
         "data.shot": config.data.shot,

@@ -19,6 +19,7 @@ class Preset:
     description: str
     paper: str  # the row it reproduces, with the paper's number
     values: dict[str, Any]
+    kind: str = "bilevel"  # bilevel (metareg train) | meta-train | transfer (metareg perturb ...)
 
 
 # The network of the Meta-Dropout reference code, whose MAML rows are "MAML (our reproduction)":
@@ -162,6 +163,72 @@ for _table, _rows in (("Table 1", _TABLE_1), ("Table 3", _TABLE_3)):
                 _with(_p.values, model={"perturbation": _perturbation},
                       inner={"step": _step, "mc_samples": 1, "eval_mc_samples": 30 if _stochastic else 1}),
             )
+
+
+# MetaPerturb (Ryu et al. 2020). Meta-training: the source split class-wise into 10 tasks, ResNet20,
+# 32x32 images, Adam 1e-3 with weight decay 5e-4, batch 128, 750 steps (the released run script).
+# Transfer: Adam 1e-3, weight decay 5e-4, batch 128, 10000 steps, lr x 0.3 at 40/70/90%, strength
+# annealed over the first 40%, 100 MC samples at test time. The paper's source (Tiny ImageNet) and
+# targets are not in this machine's data; the miniImageNet / Omniglot presets are our CPU-sized
+# stand-ins (fewer steps, smaller batches), labelled as such.
+def _meta_train(name: str, size: int = 32, steps: int = 750, batch: int = 128, **data: Any) -> dict[str, Any]:
+    return {"data": {"name": name, "train_split": "train", "image_size": size} | data, "model": {"backbone": "resnet20"},
+            "optim": {"steps": steps, "batch_size": batch, "milestones": [], "log_every": 10, "checkpoint_every": 50}, "tasks": 10}
+
+
+def _transfer(name: str, size: int, steps: int = 10000, batch: int = 128, backbone: str = "resnet20", **data: Any) -> dict[str, Any]:
+    return {"data": {"name": name, "image_size": size} | data, "model": {"backbone": backbone},
+            "optim": {"steps": steps, "batch_size": batch, "log_every": 50, "checkpoint_every": 500}}
+
+
+_TABLE1 = "MetaPerturb Table 1 (ResNet20, source TIN), Base / MetaPerturb / FT / FT + MetaPerturb"
+_PERTURB_PRESETS = [
+    Preset("perturb-quickstart", "MetaPerturb meta-training on the built-in glyphs: 10 tasks of 5 classes, Conv4-32, 28x28, "
+           "200 steps, a few minutes on 2 CPU cores", "none (built-in data; checks that everything runs)",
+           _meta_train("glyphs", 28, 200, 32, classes=50, options={"num_classes": 50}) | {"model": {"backbone": "conv4", "options": {"channels": 32}}},
+           "meta-train"),
+    Preset("perturb-tinyimagenet-resnet20", "MetaPerturb meta-training as in the paper: Tiny ImageNet's 200 classes in 10 tasks, "
+           "ResNet20, 32x32, batch 128, 750 steps", "MetaPerturb Section 4.1 source (the phi behind Tables 1-3)",
+           _meta_train("tinyimagenet"), "meta-train"),
+    Preset("perturb-miniimagenet-resnet20", "MetaPerturb meta-training on miniImageNet's 64 meta-train classes (100 images each) "
+           "in 10 tasks, ResNet20, 32x32, batch 32, 300 steps (CPU-sized stand-in for Tiny ImageNet)",
+           "none directly (the paper's source is Tiny ImageNet); the shipped phi", _meta_train("miniimagenet", 32, 300, 32), "meta-train"),
+    Preset("transfer-quickstart", "Train Conv4-32 on 20 glyph classes (10 images each, 10 more for testing) with the shipped phi, "
+           "28x28, 300 steps", "none (built-in data)",
+           _transfer("glyphs", 28, 300, 32, "conv4", train_split="test", test_split="test", classes=20, train_per_class=10,
+                     options={"num_classes": 20}) | {"model": {"backbone": "conv4", "options": {"channels": 32}}}
+           | {"perturb": {"mc_samples": 10}}, "transfer"),
+    Preset("transfer-miniimagenet", "ResNet20 on miniImageNet's 20 meta-test classes, 50 training and 50 test images per class, "
+           "32x32, batch 64, 1000 steps (a data-scarce target, CPU-sized)", "none directly (our stand-in for the paper's targets)",
+           _transfer("miniimagenet", 32, 1000, 64, train_split="test", test_split="test", train_per_class=50) | {"perturb": {"mc_samples": 30}},
+           "transfer"),
+    Preset("transfer-omniglot", "ResNet20 on 100 Omniglot characters of the Vinyals test split, 10 training and 10 test drawings "
+           "each, 32x32, batch 64, 1000 steps (a target dissimilar to the source)", "none directly (a dissimilar domain)",
+           _transfer("omniglot", 32, 1000, 64, train_split="test", test_split="test", classes=100, train_per_class=10) | {"perturb": {"mc_samples": 30}},
+           "transfer"),
+    Preset("source-miniimagenet", "ResNet20 trained without perturbation on miniImageNet's 64 meta-train classes (90 training, "
+           "10 test images each), 32x32, batch 64, 2000 steps: the source network for fine-tuning baselines",
+           "MetaPerturb's Finetuning baseline (source network; paper: Tiny ImageNet)",
+           _transfer("miniimagenet", 32, 2000, 64, train_split="train", test_split="train", train_per_class=90) | {"perturb": {"name": "none"}},
+           "transfer"),
+    Preset("transfer-stl10", "ResNet20 on STL-10 (5000 training images), 32x32", f"{_TABLE1}, STL10: 66.78 / 69.98 / 77.16 / 78.27",
+           _transfer("stl10", 32), "transfer"),
+    Preset("transfer-scifar100", "ResNet20 on small CIFAR-100 (50 training images per class), 32x32",
+           f"{_TABLE1}, s-CIFAR100: 31.79 / 34.57 / 43.69 / 47.41", _transfer("cifar100", 32, train_per_class=50), "transfer"),
+    Preset("transfer-dogs", "ResNet20 on Stanford Dogs, 84x84", f"{_TABLE1}, Dogs: 34.65 / 38.41 / 40.09 / 46.06",
+           _transfer("stanford-dogs", 84), "transfer"),
+    Preset("transfer-cars", "ResNet20 on Stanford Cars, 84x84", f"{_TABLE1}, Cars: 44.34 / 62.46 / 58.61 / 73.04",
+           _transfer("stanford-cars", 84), "transfer"),
+    Preset("transfer-aircraft", "ResNet20 on FGVC-Aircraft (100 variants, trainval for training), 84x84",
+           f"{_TABLE1}, Aircraft: 59.23 / 65.87 / 66.03 / 72.34", _transfer("aircraft", 84, train_split="trainval"), "transfer"),
+    Preset("transfer-cub", "ResNet20 on CUB-200-2011, 84x84", f"{_TABLE1}, CUB: 30.63 / 42.01 / 34.89 / 48.60",
+           _transfer("cub", 84), "transfer"),
+    Preset("transfer-ssvhn", "small SVHN (500 training images per class), 32x32; choose the backbone with --arch",
+           "MetaPerturb Table 2 (source ResNet20 on TIN), Base / MetaPerturb: Conv4 83.93 / 86.61, Conv6 86.14 / 88.59, "
+           "VGG9 88.44 / 90.24, ResNet20 87.96 / 90.70, ResNet44 88.94 / 90.97, WRN-28-2 88.95 / 90.88",
+           _transfer("svhn", 32, train_per_class=500), "transfer"),
+]
+PRESETS |= {p.name: p for p in _PERTURB_PRESETS}
 
 
 def get_preset(name: str) -> Preset:

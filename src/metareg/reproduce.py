@@ -1,11 +1,14 @@
 """``metareg reproduce``: a paper's table or figure as a grid of runs, resumable, written as markdown.
 
 Each experiment is a list of runs (a preset plus overrides) and the shots each run is tested at.
-Runs are ``metareg train`` subprocesses (``--jobs`` at a time, one thread each), so a killed
+Runs are ``metareg train`` / ``metareg perturb meta-train`` / ``metareg perturb transfer``
+subprocesses (``--jobs`` at a time, one thread each); meta-training runs finish before the others
+start (transfers use their phi: ``{out}`` in an override is the experiment's folder). A killed
 experiment continues where it stopped: finished runs are kept, unfinished ones resume from their
-checkpoints, and test results already written are reused. Every number is the mean +- 95% CI over
-``--episodes`` test tasks from the fixed test stream, next to the paper's. A run whose loss became
-NaN/Inf is reported as diverged, not hidden.
+checkpoints, and test results already written are reused. Episodic numbers are the mean +- 95% CI
+over ``--episodes`` test tasks from the fixed test stream, next to the paper's; transfer numbers are
+test accuracies aggregated over training seeds (mean +- std) with paired differences. A run whose
+loss became NaN/Inf is reported as diverged, not hidden.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Run:
     column: str = ""  # the table column it belongs to
     seed: int = 0  # training seed
     group: str = ""  # runs of one group (repeats over seeds) are aggregated in figures
+    command: str = "train"  # train | meta-train | transfer
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class Experiment:
     source: str
     runs: tuple[Run, ...]
     columns: tuple[str, ...]
-    figure: str | None = None  # "mask-fractions": draw Figure 6.1
+    figure: str | None = None  # "mask-fractions": draw Figure 6.1; "seeds": transfer accuracies over seeds
 
 
 def _table_6_1() -> Experiment:
@@ -112,26 +116,48 @@ def _dropgrad_figure_2() -> Experiment:
                       "DropGrad Figure 2 (setting changed to one that runs on a CPU)", tuple(runs), ("binary", "gaussian"))
 
 
-EXPERIMENTS = {e.name: e for e in (_table_6_1(), _table_6_2(), _figure_6_1(), _dropgrad_figure_2())}
+def _metaperturb(target: str, archs: tuple[str, ...], seeds: tuple[int, ...] = (0, 1, 2)) -> Experiment:
+    """Base vs MetaPerturb on a data-scarce target, each backbone trained from scratch with 3 seeds;
+    phi meta-trained once with ResNet20 on miniImageNet's 64 meta-train classes, so the Conv4 rows
+    test the cross-architecture claim (the paper's Table 2 setting)."""
+    runs = [Run("source-resnet20", "perturb-miniimagenet-resnet20", row="phi", command="meta-train")]
+    for arch in archs:
+        for seed in seeds:
+            for column, overrides in (("Base", ("perturb.name=none",)), ("MetaPerturb", ("perturb.phi={out}/source-resnet20",))):
+                runs.append(Run(f"{target}-{arch}-{column.lower()}-seed{seed}", f"transfer-{target}", (f"model.backbone={arch}", *overrides),
+                                row=arch, column=column, seed=seed, group=f"{arch} {column}", command="transfer"))
+    title = {"miniimagenet": "miniImageNet's 20 meta-test classes, 50 training images per class",
+             "omniglot": "100 Omniglot characters (a dissimilar domain), 10 training drawings per class"}[target]
+    return Experiment(f"metaperturb-{target}", f"MetaPerturb transfer: {title} (test accuracy, %)",
+                      "MetaPerturb Tables 1-2 (setting: our CPU-sized stand-in; source miniImageNet instead of Tiny ImageNet)",
+                      tuple(runs), ("Base", "MetaPerturb"), figure="seeds")
+
+
+EXPERIMENTS = {e.name: e for e in (_table_6_1(), _table_6_2(), _figure_6_1(), _dropgrad_figure_2(),
+                                   _metaperturb("miniimagenet", ("conv4", "resnet20")), _metaperturb("omniglot", ("resnet20",)))}
 
 
 # ------------------------------------------------------------------------------------- running
 def _train(run: Run, folder: Path, iterations: int | None, log: Path) -> str:
     """Train one run to completion (resuming if it was started); returns "done" or "diverged"."""
     checkpoint = folder / "checkpoint.json"
-    cmd = [sys.executable, "-m", "metareg.cli", "--no-progress", "train", "--no-test", "--out", str(folder)]
+    episodic = run.command == "train"
+    command = ["train", "--no-test"] if episodic else ["perturb", run.command]
+    cmd = [sys.executable, "-m", "metareg.cli", "--no-progress", *command, "--out", str(folder)]
+    finished = folder / {"train": "checkpoint.json", "meta-train": "phi.json", "transfer": "test.json"}[run.command]
     if checkpoint.exists():
         meta = json.loads(checkpoint.read_text())
-        target = iterations or meta["config"]["train"]["iterations"]
-        if meta["step"] >= target:
+        target = iterations or (meta["config"]["train"]["iterations"] if episodic else meta["config"]["optim"]["steps"])
+        if meta["step"] >= target and finished.exists():
             return "done"
         cmd += ["--resume"]
     else:
-        cmd += ["--preset", run.preset, *sum((["--set", o] for o in run.overrides), [])]
+        overrides = [o.replace("{out}", str(folder.parent)) for o in run.overrides]
+        cmd += ["--preset", run.preset, *sum((["--set", o] for o in overrides), [])]
         if run.seed:
             cmd += ["--seed", str(run.seed)]
     if iterations:
-        cmd += ["--iterations", str(iterations)]
+        cmd += ["--iterations" if episodic else "--steps", str(iterations)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     with log.open("a") as out:
         done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -145,6 +171,9 @@ def _train(run: Run, folder: Path, iterations: int | None, log: Path) -> str:
 
 def _test(run: Run, folder: Path, shot: int, episodes: int) -> dict[str, Any]:
     from .experiment import load_learner, meta_test, save_result
+
+    if run.command == "transfer":  # tested on its target's test images when it finished
+        return json.loads((folder / "test.json").read_text())
 
     path = folder / f"test-{shot}shot-{episodes}ep.json"
     if path.exists():
@@ -179,13 +208,18 @@ def run_experiment(name: str, out: str | Path, *, iterations: int | None = None,
             print(f"[{time.perf_counter() - start:6.0f} s] {run.name}: {status}", file=sys.stderr, flush=True)
         return run.name, status
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        statuses = dict(pool.map(one, experiment.runs))
+    statuses: dict[str, str] = {}
+    for stage in (("meta-train",), ("train", "transfer")):  # transfers use the meta-trained phi
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            statuses |= dict(pool.map(one, [r for r in experiment.runs if r.command in stage]))
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for run in experiment.runs:
-        if statuses[run.name] == "done":
+        if statuses[run.name] == "done" and run.command != "meta-train":
             results[run.name] = {shot: _test(run, out / run.name, shot, episodes) for shot in run.shots}
-    report = _markdown(experiment, statuses, results, iterations, episodes)
+    if experiment.figure == "seeds":
+        report = _seed_table(experiment, statuses, results, iterations)
+    else:
+        report = _markdown(experiment, statuses, results, iterations, episodes)
     if experiment.figure == "mask-fractions":
         fractions: dict[str, list[dict[str, float]]] = {}
         for run in experiment.runs:
@@ -229,6 +263,49 @@ def _markdown(experiment: Experiment, statuses: dict[str, str], results: dict, i
     for row, cells in by_row.items():
         lines.append("| " + " | ".join([row, *(cells.get(c, "-") for c in experiment.columns)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _seed_table(experiment: Experiment, statuses: dict[str, str], results: dict, iterations: int | None) -> str:
+    """Transfer accuracies: per row and column mean +- std over seeds (and each seed's value), then
+    the paired difference of the last column minus the first, per seed (with its 95% CI over the
+    same test images) and over seeds."""
+    import torch
+
+    from .evaluate.stats import paired_difference
+
+    schedule = f"{iterations} training steps per run (reduced)" if iterations else "the presets' schedules"
+    first = next(r for r in experiment.runs if r.command == "transfer")
+    test = results.get(first.name, {}).get(first.shots[0], {}).get("protocol", {})
+    lines = [f"# {experiment.title}", "", f"{experiment.source}. Test accuracy in % on the same {test.get('test_images', '?')} test "
+             f"images for every run, mean +- std over training seeds (each seed's value in brackets); {schedule}. "
+             "Paired differences: per seed over the same test images (95% CI), and mean +- std over seeds.", ""]
+    cells: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
+    for run in experiment.runs:
+        if run.command == "transfer":
+            if statuses[run.name] == "diverged":
+                cells.setdefault((run.row, run.column), []).append((run.seed, {}))
+            elif run.name in results:
+                cells.setdefault((run.row, run.column), []).append((run.seed, results[run.name][run.shots[0]]))
+    rows = list(dict.fromkeys(r.row for r in experiment.runs if r.command == "transfer"))
+    lines += ["| backbone | " + " | ".join(experiment.columns) + f" | {experiment.columns[-1]} - {experiment.columns[0]} |",
+              "|" + "---|" * (len(experiment.columns) + 2)]
+    for row in rows:
+        row_cells = []
+        for column in experiment.columns:
+            values = [100 * r["mean"] for _, r in cells.get((row, column), []) if r]
+            row_cells.append(_mean_std(values) + " [" + ", ".join(f"{v:.2f}" for v in values) + "]" if values else "-")
+        a, b = dict(cells.get((row, experiment.columns[-1]), [])), dict(cells.get((row, experiment.columns[0]), []))
+        diffs = [paired_difference(torch.tensor(a[s]["scores"]), torch.tensor(b[s]["scores"])) for s in sorted(set(a) & set(b)) if a[s] and b[s]]
+        per_seed = ", ".join(f"{100 * d.mean:+.2f} +- {100 * d.ci95:.2f}" for d in diffs)
+        row_cells.append(f"{_mean_std([100 * d.mean for d in diffs], sign=True)} [{per_seed}]" if diffs else "-")
+        lines.append(f"| {row} | " + " | ".join(row_cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[float], sign: bool = False) -> str:
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:+.2f} +- {spread:.2f}" if sign else f"{mean:.2f} +- {spread:.2f}"
 
 
 def _fraction_stats(fractions: dict[str, list[dict[str, float]]]) -> dict[str, tuple[int, dict[str, tuple[float, float]]]]:

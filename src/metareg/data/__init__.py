@@ -25,10 +25,20 @@ from metareg.data.cache import cache_dir
 from metareg.data.classes import ClassImages, EpisodeSampler
 from metareg.data.download import OMNIGLOT_URL, download_omniglot
 from metareg.data.glyphs import GLYPH_SPLITS, load_glyphs
+from metareg.data.labeled import (
+    LabeledImages,
+    class_tasks,
+    labeled_datasets,
+    load_labeled,
+    register_labeled,
+    select_classes,
+    split_per_class,
+)
 from metareg.data.miniimagenet import MINIIMAGENET_SPLITS, load_miniimagenet
 from metareg.data.omniglot import VINYALS_SPLITS, load_omniglot
 from metareg.data.regression import PolynomialTasks, SineTasks
 from metareg.data.tasks import TaskBatch, TaskSource
+from metareg.data import targets  # noqa: F401,E402  (registers the transfer target loaders)
 from metareg.errors import DataError
 
 __all__ = [
@@ -51,6 +61,13 @@ __all__ = [
     "default_root",
     "cache_dir",
     "build_task_source",
+    "LabeledImages",
+    "class_tasks",
+    "labeled_datasets",
+    "load_labeled",
+    "register_labeled",
+    "select_classes",
+    "split_per_class",
 ]
 
 IMAGE_DATASETS = ("glyphs", "omniglot", "miniimagenet")

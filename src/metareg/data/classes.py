@@ -19,11 +19,28 @@ from torch import Tensor
 from metareg.data.tasks import TaskBatch
 from metareg.errors import DataError
 
-__all__ = ["ClassImages", "EpisodeSampler"]
+__all__ = ["ClassImages", "EpisodeSampler", "ImageSet"]
+
+
+class ImageSet:
+    """What every split of an image data set offers: its class names and its images' shape."""
+
+    images: Tensor
+    class_names: Sequence[str]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of every image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
 
 @dataclass(eq=False)
-class ClassImages:
+class ClassImages(ImageSet):
     """The images of one split of a data set, grouped by class.
 
     Args:
@@ -92,16 +109,6 @@ class ClassImages:
         height, width = self.images.shape[-2:]
         if height != width and bool((self.rotations % 2 == 1).any()):
             raise DataError(f"{where}: 90/270 degree rotations need square images, got {height}x{width}")
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes N."""
-        return len(self.class_names)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of every image."""
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def __len__(self) -> int:
         return self.num_classes

@@ -12,18 +12,19 @@ COLUMNS = ["step", "loss", "score", "val_score", "val_ci95", "seconds", "tasks_p
 class MetricLog:
     """Append-only CSV of training metrics; on resume, rows past the checkpoint are dropped."""
 
-    def __init__(self, path: Path, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard: bool = True, columns: list[str] = COLUMNS):
         self.path = path
+        self.columns = columns
         if resume_step is None or not path.exists():
             with path.open("w", newline="") as f:
-                csv.writer(f).writerow(COLUMNS)
+                csv.writer(f).writerow(columns)
         else:
             with path.open(newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
             with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, COLUMNS)
+                writer = csv.DictWriter(f, columns)
                 writer.writeheader()
-                writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
+                writer.writerows({k: r.get(k, "") for k in columns} for r in rows)
         self.writer = None
         if tensorboard:
             try:
@@ -35,7 +36,7 @@ class MetricLog:
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, COLUMNS).writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+            csv.DictWriter(f, self.columns).writerow({k: _fmt(row.get(k)) for k in self.columns})
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -7,13 +7,10 @@ run killed and resumed on CPU ends with the same weights as an uninterrupted one
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..checkpoint import (
     load_checkpoint,
@@ -24,9 +21,10 @@ from ..checkpoint import (
     tensors_to_state,
 )
 from ..data.tasks import TaskSource
-from ..errors import CheckpointError, DivergenceError
+from ..errors import CheckpointError
 from .bilevel import BilevelLearner
-from .logging import MetricLog
+from .logging import COLUMNS
+from .loop import StepLoop
 
 CHECKPOINT = "checkpoint"
 
@@ -111,45 +109,20 @@ class MetaTrainer:
         return metrics
 
     def run(self, resume_log: bool = False) -> dict[str, Any]:
-        log = MetricLog(self.out / "log.csv", resume_step=self.step if resume_log else None)
-        running: list[dict[str, torch.Tensor]] = []
-        start = time.perf_counter()
-        base_seconds, first_step = self.seconds, self.step
-        bar = tqdm(total=self.iterations, initial=self.step, desc="meta-train", unit="it", disable=not self.progress, dynamic_ncols=True)
-        try:
-            while self.step < self.iterations:
-                running.append(self.train_step())
-                self.step += 1
-                self.seconds = base_seconds + time.perf_counter() - start
-                bar.update(1)
-                at_log = self.step % self.log_every == 0 or self.step == self.iterations
-                at_val = self.validate is not None and (self.step % self.val_every == 0 or self.step == self.iterations)
-                at_save = self.step % self.checkpoint_every == 0 or self.step == self.iterations
-                if not (at_log or at_val or at_save):
-                    continue
-                # One host synchronization per logging period: the NaN check and the displayed
-                # metrics. A non-finite loss stops the run before anything is saved.
-                loss = torch.stack([m["loss"] for m in running]).mean().item()
-                score = torch.stack([m["score"] for m in running]).mean().item()
-                if not math.isfinite(loss):
-                    raise DivergenceError(
-                        f"meta-training loss became {loss} by step {self.step}; the last good checkpoint "
-                        f"({self.out / (CHECKPOINT + '.json')}) is kept. Lower train.meta_lr or inner.lr, or set train.clip"
-                    )
-                row: dict[str, Any] = {"step": self.step, "loss": loss, "score": score, "seconds": round(self.seconds, 3)}
-                row["tasks_per_s"] = self.meta_batch * (self.step - first_step) / max(self.seconds - base_seconds, 1e-9)
-                if at_val:
-                    self.last_val = self.validate(self.learner)
-                    row["val_score"], row["val_ci95"] = self.last_val
-                log.write(row)
-                running.clear()
-                postfix = {"loss": f"{loss:.3f}", "score": f"{score:.3f}"}
-                if self.last_val:
-                    postfix["val"] = f"{self.last_val[0]:.3f}"
-                bar.set_postfix(postfix)
-                if at_save:
-                    self.save()
-        finally:
-            bar.close()
-            log.close()
+        def step(_: int) -> dict[str, torch.Tensor]:
+            return self.train_step()
+
+        def save(done: int, seconds: float) -> None:
+            self.step, self.seconds = done, seconds
+            self.save()
+
+        def validate() -> dict[str, float]:
+            self.last_val = self.validate(self.learner)
+            return {"val_score": self.last_val[0], "val_ci95": self.last_val[1]}
+
+        loop = StepLoop(self.out, self.iterations, self.log_every, self.checkpoint_every, COLUMNS, eval_every=self.val_every,
+                        shown=("loss", "score", "val_score"), per_step=self.meta_batch, desc="meta-train", progress=self.progress,
+                        hint="lower train.meta_lr or inner.lr, or set train.clip", rate_column="tasks_per_s")
+        self.step, self.seconds = loop.run(step, save, start=self.step, seconds=self.seconds,
+                                           evaluate=validate if self.validate is not None else None, resume_log=resume_log)
         return {"step": self.step, "seconds": self.seconds, "last_val": self.last_val}

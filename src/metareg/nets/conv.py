@@ -1,7 +1,9 @@
-"""Conv4 / ConvN of Finn et al. (2017), with a feature-perturbation slot in every block."""
+"""Conv4 / ConvN of Finn et al. (2017) and the plain VGG-style CNNs of MetaPerturb's Table 2 (Conv4,
+Conv6, VGG9), with a feature-perturbation slot in every block."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -13,19 +15,23 @@ from .layers import BatchNorm, Transform, truncated_normal_
 
 
 class ConvBlock(nn.Module):
-    """3x3 'same' conv -> batch norm (batch statistics) -> ReLU -> 2x2 max-pool, with the
-    perturbation after the conv or after the norm (its ``position``, see ``metareg.perturb.base``).
+    """3x3 'same' conv -> batch norm -> ReLU -> 2x2 max-pool, with the perturbation after the conv
+    or after the norm (its ``position``, see ``metareg.perturb.base``).
 
-    ``strided=True`` replaces the max-pool by a stride-2 convolution (MAML's Omniglot variant).
+    ``strided=True`` replaces the max-pool by a stride-2 convolution (MAML's Omniglot variant);
+    ``pool=False`` keeps the resolution (VGG's blocks between poolings). ``running_stats=False``:
+    batch statistics at train and test time (episodic training, :class:`BatchNorm`);
+    ``True``: ordinary batch norm with running statistics for ordinary training.
     """
 
     def __init__(self, in_channels: int, out_channels: int, perturb: nn.Module, strided: bool = False, transform: bool = False,
-                 norm_scale: bool = True):
+                 norm_scale: bool = True, pool: bool = True, running_stats: bool = False):
         super().__init__()
         self.strided = strided
+        self.pool = pool and not strided
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1)
         self.transform = Transform(out_channels, conv=True) if transform else None
-        self.norm = BatchNorm(out_channels, scale=norm_scale)
+        self.norm = nn.BatchNorm2d(out_channels) if running_stats else BatchNorm(out_channels, scale=norm_scale)
         self.perturb = perturb
         self.perturb_before_norm = getattr(perturb, "position", "norm") == "linear"
 
@@ -41,20 +47,27 @@ class ConvBlock(nn.Module):
             pre = self.perturb(self.norm(y), x, sample=sample)
         # max-pool before ReLU: ReLU is monotone, so max(relu(a), relu(b)) = relu(max(a, b)) and
         # the gradients agree too; the ReLU then runs on a 4x smaller tensor.
-        return F.relu(pre if self.strided else F.max_pool2d(pre, 2))
+        return F.relu(F.max_pool2d(pre, 2) if self.pool else pre)
 
 
 class ConvNet(nn.Module):
     """``depth`` conv blocks and a linear classifier on the flattened features.
 
     Conv4 for Omniglot: 64 channels, 28x28 input (1x1x64 features). Conv4 for miniImageNet: 32
-    channels, 84x84 input (5x5x32 = 800 features). The perturbation factory is asked for one module
+    channels, 84x84 input (5x5x32 = 800 features). ``channels`` may list one width per block (then
+    it sets the depth) and ``pool`` which blocks max-pool (default: all): VGG9 is
+    ``channels=[64, 128, 256, 256, 512, 512, 512, 512]``, ``pool=[1, 1, 0, 1, 0, 1, 0, 1]``
+    (five poolings, as in the MetaPerturb reference). The perturbation factory is asked for one module
     per conv block and one for the classifier (``LayerInfo.output``; Meta-Dropout's additive
     Gaussian sits there, most perturbations return the identity). ``transform=True`` adds T-net's
     meta-learned 1x1 convolution T after every conv W (and an n x n T after the classifier),
     initialized to the identity. ``init="truncated_normal"``: the Meta-Dropout reference's init
     (conv weights truncated normal std 0.02, classifier weights normal std 0.02, zero biases);
-    ``"default"``: PyTorch's. ``norm_scale=False``: batch norm with a shift only (the reference).
+    ``"kaiming"``: He normal (fan-out) conv weights, the MetaPerturb reference's; ``"default"``:
+    PyTorch's. ``norm_scale=False``: batch norm with a shift only (the Meta-Dropout reference).
+    ``running_stats=True``: batch norm with running statistics (ordinary, non-episodic training).
+    ``perturbation_points`` names the blocks' perturbation slots, where
+    :func:`metareg.perturb.attach_metaperturb` hooks in (after batch norm, before pooling and ReLU).
     """
 
     def __init__(
@@ -62,31 +75,42 @@ class ConvNet(nn.Module):
         num_classes: int,
         in_channels: int = 1,
         image_size: int = 28,
-        channels: int = 64,
+        channels: int | Sequence[int] = 64,
         depth: int = 4,
         strided: bool = False,
         perturbation: PerturbationFactory = identity_factory,
         transform: bool = False,
-        init: Literal["default", "truncated_normal"] = "default",
+        init: Literal["default", "truncated_normal", "kaiming"] = "default",
         norm_scale: bool = True,
+        pool: Sequence[bool] | None = None,
+        running_stats: bool = False,
     ):
         super().__init__()
-        if init not in ("default", "truncated_normal"):
-            raise ValueError(f"init must be default or truncated_normal, got {init!r}")
+        if init not in ("default", "truncated_normal", "kaiming"):
+            raise ValueError(f"init must be default, truncated_normal or kaiming, got {init!r}")
+        widths = [channels] * depth if isinstance(channels, int) else [int(c) for c in channels]
+        pools = [True] * len(widths) if pool is None else [bool(p) for p in pool]
+        if len(pools) != len(widths) or not widths:
+            raise ValueError(f"pool must give one flag per block ({len(widths)}), got {len(pools)}")
         blocks = []
         size, cin = image_size, in_channels
-        for i in range(depth):
-            info = LayerInfo(i, "conv", cin, channels, kernel_size=3, stride=2 if strided else 1, padding=1)
-            blocks.append(ConvBlock(cin, channels, perturbation(info), strided=strided, transform=transform, norm_scale=norm_scale))
-            size = (size + 1) // 2 if strided else size // 2
-            cin = channels
+        for i, (width, pooled) in enumerate(zip(widths, pools)):
+            info = LayerInfo(i, "conv", cin, width, kernel_size=3, stride=2 if strided else 1, padding=1)
+            blocks.append(ConvBlock(cin, width, perturbation(info), strided=strided, transform=transform, norm_scale=norm_scale,
+                                    pool=pooled, running_stats=running_stats))
+            size = (size + 1) // 2 if strided else (size // 2 if pooled else size)
+            cin = width
         if size < 1:
-            raise ValueError(f"image_size {image_size} is too small for {depth} blocks")
+            raise ValueError(f"image_size {image_size} is too small for {sum(pools)} poolings")
         self.blocks = nn.ModuleList(blocks)
-        self.feature_dim = channels * size * size
+        self.perturbation_points = [f"blocks.{i}.perturb" for i in range(len(blocks))]
+        self.feature_dim = cin * size * size
         self.head = nn.Linear(self.feature_dim, num_classes)
         self.head_transform = Transform(num_classes) if transform else None
-        self.head_perturb = perturbation(LayerInfo(depth, "dense", self.feature_dim, num_classes, output=True))
+        self.head_perturb = perturbation(LayerInfo(len(blocks), "dense", self.feature_dim, num_classes, output=True))
+        if init == "kaiming":
+            for block in self.blocks:
+                nn.init.kaiming_normal_(block.conv.weight, mode="fan_out", nonlinearity="relu")
         if init == "truncated_normal":
             for block in self.blocks:
                 truncated_normal_(block.conv.weight, 0.02)

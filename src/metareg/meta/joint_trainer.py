@@ -1,0 +1,158 @@
+"""The joint meta-training loop (MetaPerturb Algorithm 1): batches, the two Adam optimizers, the
+noise annealing, the all-reduce of phi's gradient, logs and exact resume.
+
+Every step: each task's train batch -> theta_t's gradient -> Adam step of every theta_t; each task's
+test batch -> phi's gradient -> all-reduce across processes -> Adam step of phi. Batches come from
+per-task epoch permutations and augmentations seeded by (run seed, task, split, step), and noise
+from seeds of (run seed, step, pass, task), so a resumed run continues exactly and a task's data
+and noise do not depend on the process that trains it: with the loop strategy, 2 processes give
+the same phi as 1 (tested, up to the order of floating-point sums).
+
+A checkpoint holds phi, both optimizers' states and every task network; in a multi-process run
+rank 0 gathers them all, so a run may resume with another number of processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import load_checkpoint, save_checkpoint, state_to_tensors, tensors_to_state
+from ..data.augment import epoch_batch, normalize, padding_for, random_crop_flip, to_channels
+from ..data.labeled import LabeledImages
+from ..errors import CheckpointError
+from ..perturb.attach import set_strength
+from ..seeds import derive_seed, generator
+from .distributed import World
+from .joint import TEST_PASS, TRAIN_PASS, JointLearner
+from .loop import StepLoop
+
+CHECKPOINT = "checkpoint"
+COLUMNS = ["step", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "strength", "seconds", "images_per_s"]
+
+
+def annealed_strength(step: int, steps: int, anneal: float) -> float:
+    """c = min(1, step / (anneal * steps)): 0 at the start, full strength after that fraction."""
+    return 1.0 if anneal <= 0 else min(1.0, step / (anneal * steps))
+
+
+def training_batch(data: LabeledImages, batch_size: int, step: int, seed: int, *, augment: bool, channels: int,
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Batch ``step`` of ``data`` (epoch order seeded by ``seed``), cropped and flipped if
+    ``augment``, normalized to [-1, 1] with ``channels`` channels."""
+    index = epoch_batch(len(data), batch_size, step, seed)
+    images = to_channels(data.images[index], channels)
+    if augment:
+        images = random_crop_flip(images, padding_for(images.shape[-1]), True, generator(seed, step))
+    return normalize(images, dtype), data.labels[index]
+
+
+class JointTrainer:
+    """Meta-trains ``learner``'s phi; ``tasks[i]`` = (D^tr, D^te) of ``learner.task_ids[i]``."""
+
+    def __init__(self, learner: JointLearner, tasks: list[tuple[LabeledImages, LabeledImages]], *, world: World, out: str | Path,
+                 steps: int, batch_size: int, lr: float, weight_decay: float, anneal: float, augment: bool, seed: int,
+                 dtype: torch.dtype, channels: int = 3, log_every: int = 50, checkpoint_every: int = 500,
+                 meta: dict[str, Any] | None = None, progress: bool = True):
+        self.learner, self.tasks, self.world, self.out = learner, tasks, world, Path(out)
+        self.steps, self.batch_size, self.anneal, self.augment = steps, batch_size, anneal, augment
+        self.seed, self.dtype, self.channels = seed, dtype, channels
+        self.log_every, self.checkpoint_every = log_every, checkpoint_every
+        self.meta, self.progress = meta or {}, progress
+        self.theta_optimizer = torch.optim.Adam(learner.theta_parameters(), lr=lr, weight_decay=weight_decay)
+        self.phi_optimizer = torch.optim.Adam(learner.phi_parameters(), lr=lr, weight_decay=weight_decay)
+        self.step, self.seconds = 0, 0.0
+
+    # ------------------------------------------------------------------------------------ step
+    def batch(self, which: int, step: int) -> tuple[Tensor, Tensor]:
+        """Every local task's batch of its train (``which=0``) or test (1) split: [T_local, B, ...]."""
+        parts = [training_batch(pair[which], self.batch_size, step, derive_seed(self.seed, task, which), augment=self.augment,
+                                channels=self.channels, dtype=self.dtype)
+                 for task, pair in zip(self.learner.task_ids, self.tasks)]
+        x, y = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+        return x.to(self.world.device), y.to(self.world.device)
+
+    def train_step(self, step: int) -> dict[str, Tensor]:
+        strength = annealed_strength(step, self.steps, self.anneal)
+        set_strength(self.learner.phi, strength)
+        x, y = self.batch(TRAIN_PASS, step)
+        self.theta_optimizer.zero_grad(set_to_none=True)
+        train = self.learner.theta_backward(x, y, seed=self.seed, step=step)
+        self.theta_optimizer.step()
+        x, y = self.batch(TEST_PASS, step)
+        self.phi_optimizer.zero_grad(set_to_none=True)
+        test = self.learner.phi_backward(x, y, seed=self.seed, step=step)
+        # One all-reduce per step: phi's gradient (each task's loss is already divided by T) and
+        # the metrics summed over tasks.
+        params = self.learner.phi_parameters()
+        sums = torch.stack([train["loss"].sum(), train["accuracy"].sum(), test["loss"].sum(), test["accuracy"].sum()])
+        flat = self.world.all_reduce_sum(torch.cat([p.grad.flatten() for p in params] + [sums.to(params[0].dtype)]))
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.phi_optimizer.step()
+        means = flat[offset:] / self.learner.num_tasks
+        return dict(zip(("train_loss", "train_accuracy", "test_loss", "test_accuracy"), means)) | {"strength": torch.tensor(strength)}
+
+    def run(self, resume_log: bool = False) -> None:
+        def save(done: int, seconds: float) -> None:
+            self.step, self.seconds = done, seconds
+            self.save()
+
+        loop = StepLoop(self.out, self.steps, self.log_every, self.checkpoint_every, COLUMNS, shown=("train_loss", "test_loss", "test_accuracy"),
+                        per_step=2 * self.batch_size * self.learner.num_tasks, desc="meta-train phi",
+                        progress=self.progress and self.world.is_main, record=self.world.is_main,
+                        hint="lower optim.lr or set perturb.clip", rate_column="images_per_s")
+        self.step, self.seconds = loop.run(self.train_step, save, start=self.step, seconds=self.seconds, resume_log=resume_log)
+
+    # ----------------------------------------------------------------------------- persistence
+    def _task_tensors(self) -> dict[str, Tensor]:
+        """Every task network's state and Adam state, gathered from all processes: ``task<t>.<name>``
+        and ``optim.task<t>.<param>.<slot>``."""
+        nets = self.learner.networks
+        out: dict[str, Tensor] = {}
+        per_key: dict[str, list[Tensor]] = {}
+        for net in nets:
+            for key, value in net.state_dict().items():
+                per_key.setdefault(f"{{}}.{key}", []).append(value)
+            for name, p in net.named_parameters():
+                for slot, value in self.theta_optimizer.state[p].items():
+                    per_key.setdefault(f"optim.{{}}.{name}.{slot}", []).append(value)
+        for pattern, values in per_key.items():
+            gathered = self.world.gather_tasks(torch.stack(values).to(self.world.device))
+            for t in range(len(gathered)):
+                out[pattern.format(f"task{t}")] = gathered[t]
+        return out
+
+    def save(self) -> Path | None:
+        tensors = {f"phi.{k}": v for k, v in self.learner.phi.state_dict().items()}
+        optim = state_to_tensors("optim.phi", self.phi_optimizer.state_dict(), tensors)
+        tensors |= self._task_tensors()  # collective: every process takes part
+        if not self.world.is_main:
+            return None
+        info = {"phi_optimizer": optim, "seconds": self.seconds, "processes": self.world.size} | self.meta
+        return save_checkpoint(self.out, CHECKPOINT, tensors, info, self.step)
+
+    def resume(self) -> None:
+        tensors, meta = load_checkpoint(self.out, CHECKPOINT)
+        try:
+            self.learner.phi.load_state_dict({k.removeprefix("phi."): v for k, v in tensors.items() if k.startswith("phi.")})
+            self.phi_optimizer.load_state_dict(tensors_to_state(meta["phi_optimizer"], tensors))
+            state, index = {}, 0
+            for net, task in zip(self.learner.networks, self.learner.task_ids):
+                prefix = f"task{task}."
+                net.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+                for name, _ in net.named_parameters():
+                    head = f"optim.task{task}.{name}."
+                    state[index] = {k.removeprefix(head): v for k, v in tensors.items() if k.startswith(head)}
+                    index += 1
+            groups = self.theta_optimizer.state_dict()["param_groups"]
+            self.theta_optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s}, "param_groups": groups})
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"checkpoint in {self.out} does not fit this run: {str(err).splitlines()[0]}") from None
+        self.step = int(meta["step"])
+        self.seconds = float(meta.get("seconds", 0.0))

@@ -1,0 +1,70 @@
+"""Meta-trained MetaPerturb functions on disk: ``phi.safetensors`` (the 82 parameters) and
+``phi.json`` beside it (the file's SHA-256 and its provenance: source data, backbone, steps, the
+command that made it). The package ships one, loaded with ``load_phi("builtin")``.
+
+``load_phi`` accepts ``"builtin"``, a meta-training run folder (holding ``phi.json``), or a
+``phi.json`` path; it checks the format, the checksum, the tensor names and shapes and that every
+value is finite, and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..checkpoint import read_record, sha256_file, verified_tensors, write_json_atomic
+from ..errors import CheckpointError
+from .metaperturb import MetaPerturbFunction
+
+FORMAT = "metareg-metaperturb-phi"
+BUILTIN = Path(__file__).with_name("pretrained") / "phi.json"
+
+
+def save_phi(folder: str | Path, phi: MetaPerturbFunction, provenance: dict[str, Any]) -> Path:
+    """Write ``phi.safetensors`` and ``phi.json`` into ``folder`` (each atomically); returns the JSON path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = folder / "phi.safetensors"
+    tmp = tensors.with_name(tensors.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu().float() for k, v in phi.state_dict().items()}, str(tmp))
+    os.replace(tmp, tensors)
+    record = {"format": FORMAT, "tensors": tensors.name, "sha256": sha256_file(tensors),
+              "parameters": sum(p.numel() for p in phi.parameters())} | provenance
+    write_json_atomic(folder / "phi.json", record)
+    return folder / "phi.json"
+
+
+def resolve_phi(spec: str | Path) -> Path:
+    if str(spec) == "builtin":
+        return BUILTIN
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "phi.json"
+    if not path.is_file():
+        raise CheckpointError(f"no meta-trained perturbation at {spec} (expected 'builtin', a meta-train run folder or its phi.json)")
+    return path
+
+
+def phi_info(spec: str | Path) -> dict[str, Any]:
+    """The provenance record of a stored phi."""
+    path = resolve_phi(spec)
+    return read_record(path, FORMAT, "MetaPerturb phi record") | {"path": str(path)}
+
+
+def load_phi(spec: str | Path = "builtin", *, clip: float | None = 100.0) -> MetaPerturbFunction:
+    """The stored phi ``spec`` as a frozen :class:`MetaPerturbFunction` (``requires_grad=False``)."""
+    record = phi_info(spec)
+    json_path = Path(record["path"])
+    state = verified_tensors(json_path, record)
+    phi = MetaPerturbFunction(clip=clip)
+    try:
+        phi.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{json_path} does not describe a MetaPerturb phi: {str(err).splitlines()[0]}") from None
+    if not all(torch.isfinite(p).all() for p in phi.parameters()):
+        raise CheckpointError(f"{json_path}'s tensors hold non-finite values")
+    return phi.requires_grad_(False)

@@ -1,0 +1,23 @@
+"""Seeds derived from a run's seed and a position (step, task, pass).
+
+Ordinary training here draws its randomness (batch order, augmentation, perturbation noise) from
+generators seeded by ``derive_seed(run_seed, ...)`` at each step instead of one long stream: a
+resumed run then continues exactly without storing generator states, and a task's randomness is
+the same whichever process (or batch of tasks) trains it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from non-negative integers (numpy's SeedSequence hashing)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+def generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded with ``derive_seed(*parts)``."""
+    return torch.Generator().manual_seed(derive_seed(*parts))

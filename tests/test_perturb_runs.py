@@ -1,0 +1,236 @@
+"""MetaPerturb runs: class-wise source tasks, meta-training (exact resume; torchrun with 2 processes
+equals 1 process), transfer (Base, MetaPerturb, fine-tuning; paired comparison; Figure 7's plot)
+and the command line's errors. Everything runs on the built-in glyphs at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from metareg.config import MetaTrainConfig, TransferConfig, parse_assignment, resolve
+from metareg.data import class_tasks, load_labeled, split_per_class
+from metareg.errors import ConfigError, DataError
+from metareg.meta.distributed import World
+from metareg.meta.joint_trainer import JointTrainer
+from metareg.meta.transfer import TransferTrainer, predict
+from metareg.perturb.pretrained import save_phi
+from metareg.perturb_experiment import meta_train, transfer
+from test_cli import assert_one_line_error, run
+
+TINY_META = ["data.options.num_classes=20", "data.classes=20", "data.image_size=16", "optim.batch_size=4", "optim.steps=4",
+             "optim.checkpoint_every=2", "optim.log_every=1", "model.options.channels=8", "tasks=4"]
+TINY_TRANSFER = ["data.image_size=16", "optim.batch_size=8", "optim.steps=6", "optim.checkpoint_every=3", "optim.log_every=1",
+                 "model.options.channels=8", "perturb.mc_samples=3"]
+
+
+def tensors_of(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / json.loads((run / "checkpoint.json").read_text())["tensors"]))
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_exact_resume(tmp_path: Path, monkeypatch, trainer: type, start, config, stop: int) -> None:
+    """``start(config, folder, resume=...)`` run whole, and interrupted at step ``stop`` (after a
+    checkpoint) then resumed, ends with bit-identical checkpoints."""
+    start(config, tmp_path / "whole", progress=False)
+    original = trainer.train_step
+
+    def interrupted(self, step):
+        if step == stop:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        start(config, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(trainer, "train_step", original)
+    start(config, tmp_path / "cut", resume=True, progress=False)
+    assert_same_tensors(tensors_of(tmp_path / "whole"), tensors_of(tmp_path / "cut"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def phi_dir(tmp_path_factory) -> Path:
+    """A stored phi with non-trivial parameters (so transfer perturbs for real)."""
+    from metareg.perturb import MetaPerturbFunction
+
+    folder = tmp_path_factory.mktemp("phi")
+    torch.manual_seed(0)
+    phi = MetaPerturbFunction()
+    for p in phi.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    save_phi(folder, phi, {"source": {"data": "unit-test"}, "backbone": "none", "command": "metareg perturb meta-train (test)"})
+    return folder
+
+
+# ------------------------------------------------------------------------------------- data
+def test_class_tasks_are_class_disjoint_with_fixed_halves():
+    data = load_labeled("glyphs", "train", image_size=12, num_classes=23, instances_per_class=6)
+    tasks = class_tasks(data, 5, seed=3)
+    names = [set(train.class_names) for train, _ in tasks]
+    assert sum(len(n) for n in names) == 23 and set().union(*names) == set(data.class_names)  # a partition
+    assert sorted(len(n) for n in names) == [4, 4, 5, 5, 5]
+    for train, test in tasks:
+        assert train.class_names == test.class_names and train.class_counts().tolist() == [3] * train.num_classes
+        # the halves are disjoint images of the same classes
+        rows = {tuple(x.flatten().tolist()) for x in train.images} & {tuple(x.flatten().tolist()) for x in test.images}
+        assert not rows
+    again = class_tasks(data, 5, seed=3)
+    assert all(torch.equal(a[0].images, b[0].images) for a, b in zip(tasks, again))
+    with pytest.raises(DataError, match="class-wise into 24 tasks"):
+        class_tasks(data, 24)
+
+
+def test_split_per_class_is_fixed_and_checks_sizes():
+    data = load_labeled("glyphs", "test", image_size=12, num_classes=4, instances_per_class=5)
+    train, test = split_per_class(data, 3, seed=1)
+    assert train.class_counts().tolist() == [3] * 4 and test.class_counts().tolist() == [2] * 4
+    assert torch.equal(split_per_class(data, 3, seed=1)[0].images, train.images)
+    assert not torch.equal(split_per_class(data, 3, seed=2)[0].images, train.images)
+    with pytest.raises(DataError, match="has 5 images; taking 5 per class"):
+        split_per_class(data, 5)
+
+
+def test_tasks_are_shared_equally_between_processes():
+    assert World(rank=1, size=2).share(10) == [5, 6, 7, 8, 9]
+    with pytest.raises(ConfigError, match="cannot be shared equally"):
+        World(rank=0, size=3).share(10)
+
+
+# ---------------------------------------------------------------------------- meta-training
+def meta_config(*extra: str) -> MetaTrainConfig:
+    return resolve("perturb-quickstart", overrides=[parse_assignment(s) for s in (*TINY_META, *extra)], schema=MetaTrainConfig)
+
+
+def test_meta_training_resumes_exactly_after_an_interruption(tmp_path, monkeypatch):
+    assert_exact_resume(tmp_path, monkeypatch, JointTrainer, meta_train, meta_config(), stop=3)
+    phi = json.loads((tmp_path / "cut" / "phi.json").read_text())
+    assert phi["parameters"] == 82 and phi["steps"] == 4 and phi["source"]["tasks"] == 4
+    log = (tmp_path / "cut" / "log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3", "4"]
+
+
+def test_two_processes_with_torchrun_give_the_same_phi_as_one(tmp_path):
+    """Algorithm 1 across processes (gloo): each of 2 processes trains 2 of the 4 tasks and phi's
+    gradient is all-reduced; float64, so the only difference is the order of the sums."""
+    args = ["--no-progress", "perturb", "meta-train", "--preset", "perturb-quickstart", *sum((["--set", s] for s in TINY_META), []),
+            "--set", "dtype=float64", "--set", "optim.steps=3", "--set", "optim.checkpoint_every=3"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "metareg.cli", *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "metareg.cli",
+                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "checkpoint.json").read_text())["processes"] == 2
+    a, b = tensors_of(tmp_path / "one"), tensors_of(tmp_path / "two")
+    assert set(a) == set(b)
+    for key in a:  # phi, its Adam state, and every task network gathered from both processes
+        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+# --------------------------------------------------------------------------------- transfer
+def transfer_config(phi_dir: Path, *extra: str) -> TransferConfig:
+    return resolve("transfer-quickstart", overrides=[parse_assignment(s) for s in (*TINY_TRANSFER, f"perturb.phi={phi_dir}", *extra)],
+                   schema=TransferConfig)
+
+
+def test_transfer_baselines_and_metaperturb_end_to_end(tmp_path, phi_dir):
+    base = transfer(transfer_config(phi_dir, "perturb.name=none"), tmp_path / "base", progress=False)
+    perturbed = transfer(transfer_config(phi_dir), tmp_path / "mp", progress=False)
+    assert base["protocol"] == {k: v for k, v in perturbed["protocol"].items() if k != "mc_samples"} | {"mc_samples": 1}
+    assert perturbed["protocol"]["mc_samples"] == 3 and len(perturbed["scores"]) == perturbed["protocol"]["test_images"] == 200
+    assert 0 <= perturbed["ece"] <= 1 and perturbed["nll"] > 0 and perturbed["phi"]["source"] == {"data": "unit-test"}
+    # Fine-tuning: the convolutions start from the Base run's trained ones, batch norm and head do not.
+    # (One step at a negligible learning rate: the weights are still the ones they started from.)
+    tuned_config = transfer_config(phi_dir, "perturb.name=none", f"init_from={tmp_path / 'base'}", "optim.steps=1", "optim.lr=1e-12")
+    transfer(tuned_config, tmp_path / "ft", progress=False)
+    source, tuned = tensors_of(tmp_path / "base"), tensors_of(tmp_path / "ft")
+    conv = [k for k in source if k.endswith("conv.weight")]
+    assert len(conv) == 4
+    for key in conv:
+        torch.testing.assert_close(tuned[key], source[key], rtol=0, atol=1e-8)
+    assert not torch.equal(source["model.head.weight"], tuned["model.head.weight"])
+    # The paired comparison over the same test images, and Figure 7's plot.
+    done = run("compare", str(tmp_path / "mp"), str(tmp_path / "base"))
+    assert done.returncode == 0 and "paired over the same 200 test images" in done.stdout, done.stderr
+    done = run("plot", "scales", str(tmp_path / "mp"), "--out", str(tmp_path / "scales.png"))
+    assert done.returncode == 0 and (tmp_path / "scales.png").stat().st_size > 1000, done.stderr
+    assert_one_line_error(run("plot", "scales", str(tmp_path / "base")), "without MetaPerturb")
+    done = run("plot", "reliability", str(tmp_path / "mp"), str(tmp_path / "base"), "--out", str(tmp_path / "rel.png"))
+    assert done.returncode == 0 and (tmp_path / "rel.png").stat().st_size > 1000, done.stderr
+
+
+def test_monte_carlo_test_predictions_are_reproducible_and_average_the_noise(tmp_path, phi_dir):
+    from metareg.perturb_experiment import load_transfer_model
+
+    transfer(transfer_config(phi_dir), tmp_path / "mp", progress=False)
+    _, model = load_transfer_model(tmp_path / "mp")
+
+    data = load_labeled("glyphs", "test", image_size=16, num_classes=20).images[:16]
+    kw = {"channels": 3, "device": torch.device("cpu"), "dtype": torch.float32}
+    one = predict(model, data, samples=1, seed=5, **kw)
+    assert torch.equal(one, predict(model, data, samples=1, seed=5, **kw))  # same seed, same noise
+    assert not torch.equal(one, predict(model, data, samples=1, seed=6, **kw))  # noise is sampled at test time
+    many = predict(model, data, samples=8, seed=5, **kw)
+    torch.testing.assert_close(many.sum(1), torch.ones(16, dtype=torch.float64))
+
+
+def test_transfer_resumes_exactly_after_an_interruption(tmp_path, phi_dir, monkeypatch):
+    assert_exact_resume(tmp_path, monkeypatch, TransferTrainer, transfer, transfer_config(phi_dir), stop=4)
+    whole, cut = (json.loads((tmp_path / r / "test.json").read_text()) for r in ("whole", "cut"))
+    assert whole["scores"] == cut["scores"] and whole["nll"] == cut["nll"]
+
+
+# ----------------------------------------------------------------------------- command line
+@pytest.mark.parametrize("args, fragments", [
+    (["perturb", "transfer", "--arch", "resnet9000"], ["unknown backbone"]),
+    (["perturb", "transfer", "--preset", "quickstart"], ["bilevel preset", "metareg train"]),
+    (["perturb", "meta-train", "--preset", "transfer-quickstart"], ["transfer preset"]),
+    (["perturb", "transfer", "--preset", "transfer-miniimagenet", "--data-root", "/nonexistent"], ["miniImageNet root"]),
+    (["perturb", "transfer", "--set", "data.train_per_class=25"], ["has 20 images", "taking 25"]),
+    (["perturb", "transfer", "--phi", "/nonexistent/phi"], ["no meta-trained perturbation"]),
+    (["perturb", "transfer", "--set", "optim.bogus=1"], ["unknown config key 'optim.bogus'"]),
+    (["perturb", "meta-train", "--tasks", "500"], ["cannot be divided class-wise into 500 tasks"]),
+    (["perturb", "transfer", "--resume"], ["--resume needs --out"]),
+    (["perturb", "transfer", "--set", "data.image_size=8", "--arch", "vgg9"], ["too small"]),
+    (["perturb", "info", "/nonexistent"], ["no meta-trained perturbation"]),
+])
+def test_bad_perturb_input_gets_one_line(tmp_path, args, fragments):
+    extra = ["--out", str(tmp_path / "run")] if args[1] != "info" and "--resume" not in args else []
+    assert_one_line_error(run(*args, *extra), *fragments)
+
+
+# ------------------------------------------------------------------------- batches and crops
+def test_epochs_visit_every_example_once_and_crops_are_windows_of_the_padded_image():
+    from metareg.data.augment import epoch_batch, normalize, random_crop_flip
+
+    seen = torch.cat([epoch_batch(10, 3, step, seed=4) for step in range(3)])  # one epoch: 3 full batches
+    assert len(set(seen.tolist())) == 9 and torch.equal(epoch_batch(10, 3, 1, seed=4), seen[3:6])
+    assert not torch.equal(epoch_batch(10, 3, 3, seed=4), seen[:3])  # a new order each epoch
+    images = torch.arange(2 * 3 * 6 * 6, dtype=torch.float64).view(2, 3, 6, 6) + 1
+    crops = random_crop_flip(images, 2, True, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, y:y + 6, x:x + 6] for y in range(5) for x in range(5)]
+        assert any(torch.equal(crops[i], w) or torch.equal(crops[i], w.flip(-1)) for w in windows)
+    flips = [random_crop_flip(images, 0, True, torch.Generator().manual_seed(s))[0] for s in range(40)]
+    assert any(torch.equal(f, images[0]) for f in flips) and any(torch.equal(f, images[0].flip(-1)) for f in flips)
+    assert normalize(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
