@@ -1,5 +1,7 @@
 """`metareg reproduce`: grids of runs, resumable, with diverged runs reported as such."""
 
+import json
+
 from metareg import reproduce
 from metareg.reproduce import EXPERIMENTS, Experiment, Run, run_experiment
 
@@ -25,3 +27,23 @@ def test_diverged_run_is_reported(tmp_path, monkeypatch):
     text = run_experiment("tiny", tmp_path, iterations=3, episodes=4, jobs=1, progress=False).read_text()
     assert "diverged" in text and "[1.00 +- 0.10]" in text
     assert reproduce._cell(None, "diverged").startswith("diverged")
+
+
+def test_metaperturb_grid_trains_phi_first_and_reports_seeds_with_paired_differences(tmp_path, monkeypatch):
+    """A tiny MetaPerturb grid on glyphs: phi (stage 0), then Base and MetaPerturb transfers that
+    use it ({out}), two seeds each; the report gives mean +- std over seeds and paired differences."""
+    tiny_meta = ("data.options={num_classes: 20}", "data.classes=20", "data.image_size=16", "optim.batch_size=4", "tasks=4",
+                 "model.options={channels: 8}")
+    tiny_transfer = ("data.image_size=16", "optim.batch_size=8", "model.options={channels: 8}", "perturb.mc_samples=2")
+    runs = [Run("phi", "perturb-quickstart", tiny_meta, row="phi", command="meta-train", stage=0)]
+    for seed in (0, 1):
+        runs += [Run(f"base-{seed}", "transfer-quickstart", (*tiny_transfer, "perturb.name=none"), row="conv4", column="Base",
+                     seed=seed, command="transfer"),
+                 Run(f"mp-{seed}", "transfer-quickstart", (*tiny_transfer, "perturb.phi={out}/phi"), row="conv4", column="MetaPerturb",
+                     seed=seed, command="transfer")]
+    monkeypatch.setitem(EXPERIMENTS, "tiny-mp", Experiment("tiny-mp", "tiny", "a test", tuple(runs), ("Base", "MetaPerturb"), figure="seeds"))
+    text = run_experiment("tiny-mp", tmp_path, iterations=2, jobs=2, progress=False).read_text()
+    assert "| conv4 | " in text and "MetaPerturb - Base" in text and text.count("+-") >= 5, text
+    assert (tmp_path / "phi" / "phi.json").exists() and (tmp_path / "mp-1" / "test.json").exists()
+    phi = str(tmp_path / "phi")
+    assert json.loads((tmp_path / "mp-0" / "test.json").read_text())["phi"]["path"].startswith(phi)

@@ -39,6 +39,7 @@ class Run:
     seed: int = 0  # training seed
     group: str = ""  # runs of one group (repeats over seeds) are aggregated in figures
     command: str = "train"  # train | meta-train | transfer
+    stage: int = 1  # runs of stage 0 (phi, source networks) finish before the others start
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def _metaperturb(target: str, archs: tuple[str, ...], seeds: tuple[int, ...] = (
     """Base vs MetaPerturb on a data-scarce target, each backbone trained from scratch with 3 seeds;
     phi meta-trained once with ResNet20 on miniImageNet's 64 meta-train classes, so the Conv4 rows
     test the cross-architecture claim (the paper's Table 2 setting)."""
-    runs = [Run("source-resnet20", "perturb-miniimagenet-resnet20", row="phi", command="meta-train")]
+    runs = [Run("source-resnet20", "perturb-miniimagenet-resnet20", row="phi", command="meta-train", stage=0)]
     for arch in archs:
         for seed in seeds:
             for column, overrides in (("Base", ("perturb.name=none",)), ("MetaPerturb", ("perturb.phi={out}/source-resnet20",))):
@@ -133,8 +134,25 @@ def _metaperturb(target: str, archs: tuple[str, ...], seeds: tuple[int, ...] = (
                       tuple(runs), ("Base", "MetaPerturb"), figure="seeds")
 
 
+def _metaperturb_finetuning(seeds: tuple[int, ...] = (0, 1, 2)) -> Experiment:
+    """Table 1's fine-tuning rows: ResNet20 pre-trained on the 64 source classes, then fine-tuned on
+    the target, without and with MetaPerturb."""
+    runs = [Run("source-resnet20", "perturb-miniimagenet-resnet20", row="phi", command="meta-train", stage=0),
+            Run("source-network-resnet20", "source-miniimagenet", row="source", command="transfer", stage=0)]
+    for seed in seeds:
+        for column, overrides in (("Fine-tuning", ("perturb.name=none",)), ("Fine-tuning + MetaPerturb", ("perturb.phi={out}/source-resnet20",))):
+            runs.append(Run(f"miniimagenet-resnet20-{'ft' if column == 'Fine-tuning' else 'ft-metaperturb'}-seed{seed}", "transfer-miniimagenet",
+                            ("init_from={out}/source-network-resnet20", *overrides), row="resnet20", column=column, seed=seed,
+                            command="transfer"))
+    return Experiment("metaperturb-finetuning", "MetaPerturb with fine-tuning: miniImageNet's 20 meta-test classes, 50 training images "
+                      "per class, ResNet20 pre-trained on the 64 meta-train classes (test accuracy, %)",
+                      "MetaPerturb Table 1, FT rows (setting: our CPU-sized stand-in)", tuple(runs),
+                      ("Fine-tuning", "Fine-tuning + MetaPerturb"), figure="seeds")
+
+
 EXPERIMENTS = {e.name: e for e in (_table_6_1(), _table_6_2(), _figure_6_1(), _dropgrad_figure_2(),
-                                   _metaperturb("miniimagenet", ("conv4", "resnet20")), _metaperturb("omniglot", ("resnet20",)))}
+                                   _metaperturb("miniimagenet", ("conv4", "resnet20")), _metaperturb("omniglot", ("resnet20",)),
+                                   _metaperturb_finetuning())}
 
 
 # ------------------------------------------------------------------------------------- running
@@ -209,12 +227,12 @@ def run_experiment(name: str, out: str | Path, *, iterations: int | None = None,
         return run.name, status
 
     statuses: dict[str, str] = {}
-    for stage in (("meta-train",), ("train", "transfer")):  # transfers use the meta-trained phi
+    for stage in sorted({r.stage for r in experiment.runs}):  # transfers use the phi and source networks of stage 0
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            statuses |= dict(pool.map(one, [r for r in experiment.runs if r.command in stage]))
+            statuses |= dict(pool.map(one, [r for r in experiment.runs if r.stage == stage]))
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for run in experiment.runs:
-        if statuses[run.name] == "done" and run.command != "meta-train":
+        if statuses[run.name] == "done" and run.command != "meta-train" and run.stage > 0:
             results[run.name] = {shot: _test(run, out / run.name, shot, episodes) for shot in run.shots}
     if experiment.figure == "seeds":
         report = _seed_table(experiment, statuses, results, iterations)
@@ -274,19 +292,19 @@ def _seed_table(experiment: Experiment, statuses: dict[str, str], results: dict,
     from .evaluate.stats import paired_difference
 
     schedule = f"{iterations} training steps per run (reduced)" if iterations else "the presets' schedules"
-    first = next(r for r in experiment.runs if r.command == "transfer")
+    first = next(r for r in experiment.runs if r.command == "transfer" and r.stage > 0)
     test = results.get(first.name, {}).get(first.shots[0], {}).get("protocol", {})
     lines = [f"# {experiment.title}", "", f"{experiment.source}. Test accuracy in % on the same {test.get('test_images', '?')} test "
              f"images for every run, mean +- std over training seeds (each seed's value in brackets); {schedule}. "
              "Paired differences: per seed over the same test images (95% CI), and mean +- std over seeds.", ""]
     cells: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
     for run in experiment.runs:
-        if run.command == "transfer":
+        if run.command == "transfer" and run.stage > 0:
             if statuses[run.name] == "diverged":
                 cells.setdefault((run.row, run.column), []).append((run.seed, {}))
             elif run.name in results:
                 cells.setdefault((run.row, run.column), []).append((run.seed, results[run.name][run.shots[0]]))
-    rows = list(dict.fromkeys(r.row for r in experiment.runs if r.command == "transfer"))
+    rows = list(dict.fromkeys(r.row for r in experiment.runs if r.command == "transfer" and r.stage > 0))
     lines += ["| backbone | " + " | ".join(experiment.columns) + f" | {experiment.columns[-1]} - {experiment.columns[0]} |",
               "|" + "---|" * (len(experiment.columns) + 2)]
     for row in rows:
