@@ -4,16 +4,24 @@ import json
 
 import pytest
 
-from metareg.config import Config, parse_assignment, resolve
+from metareg.config import KINDS, Config, parse_assignment, resolve
 from metareg.errors import ConfigError
 from metareg.presets import PRESETS
 
 
 def test_every_preset_resolves_and_names_its_paper_row():
+    schemas = {kind: schema for schema, kind in KINDS.items()}
     for name, preset in PRESETS.items():
-        config = resolve(name)
+        config = resolve(name, schema=schemas[preset.kind])
         assert config.preset == name
         assert preset.paper
+
+
+def test_a_preset_of_another_kind_names_the_command_that_runs_it():
+    with pytest.raises(ConfigError, match="metareg perturb meta-train"):
+        resolve("perturb-quickstart")
+    with pytest.raises(ConfigError, match="metareg train"):
+        resolve("quickstart", schema=next(s for s, k in KINDS.items() if k == "transfer"))
 
 
 def test_omniglot_preset_has_the_reference_readme_hyperparameters():

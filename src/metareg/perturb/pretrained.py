@@ -31,6 +31,7 @@ def save_phi(folder: str | Path, phi: MetaPerturbFunction, provenance: dict[str,
     tensors = folder / "phi.safetensors"
     tmp = tensors.with_name(tensors.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu().float() for k, v in phi.state_dict().items()}, str(tmp))
+    os.chmod(tmp, 0o644)  # shareable, like the package's own copy
     os.replace(tmp, tensors)
     record = {"format": FORMAT, "tensors": tensors.name, "sha256": sha256_file(tensors),
               "parameters": sum(p.numel() for p in phi.parameters())} | provenance
