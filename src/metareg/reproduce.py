@@ -223,7 +223,8 @@ def run_experiment(name: str, out: str | Path, *, iterations: int | None = None,
     def one(run: Run) -> tuple[str, str]:
         status = _train(run, out / run.name, iterations, out / f"{run.name}.log")
         if progress:
-            print(f"[{time.perf_counter() - start:6.0f} s] {run.name}: {status}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"[{time.perf_counter() - start:6.0f} s] {run.name}: {status}\n")  # one write: no interleaving across jobs
+            sys.stderr.flush()
         return run.name, status
 
     statuses: dict[str, str] = {}

@@ -24,13 +24,14 @@ def run_scales(run: str | Path) -> tuple[str, list[str], list[torch.Tensor]]:
     if config.perturb.name != "metaperturb":
         raise ConfigError(f"{run} was trained without MetaPerturb: it has no scales to plot")
     scales = [slot.running_scales().float() for slot in model.slots]
-    return f"{Path(run).name}: {config.data.name} / {config.model.backbone}", list(model.points), scales
+    return f"{Path(run).name}\n{config.data.name} / {config.model.backbone}", list(model.points), scales
 
 
 def plot_scales(runs: list[str | Path], out: str | Path) -> Path:
     plt = pyplot()
     found = [run_scales(run) for run in runs]
-    fig, axes = plt.subplots(1, len(found) + 1, figsize=(3.2 * len(found) + 4.5, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(found) + 1, figsize=(3.6 * len(found) + 4.5, 3.8), squeeze=False,
+                             layout="constrained")
     for ax, (label, points, scales) in zip(axes[0], found):
         rows = max(len(s) for s in scales)
         grid = torch.full((rows, len(scales)), float("nan"))
@@ -46,12 +47,12 @@ def plot_scales(runs: list[str | Path], out: str | Path) -> Path:
         means = torch.stack([s.mean() for s in scales])
         spread = torch.stack([s.std() if len(s) > 1 else s.new_zeros(()) for s in scales])
         x = torch.arange(len(scales))
-        summary.plot(x, means, marker="o", label=label)
+        summary.plot(x, means, marker="o", label=label.replace("\n", ": "))
         summary.fill_between(x, means - spread, means + spread, alpha=0.2)
     summary.set_ylim(0, 1)
     summary.set_xlabel("block")
     summary.set_title("mean +- std of s over channels", fontsize=9)
-    summary.legend(fontsize=7)
+    summary.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.18))
     out = Path(out)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
