@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 FORMAT = "metareg-checkpoint"
 VERSION = 1
@@ -44,6 +44,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_safetensors_atomic(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Write ``tensors`` (moved to the CPU) to ``path`` through a temporary file and ``os.replace``."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def check_run_folder(folder: Path, resume: bool, name: str = "checkpoint") -> None:
+    """A new run must not overwrite a checkpoint; ``resume`` needs one."""
+    has_checkpoint = (folder / f"{name}.json").exists()
+    if has_checkpoint and not resume:
+        raise ConfigError(f"run folder {folder} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    if resume and not has_checkpoint:
+        raise CheckpointError(f"nothing to resume: {folder} holds no {name}.json")
+
+
 def save_checkpoint(folder: str | Path, name: str, tensors: dict[str, Tensor], meta: dict[str, Any], step: int) -> Path:
     """Write ``tensors`` and ``meta`` (JSON-able) as checkpoint ``name`` in ``folder``."""
     folder = Path(folder)
@@ -51,9 +67,7 @@ def save_checkpoint(folder: str | Path, name: str, tensors: dict[str, Tensor], m
     json_path = folder / f"{name}.json"
     old = _tensor_file(json_path) if json_path.exists() else None
     tensor_path = folder / f"{name}-{step:08d}.safetensors"
-    tmp = tensor_path.with_name(tensor_path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, tensor_path)
+    write_safetensors_atomic(tensor_path, tensors)
     record = {"format": FORMAT, "version": VERSION, "step": step, "tensors": tensor_path.name, "sha256": sha256_file(tensor_path)} | meta
     write_json_atomic(json_path, record)
     if old is not None and old != tensor_path and old.exists():

@@ -15,7 +15,7 @@ from .builders import (
     is_regression,
     resolve_device,
 )
-from .checkpoint import load_checkpoint, read_checkpoint_meta, write_json_atomic
+from .checkpoint import check_run_folder, load_checkpoint, read_checkpoint_meta, write_json_atomic
 from .config import Config
 from .errors import CheckpointError, ConfigError, MetaregError
 from .evaluate import EvalResult, evaluate, paired_difference
@@ -63,11 +63,7 @@ def meta_test(
 def train(config: Config, out: str | Path, *, resume: bool = False, progress: bool = True) -> MetaTrainer:
     """Meta-train ``config`` into run folder ``out`` (or continue it with ``resume``)."""
     out = Path(out)
-    has_checkpoint = (out / f"{CHECKPOINT}.json").exists()
-    if has_checkpoint and not resume:
-        raise ConfigError(f"run folder {out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    if resume and not has_checkpoint:
-        raise CheckpointError(f"nothing to resume: {out} holds no {CHECKPOINT}.json")
+    check_run_folder(out, resume, CHECKPOINT)
     device = resolve_device(config.device)
     dtype = dtype_of(config)
     torch.manual_seed(config.seed)

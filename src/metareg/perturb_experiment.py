@@ -20,10 +20,10 @@ import torch
 
 from . import __version__
 from .builders import resolve_device
-from .checkpoint import load_checkpoint, read_checkpoint_meta, write_json_atomic
+from .checkpoint import check_run_folder, load_checkpoint, read_checkpoint_meta, write_json_atomic
 from .config import ImageDataConfig, MetaTrainConfig, TransferConfig
 from .data.labeled import LabeledImages, choose_classes, class_tasks, keep_classes, load_labeled, split_per_class, take_per_class
-from .errors import CheckpointError, ConfigError, DataError, MetaregError
+from .errors import CheckpointError, DataError, MetaregError
 from .meta import distributed
 from .meta.joint import JointLearner
 from .meta.joint_trainer import CHECKPOINT, JointTrainer
@@ -78,11 +78,7 @@ def build_network(name: str, num_classes: int, image_size: int, options: dict[st
 
 
 def _prepare_folder(out: Path, resume: bool, config: Any, main: bool = True) -> None:
-    has_checkpoint = (out / f"{CHECKPOINT}.json").exists()
-    if has_checkpoint and not resume:
-        raise ConfigError(f"run folder {out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
-    if resume and not has_checkpoint:
-        raise CheckpointError(f"nothing to resume: {out} holds no {CHECKPOINT}.json")
+    check_run_folder(out, resume, CHECKPOINT)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:

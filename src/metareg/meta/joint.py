@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..errors import ConfigError
-from ..perturb.attach import Perturbed, attach_metaperturb
+from ..perturb.attach import Perturbed, attach_metaperturb, probe
 from ..perturb.metaperturb import MetaPerturbFunction
 from ..seeds import derive_seed
 
@@ -90,7 +90,7 @@ class JointLearner(nn.Module):
         self.num_tasks = num_tasks
         self.strategy = strategy
         self.networks = nn.ModuleList(attach_metaperturb(build(t), phi, at, input_shape, own=False) for t in self.task_ids)
-        outputs = _output_width(self.networks[0], input_shape) if classes is not None else None
+        outputs = probe(self.networks[0], input_shape).shape[-1] if classes is not None else None
         if classes is not None and (len(classes) != len(self.task_ids) or not all(1 <= c <= outputs for c in classes)):
             raise ConfigError(f"classes must give each of the {len(self.task_ids)} tasks a count in 1..{outputs}, got {list(classes)}")
         absent = torch.zeros(len(self.task_ids), outputs or 1, dtype=torch.bool)
@@ -145,7 +145,8 @@ class JointLearner(nn.Module):
         """Every local task's loss and accuracy in one ``vmap`` over the stacked task networks."""
         template: Perturbed = self.networks[0]
         params = {n: torch.stack(ps) for n, ps in _by_name(self.networks, "named_parameters").items()}
-        buffers = {n: torch.stack(bs) for n, bs in _by_name(self.networks, "named_buffers").items()}
+        originals = _by_name(self.networks, "named_buffers")
+        buffers = {n: torch.stack(bs) for n, bs in originals.items()}
 
         def task_loss(p: dict[str, Tensor], b: dict[str, Tensor], xt: Tensor, yt: Tensor, absent: Tensor) -> tuple[Tensor, Tensor]:
             out = functional_call(template, (p, b), (xt,)).masked_fill(absent, float("-inf"))
@@ -153,20 +154,10 @@ class JointLearner(nn.Module):
 
         losses, accuracy = vmap(task_loss, randomness="different")(params, buffers, x, y, self.absent)
         with torch.no_grad():  # running statistics were updated in the stacked copies
-            for name, originals in _by_name(self.networks, "named_buffers").items():
-                for i, original in enumerate(originals):
+            for name, tensors in originals.items():
+                for i, original in enumerate(tensors):
                     original.copy_(buffers[name][i])
         return losses, accuracy.detach()
-
-
-@torch.no_grad()
-def _output_width(net: nn.Module, input_shape: Sequence[int]) -> int:
-    """The number of outputs, from a forward pass in eval mode (no running statistic moves)."""
-    net.eval()
-    try:
-        return net(torch.zeros(2, *input_shape, dtype=next(net.parameters()).dtype)).shape[-1]
-    finally:
-        net.train()
 
 
 def _by_name(networks: Sequence[nn.Module], what: str) -> dict[str, list[Tensor]]:

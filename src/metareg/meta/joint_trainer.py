@@ -99,15 +99,11 @@ class JointTrainer:
         return dict(zip(("train_loss", "train_accuracy", "test_loss", "test_accuracy"), means)) | {"strength": torch.tensor(strength)}
 
     def run(self, resume_log: bool = False) -> None:
-        def save(done: int, seconds: float) -> None:
-            self.step, self.seconds = done, seconds
-            self.save()
-
         loop = StepLoop(self.out, self.steps, self.log_every, self.checkpoint_every, COLUMNS, shown=("train_loss", "test_loss", "test_accuracy"),
                         per_step=2 * self.batch_size * self.learner.num_tasks, desc="meta-train phi",
                         progress=self.progress and self.world.is_main, record=self.world.is_main,
                         hint="lower optim.lr or set perturb.clip", rate_column="images_per_s")
-        self.step, self.seconds = loop.run(self.train_step, save, start=self.step, seconds=self.seconds, resume_log=resume_log)
+        loop.run(self.train_step, self, resume_log=resume_log)
 
     # ----------------------------------------------------------------------------- persistence
     def _task_tensors(self) -> dict[str, Tensor]:

@@ -44,10 +44,12 @@ class StepLoop:
     rate_column: str = "per_s"
     record: bool = True
 
-    def run(self, step: Callable[[int], dict[str, torch.Tensor]], save: Callable[[int, float], Any], *, start: int, seconds: float,
-            evaluate: Callable[[], dict[str, float]] | None = None, resume_log: bool = False) -> tuple[int, float]:
-        """Run from step ``start`` (``seconds`` of earlier training) to ``total``; returns the final
-        step and training seconds. ``step(i)`` takes step i (0-based); ``save(steps_done, seconds)``."""
+    def run(self, step: Callable[[int], dict[str, torch.Tensor]], trainer: Any, *,
+            evaluate: Callable[[], dict[str, float]] | None = None, resume_log: bool = False) -> None:
+        """Run ``trainer`` from its ``step`` (with ``seconds`` of earlier training) to ``total``.
+        ``step(i)`` takes step i (0-based); at every checkpoint ``trainer.step`` and
+        ``trainer.seconds`` are brought up to date and ``trainer.save()`` is called."""
+        start, seconds = trainer.step, trainer.seconds
         log = MetricLog(self.out / "log.csv", resume_step=start if resume_log else None, columns=list(self.columns)) if self.record else None
         pending: list[dict[str, torch.Tensor]] = []
         clock, base, done = time.perf_counter(), seconds, start
@@ -81,9 +83,9 @@ class StepLoop:
                     log.write(row)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in (means | last_eval).items() if k in self.shown})
                 if at_save:
-                    save(done, seconds)
+                    trainer.step, trainer.seconds = done, seconds
+                    trainer.save()
         finally:
             bar.close()
             if log is not None:
                 log.close()
-        return done, seconds

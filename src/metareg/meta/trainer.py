@@ -112,10 +112,6 @@ class MetaTrainer:
         def step(_: int) -> dict[str, torch.Tensor]:
             return self.train_step()
 
-        def save(done: int, seconds: float) -> None:
-            self.step, self.seconds = done, seconds
-            self.save()
-
         def validate() -> dict[str, float]:
             self.last_val = self.validate(self.learner)
             return {"val_score": self.last_val[0], "val_ci95": self.last_val[1]}
@@ -123,6 +119,5 @@ class MetaTrainer:
         loop = StepLoop(self.out, self.iterations, self.log_every, self.checkpoint_every, COLUMNS, eval_every=self.val_every,
                         shown=("loss", "score", "val_score"), per_step=self.meta_batch, desc="meta-train", progress=self.progress,
                         hint="lower train.meta_lr or inner.lr, or set train.clip", rate_column="tasks_per_s")
-        self.step, self.seconds = loop.run(step, save, start=self.step, seconds=self.seconds,
-                                           evaluate=validate if self.validate is not None else None, resume_log=resume_log)
+        loop.run(step, self, evaluate=validate if self.validate is not None else None, resume_log=resume_log)
         return {"step": self.step, "seconds": self.seconds, "last_val": self.last_val}

@@ -127,18 +127,13 @@ class TransferTrainer:
         return probabilities, (probabilities.argmax(1) == self.test.labels).double()
 
     def run(self, resume_log: bool = False) -> None:
-        def save(done: int, seconds: float) -> None:
-            self.step, self.seconds = done, seconds
-            self.save()
-
         def evaluate() -> dict[str, float]:
             return {"test_accuracy": self.evaluate(self.eval_mc_samples)[1].mean().item()}
 
         loop = StepLoop(self.out, self.steps, self.log_every, self.checkpoint_every, COLUMNS, eval_every=self.eval_every,
                         shown=("loss", "accuracy", "test_accuracy"), per_step=self.batch_size, desc="train", progress=self.progress,
                         hint="lower optim.lr", rate_column="images_per_s")
-        self.step, self.seconds = loop.run(self.train_step, save, start=self.step, seconds=self.seconds,
-                                           evaluate=evaluate if self.eval_every else None, resume_log=resume_log)
+        loop.run(self.train_step, self, evaluate=evaluate if self.eval_every else None, resume_log=resume_log)
 
     def final_test(self, samples: int, protocol: dict[str, Any]) -> tuple[EvalResult, dict[str, Any]]:
         """The test set's per-image correctness (an :class:`EvalResult`, paired across models tested

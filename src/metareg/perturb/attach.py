@@ -42,6 +42,19 @@ def _resolve(model: nn.Module, at: Sequence[str]) -> list[str]:
     return chosen
 
 
+@torch.no_grad()
+def probe(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    """The model's output for a batch of 2 zero inputs of ``input_shape``, on its device and in its
+    dtype, in eval mode (no running statistic moves); the model's mode is restored."""
+    was_training = model.training
+    reference = next(model.parameters(), None)
+    try:
+        model.eval()
+        return model(torch.zeros(2, *input_shape, device=getattr(reference, "device", None), dtype=getattr(reference, "dtype", None)))
+    finally:
+        model.train(was_training)
+
+
 def output_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> dict[str, torch.Size]:
     """The output shape of each named module for a batch of 2 zero inputs of ``input_shape``."""
     modules = dict(model.named_modules())
@@ -55,16 +68,11 @@ def output_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence[
         return hook
 
     handles = [modules[n].register_forward_hook(record(n)) for n in names]
-    was_training = model.training
-    reference = next(model.parameters(), None)
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape, device=getattr(reference, "device", None), dtype=getattr(reference, "dtype", None)))
+        probe(model, input_shape)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     missing = [n for n in names if n not in shapes]
     if missing:
         raise ConfigError(f"module(s) {', '.join(missing)} did not run in the model's forward pass; choose modules on the path of the input")
@@ -156,4 +164,4 @@ def set_strength(function: MetaPerturbFunction, strength: float) -> None:
     function.strength = float(strength)
 
 
-__all__ = ["Perturbed", "attach", "attach_metaperturb", "output_shapes", "perturbation_points", "set_strength"]
+__all__ = ["Perturbed", "attach", "attach_metaperturb", "output_shapes", "perturbation_points", "probe", "set_strength"]

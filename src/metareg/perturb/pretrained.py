@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from ..checkpoint import read_record, sha256_file, verified_tensors, write_json_atomic
+from ..checkpoint import read_record, sha256_file, verified_tensors, write_json_atomic, write_safetensors_atomic
 from ..errors import CheckpointError
 from .metaperturb import MetaPerturbFunction
 
@@ -29,10 +28,8 @@ def save_phi(folder: str | Path, phi: MetaPerturbFunction, provenance: dict[str,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = folder / "phi.safetensors"
-    tmp = tensors.with_name(tensors.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu().float() for k, v in phi.state_dict().items()}, str(tmp))
-    os.chmod(tmp, 0o644)  # shareable, like the package's own copy
-    os.replace(tmp, tensors)
+    write_safetensors_atomic(tensors, {k: v.float() for k, v in phi.state_dict().items()})
+    os.chmod(tensors, 0o644)  # shareable, like the package's own copy
     record = {"format": FORMAT, "tensors": tensors.name, "sha256": sha256_file(tensors),
               "parameters": sum(p.numel() for p in phi.parameters())} | provenance
     write_json_atomic(folder / "phi.json", record)
