@@ -50,12 +50,12 @@ JOINT_IMPLEMENTATIONS = ("joint-reference", "joint-loop", "joint-vmap")
 
 def _joint_problem(args: argparse.Namespace, dtype: torch.dtype, device: str, strategy: str):
     from .meta.joint import JointLearner
-    from .nets import STANDARD_OPTIONS, create_model
     from .perturb import MetaPerturbFunction
+    from .perturb_experiment import build_network
 
     def build(t: int):
         torch.manual_seed(t)
-        return create_model(args.arch, 10, in_channels=3, image_size=args.image_size, **STANDARD_OPTIONS.get(args.arch, {}))
+        return build_network(args.arch, 10, args.image_size, {})
 
     torch.manual_seed(0)
     phi = MetaPerturbFunction()
