@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 from helpers import learner_for, random_regression_batch
 from metareg.inner import DropGrad, SubspaceMask, build_inner_rule
@@ -155,3 +157,133 @@ def test_dropgrad_layer_groups_of_table_2():
     assert drop.names == [n for n in names if n.startswith(("blocks.3.", "head."))]
     with pytest.raises(Exception, match="unknown DropGrad layer group"):
         DropGrad(dict.fromkeys(names, torch.zeros(1)), layers="middle")
+
+
+@pytest.mark.parametrize("per", ["row", "weight"])
+def test_straight_through_gradient_of_the_logits_is_the_soft_relaxations_gradient(per, monkeypatch):
+    """Eq. 3.8-3.9 as a straight-through estimator: the forward pass uses the hard mask
+    m = 1[zeta + g1 - g2 > 0] and zeta's gradient is the soft value's, sigmoid((zeta + g1 - g2) / c):
+    dL/dzeta = dL/dm * sigmoid'(l / c) / c, with dL/dm taken at the hard mask (summed over a row's
+    weights and bias for per="row"). The reference unrolls the inner loop with plain autograd and the
+    masks as leaves, on the same Gumbel draws (recorded from ``_gumbel``)."""
+    import metareg.inner.mask as mask_module
+
+    c, lr, steps = 0.6, 0.1, 2  # c != 1: a forgotten temperature shows
+    draws = []
+    original = mask_module._gumbel
+
+    def recorded(shape, like):
+        g = original(shape, like)
+        draws.append(g.detach().clone())
+        return g
+
+    monkeypatch.setattr(mask_module, "_gumbel", recorded)
+    model = mlp(transform=True)
+    learner = learner_for(model, lr=lr, steps=steps, task="regression", fast=W_ONLY,
+                          transforms=[{"name": "subspace-mask", "per": per, "temperature": c}])
+    mask = learner.inner.transforms[0]
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for zeta in mask.logits.values():
+            zeta.copy_(torch.randn(zeta.shape, generator=gen, dtype=zeta.dtype))
+    batch = random_regression_batch(tasks=1)
+    torch.manual_seed(2)
+    metrics = learner.meta_backward(batch)
+    assert len(draws) == 2 * len(mask.names)  # one mask per task (g1, g2 per logit), kept for every inner step
+
+    # Reference: the masks are leaves with the hard values; the logits only enter through them.
+    start = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    logit, hard = {}, {}
+    for i, name in enumerate(mask.names):
+        logit[name] = mask.logits[name.replace(".", "__")].detach() + draws[2 * i] - draws[2 * i + 1]
+        hard[name] = (logit[name] > 0).double().requires_grad_()
+    masks = {}
+    for name in mask.names:
+        masks[name] = hard[name].view(-1, *[1] * (start[name].dim() - 1)) if per == "row" else hard[name]
+        if per == "row":
+            masks[name.removesuffix("weight") + "bias"] = hard[name]
+    fast = [n for n in start if n.startswith(("layers.", "head."))]
+    x, y = batch.support_x[0], batch.support_y[0]
+    params = dict(start)
+    for _ in range(steps):
+        grads = torch.autograd.grad(F.mse_loss(functional_call(model, params, (x,)), y), [params[n] for n in fast], create_graph=True)
+        params = params | {n: params[n] - lr * (masks[n] * g if n in masks else g) for n, g in zip(fast, grads)}
+    query_loss = F.mse_loss(functional_call(model, params, (batch.query_x[0],)), batch.query_y[0])
+    assert torch.allclose(metrics["loss"], query_loss, rtol=1e-12, atol=0)  # the forward pass is the hard mask's
+    d_mask = dict(zip(mask.names, torch.autograd.grad(query_loss, [hard[n] for n in mask.names])))
+    values = torch.cat([hard[n].detach().flatten() for n in mask.names])
+    assert 0 < values.sum() < values.numel()  # both kept and frozen rows/weights are covered
+    for name in mask.names:
+        s = torch.sigmoid(logit[name] / c)
+        expected = d_mask[name] * s * (1 - s) / c
+        got = mask.logits[name.replace(".", "__")].grad
+        assert expected.abs().max() > 0, name
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-14, msg=name)
+
+
+def test_dropgrad_multiplies_each_gradient_element_by_its_own_noise():
+    """g' = g o n on a non-constant gradient: zero entries stay exactly zero, and g'/g follows the
+    noise law (mean 1, variance p / (1 - p)) whatever the size of g (additive noise would not)."""
+    p, n = 0.3, 200_000
+    var = p / (1 - p)
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(n, generator=gen, dtype=torch.float64) * torch.exp(2 * torch.randn(n, generator=gen, dtype=torch.float64))
+    g[::7] = 0.0
+    for kind in ("binary", "gaussian"):
+        torch.manual_seed(0)
+        out = DropGrad({"w": torch.zeros(1)}, p=p, kind=kind).update({"w": g}, None, 0)[0]["w"]
+        zero = g == 0
+        assert torch.equal(out[zero], g[zero])
+        ratio = out[~zero] / g[~zero]
+        m = ratio.numel()
+        assert abs(ratio.mean().item() - 1) < 5 * math.sqrt(var / m), kind
+        assert abs(ratio.var().item() - var) < 5 * math.sqrt(4 * var**2 / m) + 5 * math.sqrt(var**2 * 3 / m), kind
+        if kind == "binary":
+            kept = out[~zero] != 0
+            torch.testing.assert_close(out[~zero][kept], g[~zero][kept] / (1 - p), rtol=1e-15, atol=0)  # g / (1 - p) where kept
+            assert abs(kept.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / m)
+        # The noise does not depend on the gradient's size: same law for small and large |g|.
+        small = g[~zero].abs() < g[~zero].abs().median()
+        assert abs(ratio[small].mean().item() - ratio[~small].mean().item()) < 5 * math.sqrt(2 * var / (m / 2)), kind
+
+
+def test_dropgrad_draws_fresh_noise_at_every_inner_step():
+    """Two update calls (steps 0 and 1 of one task, same gradients) drop independent elements: the
+    fraction dropped by both is p^2, not p (reused noise); and inside a learner's inner loop each
+    step's gradient gets its own mask."""
+    p, n = 0.3, 100_000
+    drop = DropGrad({"w": torch.zeros(1)}, p=p, kind="binary")
+    grads = {"w": torch.ones(n, dtype=torch.float64)}
+    torch.manual_seed(0)
+    state = drop.init(grads)
+    first, state = drop.update(grads, state, 0)
+    second, _ = drop.update(grads, state, 1)
+    both = ((first["w"] == 0) & (second["w"] == 0)).double().mean().item()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / n)
+
+    # The learner's inner loop: record each step's gradient before and after DropGrad.
+    model = mlp()
+    learner = learner_for(model, lr=0.05, steps=3, task="regression", transforms=[{"name": "dropgrad", "p": 0.5, "kind": "binary"}])
+    drop, sgd = learner.inner.transforms
+    seen = []
+    drop_update, sgd_update = drop.update, sgd.update
+
+    def dropping(grads, state, step):
+        seen.append({"raw": grads})
+        return drop_update(grads, state, step)
+
+    def stepping(grads, state, step):
+        seen[-1]["dropped"] = grads
+        return sgd_update(grads, state, step)
+
+    drop.update, sgd.update = dropping, stepping
+    batch = random_regression_batch(tasks=1)
+    torch.manual_seed(1)
+    learner.adapt(learner.initial_params(), batch.support_x[0], batch.support_y[0])
+    assert len(seen) == 3
+    kept = [torch.cat([(rec["dropped"][k] != 0).flatten() for k in rec["raw"]]) for rec in seen]
+    for rec in seen:
+        for k, g in rec["raw"].items():  # g' = g o n with n in {0, 2}
+            assert torch.equal(rec["dropped"][k], g * (rec["dropped"][k] != 0) * 2), k
+    assert all(0 < m.sum() < m.numel() for m in kept)
+    assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import learner_for, random_image_batch, tiny_conv
-from test_training import final_params, tiny
+from test_training import assert_same_state, final_params, tiny
 
 from metareg.errors import ConfigError
 from metareg.perturb import (
@@ -187,8 +187,8 @@ def test_meta_dropout_run_resumes_exactly(tmp_path):
     train(tiny("train.iterations=3", "train.checkpoint_every=3", *extra), tmp_path / "split", progress=False)
     train(tiny("train.iterations=6", "train.checkpoint_every=3", *extra), tmp_path / "split", resume=True, progress=False)
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "split")
-    assert any(".phi." in k for k in a)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("param.") and ".phi." in k for k in a)
+    assert_same_state(a, b)
 
 
 def test_boundary_coordinates_put_the_classifier_decision_on_the_vertical_line():
@@ -258,3 +258,54 @@ def test_compare_accepts_different_noise_samples_but_not_different_attacks():
     attacked = EvalResult(b.scores, base | {"mc_samples": 1, "attack": "fgsm eps=0.1"})
     with pytest.raises(ConfigError, match="same episodes"):
         compare(a, attacked)
+
+
+def test_output_layer_noise_is_gaussian_around_the_logits_with_a_softplus_sigma_per_example():
+    """The last layer (reference implementation): sampled logits - deterministic logits ~ N(0, sigma^2)
+    independently per class, sigma = Softplus(h w_phi + b_phi) per example (one column shared by the
+    classes); the deterministic path returns theta's logits exactly."""
+    from metareg.perturb import AdditiveGaussianOutput
+
+    noise = build_perturbation("meta-dropout")(LayerInfo(2, "dense", 4, 3, output=True)).double()
+    assert isinstance(noise, AdditiveGaussianOutput)
+    with torch.no_grad():
+        noise.phi.weight.copy_(torch.tensor([[0.8, -0.5, 0.3, 1.0]]))
+        noise.phi.bias.fill_(-0.2)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    pre = 3 * torch.randn(5, 3, generator=g, dtype=torch.float64)  # logits far from +-1: multiplicative noise would show
+    sigma = F.softplus(h @ torch.tensor([0.8, -0.5, 0.3, 1.0], dtype=torch.float64) - 0.2)[:, None]  # [5, 1], closed form
+    assert sigma.max() / sigma.min() > 2  # examples with clearly different sigmas
+    n = 20000
+    torch.manual_seed(0)
+    d = noise(pre.repeat(n, 1), h.repeat(n, 1), sample=True).view(n, 5, 3) - pre  # n draws for every (example, class)
+    var = (sigma**2).expand(5, 3)
+    assert ((d.mean(0)).abs() < 5 * (var / n).sqrt()).all()
+    assert ((d.var(0) - var).abs() < 5 * (2 * var**2 / n).sqrt()).all()  # Var of a normal sample variance: 2 s^4 / n
+    inside = (d.abs() < sigma).double().mean(0)  # a normal: P(|d| < sigma) = 0.6827
+    assert ((inside - 0.6827).abs() < 5 * math.sqrt(0.6827 * 0.3173 / n)).all()
+    z = (d / sigma).flatten(1)  # standardized, [n, 15]: independent across classes and examples
+    corr = torch.corrcoef(z.T) - torch.eye(15, dtype=torch.float64)
+    assert corr.abs().max() < 5 / math.sqrt(n)
+    assert torch.equal(noise(pre, h, sample=False), pre)
+
+
+def test_vmap_meta_backward_draws_each_tasks_noise_independently():
+    """``BilevelLearner(strategy="vmap").meta_backward`` samples Meta-Dropout's noise per task: two
+    identical tasks in one batch adapt under different noise, so the meta-gradients reaching their
+    (identical) support and query images differ; with the deterministic variant they are equal."""
+    from metareg.data.tasks import TaskBatch
+
+    one = random_image_batch(tasks=1)
+    grads = {}
+    for name in ("meta-dropout", "meta-dropout-deterministic"):
+        learner = learner_for(tiny_conv(perturbation=build_perturbation(name), norm_scale=False), fast=REF_FAST, steps=1, strategy="vmap")
+        sx, qx = (t.repeat(2, 1, 1, 1, 1).requires_grad_() for t in (one.support_x, one.query_x))
+        torch.manual_seed(0)
+        learner.meta_backward(TaskBatch(sx, one.support_y.repeat(2, 1), qx, one.query_y.repeat(2, 1)))
+        grads[name] = (sx.grad, qx.grad)
+    for g in grads["meta-dropout"]:
+        assert g[0].abs().sum() > 0 and not torch.allclose(g[0], g[1], rtol=1e-6, atol=0)
+    for g in grads["meta-dropout-deterministic"]:
+        assert g[0].abs().sum() > 0
+        torch.testing.assert_close(g[0], g[1], rtol=1e-10, atol=1e-14)

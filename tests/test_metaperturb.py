@@ -276,12 +276,30 @@ def test_loop_and_vmap_give_the_same_numbers():
 
 
 def test_vmap_draws_different_noise_for_each_task():
-    learner = tiny_learner("vmap")
-    learner.phi.sample = True
-    x = tiny_batch(1)[0][:1].expand(3, -1, -1, -1, -1).contiguous()  # the same images for every task
-    torch.manual_seed(0)
-    draws = torch.func.vmap(lambda h: learner.phi.noise(h, sample=True), randomness="different")(x)
-    assert not torch.allclose(draws[0], draws[1])
+    """The library's vmap path gives every task its own noise: three identical networks on identical
+    batches get three different losses in both passes (theta's and phi's) when the noise is sampled,
+    and the same loss when it is not (so the difference is the noise's)."""
+    def identical_tasks(sample: bool) -> JointLearner:
+        def build(t):
+            torch.manual_seed(100)  # the same network for every task
+            return create_model("resnet20", 3, in_channels=3, image_size=8, blocks=(1, 1, 1))
+
+        torch.manual_seed(0)
+        phi = MetaPerturbFunction()
+        for p in phi.parameters():
+            nn.init.normal_(p, std=0.3)
+        phi.sample = sample
+        return JointLearner(build, [0, 1, 2], 3, phi, input_shape=(3, 8, 8), strategy="vmap").double()
+
+    x, y = tiny_batch(1)
+    x, y = x[:1].expand(3, -1, -1, -1, -1).contiguous(), y[:1].expand(3, -1).contiguous()  # the same batch for every task
+    for sample in (True, False):
+        learner = identical_tasks(sample)
+        for losses in (learner.theta_backward(x, y, seed=0, step=0)["loss"], learner.phi_backward(x, y, seed=0, step=0)["loss"]):
+            if sample:
+                assert len(set(losses.tolist())) == 3, losses
+            else:
+                torch.testing.assert_close(losses, losses[:1].expand(3), rtol=1e-12, atol=0)
 
 
 def test_phi_round_trips_through_its_file_and_corruption_is_detected(tmp_path):

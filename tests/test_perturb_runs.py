@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from metareg.config import MetaTrainConfig, TransferConfig, parse_assignment, resolve
@@ -34,15 +35,26 @@ def tensors_of(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / json.loads((run / "checkpoint.json").read_text())["tensors"]))
 
 
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+# What a checkpoint must hold (key prefixes): the comparisons below would pass vacuously on less.
+META_TRAIN_KEYS = ("phi.", "optim.phi.state.", *(f"task{t}." for t in range(4)), *(f"optim.task{t}." for t in range(4)))
+TRANSFER_KEYS = ("model.", "optim.state.")
+
+
+def assert_holds(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> None:
+    missing = [p for p in prefixes if not any(k.startswith(p) for k in tensors)]
+    assert not missing, f"no {missing} among {sorted(tensors)[:10]}..."
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> None:
     assert set(a) == set(b)
+    assert_holds(a, prefixes)
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-def assert_exact_resume(tmp_path: Path, monkeypatch, trainer: type, start, config, stop: int) -> None:
+def assert_exact_resume(tmp_path: Path, monkeypatch, trainer: type, start, config, stop: int, prefixes: tuple[str, ...]) -> None:
     """``start(config, folder, resume=...)`` run whole, and interrupted at step ``stop`` (after a
-    checkpoint) then resumed, ends with bit-identical checkpoints."""
+    checkpoint) then resumed, ends with bit-identical checkpoints (holding ``prefixes``)."""
     start(config, tmp_path / "whole", progress=False)
     original = trainer.train_step
 
@@ -56,7 +68,7 @@ def assert_exact_resume(tmp_path: Path, monkeypatch, trainer: type, start, confi
         start(config, tmp_path / "cut", progress=False)
     monkeypatch.setattr(trainer, "train_step", original)
     start(config, tmp_path / "cut", resume=True, progress=False)
-    assert_same_tensors(tensors_of(tmp_path / "whole"), tensors_of(tmp_path / "cut"))
+    assert_same_tensors(tensors_of(tmp_path / "whole"), tensors_of(tmp_path / "cut"), prefixes)
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +133,7 @@ def meta_config(*extra: str) -> MetaTrainConfig:
 
 
 def test_meta_training_resumes_exactly_after_an_interruption(tmp_path, monkeypatch):
-    assert_exact_resume(tmp_path, monkeypatch, JointTrainer, meta_train, meta_config(), stop=3)
+    assert_exact_resume(tmp_path, monkeypatch, JointTrainer, meta_train, meta_config(), stop=3, prefixes=META_TRAIN_KEYS)
     phi = json.loads((tmp_path / "cut" / "phi.json").read_text())
     assert phi["parameters"] == 82 and phi["steps"] == 4 and phi["source"]["tasks"] == 4
     log = (tmp_path / "cut" / "log.csv").read_text().splitlines()
@@ -142,8 +154,80 @@ def test_two_processes_with_torchrun_give_the_same_phi_as_one(tmp_path):
     assert json.loads((tmp_path / "two" / "checkpoint.json").read_text())["processes"] == 2
     a, b = tensors_of(tmp_path / "one"), tensors_of(tmp_path / "two")
     assert set(a) == set(b)
+    assert_holds(a, META_TRAIN_KEYS)
     for key in a:  # phi, its Adam state, and every task network gathered from both processes
         torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12, msg=key)
+
+
+INTERRUPTED = """
+import os
+import sys
+
+import torch.distributed as dist
+
+from metareg.cli import main
+from metareg.meta.joint_trainer import JointTrainer
+
+
+class Stop(Exception):
+    pass
+
+
+original = JointTrainer.train_step
+stop = int(os.environ.get("STOP_AT_STEP", -1))
+
+
+def train_step(self, step):
+    if step == stop:  # after the checkpoint of step `stop`, written by rank 0
+        if dist.is_initialized():
+            dist.barrier()  # every process stops here: none is killed while rank 0 writes
+        raise Stop
+    with open(os.environ["STEPS_RAN"], "a") as f:
+        f.write(f"{self.world.rank}:{step}\\n")
+    return original(self, step)
+
+
+JointTrainer.train_step = train_step
+try:
+    main(sys.argv[1:])
+except Stop:
+    sys.exit(0)
+sys.exit(0 if stop < 0 else 1)  # a run told to stop must have stopped
+"""
+
+
+def test_two_process_run_resumed_in_one_process_ends_like_an_uninterrupted_one(tmp_path):
+    """joint_trainer's claim: rank 0 gathers every task into the checkpoint, so a run started by
+    torchrun with 2 processes, interrupted after its step-2 checkpoint and resumed in 1 process, ends
+    with the tensors of an uninterrupted 1-process run (float64: up to the order of the sums)."""
+    args = ["--no-progress", "perturb", "meta-train", "--preset", "perturb-quickstart", *sum((["--set", s] for s in TINY_META), []),
+            "--set", "dtype=float64", "--set", "optim.steps=4", "--set", "optim.checkpoint_every=2"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "metareg.cli"]
+    one = subprocess.run([*cli, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED)
+    ran = {"cut": tmp_path / "ran-cut.txt", "resumed": tmp_path / "ran-resumed.txt"}
+    cut = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                          *args, "--out", str(tmp_path / "cut")], capture_output=True, text=True,
+                         env=env | {"STOP_AT_STEP": "2", "STEPS_RAN": str(ran["cut"])})
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert sorted(ran["cut"].read_text().split()) == ["0:0", "0:1", "1:0", "1:1"]  # two processes, steps 0 and 1
+    meta = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())
+    assert (meta["step"], meta["processes"]) == (2, 2) and not (tmp_path / "cut" / "phi.json").exists()
+    resumed = subprocess.run([sys.executable, str(script), "--no-progress", "perturb", "meta-train", "--out", str(tmp_path / "cut"),
+                              "--resume"], capture_output=True, text=True, env=env | {"STEPS_RAN": str(ran["resumed"])})
+    assert resumed.returncode == 0, resumed.stderr
+    assert ran["resumed"].read_text().split() == ["0:2", "0:3"]  # one process, from the checkpoint on
+    meta = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())
+    assert (meta["step"], meta["processes"]) == (4, 1)
+    a, b = tensors_of(tmp_path / "one"), tensors_of(tmp_path / "cut")
+    assert set(a) == set(b)
+    assert_holds(a, META_TRAIN_KEYS)
+    for key in a:  # phi, its Adam state, every task network and its Adam state
+        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12, msg=key)
+    assert json.loads((tmp_path / "cut" / "phi.json").read_text())["steps"] == 4
 
 
 # --------------------------------------------------------------------------------- transfer
@@ -179,6 +263,7 @@ def test_transfer_baselines_and_metaperturb_end_to_end(tmp_path, phi_dir):
 
 
 def test_monte_carlo_test_predictions_are_reproducible_and_average_the_noise(tmp_path, phi_dir):
+    from metareg.data.augment import normalize, to_channels
     from metareg.perturb_experiment import load_transfer_model
 
     transfer(transfer_config(phi_dir), tmp_path / "mp", progress=False)
@@ -191,10 +276,27 @@ def test_monte_carlo_test_predictions_are_reproducible_and_average_the_noise(tmp
     assert not torch.equal(one, predict(model, data, samples=1, seed=6, **kw))  # noise is sampled at test time
     many = predict(model, data, samples=8, seed=5, **kw)
     torch.testing.assert_close(many.sum(1), torch.ones(16, dtype=torch.float64))
+    # S = 8 is the mean of 8 single-sample softmaxes drawn in the same order from the same seed, in
+    # eval mode (running statistics, none moved), whatever mode the model was in.
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    again = predict(model, data, samples=8, seed=5, **kw)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model.eval()
+    x = normalize(to_channels(data, 3), torch.float32)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(5)
+        draws = torch.stack([F.softmax(model(x), dim=1) for _ in range(8)]).double()
+    assert torch.equal(draws[0], one)
+    torch.testing.assert_close(many, draws.mean(0), rtol=1e-6, atol=1e-7)
+    assert torch.equal(again, many)
+    assert (draws.std(0).max(1).values > 1e-3).all()  # every image's prediction varies with the noise ...
+    assert (many - one).abs().max() > 1e-3  # ... so the average is not one draw
+    assert (many - draws[-1]).abs().max() > 1e-3
 
 
 def test_transfer_resumes_exactly_after_an_interruption(tmp_path, phi_dir, monkeypatch):
-    assert_exact_resume(tmp_path, monkeypatch, TransferTrainer, transfer, transfer_config(phi_dir), stop=4)
+    assert_exact_resume(tmp_path, monkeypatch, TransferTrainer, transfer, transfer_config(phi_dir), stop=4, prefixes=TRANSFER_KEYS)
     whole, cut = (json.loads((tmp_path / r / "test.json").read_text()) for r in ("whole", "cut"))
     assert whole["scores"] == cut["scores"] and whole["nll"] == cut["nll"]
 

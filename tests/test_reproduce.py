@@ -1,6 +1,9 @@
 """`metareg reproduce`: grids of runs, resumable, with diverged runs reported as such."""
 
 import json
+import math
+import re
+import statistics
 
 from metareg import reproduce
 from metareg.reproduce import EXPERIMENTS, Experiment, Run, run_experiment
@@ -42,8 +45,50 @@ def test_metaperturb_grid_trains_phi_first_and_reports_seeds_with_paired_differe
                  Run(f"mp-{seed}", "transfer-quickstart", (*tiny_transfer, "perturb.phi={out}/phi"), row="conv4", column="MetaPerturb",
                      seed=seed, command="transfer")]
     monkeypatch.setitem(EXPERIMENTS, "tiny-mp", Experiment("tiny-mp", "tiny", "a test", tuple(runs), ("Base", "MetaPerturb"), figure="seeds"))
-    text = run_experiment("tiny-mp", tmp_path, iterations=2, jobs=2, progress=False).read_text()
+    text = run_experiment("tiny-mp", tmp_path, iterations=3, jobs=2, progress=False).read_text()
     assert "| conv4 | " in text and "MetaPerturb - Base" in text and text.count("+-") >= 5, text
     assert (tmp_path / "phi" / "phi.json").exists() and (tmp_path / "mp-1" / "test.json").exists()
     phi = str(tmp_path / "phi")
     assert json.loads((tmp_path / "mp-0" / "test.json").read_text())["phi"]["path"].startswith(phi)
+    check_seed_row(text, "conv4", *({s: json.loads((tmp_path / f"{name}-{s}" / "test.json").read_text()) for s in (0, 1)}
+                                    for name in ("base", "mp")))
+
+
+NUMBER = r"([+-]?\d+\.\d+)"
+
+
+def close(reported: str, expected: float) -> bool:
+    """A number printed with 2 decimals is the expected one (sign included)."""
+    return abs(float(reported) - expected) <= 0.005 + 1e-9
+
+
+def check_seed_row(text: str, row: str, base: dict[int, dict], perturbed: dict[int, dict]) -> None:
+    """The row's cells, recomputed from the runs' test.json: accuracy in % as mean +- std over seeds
+    (sample std) with each seed's value, and MetaPerturb - Base: each seed's paired mean difference
+    +- its 95% CI (1.96 std / sqrt(n) over the test images), then their mean +- std over seeds."""
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {row} |"))
+    cells = [c.strip() for c in line.strip().strip("|").split("|")][1:]
+    assert len(cells) == 3, line
+    seeds = sorted(base)
+    for cell, runs in zip(cells[:2], (base, perturbed)):
+        values = [100 * runs[s]["mean"] for s in seeds]
+        assert abs(values[0] - values[1]) >= 0.02, values  # a spread whose std shows
+        m = re.fullmatch(rf"{NUMBER} \+- {NUMBER} \[(.*)\]", cell)
+        assert m, cell
+        assert close(m[1], statistics.fmean(values)) and close(m[2], statistics.stdev(values)), (cell, values)
+        each = m[3].split(", ")
+        assert len(each) == len(values) and all(close(r, v) for r, v in zip(each, values)), cell
+    diffs, cis = [], []
+    for s in seeds:
+        d = [a - b for a, b in zip(perturbed[s]["scores"], base[s]["scores"])]  # paired over the same test images
+        diffs.append(100 * statistics.fmean(d))
+        cis.append(100 * 1.96 * statistics.stdev(d) / math.sqrt(len(d)))
+    assert any(abs(d) >= 0.01 for d in diffs), diffs  # a difference whose sign shows
+    assert abs(diffs[0] - diffs[1]) >= 0.02, diffs  # and a spread over seeds that shows (sample vs population std)
+    m = re.fullmatch(rf"{NUMBER} \+- {NUMBER} \[(.*)\]", cells[2])
+    assert m and m[1][0] in "+-", cells[2]
+    assert close(m[1], statistics.fmean(diffs)) and close(m[2], statistics.stdev(diffs)), (cells[2], diffs)
+    per_seed = re.findall(rf"{NUMBER} \+- {NUMBER}", m[3])
+    assert len(per_seed) == len(seeds), cells[2]
+    for (d_text, ci_text), d, ci in zip(per_seed, diffs, cis):
+        assert d_text[0] in "+-" and close(d_text, d) and close(ci_text, ci), (cells[2], diffs, cis)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -40,13 +41,22 @@ def final_params(run: Path) -> dict:
     return {k: v for k, v in tensors.items() if k.startswith(("param.", "optim."))}
 
 
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold the same tensors, bit for bit, and these include the learner's parameters
+    and the meta-optimizer's Adam moments (so an empty or partial comparison cannot pass)."""
+    assert a.keys() == b.keys()
+    assert any(k.startswith("param.") for k in a), sorted(a)
+    assert {k.rsplit(".", 1)[1] for k in a if k.startswith("optim.state.")} >= {"exp_avg", "exp_avg_sq"}, sorted(a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_resume_continues_exactly(tmp_path):
     train(tiny("train.iterations=6", "train.checkpoint_every=3"), tmp_path / "straight", progress=False)
     train(tiny("train.iterations=3", "train.checkpoint_every=3"), tmp_path / "split", progress=False)
     config = tiny("train.iterations=6", "train.checkpoint_every=3")
     train(config, tmp_path / "split", resume=True, progress=False)
-    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "split")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state(final_params(tmp_path / "straight"), final_params(tmp_path / "split"))
     rows = (tmp_path / "split" / "log.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["2", "3", "4", "6"]
 
@@ -67,8 +77,7 @@ def test_run_killed_mid_training_resumes_to_the_same_weights(tmp_path):
     step = json.loads(checkpoint.read_text())["step"]
     assert 10 <= step < 40, "the run was not killed mid-training"
     subprocess.run([*cli, "--out", str(tmp_path / "killed"), "--resume"], check=True, env=env, capture_output=True)
-    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "killed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state(final_params(tmp_path / "straight"), final_params(tmp_path / "killed"))
 
 
 def test_checkpoint_holds_no_pickles_and_roundtrips(tmp_path):
@@ -118,14 +127,51 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(DivergenceError, match="last good checkpoint"):
         train(config, run, resume=True, progress=False)
     assert json.loads((run / "checkpoint.json").read_text())["step"] == 2
-    after = final_params(run)
-    assert all(torch.equal(good[k], after[k]) for k in good)
+    assert_same_state(good, final_params(run))
+
+
+def record_test_episodes(learner) -> Callable[[], list[tuple[torch.Tensor, ...]]]:
+    """Wrap ``learner`` so that every episode it is tested on is recorded; the returned function gives
+    them as (support x, support y, query x, query y), in the order the learner received them."""
+    seen: dict[str, list] = {"support": [], "query_x": [], "query_y": []}
+    adapt, forward, score = learner.adapt_for_test, learner.query_forward, learner.score
+
+    def adapt_for_test(start, x, y, **kw):
+        seen["support"].append((x.clone(), y.clone()))
+        return adapt(start, x, y, **kw)
+
+    def query_forward(params, x, *args, **kw):
+        seen["query_x"].append(x.clone())
+        return forward(params, x, *args, **kw)
+
+    def score_of(out, y):
+        seen["query_y"].append(y.clone())
+        return score(out, y)
+
+    learner.adapt_for_test, learner.query_forward, learner.score = adapt_for_test, query_forward, score_of
+
+    def episodes():
+        assert len(seen["support"]) == len(seen["query_x"]) == len(seen["query_y"])
+        return [(*s, qx, qy) for s, qx, qy in zip(seen["support"], seen["query_x"], seen["query_y"])]
+    return episodes
 
 
 def test_same_test_episodes_for_every_model(tmp_path):
-    config = tiny("train.iterations=1")
-    t1 = train(config, tmp_path / "a", progress=False)
-    r1 = meta_test(config, t1.learner, progress=False)
-    r2 = meta_test(config, t1.learner, progress=False)
-    assert torch.equal(r1.scores, r2.scores) and r1.protocol == r2.protocol
-    assert r1.scores.numel() == 6
+    """Two different models (other training seed and length) are tested on the very same episodes:
+    the support and query sets each learner receives are identical, while their scores differ."""
+    configs = [tiny("train.iterations=1"), tiny("train.iterations=2", "seed=7")]
+    results, episodes = [], []
+    for i, config in enumerate(configs):
+        learner = train(config, tmp_path / str(i), progress=False).learner
+        seen = record_test_episodes(learner)
+        results.append(meta_test(config, learner, progress=False))
+        episodes.append(seen())
+    a, b = episodes
+    assert len(a) == len(b) == 6 and results[0].scores.numel() == 6
+    for ea, eb in zip(a, b):
+        assert all(torch.equal(u, v) for u, v in zip(ea, eb))
+    assert len({e[0].numpy().tobytes() for e in a}) == 6  # six different episodes, not one repeated
+    assert results[0].protocol == results[1].protocol
+    assert not torch.equal(results[0].scores, results[1].scores)  # two different models
+    # The same model tested twice: the same scores (evaluation noise and episodes are fixed).
+    assert torch.equal(meta_test(configs[1], learner, progress=False).scores, results[1].scores)

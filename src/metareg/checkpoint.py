@@ -1,54 +1,55 @@
-"""Checkpoints: tensors in safetensors, everything else in JSON, committed atomically.
+"""Checkpoints: tensors in safetensors, everything else in JSON, committed atomically and durably.
 
 A checkpoint ``NAME`` in a run folder is ``NAME.json`` plus the tensor file it names
-(``NAME-<step>.safetensors``). A save writes the new tensor file under a new name, then replaces the
-JSON (the commit point, via a temporary file and ``os.replace``), then removes the old tensor file.
-A run killed at any moment leaves the previous or the new checkpoint, never a torn one. The JSON
-records the tensor file's SHA-256, so a corrupt or swapped file is detected on load. Nothing is ever
-unpickled.
+(``NAME-<step>.safetensors``, a plain file name in the same folder: anything else in a record is
+refused, so a tampered record can never make metareg read, overwrite or delete a file elsewhere).
+A save writes the new tensor file under a new name (fsync-ed before its rename), then replaces the
+JSON (the commit point, via a temporary file, ``os.replace`` and an fsync of the folder), and only
+then removes the previous tensor file. A run killed or a machine losing power at any moment leaves
+the previous or the new checkpoint, never a torn one. The JSON records the tensor file's SHA-256,
+so a corrupt or swapped file is detected on load. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 from .errors import CheckpointError, ConfigError
+from .files import write_bytes_atomic, write_json_atomic
 
 FORMAT = "metareg-checkpoint"
 VERSION = 1
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+__all__ = ["FORMAT", "VERSION", "check_run_folder", "describe_kept", "load_checkpoint", "read_checkpoint_meta", "read_record", "resolve_checkpoint",
+           "restore_rng", "rng_tensors", "save_checkpoint", "state_to_tensors", "tensors_to_state", "verified_tensors",
+           "write_json_atomic", "write_safetensors_atomic"]
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_safetensors_atomic(path: Path, tensors: dict[str, Tensor]) -> str:
+    """Write ``tensors`` (moved to the CPU) to ``path`` atomically and durably, with the file mode
+    the process's umask gives (as for the JSON beside it); returns the file's SHA-256."""
+    data = save_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    write_bytes_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
-def write_safetensors_atomic(path: Path, tensors: dict[str, Tensor]) -> None:
-    """Write ``tensors`` (moved to the CPU) to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def _tensor_name(json_path: Path, record: dict[str, Any], pattern: str = r"[^/\\]+\.safetensors") -> Path:
+    """The tensor file a record names: a plain ``.safetensors`` file name in the record's folder."""
+    name = record.get("tensors")
+    if not isinstance(name, str) or not re.fullmatch(pattern, name) or name.startswith(".") or "\0" in name:
+        raise CheckpointError(f"{json_path} names tensor file {name!r}, which is not a plain .safetensors file name in its own "
+                              "folder: the record is damaged or was edited; restore it or start a new run")
+    return json_path.parent / name
 
 
 def check_run_folder(folder: Path, resume: bool, name: str = "checkpoint") -> None:
@@ -60,25 +61,50 @@ def check_run_folder(folder: Path, resume: bool, name: str = "checkpoint") -> No
         raise CheckpointError(f"nothing to resume: {folder} holds no {name}.json")
 
 
+def _checkpoint_pattern(name: str) -> str:
+    return rf"{re.escape(name)}-\d+\.safetensors"
+
+
 def save_checkpoint(folder: str | Path, name: str, tensors: dict[str, Tensor], meta: dict[str, Any], step: int) -> Path:
-    """Write ``tensors`` and ``meta`` (JSON-able) as checkpoint ``name`` in ``folder``."""
+    """Write ``tensors`` and ``meta`` (JSON-able) as checkpoint ``name`` in ``folder``. If the disk
+    refuses (full, read-only), a :class:`CheckpointError` says so and the previous checkpoint is
+    intact."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / f"{name}.json"
-    old = _tensor_file(json_path) if json_path.exists() else None
+    old = _previous_tensor_file(json_path, name)
+    kept = describe_kept(folder, name)
     tensor_path = folder / f"{name}-{step:08d}.safetensors"
-    write_safetensors_atomic(tensor_path, tensors)
-    record = {"format": FORMAT, "version": VERSION, "step": step, "tensors": tensor_path.name, "sha256": sha256_file(tensor_path)} | meta
-    write_json_atomic(json_path, record)
-    if old is not None and old != tensor_path and old.exists():
-        old.unlink()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = write_safetensors_atomic(tensor_path, tensors)
+        record = {"format": FORMAT, "version": VERSION, "step": step, "tensors": tensor_path.name, "sha256": digest} | meta
+        write_json_atomic(json_path, record)
+    except OSError as err:
+        if old != tensor_path:
+            tensor_path.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write the checkpoint of step {step} in {folder} ({err.strerror or err}); {kept}. "
+                              "Free disk space or fix the folder's permissions, then continue with --resume") from None
+    if old is not None and old != tensor_path:
+        old.unlink(missing_ok=True)  # only now: the new JSON is durable
     return json_path
 
 
-def _tensor_file(json_path: Path) -> Path | None:
+def describe_kept(folder: Path, name: str = "checkpoint") -> str:
+    """Which checkpoint ``folder`` holds now, for messages about a run that stopped."""
+    path = Path(folder) / f"{name}.json"
     try:
-        return json_path.parent / json.loads(json_path.read_text())["tensors"]
+        step = json.loads(path.read_text())["step"]
     except (OSError, ValueError, KeyError, TypeError):
+        return "no checkpoint was written"
+    return f"the last good checkpoint ({path}, step {step}) is kept"
+
+
+def _previous_tensor_file(json_path: Path, name: str) -> Path | None:
+    """The tensor file of the checkpoint being replaced, if its record names one of this
+    checkpoint's own files (never anything else: a damaged record deletes nothing)."""
+    try:
+        return _tensor_name(json_path, json.loads(json_path.read_text()), _checkpoint_pattern(name))
+    except (OSError, ValueError, TypeError, AttributeError, CheckpointError):
         return None
 
 
@@ -115,15 +141,20 @@ def read_checkpoint_meta(path: str | Path, name: str = "checkpoint") -> tuple[Pa
 
 
 def verified_tensors(json_path: Path, record: dict[str, Any]) -> dict[str, Tensor]:
-    """The safetensors file a JSON record names (``tensors``), checked against its ``sha256``."""
-    tensor_path = json_path.parent / str(record.get("tensors"))
-    if not tensor_path.is_file():
-        raise CheckpointError(f"{json_path} names tensor file {tensor_path.name}, which is missing")
-    if sha256_file(tensor_path) != record.get("sha256"):
+    """The safetensors file a JSON record names (``tensors``, a plain file name beside it), checked
+    against its ``sha256``."""
+    tensor_path = _tensor_name(json_path, record)
+    try:
+        data = tensor_path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{json_path} names tensor file {tensor_path.name}, which is missing") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {tensor_path} ({err.strerror or err}); check its permissions") from None
+    if hashlib.sha256(data).hexdigest() != record.get("sha256"):
         raise CheckpointError(f"{tensor_path} is corrupt or does not belong to {json_path.name} (checksum mismatch)")
     try:
-        return load_file(str(tensor_path))
-    except (SafetensorError, OSError, ValueError) as err:
+        return load_bytes(data)
+    except (SafetensorError, ValueError) as err:
         raise CheckpointError(f"{tensor_path} cannot be read: {err}") from None
 
 

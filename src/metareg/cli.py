@@ -13,36 +13,59 @@ from .errors import ConfigError, MetaregError
 
 
 # ----------------------------------------------------------------------------------- arguments
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the README's promise), with a pointer to ``--help``."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+POSITIVE, NONNEGATIVE = _count(1), _count(0)
+
+
 def _config_flags(p: argparse.ArgumentParser, *, resume: bool = False) -> None:
     p.add_argument("--preset", help="named preset (see `metareg presets`)")
     p.add_argument("--config", help="YAML or JSON config file, merged over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set inner.lr=0.1 (repeatable)")
     p.add_argument("--data-root", help="folder holding the data set (default $METAREG_DATA_ROOT/<name>)")
-    p.add_argument("--seed", type=int, help="training seed")
+    p.add_argument("--seed", type=NONNEGATIVE, help="training seed")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--episodes", type=int, help="test episodes (default 1000)")
-    p.add_argument("--shot", type=int, help="shots per class at meta-test time (default: the training shots)")
-    p.add_argument("--test-seed", type=int, help="seed of the test episode stream (default: the config's eval.seed)")
-    p.add_argument("--mc-samples", type=int, help="noise samples per inner step at meta-test time (default: the config's inner.eval_mc_samples)")
+    p.add_argument("--episodes", type=POSITIVE, help="test episodes (default 1000)")
+    p.add_argument("--shot", type=POSITIVE, help="shots per class at meta-test time (default: the training shots)")
+    p.add_argument("--test-seed", type=NONNEGATIVE, help="seed of the test episode stream (default: the config's eval.seed)")
+    p.add_argument("--mc-samples", type=POSITIVE, help="noise samples per inner step at meta-test time (default: the config's inner.eval_mc_samples)")
     p.add_argument("--fgsm", type=float, metavar="EPS", help="score on FGSM-attacked query images of size EPS (test and compare)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metareg", description="Meta-learned regularization: train, test and compare meta-learners.")
+    parser = _Parser(prog="metareg", description="Meta-learned regularization: train, test and compare meta-learners.")
     parser.add_argument("--version", action="version", version=f"metareg {__version__}")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("train", help="meta-train (then meta-test) a config into a run folder")
     _config_flags(p, resume=True)
     p.add_argument("--out", help="run folder (default runs/<preset or data>)")
-    p.add_argument("--iterations", type=int, help="meta-training iterations")
+    p.add_argument("--iterations", type=NONNEGATIVE, help="meta-training iterations")
     _eval_flags(p)
     p.add_argument("--no-test", action="store_true", help="skip the meta-test after training")
 
@@ -68,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="a mirror holding the same archives (any URL urllib opens, e.g. file:///...)")
 
     p = sub.add_parser("perturb", help="MetaPerturb: meta-train a perturbation over source tasks; train any CNN with it (transfer)")
-    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     for action, text in (("meta-train", "meta-train phi jointly over a source data set's class-wise tasks (Algorithm 1; "
                                         "several processes with torchrun)"),
                          ("transfer", "train and test a network on a target data set with a fixed phi, none, or fine-tuned "
@@ -78,15 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--out", help="run folder (default runs/<preset or data>)")
         a.add_argument("--data", help="data set name (data.name; see the README for the layouts)")
         a.add_argument("--arch", help="backbone: conv4, conv6, vgg9, resnet20/32/44/56, resnet18, wrn-28-2 (model.backbone)")
-        a.add_argument("--steps", type=int, help="training steps (optim.steps)")
-        a.add_argument("--batch-size", type=int, help="images per batch (per task when meta-training) (optim.batch_size)")
+        a.add_argument("--steps", type=NONNEGATIVE, help="training steps (optim.steps)")
+        a.add_argument("--batch-size", type=POSITIVE, help="images per batch (per task when meta-training) (optim.batch_size)")
         if action == "transfer":
             a.add_argument("--perturbation", choices=["metaperturb", "none"], help="metaperturb (default) or none (the Base baseline)")
             a.add_argument("--phi", help="'builtin' (default), a meta-train run folder, or its phi.json")
             a.add_argument("--init-from", help="fine-tune: a transfer run of the same backbone whose convolutions start this one")
-            a.add_argument("--mc-samples", type=int, help="Monte-Carlo samples of the final test predictions (default 100)")
+            a.add_argument("--mc-samples", type=POSITIVE, help="Monte-Carlo samples of the final test predictions (default 100)")
         else:
-            a.add_argument("--tasks", type=int, help="number of source tasks T (default 10)")
+            a.add_argument("--tasks", type=POSITIVE, help="number of source tasks T (default 10)")
     a = actions.add_parser("info", help="the provenance of a stored phi (source data, backbone, command)")
     a.add_argument("phi", nargs="?", default="builtin", help="'builtin', a meta-train run folder or its phi.json")
 
@@ -97,35 +120,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["curves", "features", "boundary", "scales", "reliability"])
     p.add_argument("runs", nargs="+", help="run folders (or log.csv files); features and boundary take one run")
     p.add_argument("--out", help="PNG to write (default <kind>.png)")
-    p.add_argument("--episode", type=int, default=0, help="features/boundary: which episode of the fixed test stream (default 0)")
-    p.add_argument("--layer", type=int, default=0, help="features: the conv block (default 0)")
-    p.add_argument("--channel", type=int, help="features: the channel (default: the most active one)")
-    p.add_argument("--samples", type=int, default=4, help="features/boundary: noise draws to show (default 4)")
-    p.add_argument("--classes", type=int, nargs=2, default=(0, 1), help="boundary: the two classes (default 0 1)")
+    p.add_argument("--episode", type=NONNEGATIVE, default=0, help="features/boundary: which episode of the fixed test stream (default 0)")
+    p.add_argument("--layer", type=NONNEGATIVE, default=0, help="features: the conv block (default 0)")
+    p.add_argument("--channel", type=NONNEGATIVE, help="features: the channel (default: the most active one)")
+    p.add_argument("--samples", type=POSITIVE, default=4, help="features/boundary: noise draws to show (default 4)")
+    p.add_argument("--classes", type=NONNEGATIVE, nargs=2, default=(0, 1), help="boundary: the two classes (default 0 1)")
 
     p = sub.add_parser("reproduce", help="run a paper's table or figure as a resumable grid of runs")
     p.add_argument("experiment", nargs="?", help="experiment name (omit to list them)")
     p.add_argument("--out", help="folder for the runs and <experiment>.md (default runs/<experiment>)")
-    p.add_argument("--iterations", type=int, help="meta-iterations per run (default: the presets' full schedule)")
-    p.add_argument("--episodes", type=int, default=1000, help="test tasks per number (default 1000)")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default 2)")
+    p.add_argument("--iterations", type=POSITIVE, help="meta-iterations per run (default: the presets' full schedule)")
+    p.add_argument("--episodes", type=POSITIVE, default=1000, help="test tasks per number (default 1000)")
+    p.add_argument("--jobs", type=POSITIVE, default=2, help="runs trained at once, one thread each (default 2)")
 
     p = sub.add_parser("bench", help="meta-training speed against a plain per-task reference loop")
-    p.add_argument("--iterations", type=int, default=3, help="timed meta-iterations per implementation")
-    p.add_argument("--way", type=int, default=20)
-    p.add_argument("--shot", type=int, default=1)
-    p.add_argument("--query", type=int, default=15)
-    p.add_argument("--meta-batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--iterations", type=POSITIVE, default=3, help="timed meta-iterations per implementation")
+    p.add_argument("--way", type=POSITIVE, default=20)
+    p.add_argument("--shot", type=POSITIVE, default=1)
+    p.add_argument("--query", type=POSITIVE, default=15)
+    p.add_argument("--meta-batch", type=POSITIVE, default=4)
+    p.add_argument("--steps", type=POSITIVE, default=5)
+    p.add_argument("--channels", type=POSITIVE, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-check", action="store_true", help="skip the float64 meta-gradient comparison")
     p.add_argument("--scheme", choices=["bilevel", "joint"], default="bilevel",
                    help="bilevel: MAML meta-gradient (default); joint: one step of MetaPerturb's joint meta-training")
     p.add_argument("--arch", default="resnet20", help="joint: the task networks' backbone")
-    p.add_argument("--tasks", type=int, default=10, help="joint: number of task networks")
-    p.add_argument("--batch-size", type=int, default=32, help="joint: images per task and pass")
-    p.add_argument("--image-size", type=int, default=32, help="joint: image side")
+    p.add_argument("--tasks", type=POSITIVE, default=10, help="joint: number of task networks")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="joint: images per task and pass")
+    p.add_argument("--image-size", type=POSITIVE, default=32, help="joint: image side")
     p.add_argument("--profile", action="store_true", help="print the engine's operator profile")
     return parser
 
@@ -173,6 +196,7 @@ def _report(label: str, result: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .config import validate
     from .experiment import config_of_checkpoint, meta_test, save_result, train
 
     if args.resume:
@@ -187,6 +211,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             config.device = args.device
         if args.episodes:
             config.eval.episodes = args.episodes
+        validate(config)
     else:
         config = _resolve_config(args)
     out = Path(args.out or f"runs/{config.preset or config.data.name}")
@@ -403,11 +428,16 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime import keep_freed_memory
 
         keep_freed_memory()  # see metareg.runtime: about 1.2x on CPU meta-training
+    command = f"{args.command} {args.action}" if args.command == "perturb" else args.command
     try:
         COMMANDS[args.command](args)
     except MetaregError as err:
-        command = f"{args.command} {args.action}" if args.command == "perturb" else args.command
         print(f"metareg {command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the file system refused: a full disk, a read-only or unwritable folder
+        where = f" {err.filename}" if err.filename else ""
+        print(f"metareg {command}: error: cannot access{where}: {err.strerror or err} (check the path, its permissions "
+              "and free disk space; nothing already written was removed)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nmetareg {args.command}: interrupted; a run continues with `metareg train --out RUN --resume`", file=sys.stderr)

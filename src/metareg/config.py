@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -334,8 +335,23 @@ def resolve(preset: str | None = None, file: str | Path | None = None, overrides
     for override in overrides or []:
         values = merge(values, override)
     config = schema.from_dict(values)
+    if config.data.root is not None:  # stored resolved: the run can be tested from any folder
+        config.data.root = str(Path(config.data.root).expanduser().resolve())
     validate(config)
     return config
+
+
+def _check_finite(values: Any, where: str = "") -> None:
+    """Every number in a config (options included) is finite: ``nan <= 0`` is False, so a NaN
+    would slip through every range check after this one."""
+    if isinstance(values, dict):
+        for key, value in values.items():
+            _check_finite(value, f"{where}{key}.")
+    elif isinstance(values, (list, tuple)):
+        for i, value in enumerate(values):
+            _check_finite(value, f"{where}{i}.")
+    elif isinstance(values, float) and not math.isfinite(values):
+        raise ConfigError(f"config key {where[:-1]!r} must be a finite number, got {values}")
 
 
 def _check_positive(values: dict[str, float]) -> None:
@@ -366,6 +382,7 @@ def _validate_ordinary(config: MetaTrainConfig | TransferConfig) -> None:
 
 def validate(config: Any) -> None:
     """Checks that span fields (single fields are type-checked while building)."""
+    _check_finite(config.to_dict())
     if isinstance(config, MetaTrainConfig):
         _validate_ordinary(config)
         _check_positive({"tasks": config.tasks})
@@ -409,3 +426,5 @@ def validate(config: Any) -> None:
         raise ConfigError(f"dtype must be float32 or float64, got {config.dtype!r}")
     if config.inner.lr <= 0 or config.train.meta_lr <= 0:
         raise ConfigError("inner.lr and train.meta_lr must be positive")
+    if config.train.clip is not None and config.train.clip <= 0:
+        raise ConfigError(f"train.clip must be positive or null (no clipping), got {config.train.clip}")

@@ -129,4 +129,7 @@ def compare(a: EvalResult, b: EvalResult) -> dict[str, Any]:
     diff = {k: (a.protocol.get(k), b.protocol.get(k)) for k in keys if a.protocol.get(k) != b.protocol.get(k)}
     if diff:
         raise ConfigError(f"the two results were not measured on the same episodes: {diff}")
+    if a.scores.numel() < 2:
+        raise ConfigError(f"a paired comparison needs at least 2 episodes (its confidence interval comes from their spread), "
+                          f"got {a.scores.numel()}: test on more episodes")
     return {"a": a.estimate, "b": b.estimate, "difference": paired_difference(a.scores, b.scores)}

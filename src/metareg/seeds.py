@@ -8,6 +8,9 @@ the same whichever process (or batch of tasks) trains it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -21,3 +24,14 @@ def derive_seed(*parts: int) -> int:
 def generator(*parts: int) -> torch.Generator:
     """A CPU generator seeded with ``derive_seed(*parts)``."""
     return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Inside the block torch's global generator (and ``device``'s, on CUDA) is seeded with ``seed``;
+    afterwards the caller's random state is restored, so the block draws reproducible numbers
+    without disturbing any other stream (evaluation, probes)."""
+    device = torch.device(device) if device is not None else None
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

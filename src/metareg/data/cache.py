@@ -20,15 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
+
+from metareg.files import write_bytes_atomic
 
 __all__ = ["cache_dir", "cache_key", "file_signature", "cached_images"]
 
@@ -53,19 +54,6 @@ def file_signature(path: Path) -> list[Any]:
     """``[name, size, mtime_ns]`` of a file: enough to notice that it was replaced or edited."""
     st = path.stat()
     return [path.name, st.st_size, st.st_mtime_ns]
-
-
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache may be shared
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _load(tensor_path: Path, meta_path: Path) -> tuple[Tensor, dict[str, Any]] | None:
@@ -106,9 +94,8 @@ def cached_images(
     try:
         folder.mkdir(parents=True, exist_ok=True)
         # Tensors first, metadata last: an entry counts only when both exist.
-        _atomic_write(tensor_path, lambda p: save_file({"images": images.contiguous()}, str(p)))
-        text = json.dumps({"format": CACHE_FORMAT, "meta": meta})
-        _atomic_write(meta_path, lambda p: p.write_text(text, encoding="utf-8"))
+        write_bytes_atomic(tensor_path, save({"images": images.contiguous()}))
+        write_bytes_atomic(meta_path, json.dumps({"format": CACHE_FORMAT, "meta": meta}).encode("utf-8"))
     except OSError as exc:
         warnings.warn(
             f"could not write the data cache in {folder} ({exc}); set METAREG_CACHE to a writable folder "

@@ -17,15 +17,15 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
 import sys
-import tempfile
 import urllib.request
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from metareg.errors import DataError
+from metareg.files import atomic_open, sha256_file
+from metareg.progress import Progress
 
 __all__ = ["OMNIGLOT_URL", "download_omniglot", "expected_files", "sha256_file"]
 
@@ -39,15 +39,6 @@ def expected_files(dataset: str = "omniglot") -> dict[str, dict[str, Any]]:
     if dataset not in table:
         raise DataError(f"no checksums for data set {dataset!r}; known: {', '.join(sorted(table))}")
     return table[dataset]
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's contents."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_valid(path: Path, info: dict[str, Any]) -> bool:
@@ -67,19 +58,15 @@ def _network_error(url: str, target: Path, exc: BaseException) -> DataError:
 
 def _fetch(url: str, target: Path, info: dict[str, Any], progress: bool, timeout: float) -> None:
     """Stream ``url`` to a temporary file next to ``target``, verify it, then rename it to ``target``."""
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    except OSError as exc:
-        raise DataError(f"cannot write in {target.parent} ({exc}); choose a writable folder") from None
-    tmp = Path(tmp_name)
     digest, done, total = hashlib.sha256(), 0, int(info["size"])
     try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_open(target, "wb", suffix=".part") as out:
             try:
                 response = urllib.request.urlopen(url, timeout=timeout)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 raise _network_error(url, target, exc) from None
             with response:
+                bar = Progress(total, desc=f"  {target.name}", unit="B", enabled=progress)
                 while True:
                     try:
                         block = response.read(_CHUNK)
@@ -90,18 +77,14 @@ def _fetch(url: str, target: Path, info: dict[str, Any], progress: bool, timeout
                     out.write(block)
                     digest.update(block)
                     done += len(block)
-                    _say(progress, f"\r  {target.name}: {done / 1e6:.1f} / {total / 1e6:.1f} MB", end="")
-        _say(progress, "")
-        if done != total or digest.hexdigest() != info["sha256"]:
-            raise DataError(f"checksum mismatch for {url}: got {done} bytes with sha256 {digest.hexdigest()[:16]}..., "
-                            f"expected {total} bytes with sha256 {info['sha256'][:16]}...; the download was "
-                            f"discarded, try again")
-        os.replace(tmp, target)
+                    bar.update(len(block))
+            bar.close()
+            if done != total or digest.hexdigest() != info["sha256"]:  # inside: the temporary file is discarded
+                raise DataError(f"checksum mismatch for {url}: got {done} bytes with sha256 {digest.hexdigest()[:16]}..., "
+                                f"expected {total} bytes with sha256 {info['sha256'][:16]}...; the download was "
+                                f"discarded, try again")
     except OSError as exc:
         raise DataError(f"could not write {target} ({exc}); check that the folder is writable and has space") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def download_omniglot(

@@ -7,10 +7,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
-
 from ..data.tasks import TaskBatch, TaskSource
+from ..errors import DivergenceError
 from ..meta.bilevel import BilevelLearner
+from ..nets.modes import eval_mode
+from ..progress import Progress
+from ..seeds import seeded
 from .stats import Estimate, mean_ci
 
 
@@ -66,20 +68,24 @@ def evaluate(
 ) -> EvalResult:
     """Adapt to each episode's support set and score its query set. Perturbation noise is drawn
     from torch's global generator re-seeded with ``seed`` inside a forked RNG scope, so evaluation
-    is reproducible and leaves the caller's random state untouched."""
-    was_training = learner.training
-    learner.eval()
+    is reproducible and leaves the caller's random state untouched. A model whose outputs are not
+    finite (diverged weights) is refused with a :class:`~metareg.errors.DivergenceError` rather than
+    scored."""
     scores = []
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        with tqdm(total=episodes, desc=desc, unit="ep", disable=not progress, leave=False) as bar:
-            for batch in episode_stream(source, episodes, seed, tasks_per_batch):
-                scores.append(learner.evaluate(batch.to(device, dtype), steps=steps, samples=samples, attack=attack).double().cpu())
-                bar.update(batch.num_tasks)
-                if len(scores) % 10 == 0:
-                    bar.set_postfix_str(mean_ci(torch.cat(scores)).format(100 if learner.task == "classification" else 1))
-    learner.train(was_training)
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)
+    bar = Progress(episodes, desc=desc, unit="ep", enabled=progress, leave=False, every=0.25)
+    with seeded(seed, device), eval_mode(learner), bar:
+        for batch in episode_stream(source, episodes, seed, tasks_per_batch):
+            batch = batch.to(device, dtype)
+            outputs = learner.query_outputs(batch, steps=steps, samples=samples, attack=attack)
+            nonfinite += (~torch.isfinite(outputs)).sum()
+            scores.append(torch.stack([learner.score(out, y) for out, y in zip(outputs, batch.query_y)]).double().cpu())
+            bar.update(batch.num_tasks)
+            if len(scores) % 10 == 0:
+                bar.metrics({"score": mean_ci(torch.cat(scores)).format(100 if learner.task == "classification" else 1)})
+    if nonfinite.item():
+        raise DivergenceError(f"the model's outputs are not finite ({nonfinite.item()} NaN/Inf values on {episodes} test episodes): "
+                              "its weights have diverged; test an earlier checkpoint or train again with a lower learning rate")
     info = {"episodes": episodes, "seed": seed, "steps": steps or learner.eval_inner_steps, "mc_samples": samples or learner.eval_mc_samples}
     if attack is not None:
         info["attack"] = attack.describe()

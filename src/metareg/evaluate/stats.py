@@ -20,6 +20,8 @@ class Estimate:
     n: int
 
     def format(self, scale: float = 1.0, digits: int = 2) -> str:
+        if math.isnan(self.ci95) and self.n < 2:
+            return f"{self.mean * scale:.{digits}f} +- n/a (one value: no interval)"
         return f"{self.mean * scale:.{digits}f} +- {self.ci95 * scale:.{digits}f}"
 
 

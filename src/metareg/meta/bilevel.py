@@ -234,18 +234,23 @@ class BilevelLearner(nn.Module):
         with torch.enable_grad():
             return self.adapt(start, x, y, steps=steps, create_graph=False, samples=samples)
 
-    def evaluate(self, batch: TaskBatch, *, steps: int | None = None, samples: int | None = None, attack=None) -> Tensor:
-        """Per-task query score after adaptation (no meta-graph is built): ``[num_tasks]``.
-        ``attack(learner, params, x, y) -> x'`` replaces the query images (``metareg.evaluate.adversarial``)."""
+    def query_outputs(self, batch: TaskBatch, *, steps: int | None = None, samples: int | None = None, attack=None) -> Tensor:
+        """The adapted models' outputs on their query sets, ``[num_tasks, query, outputs]``, no
+        meta-graph. ``attack(learner, params, x, y) -> x'`` replaces the query images
+        (``metareg.evaluate.adversarial``)."""
         start = self.detached_params()
-        scores = []
+        outputs = []
         for i in range(batch.num_tasks):
             params = self.adapt_for_test(start, batch.support_x[i], batch.support_y[i], steps=steps, samples=samples)
             query_x = batch.query_x[i] if attack is None else attack(self, params, batch.query_x[i], batch.query_y[i])
             with torch.no_grad():
-                out = self.query_forward(params, query_x)
-                scores.append(self.score(out, batch.query_y[i]))
-        return torch.stack(scores)
+                outputs.append(self.query_forward(params, query_x))
+        return torch.stack(outputs)
+
+    def evaluate(self, batch: TaskBatch, *, steps: int | None = None, samples: int | None = None, attack=None) -> Tensor:
+        """Per-task query score after adaptation (no meta-graph is built): ``[num_tasks]``."""
+        outputs = self.query_outputs(batch, steps=steps, samples=samples, attack=attack)
+        return torch.stack([self.score(out, y) for out, y in zip(outputs, batch.query_y)])
 
     def extra_repr(self) -> str:
         order = "first" if self.first_order else "second"

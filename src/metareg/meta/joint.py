@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..errors import ConfigError
+from ..nets.modes import eval_mode
 from ..perturb.attach import Perturbed, attach_metaperturb, probe
 from ..perturb.metaperturb import MetaPerturbFunction
 from ..seeds import derive_seed
@@ -115,6 +116,17 @@ class JointLearner(nn.Module):
         (1/T) sum_t loss_t (theta: none). Per-task metrics."""
         with norm_in_eval_mode(self.networks):
             return self._backward(x, y, TEST_PASS, seed, step)
+
+    @torch.no_grad()
+    def probe_losses(self, x: Tensor, y: Tensor) -> Tensor:
+        """Every local task's loss on ``x`` with its network in eval mode (running statistics used,
+        none moved), no gradients: ``[T_local]``."""
+        losses = []
+        for i, net in enumerate(self.networks):
+            with eval_mode(net):
+                out = net(x[i]).masked_fill(self.absent[i], float("-inf"))
+            losses.append(F.cross_entropy(out, y[i]))
+        return torch.stack(losses)
 
     def _backward(self, x: Tensor, y: Tensor, which: int, seed: int, step: int) -> dict[str, Tensor]:
         if x.shape[0] != len(self.networks) or y.shape[:1] != x.shape[:1]:

@@ -25,10 +25,10 @@ from ..data.augment import epoch_batch, normalize, padding_for, random_crop_flip
 from ..data.labeled import LabeledImages
 from ..errors import CheckpointError
 from ..perturb.attach import set_strength
-from ..seeds import derive_seed, generator
+from ..seeds import derive_seed, generator, seeded
 from .distributed import World
 from .joint import TEST_PASS, TRAIN_PASS, JointLearner
-from .loop import StepLoop
+from .loop import StepLoop, checkpoint_problem, nonfinite_count, optimizer_tensors
 
 CHECKPOINT = "checkpoint"
 COLUMNS = ["step", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "strength", "seconds", "images_per_s"]
@@ -97,6 +97,18 @@ class JointTrainer:
         self.phi_optimizer.step()
         means = flat[offset:] / self.learner.num_tasks
         return dict(zip(("train_loss", "train_accuracy", "test_loss", "test_accuracy"), means)) | {"strength": torch.tensor(strength)}
+
+    def check(self) -> str | None:
+        """None if the state about to be saved is good on every process: every tensor finite, and a
+        finite loss of every task network (eval mode) on its fixed first test batch. Collective."""
+        local = list(self.learner.state_dict().values()) + optimizer_tensors(self.theta_optimizer) + optimizer_tensors(self.phi_optimizer)
+        x, y = (torch.stack(parts) for parts in zip(*(training_batch(pair[TEST_PASS], self.batch_size, 0, derive_seed(self.seed, task, 1),
+                                                                      augment=False, channels=self.channels, dtype=self.dtype)
+                                                        for task, pair in zip(self.learner.task_ids, self.tasks))))
+        with seeded(0, self.world.device):
+            loss = self.learner.probe_losses(x.to(self.world.device), y.to(self.world.device)).sum()
+        both = self.world.all_reduce_sum(torch.stack([nonfinite_count(local).to(loss), loss]))
+        return checkpoint_problem(int(both[0].item()), both[1].item())
 
     def run(self, resume_log: bool = False) -> None:
         loop = StepLoop(self.out, self.steps, self.log_every, self.checkpoint_every, COLUMNS, shown=("train_loss", "test_loss", "test_accuracy"),

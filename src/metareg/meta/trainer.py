@@ -20,11 +20,13 @@ from ..checkpoint import (
     state_to_tensors,
     tensors_to_state,
 )
-from ..data.tasks import TaskSource
+from ..data.tasks import TaskBatch, TaskSource
 from ..errors import CheckpointError
 from .bilevel import BilevelLearner
+from ..nets.modes import eval_mode
+from ..seeds import derive_seed, seeded
 from .logging import COLUMNS
-from .loop import StepLoop
+from .loop import StepLoop, checkpoint_problem, nonfinite_count, optimizer_tensors
 
 CHECKPOINT = "checkpoint"
 
@@ -71,7 +73,9 @@ class MetaTrainer:
         self.meta = meta or {}
         self.progress = progress
         self.optimizer = torch.optim.Adam(learner.parameters(), lr=meta_lr)
+        self.seed = seed
         self.episodes = torch.Generator().manual_seed(seed)
+        self._probe: TaskBatch | None = None
         self.step = 0
         self.seconds = 0.0  # training time before this process (resumed runs)
         self.last_val: tuple[float, float] | None = None
@@ -97,11 +101,25 @@ class MetaTrainer:
         self.seconds = float(meta.get("seconds", 0.0))
         self.last_val = tuple(meta["last_val"]) if meta.get("last_val") else None
 
+    def check(self) -> str | None:
+        """None if the state about to be saved is good: every tensor finite, and a finite query loss
+        after adapting to a fixed probe task with these weights (one sample, no meta-graph)."""
+        bad = int(nonfinite_count(list(self.learner.state_dict().values()) + optimizer_tensors(self.optimizer)))
+        loss = float("nan")
+        if not bad:
+            if self._probe is None:
+                self._probe = self.source.sample(1, torch.Generator().manual_seed(derive_seed(self.seed, 7))).to(self.device, self.dtype)
+            with seeded(0, self.device), eval_mode(self.learner):
+                out = self.learner.query_outputs(self._probe, steps=self.learner.inner_steps, samples=1)
+            loss = self.learner.loss(out.flatten(0, 1), self._probe.query_y.flatten(0, 1)).item()
+        return checkpoint_problem(bad, loss)
+
     # ------------------------------------------------------------------------------------ loop
-    def train_step(self) -> dict[str, torch.Tensor]:
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        """Meta-iteration ``step`` (0-based): sample tasks, meta-backward, clip, Adam step."""
         batch = self.source.sample(self.meta_batch, self.episodes).to(self.device, self.dtype)
         self.optimizer.zero_grad(set_to_none=True)
-        self.learner.set_training_progress(self.step / max(self.iterations, 1))
+        self.learner.set_training_progress(step / max(self.iterations, 1))
         metrics = self.learner.meta_backward(batch)
         if self.clip is not None:
             torch.nn.utils.clip_grad_value_(self.learner.parameters(), self.clip)
@@ -109,9 +127,6 @@ class MetaTrainer:
         return metrics
 
     def run(self, resume_log: bool = False) -> dict[str, Any]:
-        def step(_: int) -> dict[str, torch.Tensor]:
-            return self.train_step()
-
         def validate() -> dict[str, float]:
             self.last_val = self.validate(self.learner)
             return {"val_score": self.last_val[0], "val_ci95": self.last_val[1]}
@@ -119,5 +134,5 @@ class MetaTrainer:
         loop = StepLoop(self.out, self.iterations, self.log_every, self.checkpoint_every, COLUMNS, eval_every=self.val_every,
                         shown=("loss", "score", "val_score"), per_step=self.meta_batch, desc="meta-train", progress=self.progress,
                         hint="lower train.meta_lr or inner.lr, or set train.clip", rate_column="tasks_per_s")
-        loop.run(step, self, evaluate=validate if self.validate is not None else None, resume_log=resume_log)
+        loop.run(self.train_step, self, evaluate=validate if self.validate is not None else None, resume_log=resume_log)
         return {"step": self.step, "seconds": self.seconds, "last_val": self.last_val}

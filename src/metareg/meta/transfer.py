@@ -21,14 +21,15 @@ from torch import Tensor, nn
 from ..checkpoint import load_checkpoint, save_checkpoint, state_to_tensors, tensors_to_state
 from ..data.augment import normalize, to_channels
 from ..data.labeled import LabeledImages
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, DivergenceError
 from ..evaluate.calibration import expected_calibration_error, reliability
 from ..evaluate.episodes import EvalResult
 from ..perturb.attach import set_strength
 from ..perturb.metaperturb import MetaPerturbFunction
-from ..seeds import derive_seed
+from ..nets.modes import eval_mode
+from ..seeds import derive_seed, seeded
 from .joint_trainer import annealed_strength, training_batch
-from .loop import StepLoop
+from .loop import StepLoop, checkpoint_problem, nonfinite_count, optimizer_tensors
 
 CHECKPOINT = "checkpoint"
 COLUMNS = ["step", "loss", "accuracy", "lr", "strength", "test_accuracy", "seconds", "images_per_s"]
@@ -45,15 +46,11 @@ def predict(model: nn.Module, images: Tensor, *, samples: int, channels: int, de
     """Class probabilities of ``images`` (uint8), the softmax averaged over ``samples`` forward
     passes (the perturbation's noise), in eval mode; reproducible for a ``seed`` (torch's generator
     is forked, so the caller's random state is untouched)."""
-    was_training = model.training
-    model.eval()
     out = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded(seed, device), eval_mode(model):
         for start in range(0, len(images), batch_size):
             x = normalize(to_channels(images[start:start + batch_size], channels), dtype).to(device)
             out.append(torch.stack([F.softmax(model(x), dim=1) for _ in range(samples)]).mean(0).double().cpu())
-    model.train(was_training)
     return torch.cat(out)
 
 
@@ -116,6 +113,18 @@ class TransferTrainer:
         return {"loss": loss.detach(), "accuracy": (out.argmax(1) == y).float().mean(), "lr": torch.tensor(lr),
                 "strength": torch.tensor(strength)}
 
+    def check(self) -> str | None:
+        """None if the state about to be saved is good: every tensor finite, and a finite loss of
+        the network (eval mode, so no running statistic moves) on a fixed training batch."""
+        bad = int(nonfinite_count(list(self.model.state_dict().values()) + optimizer_tensors(self.optimizer)))
+        loss = float("nan")
+        if not bad:
+            x, y = training_batch(self.train, self.batch_size, 0, derive_seed(self.seed, 0), augment=False, channels=self.channels,
+                                  dtype=self.dtype)
+            with torch.no_grad(), seeded(0, self.device), eval_mode(self.model):
+                loss = F.cross_entropy(self.model(x.to(self.device)), y.to(self.device)).item()
+        return checkpoint_problem(bad, loss)
+
     def samples(self, requested: int) -> int:
         """Monte-Carlo samples: one when nothing is stochastic."""
         return requested if self.phi is not None and self.phi.sample else 1
@@ -141,6 +150,9 @@ class TransferTrainer:
         if self.phi is not None:
             set_strength(self.phi, 1.0)
         probabilities, correct = self.evaluate(samples)
+        if not torch.isfinite(probabilities).all():
+            raise DivergenceError("the network's test predictions are not finite: its weights have diverged; train again with a lower "
+                                  "optim.lr")
         nll = F.nll_loss(probabilities.clamp_min(1e-12).log(), self.test.labels).item()
         extra = {"nll": nll, "ece": expected_calibration_error(probabilities, self.test.labels),
                  "reliability": reliability(probabilities, self.test.labels)}

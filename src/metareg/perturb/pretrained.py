@@ -9,13 +9,12 @@ value is finite, and never unpickles anything.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import read_record, sha256_file, verified_tensors, write_json_atomic, write_safetensors_atomic
+from ..checkpoint import read_record, verified_tensors, write_json_atomic, write_safetensors_atomic
 from ..errors import CheckpointError
 from .metaperturb import MetaPerturbFunction
 
@@ -28,9 +27,8 @@ def save_phi(folder: str | Path, phi: MetaPerturbFunction, provenance: dict[str,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = folder / "phi.safetensors"
-    write_safetensors_atomic(tensors, {k: v.float() for k, v in phi.state_dict().items()})
-    os.chmod(tensors, 0o644)  # shareable, like the package's own copy
-    record = {"format": FORMAT, "tensors": tensors.name, "sha256": sha256_file(tensors),
+    digest = write_safetensors_atomic(tensors, {k: v.float() for k, v in phi.state_dict().items()})
+    record = {"format": FORMAT, "tensors": tensors.name, "sha256": digest,
               "parameters": sum(p.numel() for p in phi.parameters())} | provenance
     write_json_atomic(folder / "phi.json", record)
     return folder / "phi.json"
