@@ -34,8 +34,9 @@ def tiny_conv(way=3, channels=4, size=8, depth=2, dtype=torch.float64, seed=0, *
 
 def learner_for(model, *, lr=0.1, steps=2, step="sgd", task="classification", transforms=None, **kw) -> BilevelLearner:
     params = dict(model.named_parameters())
-    fast = {n: params[n] for n in select_fast(list(params), kw.get("fast", ["*"]))}
-    rule = build_inner_rule(fast, step=step, lr=lr, steps=steps, transforms=transforms).to(next(model.parameters()).dtype)
+    fast = {n: params[n] for n in select_fast(model, kw.get("fast", ["*"]))}
+    rule = build_inner_rule(fast, step=step, lr=lr, steps=steps, transforms=transforms,
+                            groups=model.layer_groups()).to(next(model.parameters()).dtype)
     return BilevelLearner(model, rule, task=task, inner_steps=steps, **kw)
 
 

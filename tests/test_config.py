@@ -4,13 +4,14 @@ import json
 
 import pytest
 
-from metareg.config import KINDS, Config, parse_assignment, resolve
+from metareg.config import Config, parse_assignment
+from metareg.runs.common import SCHEMAS, resolve
 from metareg.errors import ConfigError
-from metareg.presets import PRESETS
+from metareg.runs.presets import PRESETS
 
 
 def test_every_preset_resolves_and_names_its_paper_row():
-    schemas = {kind: schema for schema, kind in KINDS.items()}
+    schemas = SCHEMAS
     for name, preset in PRESETS.items():
         config = resolve(name, schema=schemas[preset.kind])
         assert config.preset == name
@@ -21,7 +22,7 @@ def test_a_preset_of_another_kind_names_the_command_that_runs_it():
     with pytest.raises(ConfigError, match="metareg perturb meta-train"):
         resolve("perturb-quickstart")
     with pytest.raises(ConfigError, match="metareg train"):
-        resolve("quickstart", schema=next(s for s, k in KINDS.items() if k == "transfer"))
+        resolve("quickstart", schema=SCHEMAS["transfer"])
 
 
 def test_omniglot_preset_has_the_reference_readme_hyperparameters():

@@ -28,7 +28,6 @@ except ImportError:  # not installed: test the source tree
     sys.path.insert(0, str(REPO / "src"))
 
 from metareg.data import (  # noqa: E402
-    DATASETS,
     ClassImages,
     EpisodeSampler,
     PolynomialTasks,
@@ -37,6 +36,7 @@ from metareg.data import (  # noqa: E402
     build_task_source,
     cache_dir,
     download_omniglot,
+    episodic_datasets,
     load_glyphs,
     load_miniimagenet,
     load_omniglot,
@@ -676,14 +676,14 @@ def test_checksums_record_sizes_and_match_shared_zips() -> None:
 
 
 def test_build_task_source_names_and_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert DATASETS == ("glyphs", "omniglot", "miniimagenet", "sine", "polynomial")
+    assert episodic_datasets() == ["glyphs", "miniimagenet", "omniglot", "polynomial", "sine"]
     glyphs = build_task_source("glyphs", "test", way=5, shot=1, query=2, num_classes=10, instances_per_class=4)
     assert glyphs.is_classification and glyphs.sample(2, gen(0)).support_x.shape == (2, 5, 1, 28, 28)
     sine = build_task_source("sine", "train", way=99, shot=3, query=4, frequency=(1.0, 1.0))
     assert not sine.is_classification and sine.sample(2, gen(0)).query_x.shape == (2, 4, 1)
     poly = build_task_source("polynomial", "train", way=5, shot=3, query=4, order=2)
     assert poly.sample(2, gen(0)).support_y.shape == (2, 3, 1)
-    with pytest.raises(DataError, match="glyphs, omniglot, miniimagenet, sine, polynomial"):
+    with pytest.raises(DataError, match="glyphs, miniimagenet, omniglot, polynomial, sine"):
         build_task_source("cifar", "train", way=5, shot=1, query=1)
     with pytest.raises(DataError, match="unknown option.*colour"):
         build_task_source("glyphs", "train", way=5, shot=1, query=1, colour="red")

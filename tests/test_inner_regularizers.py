@@ -146,17 +146,21 @@ def test_composes_with_meta_sgd_and_vmap_gives_the_same_numbers():
 
 
 def test_dropgrad_layer_groups_of_table_2():
-    from metareg.inner.dropgrad import layer_group
     from metareg.nets import ConvNet
 
-    names = [n for n, _ in ConvNet(5, 1, 28, channels=4).named_parameters()]
-    assert layer_group("fc", names) == ["head.*"]
-    assert layer_group("last-block+fc", names) == ["blocks.3.*", "head.*"]
-    assert layer_group("first-block", names) == ["blocks.0.*"]
-    drop = DropGrad(dict.fromkeys(names, torch.zeros(1)), layers="last-block+fc")
-    assert drop.names == [n for n in names if n.startswith(("blocks.3.", "head."))]
-    with pytest.raises(Exception, match="unknown DropGrad layer group"):
-        DropGrad(dict.fromkeys(names, torch.zeros(1)), layers="middle")
+    net = ConvNet(5, 1, 28, channels=4)
+    names, groups = [n for n, _ in net.named_parameters()], net.layer_groups()
+    fast = dict.fromkeys(names, torch.zeros(1))
+
+    def chosen(layers):
+        return DropGrad(fast, layers=layers, groups=groups).names
+
+    assert chosen("fc") == ["head.weight", "head.bias"]
+    assert chosen("last-block+fc") == [n for n in names if n.startswith(("blocks.3.", "head."))]
+    assert chosen("first-block") == [n for n in names if n.startswith("blocks.0.")]
+    assert chosen("full") == names
+    with pytest.raises(Exception, match="matches no"):
+        DropGrad(fast, layers="middle", groups=groups)
 
 
 @pytest.mark.parametrize("per", ["row", "weight"])

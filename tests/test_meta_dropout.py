@@ -9,12 +9,8 @@ from helpers import learner_for, random_image_batch, tiny_conv
 from test_training import assert_same_state, final_params, tiny
 
 from metareg.errors import ConfigError
-from metareg.perturb import (
-    LayerInfo,
-    MultiplicativeNoise,
-    WeightGaussian,
-    build_perturbation,
-)
+from metareg.nets import LayerInfo
+from metareg.perturb import MultiplicativeNoise, WeightGaussian, build_perturbation
 
 REF_FAST = ["blocks.*.conv.*", "head.weight", "head.bias"]
 CONV = LayerInfo(0, "conv", 3, 5, kernel_size=3, padding=1)
@@ -181,7 +177,7 @@ def test_deterministic_meta_dropout_same_meta_gradient_batched_and_unbatched():
 def test_meta_dropout_run_resumes_exactly(tmp_path):
     extra = ("model.perturbation=meta-dropout", "inner.eval_mc_samples=2", "model.options={channels: 4, norm_scale: false}",
              "inner.fast=[blocks.*.conv.*, head.weight, head.bias]")
-    from metareg.experiment import train
+    from metareg.runs.episodic import train
 
     train(tiny("train.iterations=6", "train.checkpoint_every=3", *extra), tmp_path / "straight", progress=False)
     train(tiny("train.iterations=3", "train.checkpoint_every=3", *extra), tmp_path / "split", progress=False)
@@ -203,16 +199,18 @@ def test_boundary_coordinates_put_the_classifier_decision_on_the_vertical_line()
 
 
 def test_feature_and_boundary_plots_from_a_trained_run(tmp_path):
-    from metareg.experiment import train
+    from metareg.runs.episodic import train
+    from metareg.runs.task_view import adapted_task
     from metareg.viz.boundary import plot_boundary
     from metareg.viz.features import plot_features
 
     run = tmp_path / "run"
     train(tiny("train.iterations=2", "model.perturbation=meta-dropout", "inner.eval_mc_samples=2"), run, progress=False)
-    for path in (plot_features(run, tmp_path / "f.png", layer=1), plot_boundary(run, tmp_path / "b.png", samples=3)):
+    view = adapted_task(run)
+    for path in (plot_features(view, tmp_path / "f.png", layer=1), plot_boundary(view, tmp_path / "b.png", samples=3)):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     with pytest.raises(ConfigError, match="--layer"):
-        plot_features(run, tmp_path / "x.png", layer=7)
+        plot_features(view, tmp_path / "x.png", layer=7)
 
 
 def test_fgsm_moves_every_pixel_by_epsilon_uphill_and_zero_changes_nothing():
@@ -249,7 +247,7 @@ def test_feature_dropout_baselines_have_mean_one_variance_p_over_1_minus_p_and_s
 
 def test_compare_accepts_different_noise_samples_but_not_different_attacks():
     from metareg.evaluate import EvalResult
-    from metareg.experiment import compare
+    from metareg.runs.episodic import compare
 
     base = {"data": "omniglot", "episodes": 3, "seed": 1234, "steps": 5}
     a = EvalResult(torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64), base | {"mc_samples": 30})

@@ -13,8 +13,8 @@ from torch import nn
 
 from metareg.errors import CheckpointError, ConfigError
 from metareg.meta.joint import JointLearner
-from metareg.nets import STANDARD_OPTIONS, create_model
-from metareg.perturb import MetaPerturb, MetaPerturbFunction, attach_metaperturb, set_strength
+from metareg.nets import create_model
+from metareg.perturb import MetaPerturb, MetaPerturbFunction, attach_metaperturb, metaperturb_slots, set_strength
 from metareg.perturb.pretrained import load_phi, phi_info, save_phi
 
 
@@ -59,7 +59,6 @@ def test_equivariant_op_matches_its_definition():
 
 def test_noise_generator_and_perturbation_are_channel_permutation_equivariant():
     phi = phi_with()
-    phi.sample = False  # a = mu: the same noise for the permuted input
     layer = slot(phi, channels=6).train()
     h = torch.randn(4, 6, 9, 9, dtype=torch.float64)
     perm = torch.tensor([3, 0, 5, 1, 4, 2])
@@ -95,7 +94,6 @@ def test_noise_follows_softplus_of_a_unit_variance_normal_around_mu():
 
 def test_strength_anneals_from_identity_to_eq2_and_clip_bounds_from_above():
     phi = phi_with(clip=None)
-    phi.sample = False
     layer = slot(phi).train()
     h = torch.randn(4, 6, 8, 8, dtype=torch.float64) * 3
     set_strength(phi, 0.0)
@@ -114,7 +112,6 @@ def test_strength_anneals_from_identity_to_eq2_and_clip_bounds_from_above():
 
 def test_scale_uses_batch_statistics_in_training_and_running_averages_in_eval():
     phi = phi_with()
-    phi.sample = False
     layer = slot(phi).train()
     h = torch.randn(8, 6, 8, 8, dtype=torch.float64)
     features = phi.channel_features(h)
@@ -161,13 +158,13 @@ def test_attached_slots_save_load_and_move_with_the_model(tmp_path):
     model = attach_metaperturb(user_cnn(), phi, at=["1", "5"], input_shape=(3, 12, 12))
     model(torch.randn(4, 3, 12, 12, dtype=torch.float64))  # moves the running statistics
     state = model.state_dict()
-    assert {"slots.0.running_mean", "slots.1.running_var", "function.scale_map.weight"} <= set(state)
-    assert sum(v.numel() for k, v in state.items() if k.startswith("function.")) == 82
+    assert {"slots.0.running_mean", "slots.1.running_var", "perturbation_function.scale_map.weight"} <= set(state)
+    assert sum(v.numel() for k, v in state.items() if k.startswith("perturbation_function.")) == 82
     other = attach_metaperturb(user_cnn(), MetaPerturbFunction().double(), at=["1", "5"], input_shape=(3, 12, 12))
     other.load_state_dict(state)
     torch.testing.assert_close(other.slots[1].running_mean, model.slots[1].running_mean)
     other.float()
-    assert other.slots[0].running_var.dtype == torch.float32 and other.function.scale_map.weight.dtype == torch.float32
+    assert other.slots[0].running_var.dtype == torch.float32 and other.perturbation_function.scale_map.weight.dtype == torch.float32
     assert other(torch.randn(2, 3, 12, 12)).dtype == torch.float32
 
 
@@ -194,30 +191,40 @@ def test_attach_errors_are_clear():
     ("resnet18", 11_181_642, 8), ("wrn-28-2", 1_467_610, 12),
 ])
 def test_every_backbone_takes_metaperturb_at_each_block_output(name, params, points):
-    """Parameter counts of 10-class backbones on 32x32 RGB images, against published counts."""
-    options = STANDARD_OPTIONS.get(name, {}) | ({"channels": 64} if name in ("conv4", "conv6") else {})
-    net = create_model(name, 10, in_channels=3, image_size=32, **options)
+    """Parameter counts of 10-class backbones on 32x32 RGB images, against published counts; the
+    same perturbation in the backbone's slots and attached by hooks gives the same outputs."""
+    options = {"channels": 64} if name in ("conv4", "conv6") else {}
+    torch.manual_seed(0)
+    net = create_model(name, 10, in_channels=3, image_size=32, standard=True, **options)
     assert sum(p.numel() for p in net.parameters()) == params
     phi = MetaPerturbFunction()
     model = attach_metaperturb(net, phi, input_shape=(3, 32, 32))
     assert len(model.slots) == points
-    out = model.train()(torch.randn(2, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    out = model.train()(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
+    torch.manual_seed(0)
+    slotted = create_model(name, 10, in_channels=3, image_size=32, standard=True, perturbation=metaperturb_slots(phi), **options)
+    assert sum(isinstance(m, MetaPerturb) for m in slotted.modules()) == points
+    assert sum(p.numel() for p in slotted.parameters()) == params + 82  # phi, owned once by the network
+    torch.manual_seed(1)
+    torch.testing.assert_close(slotted.train()(x, sample=True), out)
 
 
 # ---------------------------------------------------------------------------- joint training
-def tiny_learner(strategy: str, tasks=(0, 1, 2), classes=(3, 2, 3), seed: int = 0) -> JointLearner:
-    def build(t):
-        torch.manual_seed(100 + t)
-        return create_model("resnet20", max(classes), in_channels=3, image_size=8, blocks=(1, 1, 1))
+def tiny_learner(strategy: str, tasks=(0, 1, 2), classes=(3, 2, 3), seed: int = 0, sample: bool = False,
+                 same_networks: bool = False) -> JointLearner:
+    """sample=False: deterministic noise, so the strategies and the reference see the same numbers."""
+    phi = phi_with(seed=seed).float()  # the networks are built in float32, then the learner moves to float64
+    factory = metaperturb_slots(phi)
 
-    torch.manual_seed(seed)
-    phi = MetaPerturbFunction()
-    for p in phi.parameters():
-        nn.init.normal_(p, std=0.3)
-    phi.sample = False  # deterministic noise: the strategies and the reference see the same numbers
-    return JointLearner(build, list(tasks), 3, phi, input_shape=(3, 8, 8), strategy=strategy,
-                        classes=[classes[t] for t in tasks]).double()
+    def build(t):
+        torch.manual_seed(100 if same_networks else 100 + t)
+        return create_model("resnet20", max(classes), in_channels=3, image_size=8, blocks=(1, 1, 1), standard=True, perturbation=factory)
+
+    return JointLearner(build, list(tasks), 3, input_shape=(3, 8, 8), strategy=strategy, classes=[classes[t] for t in tasks],
+                        sample=sample).double()
 
 
 def tiny_batch(seed: int, tasks: int = 3, classes=(3, 2, 3)):
@@ -246,8 +253,9 @@ def test_joint_gradients_follow_eq3_stop_gradients():
     for i, net in enumerate(reference.networks):
         classes = (3, 2, 3)[i]
         loss = F.cross_entropy(net(x_tr[i])[:, :classes], y_tr[i])
-        expected = torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
-        got = [p.grad for p in learner.networks[i].parameters()]
+        expected = torch.autograd.grad(loss, [p for _, p in reference.task_parameters(net)], allow_unused=True)
+        got = [p.grad for _, p in learner.task_parameters(learner.networks[i])]
+        assert len(got) == len(expected) > 0
         for e, g in zip(expected, got):
             torch.testing.assert_close(g, torch.zeros_like(g) if e is None else e)
     for i, net in enumerate(reference.networks):
@@ -280,16 +288,7 @@ def test_vmap_draws_different_noise_for_each_task():
     batches get three different losses in both passes (theta's and phi's) when the noise is sampled,
     and the same loss when it is not (so the difference is the noise's)."""
     def identical_tasks(sample: bool) -> JointLearner:
-        def build(t):
-            torch.manual_seed(100)  # the same network for every task
-            return create_model("resnet20", 3, in_channels=3, image_size=8, blocks=(1, 1, 1))
-
-        torch.manual_seed(0)
-        phi = MetaPerturbFunction()
-        for p in phi.parameters():
-            nn.init.normal_(p, std=0.3)
-        phi.sample = sample
-        return JointLearner(build, [0, 1, 2], 3, phi, input_shape=(3, 8, 8), strategy="vmap").double()
+        return tiny_learner("vmap", classes=(3, 3, 3), sample=sample, same_networks=True)  # the same network for every task
 
     x, y = tiny_batch(1)
     x, y = x[:1].expand(3, -1, -1, -1, -1).contiguous(), y[:1].expand(3, -1).contiguous()  # the same batch for every task

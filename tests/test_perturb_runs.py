@@ -15,14 +15,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from metareg.config import MetaTrainConfig, TransferConfig, parse_assignment, resolve
+from metareg.config import MetaTrainConfig, TransferConfig, parse_assignment
+from metareg.runs.common import resolve
 from metareg.data import class_tasks, load_labeled, split_per_class
 from metareg.errors import ConfigError, DataError
 from metareg.meta.distributed import World
 from metareg.meta.joint_trainer import JointTrainer
-from metareg.meta.transfer import TransferTrainer, predict
+from metareg.runs.transfer import TransferTrainer, predict
 from metareg.perturb.pretrained import save_phi
-from metareg.perturb_experiment import meta_train, transfer
+from metareg.runs.metaperturb import meta_train
+from metareg.runs.transfer import transfer
 from test_cli import assert_one_line_error, run
 
 TINY_META = ["data.options.num_classes=20", "data.classes=20", "data.image_size=16", "optim.batch_size=4", "optim.steps=4",
@@ -264,7 +266,7 @@ def test_transfer_baselines_and_metaperturb_end_to_end(tmp_path, phi_dir):
 
 def test_monte_carlo_test_predictions_are_reproducible_and_average_the_noise(tmp_path, phi_dir):
     from metareg.data.augment import normalize, to_channels
-    from metareg.perturb_experiment import load_transfer_model
+    from metareg.runs.transfer import load_transfer_model
 
     transfer(transfer_config(phi_dir), tmp_path / "mp", progress=False)
     _, model = load_transfer_model(tmp_path / "mp")
@@ -286,7 +288,7 @@ def test_monte_carlo_test_predictions_are_reproducible_and_average_the_noise(tmp
     x = normalize(to_channels(data, 3), torch.float32)
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(5)
-        draws = torch.stack([F.softmax(model(x), dim=1) for _ in range(8)]).double()
+        draws = torch.stack([F.softmax(model(x, sample=True), dim=1) for _ in range(8)]).double()
     assert torch.equal(draws[0], one)
     torch.testing.assert_close(many, draws.mean(0), rtol=1e-6, atol=1e-7)
     assert torch.equal(again, many)

@@ -5,8 +5,8 @@ import math
 import re
 import statistics
 
-from metareg import reproduce
-from metareg.reproduce import EXPERIMENTS, Experiment, Run, run_experiment
+from metareg.runs import reproduce
+from metareg.runs.reproduce import EXPERIMENTS, Experiment, Run, run_experiment
 
 
 def test_tiny_figure_run_writes_table_fractions_and_png(tmp_path):

@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from metareg.checkpoint import load_checkpoint
-from metareg.config import parse_assignment, resolve
+from metareg.config import parse_assignment
+from metareg.runs.common import resolve
 from metareg.errors import CheckpointError, ConfigError, DivergenceError
-from metareg.experiment import load_learner, meta_test, train
+from metareg.runs.episodic import load_learner, meta_test, train
 
 TINY = [
     "data.options={num_classes: 30}",

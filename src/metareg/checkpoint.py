@@ -27,10 +27,11 @@ from torch import Tensor
 from .errors import CheckpointError, ConfigError
 from .files import write_bytes_atomic, write_json_atomic
 
+CHECKPOINT = "checkpoint"  # the name of every run's checkpoint (checkpoint.json + checkpoint-<step>.safetensors)
 FORMAT = "metareg-checkpoint"
 VERSION = 1
 
-__all__ = ["FORMAT", "VERSION", "check_run_folder", "describe_kept", "load_checkpoint", "read_checkpoint_meta", "read_record", "resolve_checkpoint",
+__all__ = ["CHECKPOINT", "FORMAT", "VERSION", "check_run_folder", "describe_kept", "load_checkpoint", "read_checkpoint_meta", "read_record", "resolve_checkpoint",
            "restore_rng", "rng_tensors", "save_checkpoint", "state_to_tensors", "tensors_to_state", "verified_tensors",
            "write_json_atomic", "write_safetensors_atomic"]
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, MetaregError
+from .nets import available as backbones
+from .perturb import available as perturbations
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -100,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         _config_flags(a, resume=True)
         a.add_argument("--out", help="run folder (default runs/<preset or data>)")
         a.add_argument("--data", help="data set name (data.name; see the README for the layouts)")
-        a.add_argument("--arch", help="backbone: conv4, conv6, vgg9, resnet20/32/44/56, resnet18, wrn-28-2 (model.backbone)")
+        a.add_argument("--arch", help=f"backbone (model.backbone): {', '.join(backbones())}")
         a.add_argument("--steps", type=NONNEGATIVE, help="training steps (optim.steps)")
         a.add_argument("--batch-size", type=POSITIVE, help="images per batch (per task when meta-training) (optim.batch_size)")
+        a.add_argument("--perturbation", choices=perturbations(), metavar="NAME",
+                       help=f"the perturbation in every block's slot (perturb.name; default metaperturb): {', '.join(perturbations())}"
+                       + ("; none is the Base baseline" if action == "transfer" else "; one with parameters, which are meta-learned"))
         if action == "transfer":
-            a.add_argument("--perturbation", choices=["metaperturb", "none"], help="metaperturb (default) or none (the Base baseline)")
             a.add_argument("--phi", help="'builtin' (default), a meta-train run folder, or its phi.json")
             a.add_argument("--init-from", help="fine-tune: a transfer run of the same backbone whose convolutions start this one")
             a.add_argument("--mc-samples", type=POSITIVE, help="Monte-Carlo samples of the final test predictions (default 100)")
@@ -154,17 +158,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------ commands
-def _resolve_config(args: argparse.Namespace) -> Any:
-    from .config import parse_assignment, resolve
+def _run_config(args: argparse.Namespace, kind: str) -> Any:
+    """The config of the run the flags describe: a new run (preset <- --config <- --set <- flags) or,
+    with ``--resume``, the stored one with the few changes a resumed run allows. The one resume path
+    of every kind of run."""
+    from .config import parse_assignment
+    from .runs import KINDS
+    from .runs.common import resolve, resumed
 
-    overrides = [parse_assignment(s) for s in args.overrides]
-    flat = {"data.root": args.data_root, "seed": args.seed, "device": args.device,
-            "train.iterations": getattr(args, "iterations", None), "eval.episodes": getattr(args, "episodes", None),
-            "inner.eval_mc_samples": getattr(args, "mc_samples", None)}
-    for key, value in flat.items():
-        if value is not None:
-            overrides.append(parse_assignment(f"{key}={json.dumps(value)}"))
-    return resolve(args.preset or ("quickstart" if not args.config else None), args.config, overrides)
+    spec = KINDS[kind]
+    flags = {key: getattr(args, flag, None) for flag, key in spec.flags.items()}
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out, the run folder to continue")
+        changing = {key for key, value in flags.items() if value is not None} - set(spec.resume_flags.values())
+        if args.preset or args.config or args.overrides or changing:
+            allowed = ", ".join("--" + flag.replace("_", "-") for flag in spec.resume_flags)
+            raise ConfigError(f"--resume takes the config stored in the run folder; only {allowed} may change")
+        return resumed(args.out, kind, {key: getattr(args, flag, None) for flag, key in spec.resume_flags.items()})
+    # Options belong to a backbone or a data set: --arch and --data start from none (--set still applies).
+    overrides = [parse_assignment("model.options={}")] if getattr(args, "arch", None) else []
+    overrides += [parse_assignment("data.options={}")] if getattr(args, "data", None) else []
+    overrides += [parse_assignment(text) for text in args.overrides]
+    overrides += [parse_assignment(f"{key}={json.dumps(value)}") for key, value in flags.items() if value is not None]
+    # The built-in quickstart runs when nothing says what to train; --data or --config start from the
+    # plain defaults (the papers' hyperparameters).
+    default = spec.default_preset if not (args.config or getattr(args, "data", None)) else None
+    return resolve(args.preset or default, args.config, overrides, schema=spec.schema)
 
 
 def _format(result: Any, regression: bool) -> str:
@@ -196,24 +216,9 @@ def _report(label: str, result: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .config import validate
-    from .experiment import config_of_checkpoint, meta_test, save_result, train
+    from .runs.episodic import meta_test, save_result, train
 
-    if args.resume:
-        if not args.out:
-            raise ConfigError("--resume needs --out, the run folder to continue")
-        if args.preset or args.config or args.overrides:
-            raise ConfigError("--resume takes the config stored in the run folder; only --iterations, --episodes and --device may change")
-        config = config_of_checkpoint(args.out)
-        if args.iterations is not None:
-            config.train.iterations = args.iterations
-        if args.device:
-            config.device = args.device
-        if args.episodes:
-            config.eval.episodes = args.episodes
-        validate(config)
-    else:
-        config = _resolve_config(args)
+    config = _run_config(args, "bilevel")
     out = Path(args.out or f"runs/{config.preset or config.data.name}")
     print(f"run folder: {out}", file=sys.stderr)
     trainer = train(config, out, resume=args.resume, progress=not args.no_progress)
@@ -230,13 +235,13 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
     (on ``protocol_config``'s episodes if given)."""
     from .config import validate
     from .evaluate import EvalResult
-    from .experiment import config_of_checkpoint, load_learner, meta_test
-
-    from .checkpoint import read_checkpoint_meta
+    from .runs.common import read_run
+    from .runs.episodic import load_learner, meta_test
 
     p = Path(path)
+    config = None
     if not (p.is_file() and p.name != "checkpoint.json" and p.suffix == ".json"):
-        kind = read_checkpoint_meta(path)[1].get("kind")
+        kind, config = read_run(path)
         if kind == "meta-train":
             raise ConfigError(f"{path} is a MetaPerturb meta-training run, which has no test result; compare transfer runs")
         if kind == "transfer":  # a transfer run is tested when it ends: compare its test.json
@@ -249,7 +254,6 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
             return EvalResult.from_dict(values), None
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"{p} is neither a checkpoint nor a result file written by `metareg test`") from None
-    config = config_of_checkpoint(path)
     if args.data_root:
         config.data.root = args.data_root
     if args.device:
@@ -275,7 +279,7 @@ def _attack(args: argparse.Namespace) -> Any:
 
 
 def cmd_test(args: argparse.Namespace) -> None:
-    from .experiment import save_result
+    from .runs.episodic import save_result
 
     result, _ = _model_result(args.checkpoint, args)
     target = Path(args.out) if args.out else (Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent) / "test.json"
@@ -285,7 +289,7 @@ def cmd_test(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .experiment import compare
+    from .runs.episodic import compare
 
     a, config_a = _model_result(args.a, args)
     b, _ = _model_result(args.b, args, protocol_config=config_a)
@@ -300,9 +304,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_presets(args: argparse.Namespace) -> None:  # noqa: ARG001
-    from .presets import PRESETS
-
-    from .config import COMMANDS as RUNNERS
+    from .runs.common import COMMANDS as RUNNERS
+    from .runs.presets import PRESETS
 
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
@@ -326,81 +329,62 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
         print(f"wrote {plot_curves(args.runs, out)}")
         return
-    if args.kind in ("scales", "reliability"):
-        from .viz.reliability import plot_reliability
+    if args.kind == "scales":
+        from .runs.transfer import run_scales
         from .viz.scales import plot_scales
 
-        print(f"wrote {(plot_scales if args.kind == 'scales' else plot_reliability)(args.runs, out)}")
+        print(f"wrote {plot_scales([run_scales(run) for run in args.runs], out)}")
+        return
+    if args.kind == "reliability":
+        from .viz.reliability import plot_reliability
+
+        print(f"wrote {plot_reliability(args.runs, out)}")
         return
     if len(args.runs) != 1:
         raise ConfigError(f"plot {args.kind} takes one run folder, got {len(args.runs)}")
+    from .runs.task_view import adapted_task
+
+    view = adapted_task(args.runs[0], args.episode)
     if args.kind == "features":
         from .viz.features import plot_features
 
-        path = plot_features(args.runs[0], out, layer=args.layer, channel=args.channel, samples=args.samples, episode=args.episode)
+        path = plot_features(view, out, layer=args.layer, channel=args.channel, samples=args.samples)
     else:
         from .viz.boundary import plot_boundary
 
-        path = plot_boundary(args.runs[0], out, classes=tuple(args.classes), samples=args.samples, episode=args.episode)
+        path = plot_boundary(view, out, classes=tuple(args.classes), samples=args.samples)
     print(f"wrote {path}")
 
 
-def _perturb_config(args: argparse.Namespace) -> Any:
-    from .config import MetaTrainConfig, TransferConfig, parse_assignment, resolve
-
-    schema = MetaTrainConfig if args.action == "meta-train" else TransferConfig
-    flat = {"data.root": args.data_root, "data.name": args.data, "model.backbone": args.arch, "optim.steps": args.steps,
-            "optim.batch_size": args.batch_size, "seed": args.seed, "device": args.device, "tasks": getattr(args, "tasks", None),
-            "perturb.name": getattr(args, "perturbation", None), "perturb.phi": getattr(args, "phi", None),
-            "init_from": getattr(args, "init_from", None), "perturb.mc_samples": getattr(args, "mc_samples", None)}
-    # Options belong to a backbone or a data set: --arch and --data start from none (--set still applies).
-    overrides = [parse_assignment("model.options={}")] if args.arch else []
-    overrides += [parse_assignment("data.options={}")] if args.data else []
-    overrides += [parse_assignment(s) for s in args.overrides]
-    overrides += [parse_assignment(f"{k}={json.dumps(v)}") for k, v in flat.items() if v is not None]
-    # The built-in quickstart runs when nothing says what to train; --data or --config start from the
-    # plain defaults (the paper's hyperparameters).
-    default = ("perturb-quickstart" if args.action == "meta-train" else "transfer-quickstart") if not (args.config or args.data) else None
-    return resolve(args.preset or default, args.config, overrides, schema=schema)
-
-
 def cmd_perturb(args: argparse.Namespace) -> None:
-    from .perturb_experiment import config_of_run, meta_train, transfer
+    from .runs.metaperturb import meta_train
+    from .runs.transfer import transfer
 
     if args.action == "info":
         from .perturb.pretrained import phi_info
 
         print(json.dumps(phi_info(args.phi), indent=2))
         return
-    if args.resume:
-        if not args.out:
-            raise ConfigError("--resume needs --out, the run folder to continue")
-        if args.preset or args.config or args.overrides or args.data or args.arch:
-            raise ConfigError("--resume takes the config stored in the run folder; only --steps and --device may change")
-        config = config_of_run(args.out, args.action)
-        if args.steps is not None:
-            config.optim.steps = args.steps
-        if args.device:
-            config.device = args.device
-    else:
-        config = _perturb_config(args)
+    config = _run_config(args, args.action)
     if args.action == "meta-train":
         out = Path(args.out or f"runs/{config.preset or 'perturb-' + config.data.name}")
         trainer = meta_train(config, out, resume=args.resume, progress=not args.no_progress)
         if trainer.world.is_main:
-            print(f"meta-trained phi for {trainer.step} steps in {trainer.seconds:.0f} s; {out / 'phi.json'} "
-                  f"(use it with: metareg perturb transfer --phi {out})")
+            made = f"{out / 'phi.json'} (use it with: metareg perturb transfer --phi {out})" if config.perturb.name == "metaperturb" \
+                else f"{out / 'checkpoint.json'}"
+            print(f"meta-trained {config.perturb.name} for {trainer.step} steps in {trainer.seconds:.0f} s; {made}")
         return
     out = Path(args.out or f"runs/{config.preset or 'transfer-' + config.data.name}")
     record = transfer(config, out, resume=args.resume, progress=not args.no_progress)
-    what = {"metaperturb": "MetaPerturb", "none": "no perturbation"}[config.perturb.name] + (" + fine-tuning" if config.init_from else "")
+    what = {"metaperturb": "MetaPerturb", "none": "no perturbation"}.get(config.perturb.name, config.perturb.name) \
+        + (" + fine-tuning" if config.init_from else "")
     print(f"test accuracy: {100 * record['mean']:.2f} +- {100 * record['ci95']:.2f} % (mean +- 95% CI over {record['episodes']} test images; "
           f"{config.model.backbone}, {what}, {record['protocol']['mc_samples']} MC samples); NLL {record['nll']:.3f}, ECE {record['ece']:.3f}")
     print(f"written to {out / 'test.json'}")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from .reproduce import EXPERIMENTS, run_experiment
+    from .runs.reproduce import EXPERIMENTS, run_experiment
 
     if not args.experiment:
         for name, e in EXPERIMENTS.items():
@@ -413,7 +397,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_bench
+    from .runs.bench import run_bench
 
     run_bench(args)
 

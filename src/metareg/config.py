@@ -1,4 +1,4 @@
-"""Dataclass configs, loading from YAML/JSON with overrides, and the named presets.
+"""Dataclass configs, loading from YAML/JSON with overrides, and their validation.
 
 Three kinds of run, one dataclass each:
 
@@ -137,7 +137,6 @@ class ImageDataConfig:
 class NetworkConfig:
     backbone: str = "resnet20"  # conv4 | conv6 | vgg9 | resnet20/32/44/56 | resnet18 | wrn-28-2
     options: dict[str, Any] = field(default_factory=dict)
-    at: list[str] | None = None  # perturbation points (module names or patterns); default: every block output
 
 
 @dataclass
@@ -155,14 +154,18 @@ class OptimConfig:
 
 @dataclass
 class PerturbConfig:
+    """The perturbation in a network's slots: any registered one (``metareg.perturb.available()``)
+    with its ``options``; ``clip`` and ``anneal`` are MetaPerturb's settings."""
+
+    name: str = "metaperturb"  # meta-train: one with parameters (phi); transfer: any, or none (Base)
+    options: dict[str, Any] = field(default_factory=dict)
     clip: float | None = 100.0  # k: perturbed features are clipped from above at k
     anneal: float = 0.4  # the strength c rises linearly from 0 to 1 over this fraction of the steps (0: always 1)
 
 
 @dataclass
 class TransferPerturbConfig(PerturbConfig):
-    name: str = "metaperturb"  # metaperturb | none
-    phi: str = "builtin"  # the shipped phi, a meta-train run folder, or its phi.json
+    phi: str = "builtin"  # MetaPerturb's stored phi: the shipped one, a meta-train run folder, or its phi.json
     mc_samples: int = 100  # Monte-Carlo samples of the final test predictions (noise and scale)
 
 
@@ -313,34 +316,6 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-KINDS = {Config: "bilevel", MetaTrainConfig: "meta-train", TransferConfig: "transfer"}
-COMMANDS = {"bilevel": "metareg train", "meta-train": "metareg perturb meta-train", "transfer": "metareg perturb transfer"}
-
-
-def resolve(preset: str | None = None, file: str | Path | None = None, overrides: list[dict[str, Any]] | None = None,
-            schema: type = Config) -> Any:
-    """Defaults <- preset <- config file <- overrides, validated; ``schema`` is the kind of run
-    (:class:`Config`, :class:`MetaTrainConfig` or :class:`TransferConfig`)."""
-    from .presets import get_preset
-
-    values: dict[str, Any] = schema().to_dict()
-    if preset:
-        found = get_preset(preset)
-        if found.kind != KINDS[schema]:
-            raise ConfigError(f"preset {preset!r} is a {found.kind} preset: run it with `{COMMANDS[found.kind]}`")
-        values = merge(values, found.values)
-        values["preset"] = preset
-    if file:
-        values = merge(values, load_file(file))
-    for override in overrides or []:
-        values = merge(values, override)
-    config = schema.from_dict(values)
-    if config.data.root is not None:  # stored resolved: the run can be tested from any folder
-        config.data.root = str(Path(config.data.root).expanduser().resolve())
-    validate(config)
-    return config
-
-
 def _check_finite(values: Any, where: str = "") -> None:
     """Every number in a config (options included) is finite: ``nan <= 0`` is False, so a NaN
     would slip through every range check after this one."""
@@ -395,8 +370,6 @@ def validate(config: Any) -> None:
         _validate_ordinary(config)
         _check_positive({"perturb.mc_samples": config.perturb.mc_samples, "eval_mc_samples": config.eval_mc_samples,
                          "eval_every": config.eval_every})
-        if config.perturb.name not in ("metaperturb", "none"):
-            raise ConfigError(f"perturb.name must be metaperturb or none, got {config.perturb.name!r}")
         if config.data.train_split == config.data.test_split and config.data.train_per_class is None:
             raise ConfigError(f"train and test images both come from split {config.data.train_split!r}: set data.train_per_class "
                               "(images of each class for training; the rest are for testing)")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metareg.data.labeled import LabeledImages
 from metareg.errors import DataError
 from metareg.seeds import generator
 
@@ -61,3 +62,14 @@ def to_channels(images: Tensor, channels: int) -> Tensor:
 def padding_for(image_size: int) -> int:
     """The crop padding of the MetaPerturb reference: 4 pixels at 32x32, 8 otherwise."""
     return 4 if image_size <= 32 else 8
+
+
+def training_batch(data: LabeledImages, batch_size: int, step: int, seed: int, *, augment: bool, channels: int,
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Batch ``step`` of ``data`` (epoch order seeded by ``seed``), cropped and flipped if
+    ``augment``, normalized to [-1, 1] with ``channels`` channels."""
+    index = epoch_batch(len(data), batch_size, step, seed)
+    images = to_channels(data.images[index], channels)
+    if augment:
+        images = random_crop_flip(images, padding_for(images.shape[-1]), True, generator(seed, step))
+    return normalize(images, dtype), data.labels[index]

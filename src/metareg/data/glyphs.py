@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from metareg.data.classes import ClassImages
+from metareg.data.episodic import EpisodicDataset, register_episodic
 from metareg.errors import DataError
 
 __all__ = ["load_glyphs", "GLYPH_SPLITS"]
@@ -220,3 +221,7 @@ def load_glyphs(
         dataset="glyphs",
         split=split,
     )
+
+
+register_episodic(EpisodicDataset("glyphs", load_glyphs, channels=1, image_size=28, handled=("split", "image_size", "seed"),
+                                  description="generated Omniglot-like characters (built in, no files)"))

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from metareg.data.classes import ClassImages, ImageSet
+from metareg.data.roots import default_root
 from metareg.errors import DataError
 
 __all__ = [
@@ -245,9 +246,7 @@ def load_labeled(name: str, split: str, *, root: str | Path | None = None, image
 
 
 def _default_folder(base: Path, name: str) -> Path:
-    from metareg.data import default_root  # the episodic data sets' folder conventions
-
-    found = default_root(name)
+    found = default_root(name)  # the episodic data sets' folder conventions
     return found if found is not None else base / name
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from metareg.data.cache import cache_key, cached_images, file_signature
 from metareg.data.classes import ClassImages
+from metareg.data.episodic import EpisodicDataset, register_episodic
 from metareg.data.images import decode_image
 from metareg.errors import DataError
 
@@ -127,3 +128,7 @@ def load_miniimagenet(root: str | Path, split: str, image_size: int = 84, *, cac
         dataset="miniimagenet",
         split=split,
     )
+
+
+register_episodic(EpisodicDataset("miniimagenet", load_miniimagenet, channels=3, image_size=84, needs_root=True,
+                                  handled=("root", "split", "image_size"), description="miniImageNet, Ravi & Larochelle csv layout"))

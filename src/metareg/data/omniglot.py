@@ -46,6 +46,7 @@ from torch import Tensor
 
 from metareg.data.cache import cache_key, cached_images, file_signature
 from metareg.data.classes import ClassImages
+from metareg.data.episodic import EpisodicDataset, register_episodic
 from metareg.data.images import decode_image
 from metareg.errors import DataError
 
@@ -259,3 +260,7 @@ def load_omniglot(
         dataset="omniglot",
         split=split if class_split == "vinyals" else f"{split} ({class_split})",
     )
+
+
+register_episodic(EpisodicDataset("omniglot", load_omniglot, channels=1, image_size=28, needs_root=True,
+                                  handled=("root", "split", "image_size"), description="Omniglot, Vinyals split by default"))

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from metareg.data.tasks import TaskBatch
+from metareg.data.episodic import EpisodicDataset, register_episodic
 from metareg.errors import DataError
 
 __all__ = ["SineTasks", "PolynomialTasks"]
@@ -154,13 +155,15 @@ class PolynomialTasks(_FunctionTasks):
         self,
         shot: int,
         query: int,
-        order: int,
+        order: int | None = None,
         coefficients: tuple[float, float] = (-1.0, 1.0),
         x_range: tuple[float, float] = (-5.0, 5.0),
     ) -> None:
         where = "polynomial tasks"
         self.shot = _count(shot, "shot", where)
         self.query = _count(query, "query", where)
+        if order is None:
+            raise DataError("polynomial tasks need an order: pass order=N (e.g. order=2)")
         if isinstance(order, bool) or not isinstance(order, int) or order < 0:
             raise DataError(f"{where}: order must be an integer >= 0, got {order!r}")
         self.order = order
@@ -185,3 +188,9 @@ class PolynomialTasks(_FunctionTasks):
         for i in range(c.shape[1] - 2, -1, -1):
             y = y * x + c[:, i].reshape(shape)
         return y
+
+
+register_episodic(EpisodicDataset("sine", SineTasks, regression=True, handled=("shot", "query"),
+                                  description="sinusoid regression (MAML; the MT-net thesis's ranges)"))
+register_episodic(EpisodicDataset("polynomial", PolynomialTasks, regression=True, handled=("shot", "query"),
+                                  description="polynomial regression of a given order (MT-net thesis Figure 6.1)"))

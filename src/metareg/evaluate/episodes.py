@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from ..data.tasks import TaskBatch, TaskSource
 from ..errors import DivergenceError
-from ..meta.bilevel import BilevelLearner
 from ..nets.modes import eval_mode
 from ..progress import Progress
 from ..seeds import seeded
 from .stats import Estimate, mean_ci
+
+if TYPE_CHECKING:
+    from ..meta.bilevel import BilevelLearner
 
 
 @dataclass

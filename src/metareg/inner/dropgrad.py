@@ -5,9 +5,9 @@
 
 Both noises have mean 1 and variance p / (1 - p). A fresh n is drawn for every gradient element at
 every inner step, during meta-training only (Algorithm 1); meta-testing adapts with the plain
-gradient. ``layers`` (glob patterns over parameter names, or one of the named groups ``fc``,
-``last-block+fc``, ``full``, ``first-block``) chooses what it touches: the paper's Table 2 compares
-the FC layer, the last block + FC, the full network, and the input side.
+gradient. ``layers`` chooses what it touches (:mod:`metareg.selection`): glob patterns over
+parameter names, or the backbone's layer groups: the paper's Table 2 compares ``fc`` (the
+classifier, the group ``head``), ``last-block+fc``, ``full`` and the input side ``first-block``.
 
 ``schedule="linear"`` ramps p from 0 to its value over meta-training (an extension, not in the
 paper; the default is the paper's constant rate). The trainer reports its progress through
@@ -16,33 +16,18 @@ paper; the default is the paper's constant rate). The trainer reports its progre
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Literal
 
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..noise import check_dropout, dropout_noise
+from ..selection import select
 from .base import GradientTransform, Grads
 from .registry import register
 
-GROUPS = ("fc", "last-block+fc", "full", "first-block")
-
-
-def layer_group(group: str, names: list[str]) -> list[str]:
-    """The parameter patterns of DropGrad's Table 2 variants, for backbones whose blocks are
-    ``blocks.<i>.*`` and whose classifier is ``head.*`` (Conv4/ConvN; ``layers.<i>`` for the MLP)."""
-    blocks = sorted({int(n.split(".")[1]) for n in names if n.startswith(("blocks.", "layers.")) and n.split(".")[1].isdigit()})
-    prefix = "blocks" if any(n.startswith("blocks.") for n in names) else "layers"
-    if group == "full":
-        return ["*"]
-    if group == "fc":
-        return ["head.*"]
-    if group == "last-block+fc" and blocks:
-        return [f"{prefix}.{blocks[-1]}.*", "head.*"]
-    if group == "first-block" and blocks:
-        return [f"{prefix}.{blocks[0]}.*"]
-    raise ConfigError(f"unknown DropGrad layer group {group!r} for this backbone; use one of {', '.join(GROUPS)} or a list of patterns")
+# The paper's names for two of the backbones' groups.
+PAPER_GROUPS = {"fc": "head", "last-block+fc": "last-block+head"}
 
 
 class DropGrad(GradientTransform):
@@ -53,16 +38,14 @@ class DropGrad(GradientTransform):
         kind: Literal["binary", "gaussian"] = "gaussian",
         schedule: Literal["constant", "linear"] = "constant",
         layers: str | list[str] | tuple[str, ...] = ("*",),
+        groups: dict[str, list[str]] | None = None,
     ):
         super().__init__()
         check_dropout("DropGrad", p, kind)
         if schedule not in ("constant", "linear"):
             raise ConfigError(f"DropGrad schedule must be constant or linear, got {schedule!r}")
-        if isinstance(layers, str):
-            layers = layer_group(layers, list(fast_params))
-        self.names = [n for n in fast_params if any(fnmatch.fnmatchcase(n, pattern) for pattern in layers)]
-        if not self.names:
-            raise ConfigError(f"DropGrad layers {list(layers)} match no fast parameter; names are: {', '.join(fast_params)}")
+        layers = [PAPER_GROUPS.get(item, item) for item in ([layers] if isinstance(layers, str) else layers)]
+        self.names = select(list(fast_params), layers, groups, what="fast parameter", role="DropGrad layer")
         self.p, self.kind, self.schedule = p, kind, schedule
         self.progress = 1.0
 

@@ -17,13 +17,13 @@ with e^-zeta, which under Eq. 3.7 is the fraction *not* changed; we follow the s
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..selection import select
 from .base import GradientTransform, Grads, param_key
 from .registry import register
 
@@ -42,15 +42,14 @@ class SubspaceMask(GradientTransform):
         per: Literal["row", "weight"] = "row",
         temperature: float = 1.0,
         init: float = 0.0,
+        groups: dict[str, list[str]] | None = None,
     ):
         super().__init__()
         if per not in ("row", "weight"):
             raise ConfigError(f"subspace-mask per must be row or weight, got {per!r}")
         if temperature <= 0:
             raise ConfigError(f"subspace-mask temperature must be > 0, got {temperature}")
-        self.names = [n for n in fast_params if any(fnmatch.fnmatchcase(n, pattern) for pattern in layers)]
-        if not self.names:
-            raise ConfigError(f"subspace-mask layers {list(layers)} match no fast parameter; names are: {', '.join(fast_params)}")
+        self.names = select(list(fast_params), list(layers), groups, what="fast parameter", role="subspace-mask layer")
         self.per, self.temperature = per, temperature
         # The bias of a masked row is masked with it (it feeds the same activation).
         self.biases = {n: n.removesuffix("weight") + "bias" for n in self.names if n.endswith("weight") and n.removesuffix("weight") + "bias" in fast_params}

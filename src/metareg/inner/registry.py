@@ -47,8 +47,10 @@ def build_inner_rule(
     lr: float,
     steps: int,
     transforms: list[dict[str, Any]] | None = None,
+    groups: dict[str, list[str]] | None = None,
 ) -> Chain:
-    """``transforms`` is a list of ``{"name": ..., **options}`` applied before the step."""
+    """``transforms`` is a list of ``{"name": ..., **options}`` applied before the step; ``groups``
+    are the backbone's layer groups, for transforms that choose layers (:mod:`metareg.selection`)."""
     chain: list[GradientTransform] = []
     for spec in transforms or []:
         spec = dict(spec)
@@ -56,7 +58,7 @@ def build_inner_rule(
         if name not in _TRANSFORMS:
             raise ConfigError(f"unknown gradient transform {name!r}; available: {', '.join(available()) or 'none'}")
         try:
-            chain.append(_TRANSFORMS[name](fast_params, **spec))
+            chain.append(_TRANSFORMS[name](fast_params, groups=groups, **spec))
         except TypeError as err:
             raise ConfigError(f"bad options for gradient transform {name!r}: {err}") from None
     if step not in STEPS:

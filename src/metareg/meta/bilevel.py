@@ -20,7 +20,6 @@ Execution strategies give the same numbers (tests check it):
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 from typing import Literal
 
@@ -33,26 +32,27 @@ from ..data.tasks import TaskBatch
 from ..errors import ConfigError
 from ..inner.base import GradientTransform
 from ..nets.layers import use_vmap_safe_layers
-from ..perturb.base import FeaturePerturbation
+from ..nets.modes import set_training_progress
+from ..nets.slots import perturbation_parameter_names
+from ..selection import select
 
 Params = dict[str, Tensor]
 
 
-def select_fast(names: list[str], patterns: list[str]) -> list[str]:
-    """The parameter names matched by any of the glob ``patterns`` (the fast weights)."""
-    fast = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise ConfigError(f"fast-parameter pattern {pattern!r} matches no parameter; names are: {', '.join(names)}")
-    return fast
+def select_fast(model: nn.Module, spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The names of ``model``'s fast weights: glob patterns or the backbone's layer groups
+    (:mod:`metareg.selection`). Which weights are fast is configuration: the presets leave the
+    perturbations' parameters (phi) out, as the papers do."""
+    names = [n for n, _ in model.named_parameters()]
+    groups = model.layer_groups() if hasattr(model, "layer_groups") else None
+    return select(names, list(spec) if not isinstance(spec, str) else spec, groups, role="fast-parameter")
 
 
 def _check_first_order(model: nn.Module) -> None:
     """First-order meta-gradients drop the path through the inner steps, the one through which a
     feature perturbation's parameters learn from its sampled noise (Meta-Dropout, Section 3.1:
     "otherwise the gradient w.r.t. phi will always be zero"): refuse rather than learn nothing."""
-    learned = [f"{module_name}.{name}" for module_name, module in model.named_modules() if isinstance(module, FeaturePerturbation)
-               for name, _ in module.named_parameters()]
+    learned = [n for n, p in model.named_parameters() if n in set(perturbation_parameter_names(model)) and p.requires_grad]
     if learned:
         raise ConfigError(
             f"first-order meta-gradients cannot train the perturbation's parameters ({', '.join(learned[:3])}"
@@ -93,7 +93,7 @@ class BilevelLearner(nn.Module):
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps or inner_steps
         self.first_order = first_order
-        self.fast_names = select_fast([n for n, _ in model.named_parameters()], list(fast))
+        self.fast_names = select_fast(model, fast)
         if first_order:
             _check_first_order(model)
         self.mc_samples = mc_samples
@@ -110,9 +110,8 @@ class BilevelLearner(nn.Module):
 
     def set_training_progress(self, fraction: float) -> None:
         """Tell scheduled parts (DropGrad's linear schedule) how far meta-training is, in [0, 1]."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "set_training_progress"):
-                module.set_training_progress(fraction)
+        set_training_progress(self.model, fraction)
+        set_training_progress(self.inner, fraction)
 
     # ----------------------------------------------------------------------------------- losses
     def loss(self, out: Tensor, y: Tensor) -> Tensor:

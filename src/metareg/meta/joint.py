@@ -1,7 +1,12 @@
 """The joint scheme (axis 3): MetaPerturb's meta-training (Ryu et al. 2020, Algorithm 1, Eq. 3).
 
 T task networks theta_1..theta_T (one per class-disjoint source task) and one perturbation phi
-shared by all of them, trained jointly with stop-gradients instead of a bilevel optimization:
+shared by all of them, trained jointly with stop-gradients instead of a bilevel optimization.
+phi is whatever fills the networks' perturbation slots (MetaPerturb's 82-parameter function, or
+any registered perturbation with parameters, such as Meta-Dropout's noise generators): the
+parameters with the perturbation role (``metareg.nets.slots``), tied across the T networks so that
+they are one set, while each network keeps its own buffers (MetaPerturb's per-layer running
+statistics).
 
     phi*, theta* = argmax  sum_t  log p(y_t^te | X_t^te; StopGrad(theta_t), phi)
                                 + log p(y_t^tr | X_t^tr; theta_t, StopGrad(phi))          (Eq. 3)
@@ -45,8 +50,8 @@ from torch.func import functional_call, vmap
 
 from ..errors import ConfigError
 from ..nets.modes import eval_mode
-from ..perturb.attach import Perturbed, attach_metaperturb, probe
-from ..perturb.metaperturb import MetaPerturbFunction
+from ..nets.slots import perturbation_parameter_names
+from ..perturb.attach import probe
 from ..seeds import derive_seed
 
 TRAIN_PASS, TEST_PASS = 0, 1
@@ -65,32 +70,45 @@ def norm_in_eval_mode(networks: Sequence[nn.Module]):
             m.train()
 
 
-class JointLearner(nn.Module):
-    """The task networks of ``task_ids`` (out of ``num_tasks``) and the shared perturbation ``phi``.
+def tie_parameters(network: nn.Module, reference: nn.Module, names: Sequence[str]) -> None:
+    """Make ``network``'s parameters ``names`` the very parameters of ``reference`` (shared)."""
+    for name in names:
+        module_name, _, attribute = name.rpartition(".")
+        setattr(network.get_submodule(module_name), attribute, reference.get_parameter(name))
 
-    ``build(t)`` returns task t's network (freshly initialized: the caller seeds it by t, so every
-    process builds the same theta_t); MetaPerturb is attached at its ``perturbation_points`` (or
-    ``at``) with ``phi`` shared and owned here. Batches are ``x [T_local, B, C, H, W]`` and
-    ``y [T_local, B]``, task-major in the order of ``task_ids``.
+
+class JointLearner(nn.Module):
+    """The task networks of ``task_ids`` (out of ``num_tasks``) and the perturbation phi they share.
+
+    ``build(t)`` returns task t's network, freshly initialized with its perturbation slots (the
+    caller seeds it by t, so every process builds the same theta_t); the perturbation parameters of
+    networks 2..T are then tied to those of the first, so phi is one set of parameters that every
+    task trains. Batches are ``x [T_local, B, C, H, W]`` and ``y [T_local, B]``, task-major in the
+    order of ``task_ids``. ``sample=False`` uses the perturbation's deterministic mean (gradient checks).
 
     Tasks may have different numbers of classes (64 classes in 10 tasks): every network then
     outputs the largest number, and ``classes[i]`` (task ``task_ids[i]``'s count) masks the others
     to -inf, which is exactly a ``classes[i]``-way softmax, and lets ``vmap`` stack the networks.
     """
 
-    def __init__(self, build: Callable[[int], nn.Module], task_ids: Sequence[int], num_tasks: int, phi: MetaPerturbFunction, *,
-                 input_shape: Sequence[int], at: Sequence[str] | None = None, strategy: Literal["loop", "vmap"] = "loop",
-                 classes: Sequence[int] | None = None):
+    def __init__(self, build: Callable[[int], nn.Module], task_ids: Sequence[int], num_tasks: int, *, input_shape: Sequence[int],
+                 strategy: Literal["loop", "vmap"] = "loop", classes: Sequence[int] | None = None, sample: bool = True):
         super().__init__()
         if strategy not in ("loop", "vmap"):
             raise ConfigError(f"unknown execution strategy {strategy!r}; choose loop or vmap")
         if not task_ids or len(set(task_ids)) != len(task_ids) or not all(0 <= t < num_tasks for t in task_ids):
             raise ConfigError(f"task_ids must be distinct tasks in 0..{num_tasks - 1}, got {list(task_ids)}")
-        self.phi = phi
         self.task_ids = list(task_ids)
         self.num_tasks = num_tasks
         self.strategy = strategy
-        self.networks = nn.ModuleList(attach_metaperturb(build(t), phi, at, input_shape, own=False) for t in self.task_ids)
+        self.sample = sample  # draw the perturbation's noise (False: its deterministic mean, for gradient checks)
+        self.networks = nn.ModuleList(build(t) for t in self.task_ids)
+        self.phi_names = perturbation_parameter_names(self.networks[0])
+        if not self.phi_names:
+            raise ConfigError("the joint scheme meta-learns a perturbation's parameters, and this perturbation has none "
+                              "(use metaperturb with phi: learned, or another perturbation with parameters)")
+        for net in self.networks[1:]:
+            tie_parameters(net, self.networks[0], self.phi_names)
         outputs = probe(self.networks[0], input_shape).shape[-1] if classes is not None else None
         if classes is not None and (len(classes) != len(self.task_ids) or not all(1 <= c <= outputs for c in classes)):
             raise ConfigError(f"classes must give each of the {len(self.task_ids)} tasks a count in 1..{outputs}, got {list(classes)}")
@@ -100,11 +118,25 @@ class JointLearner(nn.Module):
         self.register_buffer("absent", absent, persistent=False)
 
     def theta_parameters(self) -> list[nn.Parameter]:
-        """Every task network's parameters (phi is not among them)."""
-        return [p for net in self.networks for p in net.parameters()]
+        """Every task network's own parameters (phi is not among them), network by network."""
+        return [p for net in self.networks for _, p in self.task_parameters(net)]
+
+    def task_parameters(self, net: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """One network's own (theta) parameters by name."""
+        shared = set(self.phi_names)
+        return [(n, p) for n, p in net.named_parameters() if n not in shared]
 
     def phi_parameters(self) -> list[nn.Parameter]:
-        return list(self.phi.parameters())
+        return [self.networks[0].get_parameter(n) for n in self.phi_names]
+
+    def phi_state(self) -> dict[str, Tensor]:
+        """phi by parameter name (the first network's names)."""
+        return {n: self.networks[0].get_parameter(n) for n in self.phi_names}
+
+    def task_state(self, net: nn.Module) -> dict[str, Tensor]:
+        """One network's state without phi (its own parameters and buffers)."""
+        shared = set(self.phi_names)
+        return {k: v for k, v in net.state_dict().items() if k not in shared}
 
     # ------------------------------------------------------------------------------- the passes
     def theta_backward(self, x: Tensor, y: Tensor, *, seed: int, step: int) -> dict[str, Tensor]:
@@ -124,7 +156,7 @@ class JointLearner(nn.Module):
         losses = []
         for i, net in enumerate(self.networks):
             with eval_mode(net):
-                out = net(x[i]).masked_fill(self.absent[i], float("-inf"))
+                out = net(x[i], sample=self.sample).masked_fill(self.absent[i], float("-inf"))
             losses.append(F.cross_entropy(out, y[i]))
         return torch.stack(losses)
 
@@ -139,7 +171,7 @@ class JointLearner(nn.Module):
         losses, accuracies = [], []
         for i, (net, task) in enumerate(zip(self.networks, self.task_ids)):
             torch.manual_seed(derive_seed(seed, step, which, task))
-            out = net(x[i]).masked_fill(self.absent[i], float("-inf"))
+            out = net(x[i], sample=self.sample).masked_fill(self.absent[i], float("-inf"))
             loss = F.cross_entropy(out, y[i])
             self._accumulate(loss, which, net)
             losses.append(loss.detach())
@@ -148,20 +180,20 @@ class JointLearner(nn.Module):
 
     def _accumulate(self, loss: Tensor, which: int, net: nn.Module | None = None) -> None:
         if which == TRAIN_PASS:
-            inputs = list(net.parameters()) if net is not None else self.theta_parameters()
+            inputs = [p for _, p in self.task_parameters(net)] if net is not None else self.theta_parameters()
             loss.backward(inputs=inputs)
         else:
             (loss / self.num_tasks).backward(inputs=self.phi_parameters())
 
     def _vmap_losses(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Every local task's loss and accuracy in one ``vmap`` over the stacked task networks."""
-        template: Perturbed = self.networks[0]
+        template = self.networks[0]
         params = {n: torch.stack(ps) for n, ps in _by_name(self.networks, "named_parameters").items()}
         originals = _by_name(self.networks, "named_buffers")
         buffers = {n: torch.stack(bs) for n, bs in originals.items()}
 
         def task_loss(p: dict[str, Tensor], b: dict[str, Tensor], xt: Tensor, yt: Tensor, absent: Tensor) -> tuple[Tensor, Tensor]:
-            out = functional_call(template, (p, b), (xt,)).masked_fill(absent, float("-inf"))
+            out = functional_call(template, (p, b), (xt,), {"sample": self.sample}).masked_fill(absent, float("-inf"))
             return F.cross_entropy(out, yt), (out.argmax(-1) == yt).float().mean()
 
         losses, accuracy = vmap(task_loss, randomness="different")(params, buffers, x, y, self.absent)

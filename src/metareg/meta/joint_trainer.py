@@ -20,45 +20,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoint import load_checkpoint, save_checkpoint, state_to_tensors, tensors_to_state
-from ..data.augment import epoch_batch, normalize, padding_for, random_crop_flip, to_channels
+from ..checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, state_to_tensors, tensors_to_state
+from ..data.augment import training_batch
 from ..data.labeled import LabeledImages
 from ..errors import CheckpointError
-from ..perturb.attach import set_strength
-from ..seeds import derive_seed, generator, seeded
+from ..nets.modes import perturbation_strength, set_training_progress
+from ..seeds import derive_seed, seeded
 from .distributed import World
 from .joint import TEST_PASS, TRAIN_PASS, JointLearner
 from .loop import StepLoop, checkpoint_problem, nonfinite_count, optimizer_tensors
 
-CHECKPOINT = "checkpoint"
 COLUMNS = ["step", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "strength", "seconds", "images_per_s"]
-
-
-def annealed_strength(step: int, steps: int, anneal: float) -> float:
-    """c = min(1, step / (anneal * steps)): 0 at the start, full strength after that fraction."""
-    return 1.0 if anneal <= 0 else min(1.0, step / (anneal * steps))
-
-
-def training_batch(data: LabeledImages, batch_size: int, step: int, seed: int, *, augment: bool, channels: int,
-                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Batch ``step`` of ``data`` (epoch order seeded by ``seed``), cropped and flipped if
-    ``augment``, normalized to [-1, 1] with ``channels`` channels."""
-    index = epoch_batch(len(data), batch_size, step, seed)
-    images = to_channels(data.images[index], channels)
-    if augment:
-        images = random_crop_flip(images, padding_for(images.shape[-1]), True, generator(seed, step))
-    return normalize(images, dtype), data.labels[index]
 
 
 class JointTrainer:
     """Meta-trains ``learner``'s phi; ``tasks[i]`` = (D^tr, D^te) of ``learner.task_ids[i]``."""
 
     def __init__(self, learner: JointLearner, tasks: list[tuple[LabeledImages, LabeledImages]], *, world: World, out: str | Path,
-                 steps: int, batch_size: int, lr: float, weight_decay: float, anneal: float, augment: bool, seed: int,
+                 steps: int, batch_size: int, lr: float, weight_decay: float, augment: bool, seed: int,
                  dtype: torch.dtype, channels: int = 3, log_every: int = 50, checkpoint_every: int = 500,
                  meta: dict[str, Any] | None = None, progress: bool = True):
         self.learner, self.tasks, self.world, self.out = learner, tasks, world, Path(out)
-        self.steps, self.batch_size, self.anneal, self.augment = steps, batch_size, anneal, augment
+        self.steps, self.batch_size, self.augment = steps, batch_size, augment
         self.seed, self.dtype, self.channels = seed, dtype, channels
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
         self.meta, self.progress = meta or {}, progress
@@ -76,8 +59,7 @@ class JointTrainer:
         return x.to(self.world.device), y.to(self.world.device)
 
     def train_step(self, step: int) -> dict[str, Tensor]:
-        strength = annealed_strength(step, self.steps, self.anneal)
-        set_strength(self.learner.phi, strength)
+        set_training_progress(self.learner, step / max(self.steps, 1))  # MetaPerturb's annealed strength
         x, y = self.batch(TRAIN_PASS, step)
         self.theta_optimizer.zero_grad(set_to_none=True)
         train = self.learner.theta_backward(x, y, seed=self.seed, step=step)
@@ -96,7 +78,7 @@ class JointTrainer:
             offset += p.numel()
         self.phi_optimizer.step()
         means = flat[offset:] / self.learner.num_tasks
-        return dict(zip(("train_loss", "train_accuracy", "test_loss", "test_accuracy"), means)) | {"strength": torch.tensor(strength)}
+        return dict(zip(("train_loss", "train_accuracy", "test_loss", "test_accuracy"), means)) | {"strength": torch.tensor(perturbation_strength(self.learner))}
 
     def check(self) -> str | None:
         """None if the state about to be saved is good on every process: every tensor finite, and a
@@ -125,9 +107,9 @@ class JointTrainer:
         out: dict[str, Tensor] = {}
         per_key: dict[str, list[Tensor]] = {}
         for net in nets:
-            for key, value in net.state_dict().items():
+            for key, value in self.learner.task_state(net).items():
                 per_key.setdefault(f"{{}}.{key}", []).append(value)
-            for name, p in net.named_parameters():
+            for name, p in self.learner.task_parameters(net):
                 for slot, value in self.theta_optimizer.state[p].items():
                     per_key.setdefault(f"optim.{{}}.{name}.{slot}", []).append(value)
         for pattern, values in per_key.items():
@@ -137,7 +119,7 @@ class JointTrainer:
         return out
 
     def save(self) -> Path | None:
-        tensors = {f"phi.{k}": v for k, v in self.learner.phi.state_dict().items()}
+        tensors = {f"phi.{k}": v for k, v in self.learner.phi_state().items()}
         optim = state_to_tensors("optim.phi", self.phi_optimizer.state_dict(), tensors)
         tensors |= self._task_tensors()  # collective: every process takes part
         if not self.world.is_main:
@@ -148,13 +130,18 @@ class JointTrainer:
     def resume(self) -> None:
         tensors, meta = load_checkpoint(self.out, CHECKPOINT)
         try:
-            self.learner.phi.load_state_dict({k.removeprefix("phi."): v for k, v in tensors.items() if k.startswith("phi.")})
+            phi = {k.removeprefix("phi."): v for k, v in tensors.items() if k.startswith("phi.")}
+            if set(phi) != set(self.learner.phi_names):
+                raise KeyError(f"phi holds {sorted(phi)}, this run's perturbation {self.learner.phi_names}")
+            with torch.no_grad():
+                for name, value in phi.items():
+                    self.learner.phi_state()[name].copy_(value)
             self.phi_optimizer.load_state_dict(tensors_to_state(meta["phi_optimizer"], tensors))
             state, index = {}, 0
             for net, task in zip(self.learner.networks, self.learner.task_ids):
                 prefix = f"task{task}."
-                net.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
-                for name, _ in net.named_parameters():
+                net.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)} | self.learner.phi_state())
+                for name, _ in self.learner.task_parameters(net):
                     head = f"optim.task{task}.{name}."
                     state[index] = {k.removeprefix(head): v for k, v in tensors.items() if k.startswith(head)}
                     index += 1

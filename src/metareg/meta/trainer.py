@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint import (
+    CHECKPOINT,
     load_checkpoint,
     restore_rng,
     rng_tensors,
@@ -28,7 +29,6 @@ from ..seeds import derive_seed, seeded
 from .logging import COLUMNS
 from .loop import StepLoop, checkpoint_problem, nonfinite_count, optimizer_tensors
 
-CHECKPOINT = "checkpoint"
 
 
 class MetaTrainer:

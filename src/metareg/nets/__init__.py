@@ -1,9 +1,12 @@
-"""Backbones. ``create_model(name, ...)`` builds any of them with consistent arguments."""
+"""Backbones (a registry: ``create_model(name, ...)``), their layers and the perturbation slot they offer."""
 
+from . import conv, mlp, resnet  # noqa: F401  (register the backbones)
 from .conv import ConvBlock, ConvNet
-from .factory import STANDARD_OPTIONS, available, create_model
 from .layers import BatchNorm
 from .mlp import MLP
+from .registry import Backbone, available, create_model, get_backbone, register_backbone
 from .resnet import ResNet, WideResNet
+from .slots import FeaturePerturbation, LayerInfo, PerturbationFactory, identity_factory, perturbation_parameter_names
 
-__all__ = ["MLP", "STANDARD_OPTIONS", "BatchNorm", "ConvBlock", "ConvNet", "ResNet", "WideResNet", "available", "create_model"]
+__all__ = ["MLP", "Backbone", "BatchNorm", "ConvBlock", "ConvNet", "FeaturePerturbation", "LayerInfo", "PerturbationFactory", "ResNet",
+           "WideResNet", "available", "create_model", "get_backbone", "identity_factory", "perturbation_parameter_names", "register_backbone"]

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..perturb.base import LayerInfo, PerturbationFactory, identity_factory
 from .layers import BatchNorm, Transform, truncated_normal_
+from .registry import register_backbone
+from .slots import LayerInfo, PerturbationFactory, identity_factory
 
 
 class ConvBlock(nn.Module):
     """3x3 'same' conv -> batch norm -> ReLU -> 2x2 max-pool, with the perturbation after the conv
-    or after the norm (its ``position``, see ``metareg.perturb.base``).
+    or after the norm (its ``position``, see :mod:`metareg.nets.slots`).
 
     ``strided=True`` replaces the max-pool by a stride-2 convolution (MAML's Omniglot variant);
     ``pool=False`` keeps the resolution (VGG's blocks between poolings). ``running_stats=False``:
@@ -95,7 +96,9 @@ class ConvNet(nn.Module):
         blocks = []
         size, cin = image_size, in_channels
         for i, (width, pooled) in enumerate(zip(widths, pools)):
-            info = LayerInfo(i, "conv", cin, width, kernel_size=3, stride=2 if strided else 1, padding=1)
+            slot_size = (size + 1) // 2 if strided else size
+            info = LayerInfo(i, "conv", cin, width, kernel_size=3, stride=2 if strided else 1, padding=1, size=slot_size,
+                             network_width=max(widths), input_size=image_size, running_stats=running_stats)
             blocks.append(ConvBlock(cin, width, perturbation(info), strided=strided, transform=transform, norm_scale=norm_scale,
                                     pool=pooled, running_stats=running_stats))
             size = (size + 1) // 2 if strided else (size // 2 if pooled else size)
@@ -107,7 +110,8 @@ class ConvNet(nn.Module):
         self.feature_dim = cin * size * size
         self.head = nn.Linear(self.feature_dim, num_classes)
         self.head_transform = Transform(num_classes) if transform else None
-        self.head_perturb = perturbation(LayerInfo(len(blocks), "dense", self.feature_dim, num_classes, output=True))
+        self.head_perturb = perturbation(LayerInfo(len(blocks), "dense", self.feature_dim, num_classes, output=True,
+                                                   network_width=max(widths), input_size=image_size, running_stats=running_stats))
         if init == "kaiming":
             for block in self.blocks:
                 nn.init.kaiming_normal_(block.conv.weight, mode="fan_out", nonlinearity="relu")
@@ -117,6 +121,11 @@ class ConvNet(nn.Module):
                 nn.init.zeros_(block.conv.bias)
             nn.init.normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+
+    def layer_groups(self) -> dict[str, list[str]]:
+        """Named parameter groups (:mod:`metareg.selection`): the first and last conv blocks, the classifier."""
+        last = len(self.blocks) - 1
+        return {"first-block": ["blocks.0.*"], "last-block": [f"blocks.{last}.*"], "head": ["head.*", "head_transform.*"]}
 
     def features(self, x: Tensor, *, sample: bool = False, memory_format: torch.memory_format | None = None) -> Tensor:
         """``memory_format``: the layout of the activations from the first convolution on (the
@@ -130,3 +139,19 @@ class ConvNet(nn.Module):
         out = self.head(features)
         out = out if self.head_transform is None else self.head_transform(out)
         return self.head_perturb(out, features, sample=sample)
+
+
+def _convnet(**defaults):
+    def make(num_outputs, in_channels, image_size, perturbation, **options):
+        return ConvNet(num_outputs, in_channels, image_size, perturbation=perturbation, **(defaults | options))
+    return make
+
+
+VGG9_WIDTHS = (64, 128, 256, 256, 512, 512, 512, 512)
+VGG9_POOLS = (1, 1, 0, 1, 0, 1, 0, 1)
+CONV6_POOLS = (1, 1, 0, 1, 0, 1)  # four poolings, as in the MetaPerturb reference's Conv6
+# Ordinary training of the conv nets: batch norm with running statistics, He-normal convolutions.
+_STANDARD = {"running_stats": True, "init": "kaiming"}
+register_backbone("conv4", _convnet(depth=4), standard=_STANDARD, description="Finn et al.'s Conv4 (64 or 32 channels)")
+register_backbone("conv6", _convnet(depth=6, pool=CONV6_POOLS), standard=_STANDARD, description="Conv6, four poolings")
+register_backbone("vgg9", _convnet(channels=VGG9_WIDTHS, pool=VGG9_POOLS), standard=_STANDARD, description="VGG9 (MetaPerturb Table 2)")

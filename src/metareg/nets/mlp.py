@@ -7,8 +7,9 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..perturb.base import LayerInfo, PerturbationFactory, identity_factory
 from .layers import Transform, truncated_normal_
+from .registry import register_backbone
+from .slots import LayerInfo, PerturbationFactory, identity_factory
 
 
 class MLP(nn.Module):
@@ -46,6 +47,12 @@ class MLP(nn.Module):
         elif init != "default":
             raise ValueError(f"init must be default or truncated_normal, got {init!r}")
 
+    def layer_groups(self) -> dict[str, list[str]]:
+        """Named parameter groups (:mod:`metareg.selection`): the first and last hidden layers, the output layer."""
+        last = len(self.layers) - 1
+        return {"first-block": ["layers.0.*", "transforms.0.*"], "last-block": [f"layers.{last}.*", f"transforms.{last}.*"],
+                "head": ["head.*", "head_transform.*"]}
+
     def forward(self, x: Tensor, *, sample: bool = False) -> Tensor:
         for i, (layer, perturb) in enumerate(zip(self.layers, self.perturbs)):
             pre = layer(x)
@@ -55,3 +62,7 @@ class MLP(nn.Module):
         out = self.head(x)
         out = out if self.head_transform is None else self.head_transform(out)
         return self.head_perturb(out, x, sample=sample)
+
+
+register_backbone("mlp", lambda num_outputs, in_channels, image_size, perturbation, **options:  # noqa: ARG005
+                  MLP(in_channels, num_outputs, perturbation=perturbation, **options), description="the 1-40-40-1 sine regressor")

@@ -1,4 +1,4 @@
-"""Switching a module's train/eval mode for the span of a block."""
+"""A module's train/eval mode for the span of a block, and how far its training is (schedules)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,16 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         yield module
     finally:
         module.train(was_training)
+
+
+def set_training_progress(module: nn.Module, fraction: float) -> None:
+    """Tell every scheduled part of ``module`` (DropGrad's linear rate, MetaPerturb's annealed
+    strength: anything with a ``set_training_progress`` method) how far training is, in [0, 1]."""
+    for part in module.modules():
+        if part is not module and hasattr(part, "set_training_progress"):
+            part.set_training_progress(fraction)
+
+
+def perturbation_strength(module: nn.Module) -> float:
+    """The current strength c of ``module``'s annealed perturbation (MetaPerturb), 1 if none anneals."""
+    return next((float(part.strength) for part in module.modules() if hasattr(part, "strength")), 1.0)

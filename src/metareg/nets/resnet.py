@@ -9,20 +9,25 @@
 * :class:`WideResNet`: Zagoruyko & Komodakis (2016) WRN-d-k with pre-activation blocks; WRN-28-2
   has 4 blocks per stage and 32, 64, 128 channels.
 
-Every block's output is a perturbation point (MetaPerturb Figure 3): an ``nn.Identity`` named
-``perturb`` applied to the residual sum, before the block's final ReLU (for the pre-activation
-WRN, which has none, to the sum itself). ``model.perturbation_points`` lists them for
-:func:`metareg.perturb.attach_metaperturb`. Convolutions start He-normal (fan-out), batch norm at
-weight 1 and bias 0, the released MetaPerturb code's initialization.
+Every block has a perturbation slot (MetaPerturb Figure 3) named ``perturb``, filled by the
+perturbation factory the network is built with (the identity by default): it gets the residual sum
+as its pre-activation and the block's input as its layer input, before the block's final ReLU (for
+the pre-activation WRN, which has none, the sum itself). ``model.perturbation_points`` lists the
+slots for :func:`metareg.perturb.attach`; the classifier has an output slot too. Convolutions start
+He-normal (fan-out), batch norm at weight 1 and bias 0, the released MetaPerturb code's
+initialization.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .registry import register_backbone
+from .slots import LayerInfo, PerturbationFactory, identity_factory
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -53,37 +58,41 @@ def _shortcut(cin: int, cout: int, stride: int, kind: Literal["pad", "conv"]) ->
 class BasicBlock(nn.Module):
     """relu(perturb(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)))."""
 
-    def __init__(self, cin: int, cout: int, stride: int, shortcut: Literal["pad", "conv"]):
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: Literal["pad", "conv"], perturb: nn.Module):
         super().__init__()
         self.conv1, self.bn1 = _conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
         self.conv2, self.bn2 = _conv3x3(cout, cout), nn.BatchNorm2d(cout)
         self.shortcut = _shortcut(cin, cout, stride, shortcut)
-        self.perturb = nn.Identity()
+        self.perturb = perturb
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, sample: bool = False) -> Tensor:
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(self.perturb(out + self.shortcut(x)))
+        return F.relu(self.perturb(out + self.shortcut(x), x, sample=sample))
 
 
 class WideBlock(nn.Module):
     """Pre-activation block: perturb(conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut), the
     shortcut a 1x1 convolution of relu(bn1(x)) when the shape changes."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, perturb: nn.Module):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(cin), _conv3x3(cin, cout, stride)
         self.bn2, self.conv2 = nn.BatchNorm2d(cout), _conv3x3(cout, cout)
         self.project = None if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
-        self.perturb = nn.Identity()
+        self.perturb = perturb
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *, sample: bool = False) -> Tensor:
         pre = F.relu(self.bn1(x))
         out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
-        return self.perturb(out + (x if self.project is None else self.project(pre)))
+        return self.perturb(out + (x if self.project is None else self.project(pre)), x, sample=sample)
 
 
 def _init(model: nn.Module) -> None:
+    """He-normal convolutions, unit batch norm; the perturbations keep their own initialization."""
+    owned = {id(m) for p in model.modules() if getattr(p, "is_perturbation", False) for m in p.modules()}
     for m in model.modules():
+        if id(m) in owned:
+            continue
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
@@ -91,12 +100,57 @@ def _init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class ResNet(nn.Module):
+def _stages(block: Callable[[int, int, int, nn.Module], nn.Module], counts: Sequence[int], widths: Sequence[int], cin: int, size: int,
+            image_size: int, perturbation: PerturbationFactory) -> tuple[list[nn.Module], int, int]:
+    """The residual stages: ``counts[s]`` blocks of ``widths[s]`` channels, the first of every stage
+    after the first with stride 2, each with its perturbation slot. Returns (blocks, channels, size)."""
+    layers = []
+    for stage, (count, width) in enumerate(zip(counts, widths)):
+        for i in range(count):
+            stride = 2 if stage > 0 and i == 0 else 1
+            size = (size + stride - 1) // stride
+            info = LayerInfo(len(layers), "conv", cin, width, kernel_size=3, stride=stride, padding=1, size=size,
+                             network_width=max(widths), input_size=image_size, running_stats=True)
+            layers.append(block(cin, width, stride, perturbation(info)))
+            cin = width
+    return layers, cin, size
+
+
+class _ResidualNet(nn.Module):
+    """What the residual networks share: blocks with slots, a classifier with its output slot."""
+
+    def _finish(self, layers: list[nn.Module], features: int, num_classes: int, perturbation: PerturbationFactory, width: int,
+                image_size: int) -> None:
+        """The blocks, the classifier with its output slot, the slot names and the initialization."""
+        self.blocks = nn.ModuleList(layers)
+        self.head = nn.Linear(features, num_classes)
+        self.head_perturb = perturbation(LayerInfo(len(layers), "dense", features, num_classes, output=True, network_width=width,
+                                                   input_size=image_size, running_stats=True))
+        self.perturbation_points = [f"blocks.{i}.perturb" for i in range(len(layers))]
+        _init(self)
+
+    def layer_groups(self) -> dict[str, list[str]]:
+        """Named parameter groups (:mod:`metareg.selection`): the stem and first block, the last block, the classifier."""
+        last = len(self.blocks) - 1
+        return {"first-block": ["stem.*", "blocks.0.*"], "last-block": [f"blocks.{last}.*"], "head": ["head.*"]}
+
+    def pool(self, x: Tensor) -> Tensor:
+        return x.mean((-2, -1))
+
+    def forward(self, x: Tensor, *, sample: bool = False) -> Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x, sample=sample)
+        features = self.pool(x)
+        return self.head_perturb(self.head(features), features, sample=sample)
+
+
+class ResNet(_ResidualNet):
     """A ResNet of :class:`BasicBlock` stages: ``blocks`` per stage and ``widths`` per stage."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32, *, blocks: Sequence[int] = (3, 3, 3),
                  widths: Sequence[int] = (16, 32, 64), stem: Literal["cifar", "imagenet"] = "cifar",
-                 shortcut: Literal["pad", "conv"] = "pad"):
+                 shortcut: Literal["pad", "conv"] = "pad", perturbation: PerturbationFactory = identity_factory):
         super().__init__()
         if len(blocks) != len(widths) or not blocks:
             raise ValueError(f"give one block count per stage width, got {list(blocks)} and {list(widths)}")
@@ -110,29 +164,19 @@ class ResNet(nn.Module):
             self.stem = nn.Sequential(nn.Conv2d(in_channels, first, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(first),
                                       nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
             size = (image_size + 1) // 2 // 2
-        layers, cin = [], first
-        for stage, (count, width) in enumerate(zip(blocks, widths)):
-            for i in range(count):
-                stride = 2 if stage > 0 and i == 0 else 1
-                layers.append(BasicBlock(cin, width, stride, shortcut))
-                size = (size + stride - 1) // stride
-                cin = width
+        layers, cin, size = _stages(lambda cin, width, stride, perturb: BasicBlock(cin, width, stride, shortcut, perturb),
+                                    blocks, widths, first, size, image_size, perturbation)
         if size < 1:
             raise ValueError(f"image_size {image_size} is too small for this ResNet")
-        self.blocks = nn.Sequential(*layers)
-        self.head = nn.Linear(cin, num_classes)
-        self.perturbation_points = [f"blocks.{i}.perturb" for i in range(len(layers))]
-        _init(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.blocks(self.stem(x)).mean((-2, -1)))
+        self._finish(layers, cin, num_classes, perturbation, max(widths), image_size)
 
 
-class WideResNet(nn.Module):
+class WideResNet(_ResidualNet):
     """WRN-``depth``-``widen``: (depth - 4) / 6 pre-activation blocks in each of 3 stages of
     16k, 32k, 64k channels after a 16-channel 3x3 stem; batch norm, ReLU, pooling, classifier."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32, *, depth: int = 28, widen: int = 2):
+    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32, *, depth: int = 28, widen: int = 2,
+                 perturbation: PerturbationFactory = identity_factory):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4 (e.g. 16, 22, 28, 40), got {depth}")
@@ -140,16 +184,23 @@ class WideResNet(nn.Module):
             raise ValueError(f"image_size {image_size} is too small for a WRN")
         per_stage = (depth - 4) // 6
         self.stem = _conv3x3(in_channels, 16)
-        layers, cin = [], 16
-        for stage, width in enumerate((16 * widen, 32 * widen, 64 * widen)):
-            for i in range(per_stage):
-                layers.append(WideBlock(cin, width, 2 if stage > 0 and i == 0 else 1))
-                cin = width
-        self.blocks = nn.Sequential(*layers)
+        widths = (16 * widen, 32 * widen, 64 * widen)
+        layers, cin, _ = _stages(WideBlock, (per_stage,) * 3, widths, 16, image_size, image_size, perturbation)
         self.norm = nn.BatchNorm2d(cin)
-        self.head = nn.Linear(cin, num_classes)
-        self.perturbation_points = [f"blocks.{i}.perturb" for i in range(len(layers))]
-        _init(self)
+        self._finish(layers, cin, num_classes, perturbation, max(widths), image_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(F.relu(self.norm(self.blocks(self.stem(x)))).mean((-2, -1)))
+    def pool(self, x: Tensor) -> Tensor:
+        return F.relu(self.norm(x)).mean((-2, -1))
+
+
+def _resnet(cls: type, **defaults):
+    def make(num_outputs, in_channels, image_size, perturbation, **options):
+        return cls(num_outputs, in_channels, image_size, perturbation=perturbation, **(defaults | options))
+    return make
+
+
+for _n in (3, 5, 7, 9):
+    register_backbone(f"resnet{6 * _n + 2}", _resnet(ResNet, blocks=(_n, _n, _n)), description=f"CIFAR ResNet-{6 * _n + 2} (option A)")
+register_backbone("resnet18", _resnet(ResNet, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet", shortcut="conv"),
+                  description="ResNet-18, ImageNet stem")
+register_backbone("wrn-28-2", _resnet(WideResNet, depth=28, widen=2), description="WRN-28-2")

@@ -1,45 +1,39 @@
-"""Attach a feature perturbation to any CNN, after chosen modules, with forward hooks.
+"""Put any registered perturbation into a user's own ``nn.Module``, after chosen modules, with hooks.
 
-``perturbed = attach_metaperturb(model, phi, at=[...], input_shape=(3, 32, 32))`` returns a
+The built-in backbones have perturbation slots (``metareg.nets.slots``); a network of your own does
+not. ``perturbed = attach(model, factory, at=[...], input_shape=(3, 32, 32))`` returns a
 :class:`Perturbed` module that runs ``model`` unchanged except that the output of every module
-named in ``at`` (exact names or glob patterns such as ``"layer*.*.bn2"``) is replaced by
-``slot(output)``, through a forward hook. The slots (one
-:class:`~metareg.perturb.metaperturb.MetaPerturb` per layer, holding that layer's running
-statistics as buffers) and, when it owns it, the shared function phi are submodules of the
-wrapper, so ``state_dict``, ``to(device)``, ``torch.func.functional_call`` and ``vmap`` see them
-like any other submodule, while the user's model keeps its structure (adding children to it would
-break an ``nn.Sequential``, which runs every child it holds). The built-in backbones name their
-perturbation points (``model.perturbation_points``: every block output, the paper's Figure 3), so
-``at`` may be omitted for them.
+named in ``at`` (exact names or glob patterns such as ``"layer*.*.bn2"``; default: the model's
+``perturbation_points``) is replaced by ``slot(output, module_input, sample=...)`` through a
+forward hook. The slots, one per chosen module, come from the factory exactly as a backbone would
+ask for them (a :class:`~metareg.nets.slots.LayerInfo` describing the layer, measured by one
+forward pass of zeros), so every registered perturbation attaches the same way. The slots and the
+factory's shared function (MetaPerturb's phi) are the wrapper's submodules: ``state_dict``,
+``to(device)`` and ``torch.func.functional_call`` see them, while the user's model keeps its
+structure (adding children to it would break an ``nn.Sequential``, which runs every child it holds).
 
-The slots are sized by one forward pass of zeros (eval mode, no gradients) that records the output
-shape of each chosen module; MetaPerturb's layer normalizers are the widest chosen layer's channel
-count and the input's height (the released code's convention).
+Sampling is an argument, as everywhere: ``perturbed(x, sample=True)``. Left out, it follows the
+module's mode (sample while training, the deterministic mean in eval mode), except for
+perturbations that sample at test time too (MetaPerturb: its predictions are Monte-Carlo averages).
+The hooks read it from a context variable set for the duration of the call, never from a flag
+stored on a module.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .metaperturb import MetaPerturb, MetaPerturbFunction
+from ..nets.slots import LayerInfo, PerturbationFactory
+from ..selection import select
+from .metaperturb import MetaPerturbFunction, metaperturb_slots
 
-
-def _resolve(model: nn.Module, at: Sequence[str]) -> list[str]:
-    names = [n for n, _ in model.named_modules() if n]
-    chosen: list[str] = []
-    for pattern in at:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            sample = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            raise ConfigError(f"perturbation point {pattern!r} matches no module of the model; module names are: {sample}")
-        chosen += [n for n in hits if n not in chosen]
-    return chosen
+_SAMPLE: ContextVar[bool] = ContextVar("metareg_perturb_sample", default=False)
 
 
 @torch.no_grad()
@@ -55,16 +49,16 @@ def probe(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
         model.train(was_training)
 
 
-def output_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> dict[str, torch.Size]:
-    """The output shape of each named module for a batch of 2 zero inputs of ``input_shape``."""
+def layer_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> dict[str, tuple[torch.Size, torch.Size]]:
+    """(input shape, output shape) of each named module for a batch of 2 zero inputs."""
     modules = dict(model.named_modules())
-    shapes: dict[str, torch.Size] = {}
+    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
 
     def record(name: str) -> Callable:
         def hook(module, inputs, output):  # noqa: ARG001
-            if not isinstance(output, torch.Tensor):
-                raise ConfigError(f"module {name!r} returns {type(output).__name__}, not a feature-map tensor")
-            shapes[name] = output.shape
+            if not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
+                raise ConfigError(f"module {name!r} does not map a tensor to a tensor; choose modules whose output is a feature map")
+            shapes[name] = (inputs[0].shape, output.shape)
         return hook
 
     handles = [modules[n].register_forward_hook(record(n)) for n in names]
@@ -79,29 +73,48 @@ def output_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence[
     return shapes
 
 
+def layer_infos(shapes: dict[str, tuple[torch.Size, torch.Size]], input_shape: Sequence[int], running_stats: bool) -> dict[str, LayerInfo]:
+    """What a factory needs to know of each hooked layer, read off its input and output shapes."""
+    widths = [out[1] for _, out in shapes.values() if len(out) == 4]
+    infos = {}
+    for i, (name, (inp, out)) in enumerate(shapes.items()):
+        conv = len(out) == 4
+        stride = max(1, inp[-1] // out[-1]) if conv and len(inp) == 4 else 1
+        infos[name] = LayerInfo(i, "conv" if conv else "dense", inp[1], out[1], kernel_size=3 if conv else 1, stride=stride,
+                                padding=1 if conv else 0, size=out[2] if conv else None, network_width=max(widths, default=None),
+                                input_size=input_shape[1] if len(input_shape) > 1 else None, running_stats=running_stats)
+    return infos
+
+
 def _replace_output(slot: nn.Module, module: nn.Module, inputs, output):  # noqa: ARG001
-    return slot(output)
+    return slot(output, inputs[0] if inputs else None, sample=_SAMPLE.get())
 
 
 class Perturbed(nn.Module):
     """``model`` with perturbation ``slots`` after the modules named by their keys.
 
-    ``function``: the shared perturbation function, registered here when this model owns it.
-    ``forward`` is the model's own; ``detach()`` removes the hooks and returns the bare model.
+    ``function``: the factory's shared function, registered here when this model owns it.
+    ``forward(*args, sample=None, **kwargs)`` is the model's own; ``detach()`` removes the hooks and
+    returns the bare model.
     """
 
-    def __init__(self, model: nn.Module, slots: dict[str, nn.Module], function: nn.Module | None = None):
+    def __init__(self, model: nn.Module, slots: dict[str, nn.Module], function: nn.Module | None = None, *, sample_at_test: bool = False):
         super().__init__()
         self.model = model
         self.points = list(slots)
         self.slots = nn.ModuleList(slots.values())
+        self.sample_at_test = sample_at_test
         if function is not None:
-            self.function = function
+            self.perturbation_function = function
         modules = dict(model.named_modules())
         self._handles = [modules[name].register_forward_hook(functools.partial(_replace_output, slot)) for name, slot in slots.items()]
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, sample: bool | None = None, **kwargs):
+        token = _SAMPLE.set(bool(self.training or self.sample_at_test) if sample is None else sample)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            _SAMPLE.reset(token)
 
     def attached(self) -> dict[str, nn.Module]:
         """The slots by the name of the module they follow."""
@@ -117,17 +130,6 @@ class Perturbed(nn.Module):
         return f"points={self.points}"
 
 
-def attach(model: nn.Module, make: Callable[[dict[str, torch.Size]], dict[str, nn.Module]], at: Sequence[str],
-           input_shape: Sequence[int], function: nn.Module | None = None) -> Perturbed:
-    """Perturb the output of every module matched by ``at``: ``make`` gets each one's output shape
-    (by name) and returns a slot module for each. ``function``: a shared module the result owns."""
-    if isinstance(model, Perturbed):
-        raise ConfigError("the model already has perturbations attached; detach() them first")
-    names = _resolve(model, at)
-    slots = make(output_shapes(model, names, input_shape))
-    return Perturbed(model, {name: slots[name] for name in names}, function)
-
-
 def perturbation_points(model: nn.Module) -> list[str]:
     points = getattr(model, "perturbation_points", None)
     if not points:
@@ -136,25 +138,29 @@ def perturbation_points(model: nn.Module) -> list[str]:
     return list(points)
 
 
-def attach_metaperturb(model: nn.Module, function: MetaPerturbFunction, at: Sequence[str] | None = None,
-                       input_shape: Sequence[int] = (3, 32, 32), *, own: bool = True) -> Perturbed:
-    """Perturb the outputs of the modules ``at`` (default: the model's ``perturbation_points``)
-    with MetaPerturb: one slot per layer, all sharing ``function`` (phi).
-
-    ``own=True``: the result owns ``function`` (saved and moved with it); a meta-learner that shares
-    one phi among several networks owns it itself (``own=False``).
-    """
+def attach(model: nn.Module, perturbation: PerturbationFactory, at: Sequence[str] | None = None,
+           input_shape: Sequence[int] = (3, 32, 32), *, running_stats: bool = True, own: bool = True) -> Perturbed:
+    """Perturb the output of every module matched by ``at`` (default: the model's
+    ``perturbation_points``) with slots from ``perturbation`` (a factory from
+    :func:`metareg.perturb.build_perturbation`). ``running_stats``: the model is trained ordinarily
+    (its perturbations may keep running statistics for eval mode). ``own=False``: the factory's
+    shared function is owned elsewhere (not saved with this wrapper)."""
+    if isinstance(model, Perturbed):
+        raise ConfigError("the model already has perturbations attached; detach() them first")
     if len(input_shape) != 3:
         raise ConfigError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
+    names = [n for n, _ in model.named_modules() if n]
+    chosen = select(names, list(perturbation_points(model) if at is None else at), what="module", role="perturbation point")
+    infos = layer_infos(layer_shapes(model, chosen, input_shape), input_shape, running_stats)
+    slots = {name: perturbation(info) for name, info in infos.items()}
+    return Perturbed(model, slots, getattr(perturbation, "shared", None) if own else None,
+                     sample_at_test=getattr(perturbation, "sample_at_test", False))
 
-    def make(shapes: dict[str, torch.Size]) -> dict[str, nn.Module]:
-        for name, shape in shapes.items():
-            if len(shape) != 4:
-                raise ConfigError(f"MetaPerturb perturbs convolutional feature maps [B, C, H, W]; module {name!r} outputs shape {tuple(shape)}")
-        widest = max(shape[1] for shape in shapes.values())
-        return {name: MetaPerturb(function, shape[1], widest, input_shape[1], height=shape[2]) for name, shape in shapes.items()}
 
-    return attach(model, make, perturbation_points(model) if at is None else at, input_shape, function if own else None)
+def attach_metaperturb(model: nn.Module, function: MetaPerturbFunction, at: Sequence[str] | None = None,
+                       input_shape: Sequence[int] = (3, 32, 32), *, own: bool = True) -> Perturbed:
+    """MetaPerturb with phi ``function`` after the modules ``at``: one slot per layer, all sharing phi."""
+    return attach(model, metaperturb_slots(function), at, input_shape, own=own)
 
 
 def set_strength(function: MetaPerturbFunction, strength: float) -> None:
@@ -164,4 +170,4 @@ def set_strength(function: MetaPerturbFunction, strength: float) -> None:
     function.strength = float(strength)
 
 
-__all__ = ["Perturbed", "attach", "attach_metaperturb", "output_shapes", "perturbation_points", "probe", "set_strength"]
+__all__ = ["Perturbed", "attach", "attach_metaperturb", "layer_shapes", "perturbation_points", "probe", "set_strength"]

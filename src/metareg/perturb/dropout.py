@@ -17,7 +17,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from ..noise import check_dropout, dropout_noise
-from .base import FeaturePerturbation, LayerInfo, PerturbationFactory
+from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory
 from .registry import register
 
 

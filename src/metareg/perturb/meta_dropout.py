@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..nets.layers import truncated_normal_
-from .base import FeaturePerturbation, LayerInfo, PerturbationFactory
+from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory
 from .registry import register
 
 

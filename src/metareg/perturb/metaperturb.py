@@ -34,8 +34,17 @@ scale sees in training; the released code multiplies it by a further B / (B - 1)
 
 One :class:`MetaPerturbFunction` (phi) serves many :class:`MetaPerturb` slots (one per perturbed
 layer, each with its own running statistics). A slot *refers* to phi without owning it, so phi's
-82 parameters appear once in whatever module owns it (the model, via
-:func:`metareg.perturb.attach_metaperturb`, or the joint meta-learner shared by T task networks).
+82 parameters appear once in whatever module owns it: the network (``create_model`` registers the
+factory's ``shared`` function as ``perturbation_function``) or the :class:`~metareg.perturb.attach.Perturbed`
+wrapper of a user's model.
+
+It is a registered perturbation like every other (``build_perturbation("metaperturb", {"phi":
+"builtin" | "learned" | RUN})``, registered in :mod:`.pretrained`, beside the stored phis), so it fills the slots of any backbone in any scheme: ordinary
+training with a frozen phi (the paper's meta-test, Algorithm 2), the joint scheme learning phi
+(Algorithm 1), or the bilevel scheme learning phi through MAML's inner loop. In episodic networks
+(``LayerInfo.running_stats`` false, batch norm on batch statistics always) the scale s uses the
+batch's statistics at test time too, like their batch norm. ``sample=False`` uses a = mu (the
+bilevel scheme's query pass); ordinary training samples at test time too (MC-averaged predictions).
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import FeaturePerturbation
+from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory
 
 NUM_STATS = 4  # channel statistics per channel: four shared 3x3 kernels
 INIT_STD = 0.01
@@ -79,12 +88,14 @@ class EquivariantConv(nn.Module):
 class MetaPerturbFunction(nn.Module):
     """phi: the 82 meta-learned parameters, and the settings every layer shares.
 
-    Settings (plain attributes, not learned, not saved): ``strength`` c in [0, 1] (annealing),
-    ``sample`` (draw a ~ N(mu, I); ``False``: a = mu, a deterministic perturbation), ``clip`` k
-    (``None``: no clipping).
+    Settings (plain attributes, not learned, not saved): ``strength`` c in [0, 1] (annealing; set by
+    :meth:`set_training_progress` from ``anneal``, the fraction of training over which c rises
+    linearly from 0 to 1; 0: always 1), ``clip`` k (``None``: no clipping).
     """
 
-    def __init__(self, *, clip: float | None = 100.0):
+    is_perturbation = True
+
+    def __init__(self, *, clip: float | None = 100.0, anneal: float = 0.0):
         super().__init__()
         self.noise1 = EquivariantConv()
         self.noise2 = EquivariantConv()
@@ -93,8 +104,12 @@ class MetaPerturbFunction(nn.Module):
         nn.init.normal_(self.stat_kernels, std=INIT_STD)
         nn.init.normal_(self.scale_map.weight, std=INIT_STD)
         self.strength = 1.0
-        self.sample = True
+        self.anneal = anneal
         self.clip = clip
+
+    def set_training_progress(self, fraction: float) -> None:
+        """c = min(1, fraction / anneal): 0 at the start, full strength after ``anneal`` of training."""
+        self.strength = 1.0 if self.anneal <= 0 else min(1.0, fraction / self.anneal)
 
     def noise_mean(self, h: Tensor) -> Tensor:
         """mu_phi(h), shaped like ``h``."""
@@ -115,7 +130,7 @@ class MetaPerturbFunction(nn.Module):
         return torch.sigmoid(self.scale_map(torch.cat([mean, var, layer], dim=1))).squeeze(1)
 
     def extra_repr(self) -> str:
-        return f"strength={self.strength}, sample={self.sample}, clip={self.clip}"
+        return f"strength={self.strength}, anneal={self.anneal}, clip={self.clip}"
 
 
 class MetaPerturb(FeaturePerturbation):
@@ -123,15 +138,16 @@ class MetaPerturb(FeaturePerturbation):
 
     In training mode the scale s uses the batch's channel statistics and updates this layer's
     running averages (buffers, so they are saved, loaded and moved with the model); in eval mode
-    it uses the running averages, like batch norm. ``channel_norm`` and ``spatial_norm`` are the
-    network's fixed normalizers of C and H; ``height`` is the layer's feature-map height seen when
-    the slot was attached (for :meth:`running_scales`; the forward pass uses the actual height).
+    it uses the running averages, like batch norm. ``running_stats=False`` (episodic networks):
+    always the batch's statistics, no running averages. ``channel_norm`` and ``spatial_norm`` are
+    the network's fixed normalizers of C and H; ``height`` is the layer's feature-map height (for
+    :meth:`running_scales`; the forward pass uses the actual height).
     """
 
     position = "norm"  # after batch norm (or the residual sum), before the ReLU
 
     def __init__(self, function: MetaPerturbFunction, channels: int, channel_norm: float, spatial_norm: float, momentum: float = 0.1,
-                 height: int | None = None):
+                 height: int | None = None, running_stats: bool = True):
         super().__init__()
         if channels < 1 or channel_norm <= 0 or spatial_norm <= 0:
             raise ConfigError(f"MetaPerturb needs positive channels and normalizers, got {channels}, {channel_norm}, {spatial_norm}")
@@ -141,21 +157,24 @@ class MetaPerturb(FeaturePerturbation):
         self.spatial_norm = float(spatial_norm)
         self.momentum = momentum
         self.height = height
-        self.register_buffer("running_mean", torch.zeros(channels, NUM_STATS))
-        self.register_buffer("running_var", torch.ones(channels, NUM_STATS))
+        self.running_stats = running_stats
+        if running_stats:
+            self.register_buffer("running_mean", torch.zeros(channels, NUM_STATS))
+            self.register_buffer("running_var", torch.ones(channels, NUM_STATS))
 
     def statistics(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Batch mean and (unbiased) variance of the channel features in training (updating the
-        running averages), the running averages in eval mode."""
-        if not self.training:
+        running averages), the running averages in eval mode (always the batch's without them)."""
+        if self.running_stats and not self.training:
             return self.running_mean, self.running_var
         if h.shape[0] < 2:
             raise ConfigError("MetaPerturb's batch statistics need at least 2 images per batch in training mode")
         features = self.function.channel_features(h)
         mean, var = features.mean(0), features.var(0)
-        with torch.no_grad():
-            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
-            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var)
+        if self.running_stats and self.training:
+            with torch.no_grad():
+                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+                self.running_var.mul_(1 - self.momentum).add_(self.momentum * var)
         return mean, var
 
     def scales(self, h: Tensor) -> Tensor:
@@ -166,18 +185,35 @@ class MetaPerturb(FeaturePerturbation):
     @torch.no_grad()
     def running_scales(self) -> Tensor:
         """s from the running statistics (what the layer uses at test time), [C]."""
-        if self.height is None:
-            raise ConfigError("this slot does not know its feature-map height; attach it with attach_metaperturb")
+        if self.height is None or not self.running_stats:
+            raise ConfigError("this slot keeps no running statistics of a known feature-map height")
         return self.function.scale(self.running_mean, self.running_var, self.channels / self.channel_norm, self.height / self.spatial_norm)
 
-    def forward(self, h: Tensor, layer_input: Tensor | None = None, *, sample: bool | None = None) -> Tensor:  # noqa: ARG002
+    def forward(self, h: Tensor, layer_input: Tensor | None = None, *, sample: bool = False) -> Tensor:  # noqa: ARG002
         if h.dim() != 4 or h.shape[1] != self.channels:
             raise ConfigError(f"MetaPerturb at a {self.channels}-channel layer got features of shape {tuple(h.shape)}")
         phi = self.function
-        z = phi.noise(h, phi.sample if sample is None else sample)
+        z = phi.noise(h, sample)
         g = self.scales(h).view(1, -1, 1, 1) * z
         out = h * ((g - 1) * phi.strength + 1) if phi.strength != 1.0 else h * g
         return out if phi.clip is None else out.clamp(max=phi.clip)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, channel_norm={self.channel_norm:g}, spatial_norm={self.spatial_norm:g}"
+
+
+def metaperturb_slots(function: MetaPerturbFunction) -> PerturbationFactory:
+    """A factory of :class:`MetaPerturb` slots sharing ``function``: one per hidden conv layer (the
+    output layer gets the identity); the factory's ``shared`` is the function."""
+
+    def make(info: LayerInfo) -> nn.Module:
+        if info.output:
+            return FeaturePerturbation()
+        if info.kind != "conv" or info.network_width is None or info.input_size is None:
+            raise ConfigError(f"MetaPerturb perturbs convolutional feature maps [B, C, H, W]; layer {info.index} is {info.kind}")
+        return MetaPerturb(function, info.out_features, info.network_width, info.input_size, height=info.size,
+                           running_stats=info.running_stats)
+
+    make.shared = function
+    make.sample_at_test = True  # predictions are Monte-Carlo averages over the noise (Algorithm 2)
+    return make

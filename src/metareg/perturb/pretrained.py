@@ -2,6 +2,9 @@
 ``phi.json`` beside it (the file's SHA-256 and its provenance: source data, backbone, steps, the
 command that made it). The package ships one, loaded with ``load_phi("builtin")``.
 
+The registered perturbation ``metaperturb`` is defined here too: a fresh phi to meta-learn, or a
+stored one, frozen, in :func:`~metareg.perturb.metaperturb.metaperturb_slots`.
+
 ``load_phi`` accepts ``"builtin"``, a meta-training run folder (holding ``phi.json``), or a
 ``phi.json`` path; it checks the format, the checksum, the tensor names and shapes and that every
 value is finite, and never unpickles anything.
@@ -16,7 +19,9 @@ import torch
 
 from ..checkpoint import read_record, verified_tensors, write_json_atomic, write_safetensors_atomic
 from ..errors import CheckpointError
-from .metaperturb import MetaPerturbFunction
+from ..nets.slots import PerturbationFactory
+from .metaperturb import MetaPerturbFunction, metaperturb_slots
+from .registry import register
 
 FORMAT = "metareg-metaperturb-phi"
 BUILTIN = Path(__file__).with_name("pretrained") / "phi.json"
@@ -64,3 +69,15 @@ def load_phi(spec: str | Path = "builtin", *, clip: float | None = 100.0) -> Met
     if not all(torch.isfinite(p).all() for p in phi.parameters()):
         raise CheckpointError(f"{json_path}'s tensors hold non-finite values")
     return phi.requires_grad_(False)
+
+
+@register("metaperturb")
+def metaperturb(phi: str = "learned", clip: float | None = 100.0, anneal: float = 0.0) -> PerturbationFactory:
+    """``phi="learned"``: a fresh phi (N(0, 0.01) init) that the scheme meta-learns; ``"builtin"``, a
+    meta-train run folder or a ``phi.json``: that stored phi, frozen."""
+    if phi == "learned":
+        function = MetaPerturbFunction(clip=clip, anneal=anneal)
+    else:
+        function = load_phi(phi, clip=clip)
+        function.anneal = anneal
+    return metaperturb_slots(function)

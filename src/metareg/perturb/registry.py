@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from .base import LayerInfo, PerturbationFactory, identity_factory
+from ..nets.slots import LayerInfo, PerturbationFactory, identity_factory
 
 _REGISTRY: dict[str, Callable[..., PerturbationFactory]] = {}
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import FeaturePerturbation, LayerInfo, PerturbationFactory
+from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory
 from .registry import register
 
 

@@ -20,7 +20,6 @@ import torch
 
 from ..errors import ConfigError
 from .backend import pyplot
-from .task_view import adapted_task
 
 
 def boundary_coordinates(features: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -38,9 +37,9 @@ def boundary_coordinates(features: torch.Tensor, w: torch.Tensor, b: torch.Tenso
     return x, torch.from_numpy(y[:, 0]), float(-(b[0] - b[1]) / diff.norm())
 
 
-def plot_boundary(run: str | Path, out: str | Path, *, classes: tuple[int, int] = (0, 1), samples: int = 10, episode: int = 0) -> Path:
+def plot_boundary(view, out: str | Path, *, classes: tuple[int, int] = (0, 1), samples: int = 10) -> Path:
+    """``view``: one test episode of a trained run, adapted (:func:`metareg.runs.task_view.adapted_task`)."""
     plt = pyplot()
-    view = adapted_task(run, episode)
     model = view.learner.model
     if not hasattr(model, "head") or getattr(model, "head_transform", None) is not None:
         raise ConfigError("plot boundary needs a classifier whose last layer is one linear map (a conv backbone without T-net)")
@@ -77,7 +76,7 @@ def plot_boundary(run: str | Path, out: str | Path, *, classes: tuple[int, int] 
     ax.axvline(x_db, color="k", linestyle="--", linewidth=1, label="decision boundary")
     ax.set_xlabel("projection on the boundary's normal (w_c1 - w_c2)")
     ax.set_ylabel("t-SNE of the remaining directions")
-    ax.set_title(f"{Path(run).name}: episode {episode}, classes {classes[0]} vs {classes[1]}", fontsize=10)
+    ax.set_title(f"{view.name}: episode {view.episode}, classes {classes[0]} vs {classes[1]}", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

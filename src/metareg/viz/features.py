@@ -15,13 +15,12 @@ import torch
 
 from ..errors import ConfigError
 from .backend import pyplot
-from .task_view import adapted_task
 
 
-def plot_features(run: str | Path, out: str | Path, *, layer: int = 0, channel: int | None = None, images: int = 4,
-                  samples: int = 4, episode: int = 0) -> Path:
+def plot_features(view, out: str | Path, *, layer: int = 0, channel: int | None = None, images: int = 4,
+                  samples: int = 4) -> Path:
+    """``view``: one test episode of a trained run, adapted (:func:`metareg.runs.task_view.adapted_task`)."""
     plt = pyplot()
-    view = adapted_task(run, episode)
     blocks = getattr(view.learner.model, "blocks", None)
     if blocks is None or not 0 <= layer < len(blocks):
         raise ConfigError(f"--layer must name a conv block, 0..{len(blocks or []) - 1}")
@@ -48,7 +47,7 @@ def plot_features(run: str | Path, out: str | Path, *, layer: int = 0, channel: 
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{Path(run).name}: block {layer}, channel {channel} ({view.config.model.perturbation})", fontsize=10)
+    fig.suptitle(f"{view.name}: block {layer}, channel {channel} ({view.config.model.perturbation})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

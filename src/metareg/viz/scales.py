@@ -12,24 +12,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
 from .backend import pyplot
 
 
-def run_scales(run: str | Path) -> tuple[str, list[str], list[torch.Tensor]]:
-    """(label, block names, s per block) of a transfer run with MetaPerturb."""
-    from ..perturb_experiment import load_transfer_model
-
-    config, model = load_transfer_model(run)
-    if config.perturb.name != "metaperturb":
-        raise ConfigError(f"{run} was trained without MetaPerturb: it has no scales to plot")
-    scales = [slot.running_scales().float() for slot in model.slots]
-    return f"{Path(run).name}\n{config.data.name} / {config.model.backbone}", list(model.points), scales
-
-
-def plot_scales(runs: list[str | Path], out: str | Path) -> Path:
+def plot_scales(found: list[tuple[str, list[str], list[torch.Tensor]]], out: str | Path) -> Path:
+    """``found``: per run, (label, block names, s per block), e.g. from
+    :func:`metareg.runs.transfer.run_scales`."""
     plt = pyplot()
-    found = [run_scales(run) for run in runs]
     fig, axes = plt.subplots(1, len(found) + 1, figsize=(3.6 * len(found) + 4.5, 3.8), squeeze=False,
                              layout="constrained")
     for ax, (label, points, scales) in zip(axes[0], found):

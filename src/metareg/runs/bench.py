@@ -37,31 +37,31 @@ from typing import Any
 
 import torch
 
-from .data.tasks import TaskBatch
-from .inner import build_inner_rule
-from .meta import BilevelLearner
-from .meta.reference import conv_forward, reference_meta_gradient
-from .nets import ConvNet
-from .runtime import keep_freed_memory
+from ..data.tasks import TaskBatch
+from ..inner import build_inner_rule
+from ..meta import BilevelLearner
+from ..meta.joint import JointLearner, norm_in_eval_mode
+from ..meta.reference import conv_forward, reference_meta_gradient
+from ..nets import ConvNet
+from ..perturb import build_perturbation
+from ..runtime import keep_freed_memory
+from .common import build_network
 
 IMPLEMENTATIONS = ("reference", "reference+alloc", "engine", "engine-vmap")
 JOINT_IMPLEMENTATIONS = ("joint-reference", "joint-loop", "joint-vmap")
 
 
 def _joint_problem(args: argparse.Namespace, dtype: torch.dtype, device: str, strategy: str):
-    from .meta.joint import JointLearner
-    from .perturb import MetaPerturbFunction
-    from .perturb_experiment import build_network
+    torch.manual_seed(0)
+    factory = build_perturbation("metaperturb", {"phi": "learned"})
 
     def build(t: int):
         torch.manual_seed(t)
-        return build_network(args.arch, 10, args.image_size, {})
+        return build_network(args.arch, 10, args.image_size, {}, factory)
 
-    torch.manual_seed(0)
-    phi = MetaPerturbFunction()
-    phi.sample = False  # the same numbers for every implementation (the gradient check)
-    learner = JointLearner(build, list(range(args.tasks)), args.tasks, phi, input_shape=(3, args.image_size, args.image_size),
-                           strategy=strategy).to(device=device, dtype=dtype)
+    # sample=False: the same numbers for every implementation (the gradient check)
+    learner = JointLearner(build, list(range(args.tasks)), args.tasks, input_shape=(3, args.image_size, args.image_size),
+                           strategy=strategy, sample=False).to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(0)
     shape = (args.tasks, args.batch_size, 3, args.image_size, args.image_size)
     batches = [(torch.randn(shape, generator=g, dtype=dtype).to(device), torch.randint(0, 10, shape[:2], generator=g).to(device))
@@ -72,15 +72,14 @@ def _joint_problem(args: argparse.Namespace, dtype: torch.dtype, device: str, st
 def _joint_reference_step(learner, batches):
     """Algorithm 1's passes written plainly: full backward passes, then discard the gradients that
     the stop-gradients of Eq. 3 exclude."""
-    from .meta.joint import norm_in_eval_mode
-
     (x_tr, y_tr), (x_te, y_te) = batches
 
     def step():
         learner.zero_grad(set_to_none=True)
         for i, net in enumerate(learner.networks):
             torch.nn.functional.cross_entropy(net(x_tr[i]), y_tr[i]).backward()
-        learner.phi.zero_grad(set_to_none=True)  # phi learns from the test losses only
+        for p in learner.phi_parameters():  # phi learns from the test losses only
+            p.grad = None
         theta = [p.grad.clone() for p in learner.theta_parameters()]
         with norm_in_eval_mode(learner.networks):
             for i, net in enumerate(learner.networks):
@@ -223,18 +222,13 @@ def profile_engine(args: argparse.Namespace) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
-def _worker_args(args: argparse.Namespace) -> list[str]:
-    return ["--iterations", str(args.iterations), "--way", str(args.way), "--shot", str(args.shot), "--query", str(args.query),
-            "--meta-batch", str(args.meta_batch), "--steps", str(args.steps), "--channels", str(args.channels), "--device", args.device,
-            "--scheme", args.scheme, "--arch", args.arch, "--tasks", str(args.tasks), "--batch-size", str(args.batch_size),
-            "--image-size", str(args.image_size)]
-
-
 def _run_workers(args: argparse.Namespace, impls: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Time each implementation in a fresh process (its own peak memory and process settings); the
+    bench's settings travel as JSON."""
+    settings = json.dumps({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))})
     results = []
     for impl in impls:
-        cmd = [sys.executable, "-m", "metareg.bench", "--worker", impl, *_worker_args(args)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "metareg.runs.bench", "--worker", impl, settings], capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{impl}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
             continue
@@ -280,14 +274,10 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    from .cli import build_parser
-
     argv = sys.argv[1:]
-    if argv[:1] != ["--worker"]:
-        raise SystemExit("usage: python -m metareg.bench --worker IMPL [bench flags]; users run `metareg bench`")
-    impl = argv[1]
-    args = build_parser().parse_args(["bench", *argv[2:]])
-    print(json.dumps(worker(impl, args)))
+    if len(argv) != 3 or argv[0] != "--worker":
+        raise SystemExit("usage: python -m metareg.runs.bench --worker IMPL SETTINGS_JSON; users run `metareg bench`")
+    print(json.dumps(worker(argv[1], argparse.Namespace(**json.loads(argv[2])))))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,20 @@ for _table, _rows in (("Table 1", _TABLE_1), ("Table 3", _TABLE_3)):
             )
 
 
+# Compositions the three axes allow (no paper row): MetaPerturb's 82-parameter phi in the slots of
+# MAML's Conv4, meta-learned through the inner loop like Meta-Dropout's phi (sampled noise in the
+# inner steps, a = mu on the query set, S = 30 at meta-test).
+for _base, (_column, _setting) in _BASES.items():
+    _p = PRESETS[_base]
+    PRESETS[f"{_base}-metaperturb"] = Preset(
+        f"{_base}-metaperturb",
+        _p.description.replace("MAML", "MAML + MetaPerturb (phi learned through the inner loop)", 1),
+        "none (a composition of the design's axes: MetaPerturb's phi in the bilevel scheme)",
+        _with(_p.values, model={"perturbation": "metaperturb", "perturbation_options": {"phi": "learned"}},
+              inner={"mc_samples": 1, "eval_mc_samples": 30}),
+    )
+
+
 # MetaPerturb (Ryu et al. 2020). Meta-training: the source split class-wise into 10 tasks, ResNet20,
 # 32x32 images, Adam 1e-3 with weight decay 5e-4, batch 128, 750 steps (the released run script).
 # Transfer: Adam 1e-3, weight decay 5e-4, batch 128, 10000 steps, lr x 0.3 at 40/70/90%, strength
@@ -187,6 +201,11 @@ _PERTURB_PRESETS = [
            "200 steps, a few minutes on 2 CPU cores", "none (built-in data; checks that everything runs)",
            _meta_train("glyphs", 28, 200, 32, classes=50, options={"num_classes": 50}) | {"model": {"backbone": "conv4", "options": {"channels": 32}}},
            "meta-train"),
+    Preset("perturb-quickstart-metadropout", "The joint scheme (MetaPerturb's Algorithm 1) learning Meta-Dropout's noise generators "
+           "instead of MetaPerturb's phi: the built-in glyphs, 10 tasks of 5 classes, Conv4-32, 28x28, 200 steps",
+           "none (a composition of the design's axes: Meta-Dropout's phi in the joint scheme)",
+           _meta_train("glyphs", 28, 200, 32, classes=50, options={"num_classes": 50})
+           | {"model": {"backbone": "conv4", "options": {"channels": 32}}, "perturb": {"name": "meta-dropout"}}, "meta-train"),
     Preset("perturb-tinyimagenet-resnet20", "MetaPerturb meta-training as in the paper: Tiny ImageNet's 200 classes in 10 tasks, "
            "ResNet20, 32x32, batch 128, 750 steps", "MetaPerturb Section 4.1 source (the phi behind Tables 1-3)",
            _meta_train("tinyimagenet"), "meta-train"),

@@ -1,5 +1,6 @@
-"""Runs as a user starts them: meta-train a config into a run folder, meta-test a checkpoint,
-compare two models on the same episodes. The command line is a thin layer over these functions."""
+"""Episodic meta-learning runs (``metareg train / test / compare``): build the learner and task
+sources a :class:`~metareg.config.Config` describes, meta-train into a run folder, meta-test a
+checkpoint on the fixed episode stream, compare two models on the same episodes."""
 
 from __future__ import annotations
 
@@ -8,19 +9,59 @@ from typing import Any
 
 import torch
 
-from .builders import (
-    build_learner,
-    build_source,
-    dtype_of,
-    is_regression,
-    resolve_device,
-)
-from .checkpoint import check_run_folder, load_checkpoint, read_checkpoint_meta, write_json_atomic
-from .config import Config
-from .errors import CheckpointError, ConfigError, MetaregError
-from .evaluate import EvalResult, evaluate, paired_difference
-from .meta.bilevel import BilevelLearner
-from .meta.trainer import CHECKPOINT, MetaTrainer
+from ..checkpoint import load_checkpoint, write_json_atomic
+from ..config import Config
+from ..data import build_task_source, get_episodic
+from ..data.tasks import TaskSource
+from ..errors import CheckpointError, ConfigError
+from ..evaluate import EvalResult, evaluate, paired_difference
+from ..inner import build_inner_rule
+from ..meta.bilevel import BilevelLearner, select_fast
+from ..meta.trainer import MetaTrainer
+from ..nets import create_model
+from ..perturb import build_perturbation
+from .common import config_of_run, dtype_of, prepare_run_folder, resolve_device, resolve_strategy
+
+
+def is_regression(config: Config) -> bool:
+    return get_episodic(config.data.name).regression
+
+
+def build_source(config: Config, split: str, *, shot: int | None = None) -> TaskSource:
+    """The task source of ``split``; ``shot`` overrides the configured shots (meta-test at K)."""
+    data = config.data
+    return build_task_source(data.name, split, way=data.way, shot=shot or data.shot, query=data.query, root=data.root,
+                             image_size=data.image_size, **data.options)
+
+
+def build_learner(config: Config) -> BilevelLearner:
+    """The model with its perturbation slots, the inner rule and the bilevel scheme of ``config``."""
+    dataset = get_episodic(config.data.name)
+    model = create_model(
+        config.model.backbone,
+        1 if dataset.regression else config.data.way,
+        in_channels=dataset.channels,
+        image_size=config.data.image_size or dataset.image_size or 1,
+        perturbation=build_perturbation(config.model.perturbation, config.model.perturbation_options),
+        **config.model.options,
+    )
+    params = dict(model.named_parameters())
+    fast = {n: params[n] for n in select_fast(model, config.inner.fast)}
+    groups = model.layer_groups() if hasattr(model, "layer_groups") else None
+    inner = build_inner_rule(fast, step=config.inner.step, lr=config.inner.lr, steps=config.inner.steps, transforms=config.inner.transforms,
+                             groups=groups)
+    return BilevelLearner(
+        model,
+        inner,
+        task="regression" if dataset.regression else "classification",
+        inner_steps=config.inner.steps,
+        eval_inner_steps=config.inner.eval_steps,
+        first_order=config.inner.first_order,
+        fast=config.inner.fast,
+        mc_samples=config.inner.mc_samples,
+        eval_mc_samples=config.inner.eval_mc_samples,
+        strategy=resolve_strategy(config.train.strategy, resolve_device(config.device), config.model.backbone),
+    )
 
 
 def _protocol(config: Config, split: str, shot: int) -> dict[str, Any]:
@@ -63,7 +104,7 @@ def meta_test(
 def train(config: Config, out: str | Path, *, resume: bool = False, progress: bool = True) -> MetaTrainer:
     """Meta-train ``config`` into run folder ``out`` (or continue it with ``resume``)."""
     out = Path(out)
-    check_run_folder(out, resume, CHECKPOINT)
+    prepare_run_folder(out, resume, config)
     device = resolve_device(config.device)
     dtype = dtype_of(config)
     torch.manual_seed(config.seed)
@@ -82,30 +123,17 @@ def train(config: Config, out: str | Path, *, resume: bool = False, progress: bo
     trainer = MetaTrainer(
         learner, source, out=out, iterations=t.iterations, meta_batch=t.meta_batch, meta_lr=t.meta_lr, clip=t.clip,
         seed=config.seed, device=device, dtype=dtype, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-        val_every=t.val_every, validate=validate, meta={"config": config.to_dict()}, progress=progress,
+        val_every=t.val_every, validate=validate, meta={"config": config.to_dict(), "kind": "bilevel"}, progress=progress,
     )
-    out.mkdir(parents=True, exist_ok=True)
     if resume:
         trainer.resume()
-    else:
-        write_json_atomic(out / "config.json", config.to_dict())
     trainer.run(resume_log=resume)
     return trainer
 
 
-def config_of_checkpoint(path: str | Path) -> Config:
-    """The config stored in a checkpoint (without loading its tensors)."""
-    json_path, meta = read_checkpoint_meta(path)
-    try:
-        return Config.from_dict(meta["config"])
-    except (KeyError, TypeError, MetaregError) as err:
-        raise CheckpointError(f"{json_path} holds no valid metareg config ({err})") from None
-
-
 def load_learner(path: str | Path, config: Config | None = None) -> tuple[Config, BilevelLearner]:
     """Rebuild the learner of a checkpoint (a run folder or its ``checkpoint.json``)."""
-    stored = config_of_checkpoint(path)
-    config = config or stored
+    config = config or config_of_run(path, "bilevel")
     tensors, _ = load_checkpoint(path)
     learner = build_learner(config)
     params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}

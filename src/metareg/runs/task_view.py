@@ -9,17 +9,19 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from ..builders import build_source, resolve_device
 from ..config import Config
 from ..data.tasks import TaskBatch
 from ..errors import ConfigError
 from ..evaluate.episodes import episode_stream
-from ..experiment import load_learner
 from ..meta import BilevelLearner
+from .common import resolve_device
+from .episodic import build_source, is_regression, load_learner
 
 
 @dataclass
 class AdaptedTask:
+    name: str  # the run's name, for titles
+    episode: int
     config: Config
     learner: BilevelLearner
     task: TaskBatch  # a single task (leading dimension 1)
@@ -46,11 +48,11 @@ def adapted_task(run: str | Path, episode: int = 0, seed: int | None = None, spl
     """Episode ``episode`` of the fixed test stream (``seed``: the config's eval seed), adapted with
     the meta-test inner loop (sampled noise, S Monte-Carlo samples, the meta-test step count)."""
     config, learner = load_learner(run)
-    if config.data.name in ("sine", "polynomial"):
+    if is_regression(config):
         raise ConfigError("this plot draws image classifiers; the run is a regression run")
     source = build_source(config, split or config.data.test_split)
     stream = episode_stream(source, episode + 1, config.eval.seed if seed is None else seed, 1)
     task = [batch for batch in stream][-1].to(resolve_device(config.device), next(learner.parameters()).dtype)
     torch.manual_seed(0)
     params = learner.adapt_for_test(learner.detached_params(), task.support_x[0], task.support_y[0])
-    return AdaptedTask(config, learner, task, {n: p.detach() for n, p in params.items()})
+    return AdaptedTask(Path(run).name, episode, config, learner, task, {n: p.detach() for n, p in params.items()})

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def _train(run: Run, folder: Path, iterations: int | None, log: Path) -> str:
 
 
 def _test(run: Run, folder: Path, shot: int, episodes: int) -> dict[str, Any]:
-    from .experiment import load_learner, meta_test, save_result
+    from .episodic import load_learner, meta_test, save_result
 
     if run.command == "transfer":  # tested on its target's test images when it finished
         return json.loads((folder / "test.json").read_text())
@@ -203,8 +203,8 @@ def _test(run: Run, folder: Path, shot: int, episodes: int) -> dict[str, Any]:
 
 
 def _fractions(folder: Path) -> dict[str, float]:
-    from .experiment import load_learner
-    from .inner.mask import SubspaceMask
+    from ..inner.mask import SubspaceMask
+    from .episodic import load_learner
 
     _, learner = load_learner(folder)
     masks = [m for m in learner.modules() if isinstance(m, SubspaceMask)]
@@ -290,7 +290,7 @@ def _seed_table(experiment: Experiment, statuses: dict[str, str], results: dict,
     same test images) and over seeds."""
     import torch
 
-    from .evaluate.stats import paired_difference
+    from ..evaluate.stats import paired_difference
 
     schedule = f"{iterations} training steps per run (reduced)" if iterations else "the presets' schedules"
     first = next(r for r in experiment.runs if r.command == "transfer" and r.stage > 0)
@@ -348,7 +348,7 @@ def _fraction_table(stats: dict[str, tuple[int, dict[str, tuple[float, float]]]]
 
 
 def _plot_fractions(stats: dict[str, tuple[int, dict[str, tuple[float, float]]]], path: Path) -> Path | None:
-    from .viz.backend import pyplot
+    from ..viz.backend import pyplot
 
     try:
         plt = pyplot()

@@ -1,0 +1,78 @@
+"""One way to create every backbone: ``create_model(name, num_outputs, ...)`` (a registry like timm's).
+
+A backbone module registers each of its variants with :func:`register_backbone`: a constructor
+``make(num_outputs, in_channels, image_size, perturbation, **options)`` and the options that turn it
+into its *ordinarily trained* form (``standard``: batch norm with running statistics, He init for
+the episodic conv nets; nothing for the ResNets, which are always that). A new backbone is one file
+plus its registrations. Every backbone takes a perturbation factory that fills a slot in each of
+its blocks (``metareg.nets.slots``), names its blocks' slots in ``perturbation_points`` (where
+:func:`metareg.perturb.attach` can hook in instead) and its layer groups in ``layer_groups()``
+(``head``, ``first-block``, ``last-block``: for :mod:`metareg.selection`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from .slots import PerturbationFactory, identity_factory
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    make: Callable[..., nn.Module]
+    standard: dict[str, Any] = field(default_factory=dict)  # options of its ordinarily trained form
+    description: str = ""
+
+
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def register_backbone(name: str, make: Callable[..., nn.Module], *, standard: dict[str, Any] | None = None, description: str = "") -> None:
+    if name in _BACKBONES:
+        raise ValueError(f"backbone {name!r} registered twice")
+    _BACKBONES[name] = Backbone(name, make, dict(standard or {}), description)
+
+
+def available() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def get_backbone(name: str) -> Backbone:
+    if name not in _BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}; available: {', '.join(available())}")
+    return _BACKBONES[name]
+
+
+def create_model(
+    name: str,
+    num_outputs: int,
+    *,
+    in_channels: int = 1,
+    image_size: int = 28,
+    perturbation: PerturbationFactory = identity_factory,
+    standard: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Build backbone ``name`` with ``perturbation`` in its slots. ``standard=True``: its ordinarily
+    trained form (running batch-norm statistics...), the options given still win. ``options`` go to
+    its constructor (``channels``, ``strided``, ``pool``, ``running_stats``, ``init`` for the conv
+    nets; ``hidden`` for the MLP; ``blocks``, ``widths``, ``stem``, ``shortcut`` for the ResNets;
+    ``depth``, ``widen`` for the WRN)."""
+    backbone = get_backbone(name)
+    options = (backbone.standard if standard else {}) | options
+    if "hidden" in options:
+        options["hidden"] = tuple(options["hidden"])
+    try:
+        model = backbone.make(num_outputs, in_channels, image_size, perturbation, **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bad options for backbone {name!r}: {err}") from None
+    shared = getattr(perturbation, "shared", None)
+    if shared is not None:  # one function shared by every slot (MetaPerturb's phi): owned by the network
+        model.perturbation_function = shared
+    return model

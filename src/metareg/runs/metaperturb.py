@@ -1,0 +1,87 @@
+"""MetaPerturb meta-training runs (``metareg perturb meta-train``, Algorithm 1): split a source data
+set class-wise into T tasks and meta-train the perturbation phi jointly over T task networks, in
+one process or in several started by torchrun; a MetaPerturb run writes ``phi.json`` +
+``phi.safetensors`` (the 82 parameters with their provenance) into its folder. Any perturbation
+with parameters can be meta-trained this way (``perturb.name``; e.g. Meta-Dropout's noise
+generators), the run's checkpoint then holds it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..config import MetaTrainConfig
+from ..data.labeled import LabeledImages, choose_classes, class_tasks, keep_classes, take_per_class
+from ..meta import distributed
+from ..meta.joint import JointLearner
+from ..meta.joint_trainer import JointTrainer
+from ..perturb.pretrained import save_phi
+from ..seeds import derive_seed
+from .common import IMAGE_CHANNELS, build_network, dtype_of, prepare_run_folder, resolve_device, resolve_strategy
+from .transfer import load_images, perturbation_factory
+
+
+def source_tasks(config: MetaTrainConfig) -> list[tuple[LabeledImages, LabeledImages]]:
+    """The T class-disjoint source tasks (D_t^tr, D_t^te) of a meta-training config."""
+    d = config.data
+    source = load_images(d, d.train_split)
+    if d.classes:
+        source = keep_classes(source, choose_classes(source, d.classes, d.seed))
+    if d.train_per_class:
+        source = take_per_class(source, d.train_per_class, d.seed)
+    return class_tasks(source, config.tasks, seed=d.seed, train_fraction=config.train_fraction)
+
+
+def provenance(config: Any, seconds: float, processes: int = 1) -> dict[str, Any]:
+    """How a stored artefact was made: the config, the command line, the version, the time."""
+    return {"config": config.to_dict(), "command": " ".join(["metareg", *sys.argv[1:]]) if sys.argv else "", "metareg": __version__,
+            "processes": processes, "training_seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def meta_train(config: MetaTrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> JointTrainer:
+    """Meta-train phi (Algorithm 1) into run folder ``out``; under torchrun each process trains its
+    share of the tasks. Returns the trainer (``learner.phi_state()`` is the result)."""
+    out = Path(out)
+    world = distributed.setup(resolve_device(config.device))
+    try:
+        prepare_run_folder(out, resume, config, world.is_main)
+        dtype = dtype_of(config)
+        tasks = source_tasks(config)
+        share = world.share(config.tasks)
+        classes = [tasks[t][0].num_classes for t in share]
+        widest = max(train.num_classes for train, _ in tasks)
+        size = config.data.image_size
+
+        torch.manual_seed(derive_seed(config.seed, 12))  # phi's init (MetaPerturb's function is made with the factory)
+        factory = perturbation_factory(config.perturb)
+
+        def build(t: int) -> torch.nn.Module:
+            torch.manual_seed(derive_seed(config.seed, t, 11))  # theta_t's init depends on t only, not on the process
+            return build_network(config.model.backbone, widest, size, config.model.options, factory)
+
+        strategy = resolve_strategy(config.strategy, world.device, config.model.backbone)
+        learner = JointLearner(build, share, config.tasks, input_shape=(IMAGE_CHANNELS, size, size), strategy=strategy,
+                               classes=classes).to(world.device, dtype)
+        world.broadcast(learner.phi_parameters())
+        o = config.optim
+        trainer = JointTrainer(learner, [tasks[t] for t in share], world=world, out=out, steps=o.steps, batch_size=o.batch_size, lr=o.lr,
+                               weight_decay=o.weight_decay, augment=o.augment, seed=config.seed, dtype=dtype,
+                               channels=IMAGE_CHANNELS, log_every=o.log_every, checkpoint_every=o.checkpoint_every,
+                               meta={"config": config.to_dict(), "kind": "meta-train"}, progress=progress)
+        if resume:
+            trainer.resume()
+        trainer.run(resume_log=resume)
+        if world.is_main and config.perturb.name == "metaperturb":
+            source = {"data": config.data.name, "split": config.data.train_split, "image_size": size, "tasks": config.tasks,
+                      "classes": sum(t[0].num_classes for t in tasks), "train_images": sum(len(t[0]) for t in tasks)}
+            save_phi(out, learner.networks[0].perturbation_function, {"source": source, "backbone": config.model.backbone,
+                                                                      "steps": trainer.step} | provenance(config, trainer.seconds, world.size))
+        return trainer
+    finally:
+        distributed.teardown(world)
