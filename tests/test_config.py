@@ -5,8 +5,8 @@ import json
 import pytest
 
 from metareg.config import Config, parse_assignment
-from metareg.runs.common import SCHEMAS, resolve
 from metareg.errors import ConfigError
+from metareg.runs.common import SCHEMAS, resolve
 from metareg.runs.presets import PRESETS
 
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import learner_for, random_regression_batch
 from torch.func import functional_call
 
-from helpers import learner_for, random_regression_batch
 from metareg.inner import DropGrad, SubspaceMask, build_inner_rule
 from metareg.meta import BilevelLearner
 from metareg.nets import MLP

@@ -14,7 +14,13 @@ from torch import nn
 from metareg.errors import CheckpointError, ConfigError
 from metareg.meta.joint import JointLearner
 from metareg.nets import create_model
-from metareg.perturb import MetaPerturb, MetaPerturbFunction, attach_metaperturb, metaperturb_slots, set_strength
+from metareg.perturb import (
+    MetaPerturb,
+    MetaPerturbFunction,
+    attach_metaperturb,
+    metaperturb_slots,
+    set_strength,
+)
 from metareg.perturb.pretrained import load_phi, phi_info, save_phi
 
 

@@ -14,18 +14,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_cli import assert_one_line_error, run
 
 from metareg.config import MetaTrainConfig, TransferConfig, parse_assignment
-from metareg.runs.common import resolve
 from metareg.data import class_tasks, load_labeled, split_per_class
 from metareg.errors import ConfigError, DataError
 from metareg.meta.distributed import World
 from metareg.meta.joint_trainer import JointTrainer
-from metareg.runs.transfer import TransferTrainer, predict
 from metareg.perturb.pretrained import save_phi
+from metareg.runs.common import resolve
 from metareg.runs.metaperturb import meta_train
-from metareg.runs.transfer import transfer
-from test_cli import assert_one_line_error, run
+from metareg.runs.transfer import TransferTrainer, predict, transfer
 
 TINY_META = ["data.options.num_classes=20", "data.classes=20", "data.image_size=16", "optim.batch_size=4", "optim.steps=4",
              "optim.checkpoint_every=2", "optim.log_every=1", "model.options.channels=8", "tasks=4"]

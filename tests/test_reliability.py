@@ -17,11 +17,11 @@ from test_training import TINY, final_params, tiny
 from metareg import cli, files
 from metareg.checkpoint import load_checkpoint, save_checkpoint
 from metareg.config import parse_assignment
-from metareg.runs.common import resolve
 from metareg.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from metareg.evaluate import mean_ci, paired_difference
-from metareg.runs.episodic import load_learner, meta_test, train
 from metareg.progress import Progress
+from metareg.runs.common import resolve
+from metareg.runs.episodic import load_learner, meta_test, train
 
 TINY_FLAGS = sum((["--set", s] for s in TINY), [])
 

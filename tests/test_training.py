@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from metareg.checkpoint import load_checkpoint
 from metareg.config import parse_assignment
-from metareg.runs.common import resolve
 from metareg.errors import CheckpointError, ConfigError, DivergenceError
+from metareg.runs.common import resolve
 from metareg.runs.episodic import load_learner, meta_test, train
 
 TINY = [

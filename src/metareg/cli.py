@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ def _config_flags(p: argparse.ArgumentParser, *, resume: bool = False) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+        p.add_argument("--time-budget", type=POSITIVE, metavar="SECONDS",
+                       help="stop at the first step after SECONDS of wall-clock time, with a checkpoint; --resume continues exactly")
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
@@ -55,7 +58,17 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shot", type=POSITIVE, help="shots per class at meta-test time (default: the training shots)")
     p.add_argument("--test-seed", type=NONNEGATIVE, help="seed of the test episode stream (default: the config's eval.seed)")
     p.add_argument("--mc-samples", type=POSITIVE, help="noise samples per inner step at meta-test time (default: the config's inner.eval_mc_samples)")
-    p.add_argument("--fgsm", type=float, metavar="EPS", help="score on FGSM-attacked query images of size EPS (test and compare)")
+    _attack_flags(p)
+    p.add_argument("--fgsm", type=float, metavar="EPS", help="short for --attack fgsm --epsilon EPS")
+
+
+def _attack_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attack", choices=["fgsm", "pgd-linf", "pgd-l2", "pgd-l1"],
+                   help="score on attacked query (or test) images: FGSM, or PGD in an L-infinity, L2 or L1 ball")
+    p.add_argument("--epsilon", type=float, help="the attack's size (the ball's radius; images are in [0, 1])")
+    p.add_argument("--attack-steps", type=POSITIVE, default=10, help="PGD steps (default 10; step size 2.5 epsilon / steps)")
+    p.add_argument("--eot", type=POSITIVE, default=1, metavar="M",
+                   help="Expectation over Transformation: each step's gradient averaged over M draws of a stochastic model's noise")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-test", action="store_true", help="skip the meta-test after training")
 
     p = sub.add_parser("test", help="meta-test a checkpoint: score +- 95%% CI over fixed episodes")
-    p.add_argument("--checkpoint", required=True, help="run folder or its checkpoint.json")
+    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoint.json, or builtin:NAME (see `metareg checkpoints`)")
     p.add_argument("--data-root", help="folder holding the data set")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out", help="where to write the per-episode results (default <run>/test.json)")
@@ -86,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_flags(p)
 
     sub.add_parser("presets", help="list the named presets and the paper rows they reproduce")
+
+    p = sub.add_parser("checkpoints", help="list the meta-trained checkpoints that ship with metareg (test them with "
+                       "`metareg test --checkpoint builtin:NAME`)")
+    p.add_argument("--pack", metavar="RUN", help="maintainers: ship the tested run RUN as a built-in checkpoint")
+    p.add_argument("--name", help="with --pack: its name")
+    p.add_argument("--command", dest="train_command", help="with --pack: the command that trained it (default: the one it recorded)")
+    p.add_argument("--machine", default="", help="with --pack: where it was trained (e.g. '2 CPU cores' or the GPU's name)")
+    p.add_argument("--note", default="", help="with --pack: what a user must know (e.g. 'CPU budget: 800 of 60000 iterations')")
 
     p = sub.add_parser("download", help="download a data set's official archives (checksums verified)")
     p.add_argument("dataset", choices=["omniglot"])
@@ -112,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--phi", help="'builtin' (default), a meta-train run folder, or its phi.json")
             a.add_argument("--init-from", help="fine-tune: a transfer run of the same backbone whose convolutions start this one")
             a.add_argument("--mc-samples", type=POSITIVE, help="Monte-Carlo samples of the final test predictions (default 100)")
+            a.add_argument("--select", action="store_const", const=True,
+                           help="first choose the perturbation's hyperparameters on a validation split of the training images")
+            a.add_argument("--against-base", action="store_const", const=True,
+                           help="also train the Base network (same data, seed, test images) into OUT-base and print the paired difference "
+                                "(on by default in the quickstart)")
         else:
             a.add_argument("--tasks", type=POSITIVE, help="number of source tasks T (default 10)")
     a = actions.add_parser("info", help="the provenance of a stored phi (source data, backbone, command)")
@@ -120,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="plots: `curves RUN [RUN ...]` (learning curves from log.csv), `features RUN` (a "
                        "layer's activations and perturbed activations), `boundary RUN` (a task's decision boundary), "
                        "`scales RUN [RUN ...]` (MetaPerturb's learned scale s per block and channel), `reliability RUN [RUN ...]` "
-                       "(calibration of transfer runs)")
-    p.add_argument("kind", choices=["curves", "features", "boundary", "scales", "reliability"])
+                       "(calibration of episodic or transfer runs), `robustness RUN [RUN ...] --attack A --epsilons E ...` (robust accuracy "
+                       "against the attack's size)")
+    p.add_argument("kind", choices=["curves", "features", "boundary", "scales", "reliability", "robustness"])
     p.add_argument("runs", nargs="+", help="run folders (or log.csv files); features and boundary take one run")
     p.add_argument("--out", help="PNG to write (default <kind>.png)")
     p.add_argument("--episode", type=NONNEGATIVE, default=0, help="features/boundary: which episode of the fixed test stream (default 0)")
@@ -129,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", type=NONNEGATIVE, help="features: the channel (default: the most active one)")
     p.add_argument("--samples", type=POSITIVE, default=4, help="features/boundary: noise draws to show (default 4)")
     p.add_argument("--classes", type=NONNEGATIVE, nargs=2, default=(0, 1), help="boundary: the two classes (default 0 1)")
+    _attack_flags(p)
+    p.add_argument("--epsilons", type=float, nargs="+", help="robustness: the attack sizes (default 0 and 4 sizes up to --epsilon)")
+    p.add_argument("--episodes", type=POSITIVE, default=200, help="robustness: test episodes of episodic runs (default 200)")
+    p.add_argument("--mc-samples", type=POSITIVE, help="robustness: MC samples of a transfer run's predictions (default: its own)")
 
     p = sub.add_parser("reproduce", help="run a paper's table or figure as a resumable grid of runs")
     p.add_argument("experiment", nargs="?", help="experiment name (omit to list them)")
@@ -136,15 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=POSITIVE, help="meta-iterations per run (default: the presets' full schedule)")
     p.add_argument("--episodes", type=POSITIVE, default=1000, help="test tasks per number (default 1000)")
     p.add_argument("--jobs", type=POSITIVE, default=2, help="runs trained at once, one thread each (default 2)")
+    p.add_argument("--time-budget", type=POSITIVE, metavar="SECONDS",
+                   help="stop the grid after SECONDS (runs checkpoint and stop; running it again continues)")
+    p.add_argument("--plan", action="store_true", help="print each run's progress, speed and time left, and how to continue; run nothing")
 
     p = sub.add_parser("bench", help="meta-training speed against a plain per-task reference loop")
     p.add_argument("--iterations", type=POSITIVE, default=3, help="timed meta-iterations per implementation")
-    p.add_argument("--way", type=POSITIVE, default=20)
-    p.add_argument("--shot", type=POSITIVE, default=1)
-    p.add_argument("--query", type=POSITIVE, default=15)
+    p.add_argument("--shape", choices=["omniglot-20w1s", "miniimagenet-5w1s"],
+                   help="the presets' task shape (default omniglot-20w1s; on CUDA both unless one is named)")
+    p.add_argument("--way", type=POSITIVE, help="override the shape's classes per task")
+    p.add_argument("--shot", type=POSITIVE)
+    p.add_argument("--query", type=POSITIVE)
+    p.add_argument("--channels", type=POSITIVE, help="Conv4 width")
+    p.add_argument("--image-size", type=POSITIVE, help="image side (default: the shape's; joint: 32)")
+    p.add_argument("--in-channels", type=POSITIVE)
     p.add_argument("--meta-batch", type=POSITIVE, default=4)
     p.add_argument("--steps", type=POSITIVE, default=5)
-    p.add_argument("--channels", type=POSITIVE, default=64)
+    p.add_argument("--mc", type=NONNEGATIVE, default=0, metavar="S",
+                   help="also time Meta-Dropout's meta-test with S noise samples per inner step, sequential and batched")
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-check", action="store_true", help="skip the float64 meta-gradient comparison")
     p.add_argument("--scheme", choices=["bilevel", "joint"], default="bilevel",
@@ -152,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="resnet20", help="joint: the task networks' backbone")
     p.add_argument("--tasks", type=POSITIVE, default=10, help="joint: number of task networks")
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="joint: images per task and pass")
-    p.add_argument("--image-size", type=POSITIVE, default=32, help="joint: image side")
     p.add_argument("--profile", action="store_true", help="print the engine's operator profile")
     return parser
 
@@ -213,6 +252,14 @@ def _report(label: str, result: Any) -> None:
     regression = _is_regression(result.protocol)
     metric = "MSE" if regression else "accuracy"
     print(f"{label} {metric}: {_format(result.estimate, regression)} (mean +- 95% CI; {_describe(result.protocol)})")
+    if result.calibration:
+        print(f"{label} calibration: NLL {result.calibration['nll']:.4f}, ECE {result.calibration['ece']:.4f} (15 bins, over all query predictions)")
+
+
+def _stopped(args: argparse.Namespace, command: str, out: Path, step: int, total: int) -> None:
+    """The one line of a run that stopped at its time budget: how far it got and how to go on."""
+    print(f"time budget of {args.time_budget} s reached: stopped at step {step} of {total} with a checkpoint; continue with: "
+          f"{command} --out {out} --resume --time-budget {args.time_budget}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -221,7 +268,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = _run_config(args, "bilevel")
     out = Path(args.out or f"runs/{config.preset or config.data.name}")
     print(f"run folder: {out}", file=sys.stderr)
-    trainer = train(config, out, resume=args.resume, progress=not args.no_progress)
+    trainer = train(config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline)
+    if not trainer.finished:
+        return _stopped(args, "metareg train", out, trainer.step, config.train.iterations)
     print(f"meta-trained {trainer.step} iterations in {trainer.seconds:.0f} s; checkpoint {out / 'checkpoint.json'}")
     if not args.no_test:
         result = meta_test(config, trainer.learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot,
@@ -235,9 +284,11 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
     (on ``protocol_config``'s episodes if given)."""
     from .config import validate
     from .evaluate import EvalResult
+    from .runs import builtin
     from .runs.common import read_run
     from .runs.episodic import load_learner, meta_test
 
+    path = str(builtin.resolve(path))
     p = Path(path)
     config = None
     if not (p.is_file() and p.name != "checkpoint.json" and p.suffix == ".json"):
@@ -271,18 +322,31 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
 
 def _attack(args: argparse.Namespace) -> Any:
     """The query-set attack the flags ask for, or None."""
-    if getattr(args, "fgsm", None) is None:
-        return None
-    from .evaluate.adversarial import FGSM
+    from .evaluate.adversarial import QueryAttack, make_attack
 
-    return FGSM(args.fgsm)
+    name, epsilon = getattr(args, "attack", None), getattr(args, "epsilon", None)
+    if getattr(args, "fgsm", None) is not None:
+        name, epsilon = "fgsm", args.fgsm
+    if name is None:
+        if epsilon is not None:
+            raise ConfigError("--epsilon needs --attack")
+        return None
+    if epsilon is None:
+        raise ConfigError(f"--attack {name} needs --epsilon, the attack's size")
+    return QueryAttack(make_attack(name, epsilon, steps=args.attack_steps, draws=args.eot))
 
 
 def cmd_test(args: argparse.Namespace) -> None:
+    from .runs import builtin
     from .runs.episodic import save_result
 
     result, _ = _model_result(args.checkpoint, args)
-    target = Path(args.out) if args.out else (Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent) / "test.json"
+    if args.out:
+        target = Path(args.out)
+    elif builtin.is_builtin(args.checkpoint):  # the package folder is not the user's: write here
+        target = Path(f"test-{args.checkpoint[len(builtin.PREFIX):]}.json")
+    else:
+        target = (Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent) / "test.json"
     save_result(result, target)
     _report("test", result)
     print(f"per-episode scores written to {target}")
@@ -300,6 +364,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
     d = summary["difference"]
     verdict = "no significant difference" if abs(d.mean) <= d.ci95 else ("A is better" if (d.mean > 0) != regression else "B is better")
     print(f"A - B (paired over the same {d.n} {_unit(a.protocol)}): {_format(d, regression)} -> {verdict}")
+    if a.calibration and b.calibration:
+        line = f"NLL A {a.calibration['nll']:.4f} / B {b.calibration['nll']:.4f}, ECE A {a.calibration['ece']:.4f} / B {b.calibration['ece']:.4f}"
+        if "episode_nll" in a.calibration and "episode_nll" in b.calibration:
+            from .evaluate import paired_difference
+
+            line += f"; NLL A - B (paired): {paired_difference(a.calibration['episode_nll'], b.calibration['episode_nll']).format(1, 4)}"
+        print(line)
     print(f"{_unit(a.protocol)}: {_describe(a.protocol)}")
 
 
@@ -310,6 +381,29 @@ def cmd_presets(args: argparse.Namespace) -> None:  # noqa: ARG001
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
         print(f"{name:<{width}}  {preset.description}\n{'':<{width}}  run with `{RUNNERS[preset.kind]}`; reproduces: {preset.paper}")
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> None:
+    from .checkpoint import read_checkpoint_meta
+    from .runs import builtin
+
+    if args.pack:
+        if not args.name:
+            raise ConfigError("--pack needs --name, the built-in checkpoint's name")
+        command = args.train_command or read_checkpoint_meta(args.pack)[1].get("command") or ""
+        print(f"shipped as {builtin.pack(args.pack, args.name, command=command, machine=args.machine, note=args.note)}")
+        return
+    names = builtin.available()
+    if not names:
+        print("no built-in checkpoints ship with this metareg")
+    for name in names:
+        r = builtin.provenance(name)
+        t = r["test"]
+        scale = 100 if t["protocol"].get("way") else 1
+        print(f"builtin:{name}  ({r['preset']}, {r['iterations']} meta-iterations, {r['training_seconds'] / 60:.0f} min on {r['machine']})\n"
+              f"  test: {t['mean'] * scale:.2f} +- {t['ci95'] * scale:.2f} over {t['episodes']} episodes (seed {t['protocol'].get('seed')}, "
+              f"S = {t['protocol'].get('mc_samples')})\n  made by: {r['command']}\n  at git revision {r['git_revision']}"
+              + (f"\n  note: {r['note']}" if r.get("note") else ""))
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -340,6 +434,21 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
         print(f"wrote {plot_reliability(args.runs, out)}")
         return
+    if args.kind == "robustness":
+        from .runs.robustness import robust_accuracy
+        from .viz.robustness import plot_robustness
+
+        if not args.attack or not (args.epsilons or args.epsilon):
+            raise ConfigError("plot robustness needs --attack and --epsilons (or --epsilon, the largest size)")
+        epsilons = args.epsilons or [args.epsilon * k / 4 for k in range(5)]
+        curves = {}
+        for run in args.runs:
+            accuracies = [robust_accuracy(run, args.attack, e, episodes=args.episodes, steps=args.attack_steps, draws=args.eot,
+                                          mc_samples=args.mc_samples, progress=not args.no_progress) for e in epsilons]
+            curves[Path(run).name] = (epsilons, accuracies)
+            print(f"{run}: " + ", ".join(f"eps {e:g}: {100 * a:.2f} %" for e, a in zip(epsilons, accuracies)))
+        print(f"wrote {plot_robustness(curves, args.attack, out)}")
+        return
     if len(args.runs) != 1:
         raise ConfigError(f"plot {args.kind} takes one run folder, got {len(args.runs)}")
     from .runs.task_view import adapted_task
@@ -368,19 +477,39 @@ def cmd_perturb(args: argparse.Namespace) -> None:
     config = _run_config(args, args.action)
     if args.action == "meta-train":
         out = Path(args.out or f"runs/{config.preset or 'perturb-' + config.data.name}")
-        trainer = meta_train(config, out, resume=args.resume, progress=not args.no_progress)
+        trainer = meta_train(config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline)
+        if trainer.world.is_main and not trainer.finished:
+            return _stopped(args, "metareg perturb meta-train", out, trainer.step, config.optim.steps)
         if trainer.world.is_main:
             made = f"{out / 'phi.json'} (use it with: metareg perturb transfer --phi {out})" if config.perturb.name == "metaperturb" \
                 else f"{out / 'checkpoint.json'}"
             print(f"meta-trained {config.perturb.name} for {trainer.step} steps in {trainer.seconds:.0f} s; {made}")
         return
     out = Path(args.out or f"runs/{config.preset or 'transfer-' + config.data.name}")
-    record = transfer(config, out, resume=args.resume, progress=not args.no_progress)
+    record = transfer(config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline)
+    if record is None:
+        from .checkpoint import read_checkpoint_meta
+
+        return _stopped(args, "metareg perturb transfer", out, read_checkpoint_meta(out)[1]["step"], config.optim.steps)
     what = {"metaperturb": "MetaPerturb", "none": "no perturbation"}.get(config.perturb.name, config.perturb.name) \
         + (" + fine-tuning" if config.init_from else "")
-    print(f"test accuracy: {100 * record['mean']:.2f} +- {100 * record['ci95']:.2f} % (mean +- 95% CI over {record['episodes']} test images; "
-          f"{config.model.backbone}, {what}, {record['protocol']['mc_samples']} MC samples); NLL {record['nll']:.3f}, ECE {record['ece']:.3f}")
+
+    def line(label: str, r: dict, name: str) -> str:
+        return (f"{label}: {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} % (mean +- 95% CI over {r['episodes']} test images; "
+                f"{config.model.backbone}, {name}, {r['protocol']['mc_samples']} MC samples); NLL {r['nll']:.3f}, ECE {r['ece']:.3f}"
+                + (f", final training accuracy {100 * r['final_train_accuracy']:.1f} %" if r.get("final_train_accuracy") is not None else ""))
+
+    print(line("test accuracy", record, what))
     print(f"written to {out / 'test.json'}")
+    if "base" in record:
+        from .runs.transfer import base_run
+
+        d = record["difference"]
+        verdict = "no significant difference" if abs(d["mean"]) <= d["ci95"] else ("it helps" if d["mean"] > 0 else "it hurts")
+        print(line("Base (no perturbation)", record["base"], "no perturbation"))
+        print(f"written to {base_run(out) / 'test.json'}")
+        print(f"{what} - Base (paired over the same {d['n']} test images): {100 * d['mean']:+.2f} +- {100 * d['ci95']:.2f} points -> "
+              f"{verdict} here (`metareg compare {out} {base_run(out)}` gives the same)")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -388,10 +517,15 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
     if not args.experiment:
         for name, e in EXPERIMENTS.items():
-            print(f"{name:<20} {e.source}: {len(e.runs)} runs")
+            print(f"{name:<24} {e.source}: {len(e.runs)} runs")
+        return
+    if args.plan:
+        from .runs.reproduce import plan
+
+        print(plan(args.experiment, args.out or f"runs/{args.experiment}"))
         return
     path = run_experiment(args.experiment, args.out or f"runs/{args.experiment}", iterations=args.iterations,
-                          episodes=args.episodes, jobs=args.jobs, progress=not args.no_progress)
+                          episodes=args.episodes, jobs=args.jobs, progress=not args.no_progress, deadline=args.deadline)
     print(path.read_text())
     print(f"written to {path}")
 
@@ -402,12 +536,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(args)
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "compare": cmd_compare, "presets": cmd_presets, "download": cmd_download, "bench": cmd_bench,
+COMMANDS = {"train": cmd_train, "test": cmd_test, "compare": cmd_compare, "presets": cmd_presets, "checkpoints": cmd_checkpoints,
+            "download": cmd_download, "bench": cmd_bench,
             "reproduce": cmd_reproduce, "plot": cmd_plot, "perturb": cmd_perturb}
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     args = build_parser().parse_args(argv)
+    budget = getattr(args, "time_budget", None)
+    args.deadline = started + budget if budget else None  # the budget counts from the command's start
     if args.command in ("train", "test", "compare", "perturb"):
         from .runtime import keep_freed_memory
 

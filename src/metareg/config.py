@@ -63,6 +63,7 @@ class InnerConfig:
     transforms: list[dict[str, Any]] = field(default_factory=list)  # gradient transforms before the step
     mc_samples: int = 1  # Monte-Carlo samples of the perturbation per inner step (meta-training)
     eval_mc_samples: int = 1  # ... at meta-test time
+    mc_batch: str = "auto"  # batched: the S samples in one pass (per-copy batch norm); sequential; auto: batched on CUDA
 
 
 @dataclass
@@ -76,6 +77,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     strategy: str = "auto"  # loop | vmap | auto (loop on CPU, vmap on CUDA)
+    cuda_graph: bool = True  # on CUDA, capture the whole meta-training step as a graph (eager where impossible)
 
 
 @dataclass
@@ -191,6 +193,8 @@ class TransferConfig(_RunConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     perturb: TransferPerturbConfig = field(default_factory=TransferPerturbConfig)
     init_from: str | None = None  # fine-tuning: a transfer run (same backbone) whose convolutions start this one
+    select: bool = False  # choose the perturbation's hyperparameters on a validation split of the training images first
+    against_base: bool = False  # also train the Base network (no perturbation; same data, seed, test images) into <out>-base
     eval_every: int | None = None  # test accuracy every N steps during training (with eval_mc_samples)
     eval_mc_samples: int = 5
     seed: int = 0
@@ -395,6 +399,8 @@ def validate(config: Any) -> None:
         raise ConfigError(f"train.iterations must be >= 0, got {config.train.iterations}")
     if config.train.strategy not in ("auto", "loop", "vmap"):
         raise ConfigError(f"train.strategy must be auto, loop or vmap, got {config.train.strategy!r}")
+    if config.inner.mc_batch not in ("auto", "batched", "sequential"):
+        raise ConfigError(f"inner.mc_batch must be auto, batched or sequential, got {config.inner.mc_batch!r}")
     if config.dtype not in ("float32", "float64"):
         raise ConfigError(f"dtype must be float32 or float64, got {config.dtype!r}")
     if config.inner.lr <= 0 or config.train.meta_lr <= 0:

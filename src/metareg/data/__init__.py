@@ -13,7 +13,13 @@ from metareg.data import glyphs, miniimagenet, omniglot, regression, targets  # 
 from metareg.data.cache import cache_dir
 from metareg.data.classes import ClassImages, EpisodeSampler
 from metareg.data.download import OMNIGLOT_URL, download_omniglot
-from metareg.data.episodic import EpisodicDataset, build_task_source, episodic_datasets, get_episodic, register_episodic
+from metareg.data.episodic import (
+    EpisodicDataset,
+    build_task_source,
+    episodic_datasets,
+    get_episodic,
+    register_episodic,
+)
 from metareg.data.glyphs import GLYPH_SPLITS, load_glyphs
 from metareg.data.labeled import (
     LabeledImages,

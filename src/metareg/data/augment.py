@@ -46,7 +46,9 @@ def random_crop_flip(images: Tensor, padding: int, flip: bool, g: torch.Generato
 
 
 def normalize(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """uint8 [0, 255] -> [-1, 1]."""
+    """uint8 [0, 255] (or floating-point pixels in [0, 1], e.g. attacked images) -> [-1, 1]."""
+    if images.is_floating_point():
+        return images.to(dtype) * 2.0 - 1.0
     return images.to(dtype) / 127.5 - 1.0
 
 

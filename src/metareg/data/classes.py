@@ -10,6 +10,7 @@ rotated classes cost no memory: the few images of an episode are rotated when th
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -152,6 +153,11 @@ class EpisodeSampler:
     generator state gives the same batch. The Python work per call is a handful of tensor ops
     (independent of ``way``, ``shot`` and the number of tasks); images are gathered in one indexing
     op and only the sampled images of rotated classes are rotated.
+
+    On a GPU, :meth:`to` moves the images there once (``uint8``, a few tens of MB): the episode's
+    indices are still drawn on the CPU from the same generator (the same episodes for a seed on
+    every device), only they cross to the device, and the gather, rotation and conversion to float
+    run there, with no host synchronization.
     """
 
     is_classification = True
@@ -173,6 +179,15 @@ class EpisodeSampler:
                 f"shot+query={shot}+{query}={shot + query} is impossible (use shot+query <= {size})"
             )
         self.classes = classes
+        self.images = classes.images  # where the gather happens (see :meth:`to`)
+        self.rotated = bool((classes.rotations != 0).any())
+        self.square = classes.image_shape[-1] == classes.image_shape[-2]
+
+    def to(self, device: torch.device | str) -> "EpisodeSampler":
+        """The same sampler with its images on ``device`` (the index tables stay on the CPU)."""
+        moved = copy.copy(self)
+        moved.images = self.images.to(device)
+        return moved
 
     def __repr__(self) -> str:
         c = self.classes
@@ -183,9 +198,14 @@ class EpisodeSampler:
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
         """``num_tasks`` episodes stacked: ``support_x [B, way*shot, C, H, W]``, ``support_y [B, way*shot]``."""
+        return self.gather(*self.draw(num_tasks, generator))
+
+    def draw(self, num_tasks: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The random part of :meth:`sample`, on the CPU: the image rows ``[B, way, n]`` of the
+        episodes (class-major, label = position) and each image's quarter turns ``[B*way*n]``."""
         c = self.classes
         b = _positive_int(num_tasks, "num_tasks", f"{c.dataset} {c.split} split")
-        way, shot, n = self.way, self.shot, self.shot + self.query
+        way, n = self.way, self.shot + self.query
 
         # Classes: the `way` largest of N iid uniform keys form a uniform random subset, already
         # in uniformly random order; position in that order is the label.
@@ -198,18 +218,28 @@ class EpisodeSampler:
         keys.masked_fill_(torch.arange(keys.shape[-1]) >= sizes.unsqueeze(-1), 2.0)
         slots = keys.topk(n, dim=-1, largest=False).indices  # [B, way, n]
         rows = c.index_table[chosen.unsqueeze(-1), slots]  # [B, way, n]
+        turns = c.rotations[chosen].unsqueeze(-1).expand(b, way, n).reshape(-1)
+        return rows, turns
 
-        x = c.images[rows.reshape(-1)]  # [B*way*n, C, H, W] uint8, one gather
-        k = c.rotations[chosen].unsqueeze(-1).expand(b, way, n).reshape(-1)
-        for quarter_turns in (1, 2, 3):
-            mask = k == quarter_turns
-            if bool(mask.any()):
-                x[mask] = torch.rot90(x[mask], quarter_turns, dims=(-2, -1))
+    def gather(self, rows: Tensor, turns: Tensor) -> TaskBatch:
+        """The episodes of :meth:`draw`'s indices, gathered where the images are. Fixed shapes and no
+        data-dependent control flow: on a GPU this runs without host synchronization and can be
+        captured in a CUDA graph (with ``rows`` and ``turns`` in static device buffers)."""
+        c = self.classes
+        b, way, n = rows.shape
+        device = self.images.device
+        x = self.images[rows.reshape(-1).to(device, non_blocking=True)]  # [B*way*n, C, H, W] uint8, one gather
+        if self.rotated:  # Omniglot's rotated classes: every image turned by its class's quarter turns
+            turns = turns.to(device, non_blocking=True).view(-1, 1, 1, 1)
+            x = torch.where(turns == 1, torch.rot90(x, 1, dims=(-2, -1)), x.clone()) if self.square else x
+            x = torch.where(turns == 2, torch.rot90(x, 2, dims=(-2, -1)), x)
+            x = torch.where(turns == 3, torch.rot90(x, 3, dims=(-2, -1)), x) if self.square else x
         x = x.to(torch.float32).div_(255.0).reshape(b, way, n, *c.image_shape)
 
-        labels = torch.arange(way)
+        shot, query = self.shot, self.query
+        labels = torch.arange(way, device=device)
         support_x = x[:, :, :shot].reshape(b, way * shot, *c.image_shape)
-        query_x = x[:, :, shot:].reshape(b, way * self.query, *c.image_shape)
+        query_x = x[:, :, shot:].reshape(b, way * query, *c.image_shape)
         support_y = labels.repeat_interleave(shot).expand(b, -1).contiguous()
-        query_y = labels.repeat_interleave(self.query).expand(b, -1).contiguous()
+        query_y = labels.repeat_interleave(query).expand(b, -1).contiguous()
         return TaskBatch(support_x, support_y, query_x, query_y)

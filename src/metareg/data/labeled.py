@@ -131,6 +131,21 @@ def split_per_class(data: LabeledImages, first: int, seed: int = 0, *, rest: int
     return data.subset(head, names[0]), data.subset(tail, names[1])
 
 
+def hold_out(data: LabeledImages, fraction: float, seed: int = 0) -> tuple[LabeledImages, LabeledImages]:
+    """(the rest, the held-out part): ``fraction`` of every class's images (at least one, a fixed
+    random choice given ``seed``) held out, e.g. as a validation split of the training images."""
+    if not 0 < fraction < 1:
+        raise DataError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    kept, held = [], []
+    for members in _members(data, seed):
+        if len(members) < 2:
+            raise DataError(f"{data.dataset} {data.split} split: a class has {len(members)} image; holding some out needs 2 or more")
+        cut = min(len(members) - 1, max(1, round(fraction * len(members))))
+        held.append(members[:cut])
+        kept.append(members[cut:])
+    return data.subset(torch.cat(kept)), data.subset(torch.cat(held))
+
+
 def choose_classes(data: LabeledImages, count: int, seed: int = 0) -> Tensor:
     """A fixed random choice of ``count`` of the classes (indices, in the chosen order)."""
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= data.num_classes:

@@ -21,8 +21,8 @@ import math
 import torch
 from torch import Tensor
 
-from metareg.data.tasks import TaskBatch
 from metareg.data.episodic import EpisodicDataset, register_episodic
+from metareg.data.tasks import TaskBatch
 from metareg.errors import DataError
 
 __all__ = ["SineTasks", "PolynomialTasks"]

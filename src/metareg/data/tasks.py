@@ -41,8 +41,16 @@ class TaskBatch:
 
 
 class TaskSource(Protocol):
-    """Anything that samples task batches reproducibly from a ``torch.Generator``."""
+    """Anything that samples task batches reproducibly from a ``torch.Generator``. Sources that can
+    produce their batches on a device (the image samplers) also have ``to(device)``."""
 
     is_classification: bool
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch: ...
+
+
+def on_device(source: TaskSource, device: torch.device | str) -> TaskSource:
+    """``source`` producing its batches on ``device`` when it can (images moved there once), else
+    itself (its small batches are moved when used)."""
+    device = torch.device(device)
+    return source.to(device) if device.type != "cpu" and hasattr(source, "to") else source

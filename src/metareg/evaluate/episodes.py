@@ -7,12 +7,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from ..data.tasks import TaskBatch, TaskSource
+
+from ..data.tasks import TaskBatch, TaskSource, on_device
 from ..errors import DivergenceError
 from ..nets.modes import eval_mode
 from ..progress import Progress
 from ..seeds import seeded
+from .calibration import bin_totals, ece_from_totals, reliability_from_totals
 from .stats import Estimate, mean_ci
+
+CALIBRATION = ("nll", "episode_nll", "ece", "reliability")
 
 if TYPE_CHECKING:
     from ..meta.bilevel import BilevelLearner
@@ -21,10 +25,14 @@ if TYPE_CHECKING:
 @dataclass
 class EvalResult:
     """Per-episode scores on a described protocol; two results compare only when measured on the
-    same episodes under the same test conditions (see ``metareg.experiment.compare``)."""
+    same episodes under the same test conditions (see ``metareg.runs.episodic.compare``).
+    ``calibration`` (classification): ``nll`` (mean over episodes of the query predictions' mean
+    negative log-likelihood), ``episode_nll`` (per episode), ``ece`` and ``reliability`` (15 bins,
+    over all query predictions)."""
 
     scores: Tensor  # [episodes], accuracy in [0, 1] or MSE
     protocol: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
 
     @property
     def estimate(self) -> Estimate:
@@ -32,11 +40,13 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         e = self.estimate
-        return {"protocol": self.protocol, "mean": e.mean, "ci95": e.ci95, "episodes": e.n, "scores": self.scores.tolist()}
+        return {"protocol": self.protocol, "mean": e.mean, "ci95": e.ci95, "episodes": e.n, "scores": self.scores.tolist()} \
+            | (self.calibration or {})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "EvalResult":
-        return cls(torch.tensor(values["scores"], dtype=torch.float64), values["protocol"])
+        calibration = {k: values[k] for k in CALIBRATION if k in values} or None
+        return cls(torch.tensor(values["scores"], dtype=torch.float64), values["protocol"], calibration)
 
 
 def episode_stream(source: TaskSource, episodes: int, seed: int, tasks_per_batch: int):
@@ -73,7 +83,10 @@ def evaluate(
     is reproducible and leaves the caller's random state untouched. A model whose outputs are not
     finite (diverged weights) is refused with a :class:`~metareg.errors.DivergenceError` rather than
     scored."""
-    scores = []
+    source = on_device(source, device)  # on a GPU the images move there once
+    scores, episode_nll = [], []
+    classification = learner.task == "classification"
+    totals = 0
     nonfinite = torch.zeros((), dtype=torch.long, device=device)
     bar = Progress(episodes, desc=desc, unit="ep", enabled=progress, leave=False, every=0.25)
     with seeded(seed, device), eval_mode(learner), bar:
@@ -81,14 +94,23 @@ def evaluate(
             batch = batch.to(device, dtype)
             outputs = learner.query_outputs(batch, steps=steps, samples=samples, attack=attack)
             nonfinite += (~torch.isfinite(outputs)).sum()
-            scores.append(torch.stack([learner.score(out, y) for out, y in zip(outputs, batch.query_y)]).double().cpu())
+            scores.append(torch.stack([learner.score(out, y) for out, y in zip(outputs, batch.query_y)]).double())
+            if classification:
+                log_p = torch.log_softmax(outputs.double(), dim=-1)
+                episode_nll.append(-log_p.gather(-1, batch.query_y.unsqueeze(-1)).squeeze(-1).mean(-1))
+                totals = totals + bin_totals(log_p.exp(), batch.query_y)
             bar.update(batch.num_tasks)
             if len(scores) % 10 == 0:
-                bar.metrics({"score": mean_ci(torch.cat(scores)).format(100 if learner.task == "classification" else 1)})
+                bar.metrics({"score": mean_ci(torch.cat(scores).cpu()).format(100 if classification else 1)})
     if nonfinite.item():
         raise DivergenceError(f"the model's outputs are not finite ({nonfinite.item()} NaN/Inf values on {episodes} test episodes): "
                               "its weights have diverged; test an earlier checkpoint or train again with a lower learning rate")
     info = {"episodes": episodes, "seed": seed, "steps": steps or learner.eval_inner_steps, "mc_samples": samples or learner.eval_mc_samples}
     if attack is not None:
         info["attack"] = attack.describe()
-    return EvalResult(torch.cat(scores), (protocol or {}) | info)
+    calibration = None
+    if classification:
+        nll = torch.cat(episode_nll).cpu()
+        calibration = {"nll": nll.mean().item(), "episode_nll": nll.tolist(), "ece": ece_from_totals(totals),
+                       "reliability": reliability_from_totals(totals)}
+    return EvalResult(torch.cat(scores).cpu(), (protocol or {}) | info, calibration)

@@ -1,12 +1,12 @@
 """Inner update rules (axis 2): gradient transforms and their composition."""
 
 from .base import Chain, GradientTransform, Grads, param_key
-from .registry import available, build_inner_rule, register
-from .steps import SGD, MetaSGD, PerStepSGD
 
 # Transforms register themselves on import.
 from .dropgrad import DropGrad  # noqa: E402
 from .mask import SubspaceMask  # noqa: E402
+from .registry import available, build_inner_rule, register
+from .steps import SGD, MetaSGD, PerStepSGD
 
 __all__ = [
     "SGD",

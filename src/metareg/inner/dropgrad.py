@@ -53,6 +53,10 @@ class DropGrad(GradientTransform):
         self.progress = min(max(fraction, 0.0), 1.0)
 
     @property
+    def scheduled(self) -> bool:
+        return self.schedule == "linear"
+
+    @property
     def rate(self) -> float:
         return self.p * self.progress if self.schedule == "linear" else self.p
 

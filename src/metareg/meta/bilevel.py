@@ -31,9 +31,9 @@ from torch.func import functional_call
 from ..data.tasks import TaskBatch
 from ..errors import ConfigError
 from ..inner.base import GradientTransform
-from ..nets.layers import use_vmap_safe_layers
+from ..nets.layers import stacked_copies, use_vmap_safe_layers
 from ..nets.modes import set_training_progress
-from ..nets.slots import perturbation_parameter_names
+from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
 from ..selection import select
 
 Params = dict[str, Tensor]
@@ -46,6 +46,15 @@ def select_fast(model: nn.Module, spec: str | list[str] | tuple[str, ...]) -> li
     names = [n for n, _ in model.named_parameters()]
     groups = model.layer_groups() if hasattr(model, "layer_groups") else None
     return select(names, list(spec) if not isinstance(spec, str) else spec, groups, role="fast-parameter")
+
+
+def check_stackable(model: nn.Module) -> None:
+    """Batched Monte-Carlo samples need every layer that mixes examples to know the copies apart:
+    the episodic batch norm does, ``nn.BatchNorm2d`` (running statistics) does not."""
+    foreign = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if foreign:
+        raise ConfigError(f"batched Monte-Carlo samples (inner.mc_batch) need the episodic batch norm; {foreign[0]} keeps running "
+                          "statistics: use inner.mc_batch=sequential")
 
 
 def _check_first_order(model: nn.Module) -> None:
@@ -81,6 +90,7 @@ class BilevelLearner(nn.Module):
         mc_samples: int = 1,
         eval_mc_samples: int = 1,
         strategy: Literal["loop", "vmap"] = "loop",
+        mc_batch: bool = False,
     ):
         super().__init__()
         if inner_steps < 1:
@@ -99,7 +109,13 @@ class BilevelLearner(nn.Module):
         self.mc_samples = mc_samples
         self.eval_mc_samples = eval_mc_samples
         self.strategy = strategy
+        if mc_batch:
+            check_stackable(model)
+        self.mc_batch = mc_batch
         if strategy == "vmap":
+            if getattr(model, "support_attack", None) is not None:
+                raise ConfigError("inner-loop adversarial training computes input gradients inside the inner steps: "
+                                  "use the loop strategy (train.strategy=loop)")
             use_vmap_safe_layers(model)
         # The query pass is differentiated once (not twice like the inner steps); on CPU its large
         # activations are faster in channels-last layout (measured by `metareg bench`), which the
@@ -131,11 +147,26 @@ class BilevelLearner(nn.Module):
         return functional_call(self.model, params, (x,), {"sample": False} | self.query_options)
 
     def inner_loss(self, params: Params, x: Tensor, y: Tensor, samples: int) -> Tensor:
-        """Support loss with sampled perturbations, averaged over ``samples`` Monte-Carlo draws."""
-        loss = self.loss(functional_call(self.model, params, (x,), {"sample": True}), y)
-        for _ in range(samples - 1):
-            loss = loss + self.loss(functional_call(self.model, params, (x,), {"sample": True}), y)
-        return loss / samples
+        """Support loss with sampled perturbations, averaged over ``samples`` Monte-Carlo draws: one
+        pass over the S copies of the support set stacked on the batch dimension (``mc_batch``: batch
+        statistics and noise per copy, see :func:`~metareg.nets.layers.stacked_copies`), or S passes.
+        Perturbations that change the loss (KL terms, mixed labels) enter through the pass's record
+        (:func:`~metareg.nets.slots.perturbed_loss`); inner-loop adversarial training replaces the
+        support images by their attacked versions first."""
+        attack = getattr(self.model, "support_attack", None)
+        if attack is not None:
+            x = attack(lambda images: self.loss(functional_call(self.model, params, (images,), {"sample": False}), y), x)
+        if self.mc_batch and samples > 1:
+            repeat = (samples,) + (1,) * (x.dim() - 1)
+            with stacked_copies(samples), recording() as record:
+                out = functional_call(self.model, params, (x.repeat(repeat),), {"sample": True})
+            return perturbed_loss(self.loss, out, y.repeat((samples,) + (1,) * (y.dim() - 1)), record)
+        total = 0.0
+        for _ in range(samples):
+            with recording() as record:
+                out = functional_call(self.model, params, (x,), {"sample": True})
+            total = total + perturbed_loss(self.loss, out, y, record)
+        return total / samples
 
     # ------------------------------------------------------------------------------- inner loop
     def adapt(

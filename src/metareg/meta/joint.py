@@ -50,7 +50,7 @@ from torch.func import functional_call, vmap
 
 from ..errors import ConfigError
 from ..nets.modes import eval_mode
-from ..nets.slots import perturbation_parameter_names
+from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
 from ..perturb.attach import probe
 from ..seeds import derive_seed
 
@@ -171,8 +171,9 @@ class JointLearner(nn.Module):
         losses, accuracies = [], []
         for i, (net, task) in enumerate(zip(self.networks, self.task_ids)):
             torch.manual_seed(derive_seed(seed, step, which, task))
-            out = net(x[i], sample=self.sample).masked_fill(self.absent[i], float("-inf"))
-            loss = F.cross_entropy(out, y[i])
+            with recording() as record:
+                out = net(x[i], sample=self.sample).masked_fill(self.absent[i], float("-inf"))
+            loss = perturbed_loss(F.cross_entropy, out, y[i], record)
             self._accumulate(loss, which, net)
             losses.append(loss.detach())
             accuracies.append((out.argmax(-1) == y[i]).float().mean())
@@ -193,8 +194,9 @@ class JointLearner(nn.Module):
         buffers = {n: torch.stack(bs) for n, bs in originals.items()}
 
         def task_loss(p: dict[str, Tensor], b: dict[str, Tensor], xt: Tensor, yt: Tensor, absent: Tensor) -> tuple[Tensor, Tensor]:
-            out = functional_call(template, (p, b), (xt,), {"sample": self.sample}).masked_fill(absent, float("-inf"))
-            return F.cross_entropy(out, yt), (out.argmax(-1) == yt).float().mean()
+            with recording() as record:
+                out = functional_call(template, (p, b), (xt,), {"sample": self.sample}).masked_fill(absent, float("-inf"))
+            return perturbed_loss(F.cross_entropy, out, yt, record), (out.argmax(-1) == yt).float().mean()
 
         losses, accuracy = vmap(task_loss, randomness="different")(params, buffers, x, y, self.absent)
         with torch.no_grad():  # running statistics were updated in the stacked copies

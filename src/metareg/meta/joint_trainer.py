@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, state_to_tensors, tensors_to_state
+from ..checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    save_checkpoint,
+    state_to_tensors,
+    tensors_to_state,
+)
 from ..data.augment import training_batch
 from ..data.labeled import LabeledImages
 from ..errors import CheckpointError
@@ -39,8 +45,9 @@ class JointTrainer:
     def __init__(self, learner: JointLearner, tasks: list[tuple[LabeledImages, LabeledImages]], *, world: World, out: str | Path,
                  steps: int, batch_size: int, lr: float, weight_decay: float, augment: bool, seed: int,
                  dtype: torch.dtype, channels: int = 3, log_every: int = 50, checkpoint_every: int = 500,
-                 meta: dict[str, Any] | None = None, progress: bool = True):
+                 meta: dict[str, Any] | None = None, progress: bool = True, deadline: float | None = None):
         self.learner, self.tasks, self.world, self.out = learner, tasks, world, Path(out)
+        self.deadline, self.finished = deadline, False
         self.steps, self.batch_size, self.augment = steps, batch_size, augment
         self.seed, self.dtype, self.channels = seed, dtype, channels
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
@@ -96,8 +103,10 @@ class JointTrainer:
         loop = StepLoop(self.out, self.steps, self.log_every, self.checkpoint_every, COLUMNS, shown=("train_loss", "test_loss", "test_accuracy"),
                         per_step=2 * self.batch_size * self.learner.num_tasks, desc="meta-train phi",
                         progress=self.progress and self.world.is_main, record=self.world.is_main,
-                        hint="lower optim.lr or set perturb.clip", rate_column="images_per_s")
-        loop.run(self.train_step, self, resume_log=resume_log)
+                        hint="lower optim.lr or set perturb.clip", rate_column="images_per_s", deadline=self.deadline,
+                        agree=(lambda late: bool(self.world.all_reduce_sum(torch.tensor([float(late)], device=self.world.device)).item()))
+                        if self.world.distributed else None)
+        self.finished = loop.run(self.train_step, self, resume_log=resume_log)
 
     # ----------------------------------------------------------------------------- persistence
     def _task_tensors(self) -> dict[str, Tensor]:

@@ -73,16 +73,20 @@ class StepLoop:
     hint: str = "lower the learning rate"
     rate_column: str = "per_s"
     record: bool = True
+    deadline: float | None = None  # time.monotonic() after which the run stops at the next step, with a checkpoint
+    agree: Callable[[bool], bool] | None = None  # every process's verdict on the deadline (a distributed run stops together)
 
     def diverged(self, what: str, step: int) -> DivergenceError:
         return DivergenceError(f"{what} by step {step}; {describe_kept(self.out)}. {self.hint[0].upper() + self.hint[1:]}")
 
     def run(self, step: Callable[[int], dict[str, torch.Tensor]], trainer: Any, *,
-            evaluate: Callable[[], dict[str, float]] | None = None, resume_log: bool = False) -> None:
+            evaluate: Callable[[], dict[str, float]] | None = None, resume_log: bool = False) -> bool:
         """Run ``trainer`` from its ``step`` (with ``seconds`` of earlier training) to ``total``.
         ``step(i)`` takes step i (0-based); at every checkpoint ``trainer.step`` and
         ``trainer.seconds`` are brought up to date, ``trainer.check()`` must find the state good
-        (it returns ``None`` or what is wrong) and ``trainer.save()`` is called."""
+        (it returns ``None`` or what is wrong) and ``trainer.save()`` is called. Past the
+        ``deadline`` the loop stops at the next step boundary with a checkpoint (the run resumes
+        from it exactly); returns whether all ``total`` steps were done."""
         start, seconds = trainer.step, trainer.seconds
         log = MetricLog(self.out / "log.csv", resume_step=start if resume_log else None, columns=list(self.columns)) if self.record else None
         pending: list[dict[str, torch.Tensor]] = []
@@ -101,9 +105,12 @@ class StepLoop:
                 seconds = base + time.perf_counter() - clock
                 bar.update(1)
                 final = done == self.total
-                at_log = done % self.log_every == 0 or final
+                out_of_time = not final and self.deadline is not None and time.monotonic() >= self.deadline
+                if self.deadline is not None and self.agree is not None:
+                    out_of_time = not final and self.agree(out_of_time)
+                at_log = done % self.log_every == 0 or final or out_of_time
                 at_eval = evaluate is not None and (done % (self.eval_every or self.total) == 0 or final)
-                at_save = done % self.checkpoint_every == 0 or final
+                at_save = done % self.checkpoint_every == 0 or final or out_of_time
                 if not (at_log or at_eval or at_save):
                     continue
                 means = {k: torch.stack([m[k].detach().float() for m in pending]).mean().item() for k in pending[0]}
@@ -126,6 +133,9 @@ class StepLoop:
                     if problem:
                         raise self.diverged(problem, done)
                     trainer.save()
+                if out_of_time:
+                    return False
+            return True
         finally:
             bar.close()
             if log is not None:

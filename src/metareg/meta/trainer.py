@@ -21,14 +21,14 @@ from ..checkpoint import (
     state_to_tensors,
     tensors_to_state,
 )
-from ..data.tasks import TaskBatch, TaskSource
+from ..data.tasks import TaskBatch, TaskSource, on_device
 from ..errors import CheckpointError
-from .bilevel import BilevelLearner
-from ..nets.modes import eval_mode
+from ..nets.modes import eval_mode, scheduled
 from ..seeds import derive_seed, seeded
+from .bilevel import BilevelLearner
+from .graphs import CapturedStep, capture_or_none
 from .logging import COLUMNS
 from .loop import StepLoop, checkpoint_problem, nonfinite_count, optimizer_tensors
-
 
 
 class MetaTrainer:
@@ -57,9 +57,11 @@ class MetaTrainer:
         validate: Callable[[BilevelLearner], tuple[float, float]] | None = None,
         meta: dict[str, Any] | None = None,
         progress: bool = True,
+        cuda_graph: bool = True,
+        deadline: float | None = None,
     ):
         self.learner = learner
-        self.source = source
+        self.source = on_device(source, device)  # on a GPU, the images move there once and episodes are gathered there
         self.out = Path(out)
         self.iterations = iterations
         self.meta_batch = meta_batch
@@ -72,7 +74,12 @@ class MetaTrainer:
         self.validate = validate
         self.meta = meta or {}
         self.progress = progress
-        self.optimizer = torch.optim.Adam(learner.parameters(), lr=meta_lr)
+        # capturable: Adam's step counts stay on the device (no host sync per step; CUDA-graph safe)
+        self.optimizer = torch.optim.Adam(learner.parameters(), lr=meta_lr, capturable=device.type == "cuda")
+        self.cuda_graph = cuda_graph and device.type == "cuda" and hasattr(self.source, "draw") and not scheduled(learner)
+        self.graph: CapturedStep | None = None
+        self.deadline = deadline
+        self.finished = False
         self.seed = seed
         self.episodes = torch.Generator().manual_seed(seed)
         self._probe: TaskBatch | None = None
@@ -115,16 +122,34 @@ class MetaTrainer:
         return checkpoint_problem(bad, loss)
 
     # ------------------------------------------------------------------------------------ loop
-    def train_step(self, step: int) -> dict[str, torch.Tensor]:
-        """Meta-iteration ``step`` (0-based): sample tasks, meta-backward, clip, Adam step."""
-        batch = self.source.sample(self.meta_batch, self.episodes).to(self.device, self.dtype)
+    def update(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """One meta-update on ``batch``: meta-backward, clip, Adam step. Fixed shapes and no host
+        synchronization: on a GPU this (with the episode gather) is what is captured as a graph."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.learner.set_training_progress(step / max(self.iterations, 1))
         metrics = self.learner.meta_backward(batch)
         if self.clip is not None:
             torch.nn.utils.clip_grad_value_(self.learner.parameters(), self.clip)
         self.optimizer.step()
         return metrics
+
+    def gathered_update(self, rows: torch.Tensor, turns: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`update` on the episodes of drawn indices, gathered on the device."""
+        return self.update(self.source.gather(rows, turns).to(self.device, self.dtype))
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        """Meta-iteration ``step`` (0-based): sample tasks, meta-backward, clip, Adam step (replayed
+        as a captured CUDA graph where that is possible)."""
+        self.learner.set_training_progress(step / max(self.iterations, 1))
+        if not self.cuda_graph:
+            return self.update(self.source.sample(self.meta_batch, self.episodes).to(self.device, self.dtype))
+        rows, turns = self.source.draw(self.meta_batch, self.episodes)
+        if self.graph is None:
+            self.graph = capture_or_none(self.gathered_update, (rows, turns), modules=[self.learner], optimizers=[self.optimizer],
+                                         device=self.device)
+            if self.graph is None:
+                self.cuda_graph = False
+                return self.gathered_update(rows, turns)
+        return self.graph(rows, turns)
 
     def run(self, resume_log: bool = False) -> dict[str, Any]:
         def validate() -> dict[str, float]:
@@ -133,6 +158,6 @@ class MetaTrainer:
 
         loop = StepLoop(self.out, self.iterations, self.log_every, self.checkpoint_every, COLUMNS, eval_every=self.val_every,
                         shown=("loss", "score", "val_score"), per_step=self.meta_batch, desc="meta-train", progress=self.progress,
-                        hint="lower train.meta_lr or inner.lr, or set train.clip", rate_column="tasks_per_s")
-        loop.run(self.train_step, self, evaluate=validate if self.validate is not None else None, resume_log=resume_log)
+                        hint="lower train.meta_lr or inner.lr, or set train.clip", rate_column="tasks_per_s", deadline=self.deadline)
+        self.finished = loop.run(self.train_step, self, evaluate=validate if self.validate is not None else None, resume_log=resume_log)
         return {"step": self.step, "seconds": self.seconds, "last_val": self.last_val}

@@ -6,7 +6,13 @@ from .layers import BatchNorm
 from .mlp import MLP
 from .registry import Backbone, available, create_model, get_backbone, register_backbone
 from .resnet import ResNet, WideResNet
-from .slots import FeaturePerturbation, LayerInfo, PerturbationFactory, identity_factory, perturbation_parameter_names
+from .slots import (
+           FeaturePerturbation,
+           LayerInfo,
+           PerturbationFactory,
+           identity_factory,
+           perturbation_parameter_names,
+)
 
 __all__ = ["MLP", "Backbone", "BatchNorm", "ConvBlock", "ConvNet", "FeaturePerturbation", "LayerInfo", "PerturbationFactory", "ResNet",
            "WideResNet", "available", "create_model", "get_backbone", "identity_factory", "perturbation_parameter_names", "register_backbone"]

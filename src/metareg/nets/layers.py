@@ -1,10 +1,35 @@
-"""Layers shared by the backbones, written for functional (``torch.func.functional_call``) use."""
+"""Layers shared by the backbones, written for functional (``torch.func.functional_call``) use, and
+the stacking of independent copies of a batch (batched Monte-Carlo samples)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+_COPIES: ContextVar[int] = ContextVar("metareg_stacked_copies", default=1)
+
+
+@contextmanager
+def stacked_copies(count: int) -> Iterator[None]:
+    """Inside the block a batch holds ``count`` independent copies of a smaller batch, stacked on
+    the batch dimension (copy-major): every layer that computes a batch statistic (batch norm,
+    MetaPerturb's scale) computes it per copy, and every perturbation draws its own noise per copy,
+    so one pass equals ``count`` separate passes (the inner loop's S Monte-Carlo samples, batched)."""
+    token = _COPIES.set(count)
+    try:
+        yield
+    finally:
+        _COPIES.reset(token)
+
+
+def copies() -> int:
+    """How many independent copies the current batch stacks (1 outside :func:`stacked_copies`)."""
+    return _COPIES.get()
 
 
 class BatchNorm(nn.Module):
@@ -14,7 +39,10 @@ class BatchNorm(nn.Module):
     Finn et al. 2017); there are no running statistics. ``explicit=True`` writes the normalization
     as explicit mean/variance ops, which is what ``torch.func.vmap`` needs: under ``vmap``,
     ``F.batch_norm`` silently gives wrong second-order gradients. ``scale=False``: a shift only, no
-    learned scale (TensorFlow's ``batch_norm`` default, used by the Meta-Dropout reference).
+    learned scale (TensorFlow's ``batch_norm`` default, used by the Meta-Dropout reference). Inside
+    :func:`stacked_copies` each copy is normalized by its own statistics: the copies are moved from
+    the batch to the channel dimension (``[S*N, C, ...] -> [N, S*C, ...]``), so one native batch norm
+    with the affine parameters repeated S times computes exactly the S separate normalizations.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5, explicit: bool = False, scale: bool = True):
@@ -25,6 +53,9 @@ class BatchNorm(nn.Module):
         self.explicit = explicit
 
     def forward(self, x: Tensor) -> Tensor:
+        count = copies()
+        if count > 1:
+            return self._per_copy(x, count)
         if not self.explicit:
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
         dims = [0] + list(range(2, x.dim()))
@@ -33,6 +64,22 @@ class BatchNorm(nn.Module):
         shape = [1, -1] + [1] * (x.dim() - 2)
         x = (x - mean) * torch.rsqrt(var + self.eps)
         return (x if self.weight is None else x * self.weight.view(shape)) + self.bias.view(shape)
+
+
+    def _per_copy(self, x: Tensor, count: int) -> Tensor:
+        n, c = x.shape[0] // count, x.shape[1]
+        rest = x.shape[2:]
+        folded = x.reshape(count, n, c, *rest).transpose(0, 1).reshape(n, count * c, *rest)
+        weight = None if self.weight is None else self.weight.repeat(count)
+        if self.explicit:
+            dims = [0] + list(range(2, folded.dim()))
+            mean, var = folded.mean(dims, keepdim=True), folded.var(dims, unbiased=False, keepdim=True)
+            shape = [1, -1] + [1] * (folded.dim() - 2)
+            out = (folded - mean) * torch.rsqrt(var + self.eps)
+            out = (out if weight is None else out * weight.view(shape)) + self.bias.repeat(count).view(shape)
+        else:
+            out = F.batch_norm(folded, None, None, weight, self.bias.repeat(count), training=True, eps=self.eps)
+        return out.reshape(n, count, c, *rest).transpose(0, 1).reshape(x.shape)
 
 
 def use_vmap_safe_layers(model: nn.Module) -> None:

@@ -31,3 +31,9 @@ def set_training_progress(module: nn.Module, fraction: float) -> None:
 def perturbation_strength(module: nn.Module) -> float:
     """The current strength c of ``module``'s annealed perturbation (MetaPerturb), 1 if none anneals."""
     return next((float(part.strength) for part in module.modules() if hasattr(part, "strength")), 1.0)
+
+
+def scheduled(module: nn.Module) -> bool:
+    """Whether a part of ``module`` changes with training progress (a ``scheduled`` property: a
+    DropGrad rate ramp, MetaPerturb's annealing), which a captured CUDA graph could not follow."""
+    return any(getattr(part, "scheduled", False) for part in module.modules())

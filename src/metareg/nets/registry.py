@@ -75,4 +75,7 @@ def create_model(
     shared = getattr(perturbation, "shared", None)
     if shared is not None:  # one function shared by every slot (MetaPerturb's phi): owned by the network
         model.perturbation_function = shared
+    attack = getattr(perturbation, "support_attack", None)
+    if attack is not None:  # inner-loop adversarial training: the bilevel scheme attacks the support set
+        model.support_attack = attack
     return model

@@ -20,13 +20,22 @@ registers it on the network as ``perturbation_function``, so its parameters appe
 Perturbation modules (and shared functions) set ``is_perturbation = True``: their parameters have
 the *perturbation* role (never adapted in an inner loop, shared by a joint scheme's networks), see
 :func:`perturbation_parameter_names`.
+
+Some perturbations change the loss, not only the features: information-theoretic ones add a
+weighted KL term, mixup interpolates the labels with the features. They write into the
+:class:`PassRecord` of the training pass (:func:`recording`), and every scheme computes its
+training loss with :func:`perturbed_loss`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -69,3 +78,60 @@ def perturbation_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters that belong to perturbations (phi), in ``named_parameters`` order."""
     owned = {id(p) for m in model.modules() if getattr(m, "is_perturbation", False) for p in m.parameters()}
     return [name for name, p in model.named_parameters() if id(p) in owned]
+
+
+@dataclass
+class PassRecord:
+    """What the perturbations of one training pass add to its loss (:func:`recording`).
+
+    ``penalty``: their weighted regularizers (VIB's and Information Dropout's KL terms), added to
+    the loss; ``mix``: mixup's interpolation, per example, as ``(lam, partner)``: the loss becomes
+    ``lam * loss(out, y) + (1 - lam) * loss(out, y[partner])``; ``choices``: draws that the slots of
+    one factory share within the pass (Manifold Mixup's layer); ``metrics``: diagnostics a trainer
+    may log (MetaPerturb's mean noise and scale per block), as tensors (no host synchronization).
+    """
+
+    penalty: Tensor | float = 0.0
+    mix: tuple[Tensor, Tensor] | None = None
+    choices: dict = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+    def add_penalty(self, value: Tensor) -> None:
+        self.penalty = self.penalty + value
+
+
+_RECORD: ContextVar[PassRecord | None] = ContextVar("metareg_pass_record", default=None)
+
+
+@contextmanager
+def recording() -> Iterator[PassRecord]:
+    """A training pass whose perturbations may add penalties or mix labels: the scheme computes its
+    loss with :func:`perturbed_loss`. Outside it (query passes, evaluation) nothing is recorded and
+    the label-mixing perturbations leave the features alone."""
+    record = PassRecord()
+    token = _RECORD.set(record)
+    try:
+        yield record
+    finally:
+        _RECORD.reset(token)
+
+
+def current_record() -> PassRecord | None:
+    return _RECORD.get()
+
+
+def perturbed_loss(loss: Callable[[Tensor, Tensor], Tensor], out: Tensor, y: Tensor, record: PassRecord) -> Tensor:
+    """``loss(out, y)`` with the pass's mixed labels and penalties. Classification's cross-entropy
+    of mixed one-hot labels is the mix of the two cross-entropies; regression mixes the targets."""
+    if record.mix is None:
+        value = loss(out, y)
+    else:
+        lam, partner = record.mix
+        if y.is_floating_point():  # regression: the interpolated target
+            shape = (-1,) + (1,) * (y.dim() - 1)
+            value = loss(out, lam.view(shape) * y + (1 - lam.view(shape)) * y[partner])
+        else:
+            own = F.cross_entropy(out, y, reduction="none")
+            other = F.cross_entropy(out, y[partner], reduction="none")
+            value = (lam * own + (1 - lam) * other).mean()
+    return value + record.penalty

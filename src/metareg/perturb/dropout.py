@@ -16,8 +16,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from ..noise import check_dropout, dropout_noise
 from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory
+from ..noise import check_dropout, dropout_noise
 from .registry import register
 
 

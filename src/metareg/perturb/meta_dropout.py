@@ -26,6 +26,11 @@ Ablations (Table 3), the same module with other settings (``register`` names in 
   a ~ N(mu(h), diag(sigma(h))^2), sigma = Softplus(phi_sigma(h)) (a second phi layer).
 Weight Gaussian is in ``weight_gaussian.py``. The ablations other than the learned-variance one
 leave the output layer unperturbed (the paper perturbs the hidden layers in all of them).
+
+Table 2's beta rows (Meta-Dropout with the KL term of the information-theoretic baselines): option
+``kl`` (beta) adds beta * KL[N(mu, I) || N(0, I)] = beta |mu|^2 / 2 per example (summed over the
+units, averaged over the batch) to the inner loss: the paper does not spell this term out; with a
+fixed unit variance it is the KL of a's Gaussian to the standard normal prior.
 """
 
 from __future__ import annotations
@@ -38,7 +43,12 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..nets.layers import truncated_normal_
-from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory
+from ..nets.slots import (
+    FeaturePerturbation,
+    LayerInfo,
+    PerturbationFactory,
+    current_record,
+)
 from .registry import register
 
 
@@ -71,8 +81,12 @@ class MultiplicativeNoise(FeaturePerturbation):
         mean: Literal["input", "channel", "zero"] = "input",
         variance: Literal["fixed", "input"] = "fixed",
         stochastic: bool = True,
+        kl: float = 0.0,
     ):
         super().__init__()
+        if not kl >= 0:
+            raise ConfigError(f"meta-dropout's KL weight kl must be >= 0, got {kl}")
+        self.kl = kl
         if mean not in ("input", "channel", "zero"):
             raise ConfigError(f"multiplicative-noise mean must be input, channel or zero, got {mean!r}")
         if variance not in ("fixed", "input"):
@@ -93,6 +107,10 @@ class MultiplicativeNoise(FeaturePerturbation):
     def noise(self, pre: Tensor, layer_input: Tensor, *, sample: bool) -> Tensor:
         """z^(l) = Softplus(a^(l)), shaped like ``pre`` when sampled."""
         a = self.mean(pre, layer_input)
+        if sample and self.kl:  # Table 2's beta rows: KL[N(mu, I) || N(0, I)] = |mu|^2 / 2 per example, weighted
+            record = current_record()
+            if record is not None:
+                record.add_penalty(self.kl * 0.5 * (a.expand_as(pre) ** 2).flatten(1).sum(1).mean())
         if sample and self.stochastic:
             eps = torch.randn_like(pre)
             a = a + (eps if self.phi_sigma is None else F.softplus(self.phi_sigma(layer_input)) * eps)
@@ -128,6 +146,7 @@ def multiplicative_noise(
     variance: Literal["fixed", "input"] = "fixed",
     stochastic: bool = True,
     output_noise: bool = True,
+    kl: float = 0.0,
 ) -> PerturbationFactory:
     """Factory: :class:`MultiplicativeNoise` at every hidden layer; at the output layer
     :class:`AdditiveGaussianOutput` if ``output_noise`` (and the noise is stochastic), else none."""
@@ -135,13 +154,13 @@ def multiplicative_noise(
     def make(info: LayerInfo) -> nn.Module:
         if info.output:
             return AdditiveGaussianOutput(info) if output_noise and stochastic else FeaturePerturbation()
-        return MultiplicativeNoise(info, mean, variance, stochastic)
+        return MultiplicativeNoise(info, mean, variance, stochastic, kl)
 
     return make
 
 
 register("multiplicative-noise")(multiplicative_noise)
-register("meta-dropout")(lambda output_noise=True: multiplicative_noise("input", "fixed", True, output_noise))
+register("meta-dropout")(lambda output_noise=True, kl=0.0: multiplicative_noise("input", "fixed", True, output_noise, kl))
 register("meta-dropout-deterministic")(lambda: multiplicative_noise("input", "fixed", stochastic=False))
 register("meta-dropout-learned-variance")(lambda output_noise=True: multiplicative_noise("input", "input", True, output_noise))
 register("fixed-gaussian")(lambda: multiplicative_noise("zero", output_noise=False))

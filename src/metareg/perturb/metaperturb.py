@@ -54,7 +54,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory
+from ..nets.layers import copies
+from ..nets.slots import (
+    FeaturePerturbation,
+    LayerInfo,
+    PerturbationFactory,
+    current_record,
+)
 
 NUM_STATS = 4  # channel statistics per channel: four shared 3x3 kernels
 INIT_STD = 0.01
@@ -107,6 +113,10 @@ class MetaPerturbFunction(nn.Module):
         self.anneal = anneal
         self.clip = clip
 
+    @property
+    def scheduled(self) -> bool:
+        return self.anneal > 0
+
     def set_training_progress(self, fraction: float) -> None:
         """c = min(1, fraction / anneal): 0 at the start, full strength after ``anneal`` of training."""
         self.strength = 1.0 if self.anneal <= 0 else min(1.0, fraction / self.anneal)
@@ -147,7 +157,7 @@ class MetaPerturb(FeaturePerturbation):
     position = "norm"  # after batch norm (or the residual sum), before the ReLU
 
     def __init__(self, function: MetaPerturbFunction, channels: int, channel_norm: float, spatial_norm: float, momentum: float = 0.1,
-                 height: int | None = None, running_stats: bool = True):
+                 height: int | None = None, running_stats: bool = True, index: int = 0):
         super().__init__()
         if channels < 1 or channel_norm <= 0 or spatial_norm <= 0:
             raise ConfigError(f"MetaPerturb needs positive channels and normalizers, got {channels}, {channel_norm}, {spatial_norm}")
@@ -157,6 +167,7 @@ class MetaPerturb(FeaturePerturbation):
         self.spatial_norm = float(spatial_norm)
         self.momentum = momentum
         self.height = height
+        self.index = index  # the block it perturbs (for its diagnostics)
         self.running_stats = running_stats
         if running_stats:
             self.register_buffer("running_mean", torch.zeros(channels, NUM_STATS))
@@ -167,9 +178,15 @@ class MetaPerturb(FeaturePerturbation):
         running averages), the running averages in eval mode (always the batch's without them)."""
         if self.running_stats and not self.training:
             return self.running_mean, self.running_var
-        if h.shape[0] < 2:
+        count = copies()
+        if h.shape[0] < 2 * count:
             raise ConfigError("MetaPerturb's batch statistics need at least 2 images per batch in training mode")
         features = self.function.channel_features(h)
+        if count > 1:  # stacked independent copies (batched Monte-Carlo samples): statistics per copy
+            if self.running_stats and self.training:
+                raise ConfigError("stacked copies of a batch are for episodic networks, whose MetaPerturb keeps no running statistics")
+            features = features.view(count, -1, *features.shape[1:])
+            return features.mean(1), features.var(1)
         mean, var = features.mean(0), features.var(0)
         if self.running_stats and self.training:
             with torch.no_grad():
@@ -178,8 +195,12 @@ class MetaPerturb(FeaturePerturbation):
         return mean, var
 
     def scales(self, h: Tensor) -> Tensor:
-        """s for the batch ``h`` (training) or from the running statistics (eval): [C]."""
+        """s for the batch ``h`` (training) or from the running statistics (eval): [C], or [S, C] for
+        S stacked copies."""
         mean, var = self.statistics(h)
+        if mean.dim() == 3:
+            return torch.stack([self.function.scale(m, v, h.shape[1] / self.channel_norm, h.shape[2] / self.spatial_norm)
+                                for m, v in zip(mean, var)])
         return self.function.scale(mean, var, h.shape[1] / self.channel_norm, h.shape[2] / self.spatial_norm)
 
     @torch.no_grad()
@@ -194,7 +215,13 @@ class MetaPerturb(FeaturePerturbation):
             raise ConfigError(f"MetaPerturb at a {self.channels}-channel layer got features of shape {tuple(h.shape)}")
         phi = self.function
         z = phi.noise(h, sample)
-        g = self.scales(h).view(1, -1, 1, 1) * z
+        s = self.scales(h)
+        s = s.repeat_interleave(h.shape[0] // s.shape[0], dim=0) if s.dim() == 2 else s.view(1, -1)
+        g = s[:, :, None, None] * z
+        record = current_record()
+        if record is not None:  # how strongly it acts: the mean noise z and scale s of this block (logged by the trainers)
+            record.metrics[f"z{self.index}"] = z.detach().mean()
+            record.metrics[f"s{self.index}"] = s.detach().mean()
         out = h * ((g - 1) * phi.strength + 1) if phi.strength != 1.0 else h * g
         return out if phi.clip is None else out.clamp(max=phi.clip)
 
@@ -212,7 +239,7 @@ def metaperturb_slots(function: MetaPerturbFunction) -> PerturbationFactory:
         if info.kind != "conv" or info.network_width is None or info.input_size is None:
             raise ConfigError(f"MetaPerturb perturbs convolutional feature maps [B, C, H, W]; layer {info.index} is {info.kind}")
         return MetaPerturb(function, info.out_features, info.network_width, info.input_size, height=info.size,
-                           running_stats=info.running_stats)
+                           running_stats=info.running_stats, index=info.index)
 
     make.shared = function
     make.sample_at_test = True  # predictions are Monte-Carlo averages over the noise (Algorithm 2)

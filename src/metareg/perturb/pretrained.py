@@ -17,7 +17,12 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import read_record, verified_tensors, write_json_atomic, write_safetensors_atomic
+from ..checkpoint import (
+    read_record,
+    verified_tensors,
+    write_json_atomic,
+    write_safetensors_atomic,
+)
 from ..errors import CheckpointError
 from ..nets.slots import PerturbationFactory
 from .metaperturb import MetaPerturbFunction, metaperturb_slots

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..nets.layers import copies
 from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory
 from .registry import register
 
@@ -37,10 +38,20 @@ class WeightGaussian(FeaturePerturbation):
     def forward(self, pre: Tensor, layer_input: Tensor, *, sample: bool) -> Tensor:
         if not sample:
             return pre
-        noise = F.softplus(self.rho) * torch.randn_like(self.rho)
-        if self.kind == "conv":
-            return pre + F.conv2d(layer_input, noise, stride=self.stride, padding=self.padding)
-        return pre + F.linear(layer_input.flatten(1), noise)
+        count = copies()  # stacked independent copies of the batch: one weight sample each
+        noise = F.softplus(self.rho) * torch.randn(count, *self.rho.shape, dtype=self.rho.dtype, device=self.rho.device)
+        if count == 1:
+            noise = noise[0]
+            if self.kind == "conv":
+                return pre + F.conv2d(layer_input, noise, stride=self.stride, padding=self.padding)
+            return pre + F.linear(layer_input.flatten(1), noise)
+        n = layer_input.shape[0] // count
+        if self.kind == "conv":  # the copies as groups of one convolution
+            x = layer_input.reshape(count, n, *layer_input.shape[1:]).transpose(0, 1).reshape(n, -1, *layer_input.shape[2:])
+            out = F.conv2d(x, noise.flatten(0, 1), stride=self.stride, padding=self.padding, groups=count)
+            return pre + out.reshape(n, count, -1, *out.shape[2:]).transpose(0, 1).reshape(pre.shape)
+        x = layer_input.flatten(1).reshape(count, n, -1)
+        return pre + torch.bmm(x, noise.transpose(1, 2)).reshape(pre.shape)
 
 
 @register("weight-gaussian")

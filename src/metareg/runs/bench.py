@@ -1,8 +1,10 @@
 """``metareg bench``: meta-training throughput of the engine against a plain per-task loop.
 
-Configuration (defaults): Omniglot-shaped 20-way 1-shot tasks (28x28 grayscale, 15 queries per
-class), Conv4 with 64 channels, 5 inner SGD steps, second order, meta-batch 4. The inputs are random
-images from a fixed seed: speed does not depend on the pixels, and the bench needs no data set.
+Shapes (``--shape``): ``omniglot-20w1s`` (default: 20-way 1-shot, 15 queries per class, 28x28
+grayscale, Conv4-64) and ``miniimagenet-5w1s`` (5-way 1-shot, 15 queries, 84x84 RGB, Conv4-32), both
+with 5 inner SGD steps, second order, meta-batch 4, as the presets. The inputs are random images
+from a fixed seed: speed does not depend on the pixels, and the bench needs no data set. On CUDA
+(``--device cuda``) both shapes are measured unless one is named.
 
 Each implementation runs in a fresh subprocess, so its peak memory is its own and process-level
 settings do not leak between them:
@@ -12,8 +14,16 @@ settings do not leak between them:
   command line sets), to show how much of the engine's gain is that process-level setting;
 - ``engine``: ``BilevelLearner.meta_backward`` with the strategy used on this device, as
   ``metareg train`` runs it (allocator setting on);
-- ``engine-vmap`` (CPU only, for the record): the ``vmap`` strategy.
+- ``engine-vmap``: the ``vmap`` strategy (tasks batched);
+- ``engine-graph`` (CUDA only): the engine's loop captured once as a CUDA graph and replayed
+  (``metareg.meta.graphs``), as ``metareg train`` runs it on a GPU.
 Before timing, the engine's meta-gradient is compared with the reference's in float64.
+
+``--mc S`` adds Meta-Dropout's meta-test with S noise samples per inner step (S = 30 in its
+presets) on the same shape: one episode's adaptation and query scores, with the S samples run one
+after the other (``mc-sequential``) or stacked in one pass (``mc-batched``, per-copy batch norm);
+episodes per second. ``auto`` (``inner.mc_batch``) follows these numbers: batched on CUDA,
+sequential on the CPU.
 
 ``--scheme joint`` times one step of MetaPerturb's joint meta-training (Algorithm 1's two passes,
 without the optimizer steps) on T task networks (default: ResNet20, 10 tasks, 32 images of 32x32
@@ -40,6 +50,7 @@ import torch
 from ..data.tasks import TaskBatch
 from ..inner import build_inner_rule
 from ..meta import BilevelLearner
+from ..meta.graphs import CapturedStep
 from ..meta.joint import JointLearner, norm_in_eval_mode
 from ..meta.reference import conv_forward, reference_meta_gradient
 from ..nets import ConvNet
@@ -47,7 +58,11 @@ from ..perturb import build_perturbation
 from ..runtime import keep_freed_memory
 from .common import build_network
 
-IMPLEMENTATIONS = ("reference", "reference+alloc", "engine", "engine-vmap")
+IMPLEMENTATIONS = ("reference", "reference+alloc", "engine", "engine-vmap", "engine-graph")
+SHAPES = {  # the presets' task shapes
+    "omniglot-20w1s": {"way": 20, "shot": 1, "query": 15, "channels": 64, "in_channels": 1, "image_size": 28},
+    "miniimagenet-5w1s": {"way": 5, "shot": 1, "query": 15, "channels": 32, "in_channels": 3, "image_size": 84},
+}
 JOINT_IMPLEMENTATIONS = ("joint-reference", "joint-loop", "joint-vmap")
 
 
@@ -114,24 +129,27 @@ def check_joint_gradients(args: argparse.Namespace) -> float:
     return worst
 
 
-def _problem(args: argparse.Namespace, dtype: torch.dtype, device: str, strategy: str = "loop"):
+def _problem(args: argparse.Namespace, dtype: torch.dtype, device: str, strategy: str = "loop", perturbation: str = "none",
+             mc_batch: bool = False, tasks: int | None = None):
     torch.manual_seed(0)
-    model = ConvNet(args.way, 1, 28, channels=args.channels).to(device=device, dtype=dtype)
+    c, size = args.in_channels, args.image_size
+    model = ConvNet(args.way, c, size, channels=args.channels, perturbation=build_perturbation(perturbation)).to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(0)
-    b, n = args.meta_batch, args.way
+    b, n = tasks or args.meta_batch, args.way
 
     def labels(k: int) -> torch.Tensor:
         return torch.stack([torch.randperm(n, generator=g).repeat_interleave(k) for _ in range(b)])
 
     batch = TaskBatch(
-        torch.rand(b, n * args.shot, 1, 28, 28, generator=g),
+        torch.rand(b, n * args.shot, c, size, size, generator=g),
         labels(args.shot),
-        torch.rand(b, n * args.query, 1, 28, 28, generator=g),
+        torch.rand(b, n * args.query, c, size, size, generator=g),
         labels(args.query),
     ).to(device, dtype)
-    rule = build_inner_rule(dict(model.named_parameters()), step="sgd", lr=0.1, steps=args.steps)
-    learner = BilevelLearner(model, rule, inner_steps=args.steps, strategy=strategy).to(device=device, dtype=dtype)
-    return learner, batch
+    fast = [name for name, _ in model.named_parameters() if "perturb" not in name]
+    rule = build_inner_rule({name: p for name, p in model.named_parameters() if name in fast}, step="sgd", lr=0.1, steps=args.steps)
+    learner = BilevelLearner(model, rule, inner_steps=args.steps, strategy=strategy, fast=fast, mc_batch=mc_batch)
+    return learner.to(device=device, dtype=dtype), batch
 
 
 def _reference_step(learner: BilevelLearner, batch: TaskBatch, steps: int):
@@ -141,11 +159,28 @@ def _reference_step(learner: BilevelLearner, batch: TaskBatch, steps: int):
 
 
 def _engine_step(learner: BilevelLearner, batch: TaskBatch):
-    def step():
+    def step(*_: torch.Tensor):
         learner.zero_grad(set_to_none=True)
         return learner.meta_backward(batch)
 
     return step
+
+
+def _graph_step(learner: BilevelLearner, batch: TaskBatch, device: str):
+    """The engine's step captured as a CUDA graph (the batch in static buffers)."""
+    inputs = [batch.support_x, batch.query_x]
+
+    def step(support_x: torch.Tensor, query_x: torch.Tensor):
+        learner.zero_grad(set_to_none=True)
+        return learner.meta_backward(TaskBatch(support_x, batch.support_y, query_x, batch.query_y))
+
+    graph = CapturedStep(step, inputs, modules=[learner], optimizers=[], device=torch.device(device))
+    return lambda: graph(*inputs)
+
+
+def _mc_step(learner: BilevelLearner, batch: TaskBatch, samples: int):
+    """One episode's meta-test: adaptation with ``samples`` noise samples per step, query scores."""
+    return lambda: learner.evaluate(batch, samples=samples)
 
 
 def _peak_rss_mb() -> float:
@@ -169,13 +204,21 @@ def worker(impl: str, args: argparse.Namespace) -> dict[str, Any]:
     """Time one implementation in this process; returns seconds per iteration and peak memory."""
     if impl != "reference":
         keep_freed_memory()
-    strategy = "vmap" if impl.endswith("vmap") or (impl == "engine" and args.device.startswith("cuda")) else "loop"
+    strategy = "vmap" if impl.endswith("vmap") else "loop"
     if impl.startswith("joint"):
         learner, batches = _joint_problem(args, torch.float32, args.device, strategy)
         step = _joint_reference_step(learner, batches) if impl == "joint-reference" else _joint_engine_step(learner, batches)
+    elif impl.startswith("mc-"):
+        learner, batch = _problem(args, torch.float32, args.device, perturbation="meta-dropout", mc_batch=impl == "mc-batched", tasks=1)
+        step = _mc_step(learner, batch, args.mc)
     else:
         learner, batch = _problem(args, torch.float32, args.device, strategy)
-        step = _reference_step(learner, batch, args.steps) if impl.startswith("reference") else _engine_step(learner, batch)
+        if impl.startswith("reference"):
+            step = _reference_step(learner, batch, args.steps)
+        elif impl == "engine-graph":
+            step = _graph_step(learner, batch, args.device)
+        else:
+            step = _engine_step(learner, batch)
     rss_before = _peak_rss_mb()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -238,13 +281,17 @@ def _run_workers(args: argparse.Namespace, impls: tuple[str, ...]) -> list[dict[
 
 def _print_results(results: list[dict[str, Any]], per_step: int, unit: str) -> None:
     base = results[0]["seconds"] if results else None
-    print(f"{'implementation':<18}{'s/iter':>8}{unit:>11}{'peak RSS MB':>13}{'RSS growth MB':>15}{'speed-up':>10}")
+    cuda = any("peak_cuda_mb" in r for r in results)
+    memory = "peak GPU MB" if cuda else "peak RSS MB"
+    print(f"{'implementation':<18}{'s/iter':>9}{unit:>13}{'it/s':>9}{memory:>13}{'speed-up':>10}")
     for r in results:
         ratio = f"{base / r['seconds']:.2f}x" if base else "-"
-        print(f"{r['impl']:<18}{r['seconds']:>8.3f}{per_step / r['seconds']:>11.1f}{r['peak_rss_mb']:>13.0f}{r['rss_growth_mb']:>15.0f}{ratio:>10}")
+        peak = r.get("peak_cuda_mb", r["peak_rss_mb"])
+        print(f"{r['impl']:<18}{r['seconds']:>9.4f}{per_step / r['seconds']:>13.1f}{1 / r['seconds']:>9.1f}{peak:>13.0f}{ratio:>10}")
 
 
 def run_joint_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    args.image_size = args.image_size or 32
     print(f"bench: MetaPerturb joint step, {args.arch}, {args.tasks} tasks, {args.batch_size} images of {args.image_size}x{args.image_size} "
           f"per task and pass, device {args.device}, torch threads {torch.get_num_threads()}")
     if not args.skip_check:
@@ -259,17 +306,30 @@ def run_joint_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.scheme == "joint":
         return run_joint_bench(args)
-    print(f"bench: {args.way}-way {args.shot}-shot, {args.query} queries, Conv4-{args.channels}, {args.steps} inner steps, "
-          f"second order, meta-batch {args.meta_batch}, device {args.device}, torch threads {torch.get_num_threads()}")
-    if not args.skip_check:
-        worst = check_gradients(args)
-        verdict = "same meta-gradient" if worst < 1e-6 else "MISMATCH"
-        print(f"float64 meta-gradient, engine vs reference: max relative difference {worst:.2e} ({verdict})")
-    impls = tuple(i for i in IMPLEMENTATIONS if not (i == "engine-vmap" and args.device.startswith("cuda")))
-    results = _run_workers(args, impls)
-    _print_results(results, args.meta_batch, "tasks/s")
-    if args.profile:
-        print(profile_engine(args))
+    cuda = args.device.startswith("cuda")
+    shapes = [args.shape] if args.shape or not cuda else list(SHAPES)
+    results = []
+    for shape in shapes:
+        run = argparse.Namespace(**(vars(args) | SHAPES[shape or "omniglot-20w1s"]
+                                    | {k: v for k, v in vars(args).items() if k in SHAPES["omniglot-20w1s"] and v is not None}))
+        device = torch.cuda.get_device_name(run.device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+        print(f"bench {shape or 'omniglot-20w1s'}: {run.way}-way {run.shot}-shot, {run.query} queries, {run.image_size}x{run.image_size}x"
+              f"{run.in_channels}, Conv4-{run.channels}, {run.steps} inner steps, second order, meta-batch {run.meta_batch}, {device}")
+        if not run.skip_check:
+            worst = check_gradients(run)
+            verdict = "same meta-gradient" if worst < 1e-6 else "MISMATCH"
+            print(f"float64 meta-gradient, engine vs reference: max relative difference {worst:.2e} ({verdict})")
+        impls = tuple(i for i in IMPLEMENTATIONS if (i != "engine-graph" or cuda) and (i != "reference+alloc" or not cuda))
+        found = _run_workers(run, impls)
+        _print_results(found, run.meta_batch, "tasks/s")
+        results += found
+        if run.mc:
+            found = _run_workers(run, ("mc-sequential", "mc-batched"))
+            print(f"Meta-Dropout meta-test, S = {run.mc} noise samples per inner step, one episode per call:")
+            _print_results(found, 1, "episodes/s")
+            results += found
+        if run.profile:
+            print(profile_engine(run))
     return results
 
 

@@ -4,6 +4,8 @@ config, and the one way a run is resumed."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,11 @@ IMAGE_CHANNELS = 3  # ordinary training takes RGB; grayscale data is repeated ov
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SCHEMAS = {"bilevel": Config, "meta-train": MetaTrainConfig, "transfer": TransferConfig}
 COMMANDS = {"bilevel": "metareg train", "meta-train": "metareg perturb meta-train", "transfer": "metareg perturb transfer"}
+
+
+def command_line() -> str:
+    """How this process was started, as a metareg command (recorded in checkpoints and provenance)."""
+    return " ".join(["metareg", *sys.argv[1:]]) if sys.argv else ""
 
 
 def kind_of(config: Any) -> str:
@@ -91,6 +98,15 @@ def resolve_strategy(strategy: str, device: torch.device, backbone: str) -> str:
     return "vmap" if device.type == "cuda" or backbone == "mlp" else "loop"
 
 
+def resolve_mc_batch(choice: str, device: torch.device, model: torch.nn.Module) -> bool:
+    """Whether the inner loop's Monte-Carlo samples run as one batched pass. ``auto``: on CUDA,
+    where one large pass beats S small ones, if the model can stack copies; on the CPU the S passes
+    are as fast (the convolutions already run near the CPU's peak; ``metareg bench --mc``)."""
+    if choice == "auto":
+        return device.type == "cuda" and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return choice == "batched"
+
+
 def build_network(name: str, num_classes: int, image_size: int, options: dict[str, Any], perturbation: Any = None) -> torch.nn.Module:
     """A backbone in its ordinary-training form (running batch-norm statistics, He init), RGB input."""
     extra = {} if perturbation is None else {"perturbation": perturbation}
@@ -98,10 +114,15 @@ def build_network(name: str, num_classes: int, image_size: int, options: dict[st
 
 
 # -------------------------------------------------------------------------------- run folders
-def prepare_run_folder(out: Path, resume: bool, config: Any, main: bool = True) -> None:
+def prepare_run_folder(out: Path, resume: bool, config: Any, main: bool = True, started: bool | None = None) -> None:
     """A new run needs a folder without a checkpoint (its resolved config goes to config.json);
-    ``resume`` needs one with a checkpoint."""
-    check_run_folder(out, resume, CHECKPOINT)
+    ``resume`` needs one with a checkpoint (or, with ``started``, whatever says the run began)."""
+    if started is None:
+        check_run_folder(out, resume, CHECKPOINT)
+    elif started and not resume:
+        raise ConfigError(f"run folder {out} already holds a started run: pass --resume to continue it, or choose another --out")
+    elif resume and not started:
+        raise CheckpointError(f"nothing to resume: {out} holds no started run")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -109,7 +130,16 @@ def prepare_run_folder(out: Path, resume: bool, config: Any, main: bool = True) 
 
 
 def read_run(path: str | Path) -> tuple[str, Any]:
-    """(kind, config) of a run folder or its checkpoint.json, from the checkpoint's record."""
+    """(kind, config) of a run folder or its checkpoint.json, from the checkpoint's record (or, for a
+    run that has none yet, such as a transfer still choosing its hyperparameters, its config.json)."""
+    folder = Path(path)
+    if folder.is_dir() and not (folder / f"{CHECKPOINT}.json").exists() and (folder / "config.json").is_file():
+        stored = read_record_json(folder / "config.json")
+        kind = stored.pop("kind", "bilevel")
+        try:
+            return kind, SCHEMAS[kind].from_dict(stored)
+        except (KeyError, TypeError, MetaregError) as err:
+            raise CheckpointError(f"{folder / 'config.json'} holds no valid {kind} config ({err})") from None
     json_path, meta = read_checkpoint_meta(path, CHECKPOINT)
     kind = meta.get("kind", "bilevel")
     if kind not in SCHEMAS:
@@ -118,6 +148,16 @@ def read_run(path: str | Path) -> tuple[str, Any]:
         return kind, SCHEMAS[kind].from_dict(meta["config"])
     except (KeyError, TypeError, MetaregError) as err:
         raise CheckpointError(f"{json_path} holds no valid {kind} config ({err})") from None
+
+
+def read_record_json(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} is not a run's config")
+    return values
 
 
 def config_of_run(path: str | Path, kind: str) -> Any:

@@ -20,7 +20,7 @@ from ..meta.bilevel import BilevelLearner, select_fast
 from ..meta.trainer import MetaTrainer
 from ..nets import create_model
 from ..perturb import build_perturbation
-from .common import config_of_run, dtype_of, prepare_run_folder, resolve_device, resolve_strategy
+from .common import command_line, config_of_run, dtype_of, prepare_run_folder, resolve_device, resolve_mc_batch, resolve_strategy
 
 
 def is_regression(config: Config) -> bool:
@@ -48,6 +48,7 @@ def build_learner(config: Config) -> BilevelLearner:
     params = dict(model.named_parameters())
     fast = {n: params[n] for n in select_fast(model, config.inner.fast)}
     groups = model.layer_groups() if hasattr(model, "layer_groups") else None
+    device = resolve_device(config.device)
     inner = build_inner_rule(fast, step=config.inner.step, lr=config.inner.lr, steps=config.inner.steps, transforms=config.inner.transforms,
                              groups=groups)
     return BilevelLearner(
@@ -60,7 +61,8 @@ def build_learner(config: Config) -> BilevelLearner:
         fast=config.inner.fast,
         mc_samples=config.inner.mc_samples,
         eval_mc_samples=config.inner.eval_mc_samples,
-        strategy=resolve_strategy(config.train.strategy, resolve_device(config.device), config.model.backbone),
+        strategy=resolve_strategy(config.train.strategy, device, config.model.backbone),
+        mc_batch=resolve_mc_batch(config.inner.mc_batch, device, model),
     )
 
 
@@ -101,8 +103,9 @@ def meta_test(
     )
 
 
-def train(config: Config, out: str | Path, *, resume: bool = False, progress: bool = True) -> MetaTrainer:
-    """Meta-train ``config`` into run folder ``out`` (or continue it with ``resume``)."""
+def train(config: Config, out: str | Path, *, resume: bool = False, progress: bool = True, deadline: float | None = None) -> MetaTrainer:
+    """Meta-train ``config`` into run folder ``out`` (or continue it with ``resume``); past
+    ``deadline`` (``time.monotonic()``) stop with a checkpoint (``trainer.finished`` is then false)."""
     out = Path(out)
     prepare_run_folder(out, resume, config)
     device = resolve_device(config.device)
@@ -123,7 +126,8 @@ def train(config: Config, out: str | Path, *, resume: bool = False, progress: bo
     trainer = MetaTrainer(
         learner, source, out=out, iterations=t.iterations, meta_batch=t.meta_batch, meta_lr=t.meta_lr, clip=t.clip,
         seed=config.seed, device=device, dtype=dtype, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-        val_every=t.val_every, validate=validate, meta={"config": config.to_dict(), "kind": "bilevel"}, progress=progress,
+        val_every=t.val_every, validate=validate, meta={"config": config.to_dict(), "kind": "bilevel", "command": command_line()}, progress=progress,
+        cuda_graph=t.cuda_graph, deadline=deadline,
     )
     if resume:
         trainer.resume()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+
+# What a run's log says when it stopped because it diverged (metareg.meta.loop's messages).
+DIVERGED = re.compile(r"became (nan|inf|-inf)|non-finite values|the loss on the new weights|update overflowed")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class Experiment:
     runs: tuple[Run, ...]
     columns: tuple[str, ...]
     figure: str | None = None  # "mask-fractions": draw Figure 6.1; "seeds": transfer accuracies over seeds
+    scale: float = 1.0  # 100: accuracies reported in %
+    pairs: tuple[tuple[str, str], ...] = ()  # (row A, row B): A - B on the same episodes, per column
 
 
 def _table_6_1() -> Experiment:
@@ -150,14 +156,34 @@ def _metaperturb_finetuning(seeds: tuple[int, ...] = (0, 1, 2)) -> Experiment:
                       ("Fine-tuning", "Fine-tuning + MetaPerturb"), figure="seeds")
 
 
-EXPERIMENTS = {e.name: e for e in (_table_6_1(), _table_6_2(), _figure_6_1(), _dropgrad_figure_2(),
+def _metadropout_table_1() -> Experiment:
+    """Meta-Dropout Table 1: MAML and Meta-SGD with and without Meta-Dropout on the four settings, at
+    the paper's schedule (60000 meta-iterations each: a GPU's work, run in --time-budget chunks)."""
+    from .presets import _BASES, PRESETS
+
+    rows = (("MAML", ""), ("MAML + Meta-dropout", "-metadropout"), ("Meta-SGD", "-metasgd"), ("Meta-SGD + Meta-dropout", "-metasgd-metadropout"))
+    runs = []
+    for base, (_, column) in _BASES.items():  # the Omniglot 1-shot pair first: with a GPU's chunks, it finishes first
+        for label, suffix in rows:
+            preset = PRESETS[base + suffix]
+            shot = preset.values["data"]["shot"]
+            paper = re.search(r"(\d+\.\d+ \+- \d+\.\d+)$", preset.paper)
+            runs.append(Run(base + suffix, base + suffix, shots=(shot,), paper={shot: paper.group(1)} if paper else {}, row=label,
+                            column=column))
+    return Experiment("metadropout-table-1", "Few-shot classification accuracy (%), Meta-Dropout Table 1", "Meta-Dropout Table 1",
+                      tuple(runs), tuple(column for _, column in _BASES.values()), scale=100.0,
+                      pairs=(("MAML + Meta-dropout", "MAML"), ("Meta-SGD + Meta-dropout", "Meta-SGD")))
+
+
+EXPERIMENTS = {e.name: e for e in (_table_6_1(), _table_6_2(), _figure_6_1(), _dropgrad_figure_2(), _metadropout_table_1(),
                                    _metaperturb("miniimagenet", ("conv4", "resnet20")), _metaperturb("omniglot", ("resnet20",)),
                                    _metaperturb_finetuning())}
 
 
 # ------------------------------------------------------------------------------------- running
-def _train(run: Run, folder: Path, iterations: int | None, log: Path) -> str:
-    """Train one run to completion (resuming if it was started); returns "done" or "diverged"."""
+def _train(run: Run, folder: Path, iterations: int | None, log: Path, deadline: float | None = None) -> str:
+    """Train one run to completion (resuming if it was started); returns "done", "diverged", or
+    "unfinished" (stopped at the grid's ``deadline``, or not started before it)."""
     checkpoint = folder / "checkpoint.json"
     episodic = run.command == "train"
     command = ["train", "--no-test"] if episodic else ["perturb", run.command]
@@ -176,13 +202,19 @@ def _train(run: Run, folder: Path, iterations: int | None, log: Path) -> str:
             cmd += ["--seed", str(run.seed)]
     if iterations:
         cmd += ["--iterations" if episodic else "--steps", str(iterations)]
+    if deadline is not None:
+        remaining = int(deadline - time.monotonic())
+        if remaining < 1:
+            return "unfinished"
+        cmd += ["--time-budget", str(remaining)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
+    start = log.stat().st_size if log.exists() else 0
     with log.open("a") as out:
         done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    text = log.read_text()[start:]
     if done.returncode == 0:
-        return "done"
-    text = log.read_text()
-    if "loss became" in text:
+        return "unfinished" if "time budget of" in text else "done"
+    if DIVERGED.search(text):
         return "diverged"
     raise ConfigError(f"run {run.name} failed (exit {done.returncode}); see {log}")
 
@@ -212,7 +244,10 @@ def _fractions(folder: Path) -> dict[str, float]:
 
 
 def run_experiment(name: str, out: str | Path, *, iterations: int | None = None, episodes: int = 1000, jobs: int = 2,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, deadline: float | None = None) -> Path:
+    """Run (or continue) experiment ``name`` in folder ``out`` and write its report; past
+    ``deadline`` (``time.monotonic()``) runs stop with checkpoints and the report marks them
+    unfinished: running the experiment again continues them."""
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     experiment = EXPERIMENTS[name]
@@ -221,7 +256,7 @@ def run_experiment(name: str, out: str | Path, *, iterations: int | None = None,
     start = time.perf_counter()
 
     def one(run: Run) -> tuple[str, str]:
-        status = _train(run, out / run.name, iterations, out / f"{run.name}.log")
+        status = _train(run, out / run.name, iterations, out / f"{run.name}.log", deadline)
         if progress:
             sys.stderr.write(f"[{time.perf_counter() - start:6.0f} s] {run.name}: {status}\n")  # one write: no interleaving across jobs
             sys.stderr.flush()
@@ -229,8 +264,12 @@ def run_experiment(name: str, out: str | Path, *, iterations: int | None = None,
 
     statuses: dict[str, str] = {}
     for stage in sorted({r.stage for r in experiment.runs}):  # transfers use the phi and source networks of stage 0
+        runs = [r for r in experiment.runs if r.stage == stage]
+        if stage > 0 and any(statuses[r.name] == "unfinished" for r in experiment.runs if r.stage < stage):
+            statuses |= {r.name: "unfinished" for r in runs}  # their phi or source network is not ready
+            continue
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            statuses |= dict(pool.map(one, [r for r in experiment.runs if r.stage == stage]))
+            statuses |= dict(pool.map(one, runs))
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for run in experiment.runs:
         if statuses[run.name] == "done" and run.command != "meta-train" and run.stage > 0:
@@ -248,21 +287,29 @@ def run_experiment(name: str, out: str | Path, *, iterations: int | None = None,
         report += _fraction_table(stats)
         png = _plot_fractions(stats, out / "figure-6.1.png")
         report += f"\n![fractions]({png.name})\n" if png else "\n(matplotlib is not installed: no PNG)\n"
+    unfinished = [name for name, status in statuses.items() if status == "unfinished"]
+    if unfinished:
+        report += (f"\n**Unfinished** (time budget): {', '.join(unfinished)}. Run `metareg reproduce {name} --out {out}` "
+                   "again to continue them from their checkpoints.\n")
     path = out / f"{experiment.name}.md"
     path.write_text(report)
     return path
 
 
 # ------------------------------------------------------------------------------------ reporting
-def _cell(result: dict[str, Any] | None, status: str) -> str:
+def _cell(result: dict[str, Any] | None, status: str, scale: float = 1.0) -> str:
     if status == "diverged":
         return "diverged (NaN/Inf loss)"
+    if status == "unfinished":
+        return "unfinished"
     if result is None:
         return "-"
-    return f"{result['mean']:.2f} +- {result['ci95']:.2f}"
+    return f"{result['mean'] * scale:.2f} +- {result['ci95'] * scale:.2f}"
 
 
 def _markdown(experiment: Experiment, statuses: dict[str, str], results: dict, iterations: int | None, episodes: int) -> str:
+    from ..evaluate.stats import paired_difference
+
     schedule = f"{iterations} meta-iterations (reduced schedule)" if iterations else "the preset's full schedule"
     lines = [f"# {experiment.title}", "", f"Reproduces {experiment.source}. Ours: mean +- 95% CI over {episodes} test tasks "
              f"(fixed stream, seed 1234), {schedule}" + ("; paper in brackets." if any(r.paper for r in experiment.runs) else "."), ""]
@@ -271,7 +318,7 @@ def _markdown(experiment: Experiment, statuses: dict[str, str], results: dict, i
         status = statuses[run.name]
         if experiment.figure is None and run.column:  # one run per cell, shot 10
             shot = run.shots[0]
-            cell = _cell(results.get(run.name, {}).get(shot), status)
+            cell = _cell(results.get(run.name, {}).get(shot), status, experiment.scale)
             by_row.setdefault(run.row, {})[run.column] = cell + (f" [{run.paper[shot]}]" if shot in run.paper else "")
         else:  # one run per row, one column per shot
             for column, shot in zip(experiment.columns, run.shots):
@@ -281,6 +328,17 @@ def _markdown(experiment: Experiment, statuses: dict[str, str], results: dict, i
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, cells in by_row.items():
         lines.append("| " + " | ".join([row, *(cells.get(c, "-") for c in experiment.columns)]) + " |")
+    for a, b in experiment.pairs:  # paired differences on the same episodes
+        cells = []
+        for column in experiment.columns:
+            one = [next((r for r in experiment.runs if r.row == row and r.column == column), None) for row in (a, b)]
+            found = [results.get(r.name, {}).get(r.shots[0]) if r else None for r in one]
+            if None in found:
+                cells.append("-")
+                continue
+            d = paired_difference(found[0]["scores"], found[1]["scores"])
+            cells.append(f"{d.mean * experiment.scale:+.2f} +- {d.ci95 * experiment.scale:.2f}")
+        lines.append("| " + " | ".join([f"{a} - {b} (paired)", *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -372,3 +430,32 @@ def _plot_fractions(stats: dict[str, tuple[int, dict[str, tuple[float, float]]]]
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plan(name: str, out: str | Path) -> str:
+    """What is left of experiment ``name`` in folder ``out``: each run's progress, its measured
+    speed and the time it still needs, and the command that continues the grid in chunks."""
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    from .presets import get_preset
+
+    out = Path(out)
+    lines, left = [f"{name}: {len(EXPERIMENTS[name].runs)} runs in {out}"], 0.0
+    for run in EXPERIMENTS[name].runs:
+        preset = get_preset(run.preset).values
+        total = preset["train"]["iterations"] if run.command == "train" else preset["optim"]["steps"]
+        checkpoint, log = out / run.name / "checkpoint.json", out / run.name / "log.csv"
+        done = json.loads(checkpoint.read_text())["step"] if checkpoint.exists() else 0
+        rate = None
+        if log.exists():
+            rows = [r for r in log.read_text().splitlines()[1:] if r]
+            if rows:
+                per_s = float(rows[-1].split(",")[-1] or 0)
+                rate = per_s / (preset["train"]["meta_batch"] if run.command == "train" else 1)
+        need = (total - done) / rate if rate else None
+        left += need or 0
+        when = f", {rate:.2f} it/s: {need / 60:.0f} min left" if need is not None else (", not started" if not done else "")
+        lines.append(f"  {run.name:<36} {done:>6} / {total} iterations{when}")
+    lines.append(f"measured time left: {left / 60:.0f} min (runs not started yet not counted); continue in chunks with: "
+                 f"metareg reproduce {name} --out {out} --time-budget SECONDS")
+    return "\n".join(lines)

@@ -12,6 +12,8 @@ running statistics; one deterministic pass otherwise.
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +24,20 @@ from torch import Tensor, nn
 from ..checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, state_to_tensors, tensors_to_state, write_json_atomic
 from ..config import ImageDataConfig, PerturbConfig, TransferConfig
 from ..data.augment import normalize, to_channels, training_batch
-from ..data.labeled import LabeledImages, choose_classes, keep_classes, load_labeled, split_per_class, take_per_class
+from ..data.labeled import LabeledImages, choose_classes, hold_out, keep_classes, load_labeled, split_per_class, take_per_class
 from ..errors import CheckpointError, ConfigError, DataError, DivergenceError
 from ..evaluate.calibration import expected_calibration_error, reliability
 from ..evaluate.episodes import EvalResult
+from ..evaluate.stats import paired_difference
 from ..meta.loop import StepLoop, checkpoint_problem, nonfinite_count, optimizer_tensors
 from ..nets.modes import eval_mode, perturbation_strength, set_training_progress
-from ..nets.slots import perturbation_parameter_names
+from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
 from ..perturb import MetaPerturb, build_perturbation
 from ..perturb.pretrained import phi_info
 from ..seeds import derive_seed, seeded
 from .common import IMAGE_CHANNELS, build_network, config_of_run, dtype_of, prepare_run_folder, resolve_device
 
+CHECKPOINT_JSON = f"{CHECKPOINT}.json"
 COLUMNS = ["step", "loss", "accuracy", "lr", "strength", "test_accuracy", "seconds", "images_per_s"]
 
 
@@ -52,7 +56,7 @@ def learning_rate(base: float, step: int, steps: int, milestones: list[float], g
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, *, samples: int, channels: int, device: torch.device, dtype: torch.dtype,
             seed: int, sample: bool = True, batch_size: int = 250) -> Tensor:
-    """Class probabilities of ``images`` (uint8), the softmax averaged over ``samples`` forward
+    """Class probabilities of ``images`` (uint8, or floating-point pixels in [0, 1]), the softmax averaged over ``samples`` forward
     passes (the perturbation's noise, when ``sample``), in eval mode; reproducible for a ``seed``
     (torch's generator is forked, so the caller's random state is untouched)."""
     out = []
@@ -94,19 +98,22 @@ class TransferTrainer:
                  dtype: torch.dtype, steps: int, batch_size: int, lr: float, weight_decay: float, milestones: list[float], gamma: float,
                  augment: bool, seed: int, sample_at_test: bool = False, channels: int = IMAGE_CHANNELS, eval_every: int | None = None,
                  eval_mc_samples: int = 5, log_every: int = 50, checkpoint_every: int = 500, meta: dict[str, Any] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, deadline: float | None = None):
         self.model, self.train, self.test, self.out = model, train, test, Path(out)
+        self.deadline, self.finished = deadline, False
         self.device, self.dtype, self.channels, self.seed = device, dtype, channels, seed
         self.steps, self.batch_size, self.lr, self.milestones, self.gamma = steps, batch_size, lr, milestones, gamma
         self.augment, self.sample_at_test = augment, sample_at_test
         self.eval_every, self.eval_mc_samples = eval_every, eval_mc_samples
         self.log_every, self.checkpoint_every, self.meta, self.progress = log_every, checkpoint_every, meta or {}, progress
-        learned = [n for n, p in model.named_parameters() if p.requires_grad and n in set(perturbation_parameter_names(model))]
-        if learned:
-            raise ConfigError(f"the perturbation's parameters must be frozen when transferring ({', '.join(learned[:3])}...): "
-                              "load a meta-trained phi (metareg.perturb.pretrained.load_phi)")
+        # A meta-learned function (MetaPerturb's phi) is fixed at meta-test time; a baseline's own
+        # parameters (Information Dropout's and VIB's noise scales) train with the network, as in their papers.
+        shared = getattr(model, "perturbation_function", None)
+        if shared is not None and any(p.requires_grad for p in shared.parameters()):
+            raise ConfigError("MetaPerturb's phi must be frozen when transferring: load a meta-trained phi (perturb.phi: builtin or a run)")
         self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
         self.step, self.seconds = 0, 0.0
+        self.tail: list[Tensor] = []  # training-batch accuracies of the last 10% of the steps (the final training accuracy)
 
     def train_step(self, step: int) -> dict[str, Tensor]:
         set_training_progress(self.model, step / max(self.steps, 1))  # MetaPerturb's annealed strength
@@ -118,13 +125,17 @@ class TransferTrainer:
         x, y = x.to(self.device), y.to(self.device)
         torch.manual_seed(derive_seed(self.seed, step, 2))  # the perturbation's noise
         self.model.train()
-        out = self.model(x, sample=True)
-        loss = F.cross_entropy(out, y)
+        with recording() as record:
+            out = self.model(x, sample=True)
+        loss = perturbed_loss(F.cross_entropy, out, y, record)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.detach(), "accuracy": (out.argmax(1) == y).float().mean(), "lr": torch.tensor(lr),
-                "strength": torch.tensor(perturbation_strength(self.model))}
+        accuracy = (out.argmax(1) == y).float().mean()
+        if step >= self.steps - max(1, self.steps // 10):
+            self.tail.append(accuracy)
+        return {"loss": loss.detach(), "accuracy": accuracy, "lr": torch.tensor(lr),
+                "strength": torch.tensor(perturbation_strength(self.model))} | record.metrics
 
     def check(self) -> str | None:
         """None if the state about to be saved is good: every tensor finite, and a finite loss of
@@ -152,10 +163,13 @@ class TransferTrainer:
         def evaluate() -> dict[str, float]:
             return {"test_accuracy": self.evaluate(self.eval_mc_samples)[1].mean().item()}
 
-        loop = StepLoop(self.out, self.steps, self.log_every, self.checkpoint_every, COLUMNS, eval_every=self.eval_every,
+        # MetaPerturb's diagnostics: the mean noise z and scale s of every perturbed block (as the released code meters them)
+        blocks = sorted(m.index for m in self.model.modules() if isinstance(m, MetaPerturb))
+        columns = COLUMNS[:-2] + [f"z{i}" for i in blocks] + [f"s{i}" for i in blocks] + COLUMNS[-2:]
+        loop = StepLoop(self.out, self.steps, self.log_every, self.checkpoint_every, columns, eval_every=self.eval_every,
                         shown=("loss", "accuracy", "test_accuracy"), per_step=self.batch_size, desc="train", progress=self.progress,
-                        hint="lower optim.lr", rate_column="images_per_s")
-        loop.run(self.train_step, self, evaluate=evaluate if self.eval_every else None, resume_log=resume_log)
+                        hint="lower optim.lr", rate_column="images_per_s", deadline=self.deadline)
+        self.finished = loop.run(self.train_step, self, evaluate=evaluate if self.eval_every else None, resume_log=resume_log)
 
     def final_test(self, samples: int, protocol: dict[str, Any]) -> tuple[EvalResult, dict[str, Any]]:
         """The test set's per-image correctness (an :class:`EvalResult`, paired across models tested
@@ -167,7 +181,9 @@ class TransferTrainer:
                                   "optim.lr")
         nll = F.nll_loss(probabilities.clamp_min(1e-12).log(), self.test.labels).item()
         extra = {"nll": nll, "ece": expected_calibration_error(probabilities, self.test.labels),
-                 "reliability": reliability(probabilities, self.test.labels)}
+                 "reliability": reliability(probabilities, self.test.labels),
+                 # the perturbed training batches' accuracy over the last 10% of the steps (how well the network fits)
+                 "final_train_accuracy": torch.stack(self.tail).mean().item() if self.tail else None}
         info = protocol | {"mc_samples": self.samples(samples), "test_images": len(self.test)}
         return EvalResult(correct, info), extra
 
@@ -218,6 +234,11 @@ def _source_state(run: str | Path) -> tuple[dict[str, Tensor], str]:
     return tensors, prefix
 
 
+def samples_at_test(config: TransferConfig) -> bool:
+    """Whether the run's perturbation samples at test time (its predictions are MC averages)."""
+    return bool(getattr(perturbation_factory(config.perturb), "sample_at_test", False))
+
+
 def load_transfer_model(run: str | Path) -> tuple[TransferConfig, nn.Module]:
     """The trained network of a transfer run (with its perturbation slots), on the CPU, in eval mode."""
     config = config_of_run(run, "transfer")
@@ -232,12 +253,96 @@ def load_transfer_model(run: str | Path) -> tuple[TransferConfig, nn.Module]:
     return config, net.eval()
 
 
-def transfer(config: TransferConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train and test a network on a target data set (Algorithm 2); returns the ``test.json`` record."""
+# Hyperparameter candidates of the baselines, chosen on a validation split (``--select``).
+SELECTION_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "information-dropout": {"beta": [1e-5, 1e-4, 1e-3]},
+    "vib": {"beta": [1e-5, 1e-4, 1e-3]},
+    "dropblock": {"p": [0.05, 0.1, 0.2], "block_size": [3, 7]},
+    "mixup": {"gamma": [0.2, 1.0, 2.0]},
+    "manifold-mixup": {"gamma": [0.2, 1.0, 2.0]},
+    "dropout": {"p": [0.1, 0.3, 0.5]},
+    "spatial-dropout": {"p": [0.1, 0.3, 0.5]},
+}
+VALIDATION_FRACTION = 0.2  # of each class's training images, held out to choose the hyperparameters
+
+
+def candidates(name: str) -> list[dict[str, Any]]:
+    """Every combination of a perturbation's hyperparameter grid."""
+    if name not in SELECTION_GRIDS:
+        raise ConfigError(f"no hyperparameters to select for perturbation {name!r} (grids exist for {', '.join(SELECTION_GRIDS)})")
+    grid = SELECTION_GRIDS[name]
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def transfer(config: TransferConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+             deadline: float | None = None) -> dict[str, Any] | None:
+    """Train and test a network on a target data set (Algorithm 2); returns the ``test.json`` record,
+    or None when it stopped at the ``deadline`` before the end (with checkpoints to resume).
+
+    ``config.select``: first choose the perturbation's hyperparameters (:data:`SELECTION_GRIDS`) on a
+    validation split held out from the training images (:data:`VALIDATION_FRACTION` of each class,
+    fixed by ``data.seed``): every candidate is trained on the rest with the run's schedule, in
+    ``out/selection/<i>/`` (each resumable); the best validation accuracy wins (``selection.json``),
+    then the network is trained on all the training images with it and tested."""
     out = Path(out)
-    prepare_run_folder(out, resume, config)
-    device, dtype = resolve_device(config.device), dtype_of(config)
+    prepare_run_folder(out, resume, config, started=(out / CHECKPOINT_JSON).exists() or (out / "selection").is_dir())
     train, test = target_data(config.data)
+    if config.select:
+        chosen = select_options(config, out, train, progress=progress, deadline=deadline)
+        if chosen is None:
+            return None
+        config.perturb.options = config.perturb.options | chosen
+    record = fit(config, train, test, out, resume=(out / CHECKPOINT_JSON).exists(), progress=progress, deadline=deadline)
+    if record is None or not config.against_base or config.perturb.name == "none":
+        return record
+    base = base_run(out)
+    base_config = TransferConfig.from_dict(config.to_dict())
+    base_config.perturb.name, base_config.perturb.options, base_config.select, base_config.against_base = "none", {}, False, False
+    if not (base / "test.json").is_file():
+        if not (base / CHECKPOINT_JSON).exists():
+            prepare_run_folder(base, False, base_config)
+        if fit(base_config, train, test, base, resume=(base / CHECKPOINT_JSON).exists(), progress=progress, deadline=deadline) is None:
+            return None
+    base_record = json.loads((base / "test.json").read_text())
+    difference = paired_difference(record["scores"], base_record["scores"])
+    return record | {"base": base_record, "difference": {"mean": difference.mean, "ci95": difference.ci95, "n": difference.n}}
+
+
+def base_run(out: str | Path) -> Path:
+    """Where ``--against-base`` trains the Base network beside run ``out``."""
+    return Path(f"{out}-base")
+
+
+def select_options(config: TransferConfig, out: Path, train: LabeledImages, *, progress: bool, deadline: float | None) -> dict[str, Any] | None:
+    """The best of the perturbation's candidate options on a held-out validation split (None if the
+    deadline came first; the finished candidates are kept)."""
+    record_path = out / "selection.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())["chosen"]
+    rest, validation = hold_out(train, VALIDATION_FRACTION, config.data.seed)
+    results = []
+    for i, options in enumerate(candidates(config.perturb.name)):
+        trial = TransferConfig.from_dict(config.to_dict())
+        trial.select, trial.perturb.options = False, config.perturb.options | options
+        folder = out / "selection" / str(i)
+        if (folder / "test.json").is_file():
+            record = json.loads((folder / "test.json").read_text())
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            record = fit(trial, rest, validation, folder, resume=(folder / CHECKPOINT_JSON).exists(), progress=progress, deadline=deadline)
+            if record is None:
+                return None
+        results.append({"options": options, "validation_accuracy": record["mean"]})
+    best = max(results, key=lambda r: r["validation_accuracy"])
+    write_json_atomic(record_path, {"perturbation": config.perturb.name, "validation_fraction": VALIDATION_FRACTION,
+                                    "validation_images": len(validation), "candidates": results, "chosen": best["options"]})
+    return best["options"]
+
+
+def fit(config: TransferConfig, train: LabeledImages, test: LabeledImages, out: Path, *, resume: bool, progress: bool,
+        deadline: float | None) -> dict[str, Any] | None:
+    """Train a network on ``train`` and test it on ``test``, into run folder ``out``."""
+    device, dtype = resolve_device(config.device), dtype_of(config)
     size = config.data.image_size
     factory = perturbation_factory(config.perturb, config.perturb.phi)
     torch.manual_seed(derive_seed(config.seed, 21))
@@ -254,18 +359,22 @@ def transfer(config: TransferConfig, out: str | Path, *, resume: bool = False, p
                               weight_decay=o.weight_decay, milestones=o.milestones, gamma=o.gamma, augment=o.augment, seed=config.seed,
                               sample_at_test=getattr(factory, "sample_at_test", False), eval_every=config.eval_every,
                               eval_mc_samples=config.eval_mc_samples, log_every=o.log_every, checkpoint_every=o.checkpoint_every,
-                              meta={"config": config.to_dict(), "kind": "transfer", "num_classes": train.num_classes}, progress=progress)
+                              meta={"config": config.to_dict(), "kind": "transfer", "num_classes": train.num_classes}, progress=progress,
+                              deadline=deadline)
     if resume:
         trainer.resume()
     trainer.run(resume_log=resume)
+    if not trainer.finished:
+        return None
     d = config.data
     protocol = {"kind": "transfer", "data": d.name, "train_split": d.train_split, "test_split": d.test_split, "image_size": size,
                 "classes": train.num_classes, "train_per_class": d.train_per_class, "test_per_class": d.test_per_class,
-                "data_seed": d.seed, "options": d.options}
+                "data_seed": d.seed, "options": d.options, "test_images": len(test)}
     result, extra = trainer.final_test(config.perturb.mc_samples, protocol)
-    record = result.to_dict() | extra | {"backbone": config.model.backbone, "perturbation": config.perturb.name, "phi": phi_record,
-                                         "init_from": config.init_from, "seed": config.seed, "steps": trainer.step,
-                                         "train_images": len(train), "training_seconds": round(trainer.seconds, 1)}
+    record = result.to_dict() | extra | {"backbone": config.model.backbone, "perturbation": config.perturb.name,
+                                         "perturbation_options": config.perturb.options, "phi": phi_record, "init_from": config.init_from,
+                                         "seed": config.seed, "steps": trainer.step, "train_images": len(train),
+                                         "training_seconds": round(trainer.seconds, 1)}
     write_json_atomic(out / "test.json", record)
     return record
 

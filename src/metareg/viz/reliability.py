@@ -1,5 +1,6 @@
-"""Reliability diagrams (MetaPerturb Figure 6(d)) from transfer runs' ``test.json``: accuracy against
-confidence in equal confidence bins, the diagonal being perfect calibration; the legend gives ECE."""
+"""Reliability diagrams (MetaPerturb Figure 6(d)) from the ``test.json`` of transfer runs or episodic
+runs (over all query predictions): accuracy against confidence in equal confidence bins, the
+diagonal being perfect calibration; the legend gives ECE."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def _result(run: str | Path) -> dict:
         result = json.loads(path.read_text())
         result["reliability"]["count"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{path} is not the test result of a transfer run (metareg perturb transfer)") from None
+        raise ConfigError(f"{path} is not a test result with calibration (metareg test of a classification run, or metareg perturb "
+                          "transfer)") from None
     return result
 
 
