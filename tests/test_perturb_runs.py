@@ -123,7 +123,7 @@ def test_split_per_class_is_fixed_and_checks_sizes():
 
 
 def test_tasks_are_shared_equally_between_processes():
-    assert World(rank=1, size=2).share(10) == [5, 6, 7, 8, 9]
+    assert list(World(rank=1, size=2).share(10)) == [5, 6, 7, 8, 9]
     with pytest.raises(ConfigError, match="cannot be shared equally"):
         World(rank=0, size=3).share(10)
 

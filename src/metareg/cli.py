@@ -263,23 +263,31 @@ def _stopped(args: argparse.Namespace, command: str, out: Path, step: int, total
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .meta.distributed import session
+    from .runs.common import resolve_device
     from .runs.episodic import meta_test, save_result, train
 
     config = _run_config(args, "bilevel")
     out = Path(args.out or f"runs/{config.preset or config.data.name}")
-    print(f"run folder: {out}", file=sys.stderr)
-    trainer = train(config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline)
-    if not trainer.finished:
-        return _stopped(args, "metareg train", out, trainer.step, config.train.iterations)
-    print(f"meta-trained {trainer.step} iterations in {trainer.seconds:.0f} s; checkpoint {out / 'checkpoint.json'}")
-    if not args.no_test:
-        result = meta_test(config, trainer.learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot,
-                           progress=not args.no_progress, attack=_attack(args))
-        save_result(result, out / "test.json")
-        _report("test", result)
+    with session(resolve_device(config.device)) as world:
+        main = world.is_main
+        if main:
+            processes = f" ({world.size} processes, {'nccl' if world.device.type == 'cuda' else 'gloo'})" if world.distributed else ""
+            print(f"run folder: {out}{processes}", file=sys.stderr)
+        trainer = train(config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline, world=world)
+        if not trainer.finished:
+            return _stopped(args, "metareg train", out, trainer.step, config.train.iterations) if main else None
+        if main:
+            print(f"meta-trained {trainer.step} iterations in {trainer.seconds:.0f} s; checkpoint {out / 'checkpoint.json'}")
+        if not args.no_test:
+            result = meta_test(config, trainer.learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot,
+                               progress=not args.no_progress, attack=_attack(args), world=world)
+            if main:
+                save_result(result, out / "test.json")
+                _report("test", result)
 
 
-def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = None) -> tuple[Any, Any]:
+def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = None, world: Any = None) -> tuple[Any, Any]:
     """(result, config): a stored result file (config None), or a checkpoint tested now
     (on ``protocol_config``'s episodes if given)."""
     from .config import validate
@@ -316,8 +324,10 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
         config.inner.eval_mc_samples = args.mc_samples
         validate(config)
     _, learner = load_learner(path, config)
+    if world is not None:
+        learner = learner.to(world.device)
     return meta_test(config, learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress,
-                     attack=_attack(args)), config
+                     attack=_attack(args), world=world), config
 
 
 def _attack(args: argparse.Namespace) -> Any:
@@ -336,11 +346,22 @@ def _attack(args: argparse.Namespace) -> Any:
     return QueryAttack(make_attack(name, epsilon, steps=args.attack_steps, draws=args.eot))
 
 
+def _session(args: argparse.Namespace):
+    """torchrun's process group for a meta-test (the processes share the episodes), or one process."""
+    from .meta.distributed import session
+    from .runs.common import resolve_device
+
+    return session(resolve_device(args.device or "auto"))
+
+
 def cmd_test(args: argparse.Namespace) -> None:
     from .runs import builtin
     from .runs.episodic import save_result
 
-    result, _ = _model_result(args.checkpoint, args)
+    with _session(args) as world:
+        result, _ = _model_result(args.checkpoint, args, world=world)
+    if not world.is_main:
+        return
     if args.out:
         target = Path(args.out)
     elif builtin.is_builtin(args.checkpoint):  # the package folder is not the user's: write here
@@ -355,8 +376,11 @@ def cmd_test(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from .runs.episodic import compare
 
-    a, config_a = _model_result(args.a, args)
-    b, _ = _model_result(args.b, args, protocol_config=config_a)
+    with _session(args) as world:
+        a, config_a = _model_result(args.a, args, world=world)
+        b, _ = _model_result(args.b, args, protocol_config=config_a, world=world)
+    if not world.is_main:
+        return
     summary = compare(a, b)
     regression = _is_regression(a.protocol)
     print(f"A {args.a}: {_format(summary['a'], regression)}")

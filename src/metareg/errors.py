@@ -24,3 +24,7 @@ class CheckpointError(MetaregError):
 
 class DivergenceError(MetaregError):
     """A loss became NaN or Inf during training."""
+
+
+class DistributedError(MetaregError):
+    """A process of a torchrun run stopped, or a collective timed out: the others stop too."""

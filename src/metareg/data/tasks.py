@@ -37,7 +37,11 @@ class TaskBatch:
 
     def task(self, i: int) -> "TaskBatch":
         """The i-th task as a batch of one."""
-        return TaskBatch(*(t[i : i + 1] for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+        return self.tasks(range(i, i + 1))
+
+    def tasks(self, which: range) -> "TaskBatch":
+        """The tasks ``which`` (a contiguous range) as a batch."""
+        return TaskBatch(*(t[which.start : which.stop] for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
 
 
 class TaskSource(Protocol):

@@ -10,9 +10,10 @@ from torch import Tensor
 
 from ..data.tasks import TaskBatch, TaskSource, on_device
 from ..errors import DivergenceError
+from ..meta.distributed import World
 from ..nets.modes import eval_mode
 from ..progress import Progress
-from ..seeds import seeded
+from ..seeds import derive_seed, seeded
 from .calibration import bin_totals, ece_from_totals, reliability_from_totals
 from .stats import Estimate, mean_ci
 
@@ -49,17 +50,23 @@ class EvalResult:
         return cls(torch.tensor(values["scores"], dtype=torch.float64), values["protocol"], calibration)
 
 
-def episode_stream(source: TaskSource, episodes: int, seed: int, tasks_per_batch: int):
-    """Yield batches of the episode stream fixed by ``seed``: episode i is the i-th single-task
-    draw of a generator seeded with ``seed``, whatever the batch size, so that every model is
-    tested on the same episodes."""
+def episode_stream(source: TaskSource, episodes: int, seed: int, tasks_per_batch: int, keep: range | None = None):
+    """Yield ``(first, batch)``: batches of the episode stream fixed by ``seed`` and the index of
+    their first episode. Episode i is the i-th single-task draw of a generator seeded with ``seed``,
+    whatever the batch size, so that every model is tested on the same episodes. ``keep``: only
+    these episodes are gathered (the others are still drawn, so the stream is the same)."""
     generator = torch.Generator().manual_seed(seed)
-    done = 0
+    keep = keep if keep is not None else range(episodes)
+    done, pending, first = 0, [], None
     while done < episodes:
-        n = min(tasks_per_batch, episodes - done)
-        tasks = [source.sample(1, generator) for _ in range(n)]
-        yield TaskBatch(*(torch.cat(parts) for parts in zip(*((t.support_x, t.support_y, t.query_x, t.query_y) for t in tasks))))
-        done += n
+        task = source.sample(1, generator)
+        if done in keep:
+            first = done if not pending else first
+            pending.append(task)
+        done += 1
+        if pending and (len(pending) == tasks_per_batch or done == episodes or done not in keep):
+            yield first, TaskBatch(*(torch.cat(parts) for parts in zip(*((t.support_x, t.support_y, t.query_x, t.query_y) for t in pending))))
+            pending = []
 
 
 def evaluate(
@@ -77,22 +84,28 @@ def evaluate(
     desc: str = "test",
     protocol: dict[str, Any] | None = None,
     attack: Any = None,
+    world: World | None = None,
 ) -> EvalResult:
     """Adapt to each episode's support set and score its query set. Perturbation noise is drawn
-    from torch's global generator re-seeded with ``seed`` inside a forked RNG scope, so evaluation
-    is reproducible and leaves the caller's random state untouched. A model whose outputs are not
-    finite (diverged weights) is refused with a :class:`~metareg.errors.DivergenceError` rather than
-    scored."""
+    from torch's global generator seeded by (``seed``, the episode's index) inside a forked RNG scope,
+    so evaluation is reproducible, an episode's score does not depend on the others, and the
+    caller's random state is untouched. Under torchrun (``world``) each process scores its block of
+    episodes and the scores are gathered: the same per-episode scores as one process. A model whose
+    outputs are not finite (diverged weights) is refused with a
+    :class:`~metareg.errors.DivergenceError` rather than scored."""
     source = on_device(source, device)  # on a GPU the images move there once
+    world = world or World(device=torch.device(device))
+    mine = world.block(episodes)
     scores, episode_nll = [], []
     classification = learner.task == "classification"
     totals = 0
     nonfinite = torch.zeros((), dtype=torch.long, device=device)
-    bar = Progress(episodes, desc=desc, unit="ep", enabled=progress, leave=False, every=0.25)
+    bar = Progress(len(mine), desc=desc, unit="ep", enabled=progress and world.is_main, leave=False, every=0.25)
     with seeded(seed, device), eval_mode(learner), bar:
-        for batch in episode_stream(source, episodes, seed, tasks_per_batch):
+        for first, batch in episode_stream(source, episodes, seed, tasks_per_batch, keep=mine):
             batch = batch.to(device, dtype)
-            outputs = learner.query_outputs(batch, steps=steps, samples=samples, attack=attack)
+            seeds = [derive_seed(seed, first + i) for i in range(batch.num_tasks)]
+            outputs = learner.query_outputs(batch, steps=steps, samples=samples, attack=attack, seeds=seeds)
             nonfinite += (~torch.isfinite(outputs)).sum()
             scores.append(torch.stack([learner.score(out, y) for out, y in zip(outputs, batch.query_y)]).double())
             if classification:
@@ -102,6 +115,7 @@ def evaluate(
             bar.update(batch.num_tasks)
             if len(scores) % 10 == 0:
                 bar.metrics({"score": mean_ci(torch.cat(scores).cpu()).format(100 if classification else 1)})
+    nonfinite = world.all_reduce_sum(nonfinite)
     if nonfinite.item():
         raise DivergenceError(f"the model's outputs are not finite ({nonfinite.item()} NaN/Inf values on {episodes} test episodes): "
                               "its weights have diverged; test an earlier checkpoint or train again with a lower learning rate")
@@ -110,7 +124,13 @@ def evaluate(
         info["attack"] = attack.describe()
     calibration = None
     if classification:
-        nll = torch.cat(episode_nll).cpu()
+        nll = world.gather_blocks(_cat(episode_nll, device), episodes).cpu()
+        totals = world.all_reduce_sum(totals)
         calibration = {"nll": nll.mean().item(), "episode_nll": nll.tolist(), "ece": ece_from_totals(totals),
                        "reliability": reliability_from_totals(totals)}
-    return EvalResult(torch.cat(scores).cpu(), (protocol or {}) | info, calibration)
+    return EvalResult(world.gather_blocks(_cat(scores, device), episodes).cpu(), (protocol or {}) | info, calibration)
+
+
+def _cat(parts: list[Tensor], device: torch.device | str) -> Tensor:
+    """The concatenation, or an empty float64 tensor (a process with no episode of its own)."""
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)

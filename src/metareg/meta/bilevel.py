@@ -228,7 +228,34 @@ class BilevelLearner(nn.Module):
             scores.append(self.score(out.detach(), batch.query_y[i]))
         return {"loss": torch.stack(losses).mean(), "score": torch.stack(scores).mean()}
 
-    def _meta_backward_vmap(self, batch: TaskBatch) -> dict[str, Tensor]:
+    def task_gradients(self, batch: TaskBatch, total: int) -> tuple[Tensor, list[bool], dict[str, Tensor]]:
+        """The meta-gradients of ``batch``'s tasks for a meta-batch of ``total`` tasks, for the
+        distributed trainer: ``[rows, P]`` rows flattened over the trainable meta-parameters (zeros
+        where a parameter gets none), which parameters got a gradient at all, and each task's
+        ``loss`` and ``score``. ``loop``: one row per task, d(loss_i / total): summed in task order
+        they are bit for bit what :meth:`meta_backward` accumulates into ``.grad`` over the whole
+        meta-batch, whichever process computed them. ``vmap``: one row, the batch's summed gradient."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.strategy == "vmap":
+            losses, scores = self._vmap_losses(batch)
+            grads = [torch.autograd.grad(losses.sum() / total, params, allow_unused=True)]
+        else:
+            grads, losses, scores = [], [], []
+            for i in range(batch.num_tasks):
+                adapted = self.adapt(self.initial_params(), batch.support_x[i], batch.support_y[i])
+                out = self.query_forward(adapted, batch.query_x[i])
+                loss = self.loss(out, batch.query_y[i])
+                grads.append(torch.autograd.grad(loss / total, params, allow_unused=True))
+                losses.append(loss.detach())
+                scores.append(self.score(out.detach(), batch.query_y[i]))
+            losses, scores = torch.stack(losses), torch.stack(scores)
+        used = [any(g[j] is not None for g in grads) for j in range(len(params))]
+        rows = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(row, params)])
+                            for row in grads])
+        return rows, used, {"loss": losses.detach(), "score": scores.detach()}
+
+    def _vmap_losses(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+        """Every task's query loss and score in one ``vmap`` over the tasks."""
         meta_params = self.initial_params()
 
         def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
@@ -236,9 +263,10 @@ class BilevelLearner(nn.Module):
             out = functional_call(self.model, params, (qx,), {"sample": False})
             return self.loss(out, qy), self.score(out, qy)
 
-        losses, scores = torch.func.vmap(one_task, randomness="different")(
-            batch.support_x, batch.support_y, batch.query_x, batch.query_y
-        )
+        return torch.func.vmap(one_task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+
+    def _meta_backward_vmap(self, batch: TaskBatch) -> dict[str, Tensor]:
+        losses, scores = self._vmap_losses(batch)
         losses.mean().backward()
         return {"loss": losses.detach().mean(), "score": scores.detach().mean()}
 
@@ -264,13 +292,17 @@ class BilevelLearner(nn.Module):
         with torch.enable_grad():
             return self.adapt(start, x, y, steps=steps, create_graph=False, samples=samples)
 
-    def query_outputs(self, batch: TaskBatch, *, steps: int | None = None, samples: int | None = None, attack=None) -> Tensor:
+    def query_outputs(self, batch: TaskBatch, *, steps: int | None = None, samples: int | None = None, attack=None,
+                      seeds: list[int] | None = None) -> Tensor:
         """The adapted models' outputs on their query sets, ``[num_tasks, query, outputs]``, no
         meta-graph. ``attack(learner, params, x, y) -> x'`` replaces the query images
-        (``metareg.evaluate.adversarial``)."""
+        (``metareg.evaluate.adversarial``). ``seeds``: torch's generator is seeded before each task
+        (a task's noise then does not depend on the tasks before it)."""
         start = self.detached_params()
         outputs = []
         for i in range(batch.num_tasks):
+            if seeds is not None:
+                torch.manual_seed(seeds[i])
             params = self.adapt_for_test(start, batch.support_x[i], batch.support_y[i], steps=steps, samples=samples)
             query_x = batch.query_x[i] if attack is None else attack(self, params, batch.query_x[i], batch.query_y[i])
             with torch.no_grad():

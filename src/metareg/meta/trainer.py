@@ -3,6 +3,15 @@
 Exact resume: a checkpoint holds the meta-parameters, the optimizer state, the step and every RNG
 state (torch's global generator, which perturbations sample from, and the episode generator), so a
 run killed and resumed on CPU ends with the same weights as an uninterrupted one.
+
+Across processes (torchrun, :class:`~metareg.meta.distributed.World`): every process draws the whole
+meta-batch from the same episode generator and adapts its contiguous share of the tasks; each
+task's meta-gradient is gathered by every process and summed in task order, exactly the sum one
+process accumulates, so every process takes the same clipped Adam step and holds identical
+meta-parameters, and any number of processes gives one process's numbers (with the loop strategy
+and deterministic methods bit for bit; stochastic perturbations draw their noise per process).
+Only the first process writes the log and the checkpoints; a run resumes with any number of
+processes.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from ..errors import CheckpointError
 from ..nets.modes import eval_mode, scheduled
 from ..seeds import derive_seed, seeded
 from .bilevel import BilevelLearner
+from .distributed import World
 from .graphs import CapturedStep, capture_or_none
 from .logging import COLUMNS
 from .loop import StepLoop, checkpoint_problem, nonfinite_count, optimizer_tensors
@@ -59,8 +69,11 @@ class MetaTrainer:
         progress: bool = True,
         cuda_graph: bool = True,
         deadline: float | None = None,
+        world: World | None = None,
     ):
         self.learner = learner
+        self.world = world or World(device=device)
+        self.share = self.world.share(meta_batch)  # this process's tasks of every meta-batch
         self.source = on_device(source, device)  # on a GPU, the images move there once and episodes are gathered there
         self.out = Path(out)
         self.iterations = iterations
@@ -76,7 +89,8 @@ class MetaTrainer:
         self.progress = progress
         # capturable: Adam's step counts stay on the device (no host sync per step; CUDA-graph safe)
         self.optimizer = torch.optim.Adam(learner.parameters(), lr=meta_lr, capturable=device.type == "cuda")
-        self.cuda_graph = cuda_graph and device.type == "cuda" and hasattr(self.source, "draw") and not scheduled(learner)
+        self.cuda_graph = (cuda_graph and device.type == "cuda" and hasattr(self.source, "draw") and not scheduled(learner)
+                           and not self.world.distributed)
         self.graph: CapturedStep | None = None
         self.deadline = deadline
         self.finished = False
@@ -88,11 +102,13 @@ class MetaTrainer:
         self.last_val: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------------------ persistence
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not self.world.is_main:
+            return None
         tensors = {f"param.{n}": p for n, p in self.learner.state_dict().items()}
         tensors |= rng_tensors({"episodes": self.episodes})
         optim = state_to_tensors("optim", self.optimizer.state_dict(), tensors)
-        info = {"optimizer": optim, "seconds": self.seconds, "last_val": self.last_val} | self.meta
+        info = {"optimizer": optim, "seconds": self.seconds, "last_val": self.last_val, "processes": self.world.size} | self.meta
         return save_checkpoint(self.out, CHECKPOINT, tensors, info, self.step)
 
     def resume(self) -> None:
@@ -126,11 +142,27 @@ class MetaTrainer:
         """One meta-update on ``batch``: meta-backward, clip, Adam step. Fixed shapes and no host
         synchronization: on a GPU this (with the episode gather) is what is captured as a graph."""
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = self.learner.meta_backward(batch)
+        metrics = self._gathered_meta_backward(batch) if self.world.distributed else self.learner.meta_backward(batch)
         if self.clip is not None:
             torch.nn.utils.clip_grad_value_(self.learner.parameters(), self.clip)
         self.optimizer.step()
         return metrics
+
+    def _gathered_meta_backward(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """This process's tasks' meta-gradients, gathered from every process and summed in task
+        order into ``.grad`` (the same sum, bit for bit, as one process's accumulation)."""
+        rows, used, metrics = self.learner.task_gradients(batch, total=self.meta_batch)
+        rows = self.world.gather_tasks(rows)
+        total = rows[0].clone()
+        for row in rows[1:]:
+            total += row
+        offset = 0
+        for p, got in zip([p for p in self.learner.parameters() if p.requires_grad], used):
+            if got:
+                p.grad = total[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        gathered = self.world.gather_tasks(torch.stack([metrics["loss"], metrics["score"]], 1))
+        return {"loss": gathered[:, 0].mean(), "score": gathered[:, 1].mean()}
 
     def gathered_update(self, rows: torch.Tensor, turns: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`update` on the episodes of drawn indices, gathered on the device."""
@@ -140,8 +172,8 @@ class MetaTrainer:
         """Meta-iteration ``step`` (0-based): sample tasks, meta-backward, clip, Adam step (replayed
         as a captured CUDA graph where that is possible)."""
         self.learner.set_training_progress(step / max(self.iterations, 1))
-        if not self.cuda_graph:
-            return self.update(self.source.sample(self.meta_batch, self.episodes).to(self.device, self.dtype))
+        if not self.cuda_graph:  # (every process draws the whole meta-batch: the generator stays in step; it adapts its share)
+            return self.update(self.source.sample(self.meta_batch, self.episodes).tasks(self.share).to(self.device, self.dtype))
         rows, turns = self.source.draw(self.meta_batch, self.episodes)
         if self.graph is None:
             self.graph = capture_or_none(self.gathered_update, (rows, turns), modules=[self.learner], optimizers=[self.optimizer],
@@ -158,6 +190,9 @@ class MetaTrainer:
 
         loop = StepLoop(self.out, self.iterations, self.log_every, self.checkpoint_every, COLUMNS, eval_every=self.val_every,
                         shown=("loss", "score", "val_score"), per_step=self.meta_batch, desc="meta-train", progress=self.progress,
-                        hint="lower train.meta_lr or inner.lr, or set train.clip", rate_column="tasks_per_s", deadline=self.deadline)
+                        hint="lower train.meta_lr or inner.lr, or set train.clip", rate_column="tasks_per_s", deadline=self.deadline,
+                        record=self.world.is_main,
+                        agree=(lambda late: bool(self.world.all_reduce_sum(torch.tensor([float(late)], device=self.device)).item()))
+                        if self.world.distributed else None)
         self.finished = loop.run(self.train_step, self, evaluate=validate if self.validate is not None else None, resume_log=resume_log)
         return {"step": self.step, "seconds": self.seconds, "last_val": self.last_val}

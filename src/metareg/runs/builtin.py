@@ -18,7 +18,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CHECKPOINT, load_checkpoint, read_checkpoint_meta, read_record, save_checkpoint, write_json_atomic
+from ..checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    read_checkpoint_meta,
+    read_record,
+    save_checkpoint,
+    write_json_atomic,
+)
 from ..errors import CheckpointError, ConfigError
 
 FOLDER = Path(__file__).with_name("builtin")

@@ -11,7 +11,12 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CHECKPOINT, check_run_folder, read_checkpoint_meta, write_json_atomic
+from ..checkpoint import (
+    CHECKPOINT,
+    check_run_folder,
+    read_checkpoint_meta,
+    write_json_atomic,
+)
 from ..config import Config, MetaTrainConfig, TransferConfig, load_file, merge, validate
 from ..data import get_episodic, labeled_datasets
 from ..errors import CheckpointError, ConfigError, MetaregError

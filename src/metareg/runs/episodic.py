@@ -17,10 +17,19 @@ from ..errors import CheckpointError, ConfigError
 from ..evaluate import EvalResult, evaluate, paired_difference
 from ..inner import build_inner_rule
 from ..meta.bilevel import BilevelLearner, select_fast
+from ..meta.distributed import World
 from ..meta.trainer import MetaTrainer
 from ..nets import create_model
 from ..perturb import build_perturbation
-from .common import command_line, config_of_run, dtype_of, prepare_run_folder, resolve_device, resolve_mc_batch, resolve_strategy
+from .common import (
+    command_line,
+    config_of_run,
+    dtype_of,
+    prepare_run_folder,
+    resolve_device,
+    resolve_mc_batch,
+    resolve_strategy,
+)
 
 
 def is_regression(config: Config) -> bool:
@@ -82,12 +91,14 @@ def meta_test(
     split: str | None = None,
     progress: bool = True,
     attack: Any = None,
+    world: World | None = None,
 ) -> EvalResult:
     """Meta-test on ``episodes`` episodes of the test split (the stream fixed by ``seed``);
-    ``attack`` (e.g. ``metareg.evaluate.adversarial.FGSM(0.1)``) perturbs the query images."""
+    ``attack`` (e.g. ``metareg.evaluate.adversarial.FGSM(0.1)``) perturbs the query images. Under
+    torchrun (``world``) the processes share the episodes and gather the scores."""
     split = split or config.data.test_split
     shot = shot or config.data.eval_shot or config.data.shot
-    device = resolve_device(config.device)
+    device = world.device if world is not None else resolve_device(config.device)
     return evaluate(
         learner,
         build_source(config, split, shot=shot),
@@ -100,15 +111,20 @@ def meta_test(
         desc=f"{split} {shot}-shot",
         protocol=_protocol(config, split, shot),
         attack=attack,
+        world=world,
     )
 
 
-def train(config: Config, out: str | Path, *, resume: bool = False, progress: bool = True, deadline: float | None = None) -> MetaTrainer:
+def train(config: Config, out: str | Path, *, resume: bool = False, progress: bool = True, deadline: float | None = None,
+          world: World | None = None) -> MetaTrainer:
     """Meta-train ``config`` into run folder ``out`` (or continue it with ``resume``); past
-    ``deadline`` (``time.monotonic()``) stop with a checkpoint (``trainer.finished`` is then false)."""
+    ``deadline`` (``time.monotonic()``) stop with a checkpoint (``trainer.finished`` is then false).
+    Under torchrun (``world``, :func:`metareg.meta.distributed.session`) the processes share every
+    meta-batch; the first one writes the log and checkpoints."""
     out = Path(out)
-    prepare_run_folder(out, resume, config)
-    device = resolve_device(config.device)
+    world = world or World(device=resolve_device(config.device))
+    prepare_run_folder(out, resume, config, main=world.is_main)
+    device = world.device
     dtype = dtype_of(config)
     torch.manual_seed(config.seed)
     learner = build_learner(config).to(device=device, dtype=dtype)
@@ -119,7 +135,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, progress: bo
 
         def validate(model: BilevelLearner) -> tuple[float, float]:
             e = evaluate(model, val_source, episodes=config.train.val_episodes, seed=config.eval.seed + 1,
-                         tasks_per_batch=config.eval.tasks_per_batch, device=device, dtype=dtype, progress=False).estimate
+                         tasks_per_batch=config.eval.tasks_per_batch, device=device, dtype=dtype, progress=False, world=world).estimate
             return e.mean, e.ci95
 
     t = config.train
@@ -127,7 +143,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, progress: bo
         learner, source, out=out, iterations=t.iterations, meta_batch=t.meta_batch, meta_lr=t.meta_lr, clip=t.clip,
         seed=config.seed, device=device, dtype=dtype, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
         val_every=t.val_every, validate=validate, meta={"config": config.to_dict(), "kind": "bilevel", "command": command_line()}, progress=progress,
-        cuda_graph=t.cuda_graph, deadline=deadline,
+        cuda_graph=t.cuda_graph, deadline=deadline, world=world,
     )
     if resume:
         trainer.resume()

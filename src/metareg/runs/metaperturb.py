@@ -16,13 +16,27 @@ import torch
 
 from .. import __version__
 from ..config import MetaTrainConfig
-from ..data.labeled import LabeledImages, choose_classes, class_tasks, keep_classes, take_per_class
+from ..data.labeled import (
+    LabeledImages,
+    choose_classes,
+    class_tasks,
+    keep_classes,
+    take_per_class,
+)
 from ..meta import distributed
 from ..meta.joint import JointLearner
 from ..meta.joint_trainer import JointTrainer
 from ..perturb.pretrained import save_phi
 from ..seeds import derive_seed
-from .common import IMAGE_CHANNELS, command_line, build_network, dtype_of, prepare_run_folder, resolve_device, resolve_strategy
+from .common import (
+    IMAGE_CHANNELS,
+    build_network,
+    command_line,
+    dtype_of,
+    prepare_run_folder,
+    resolve_device,
+    resolve_strategy,
+)
 from .transfer import load_images, perturbation_factory
 
 

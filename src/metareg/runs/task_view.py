@@ -52,7 +52,7 @@ def adapted_task(run: str | Path, episode: int = 0, seed: int | None = None, spl
         raise ConfigError("this plot draws image classifiers; the run is a regression run")
     source = build_source(config, split or config.data.test_split)
     stream = episode_stream(source, episode + 1, config.eval.seed if seed is None else seed, 1)
-    task = [batch for batch in stream][-1].to(resolve_device(config.device), next(learner.parameters()).dtype)
+    task = [batch for _, batch in stream][-1].to(resolve_device(config.device), next(learner.parameters()).dtype)
     torch.manual_seed(0)
     params = learner.adapt_for_test(learner.detached_params(), task.support_x[0], task.support_y[0])
     return AdaptedTask(Path(run).name, episode, config, learner, task, {n: p.detach() for n, p in params.items()})

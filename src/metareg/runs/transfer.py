@@ -21,10 +21,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, state_to_tensors, tensors_to_state, write_json_atomic
+from ..checkpoint import (
+    CHECKPOINT,
+    load_checkpoint,
+    save_checkpoint,
+    state_to_tensors,
+    tensors_to_state,
+    write_json_atomic,
+)
 from ..config import ImageDataConfig, PerturbConfig, TransferConfig
 from ..data.augment import normalize, to_channels, training_batch
-from ..data.labeled import LabeledImages, choose_classes, hold_out, keep_classes, load_labeled, split_per_class, take_per_class
+from ..data.labeled import (
+    LabeledImages,
+    choose_classes,
+    hold_out,
+    keep_classes,
+    load_labeled,
+    split_per_class,
+    take_per_class,
+)
 from ..errors import CheckpointError, ConfigError, DataError, DivergenceError
 from ..evaluate.calibration import expected_calibration_error, reliability
 from ..evaluate.episodes import EvalResult
@@ -35,7 +50,14 @@ from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
 from ..perturb import MetaPerturb, build_perturbation
 from ..perturb.pretrained import phi_info
 from ..seeds import derive_seed, seeded
-from .common import IMAGE_CHANNELS, build_network, config_of_run, dtype_of, prepare_run_folder, resolve_device
+from .common import (
+    IMAGE_CHANNELS,
+    build_network,
+    config_of_run,
+    dtype_of,
+    prepare_run_folder,
+    resolve_device,
+)
 
 CHECKPOINT_JSON = f"{CHECKPOINT}.json"
 COLUMNS = ["step", "loss", "accuracy", "lr", "strength", "test_accuracy", "seconds", "images_per_s"]
