@@ -335,3 +335,13 @@ def test_attacks_on_the_command_line_and_the_robustness_plot(tmp_path, capsys):
     assert cli.main(["--no-progress", "plot", "robustness", str(tmp_path / "run"), "--attack", "fgsm", "--epsilons", "0", "0.2",
                      "--episodes", "3", "--out", str(tmp_path / "rob.png")]) == 0
     assert "eps 0.2:" in capsys.readouterr().out and (tmp_path / "rob.png").stat().st_size > 5000
+
+
+def test_auto_strategy_keeps_the_loop_for_what_vmap_cannot_batch():
+    from metareg.runs.common import resolve_strategy
+
+    cuda = torch.device("cuda")
+    assert resolve_strategy("auto", cuda, "conv4") == "vmap"
+    for name in ("mixup", "manifold-mixup", "adversarial"):
+        assert resolve_strategy("auto", cuda, "conv4", getattr(build_perturbation(name), "vmap_safe", True)) == "loop"
+    assert resolve_strategy("vmap", cuda, "conv4", False) == "vmap"  # asked for explicitly

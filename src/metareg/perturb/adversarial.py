@@ -147,6 +147,7 @@ def adversarial_training(epsilon: float = 0.1) -> PerturbationFactory:
         return FeaturePerturbation()
 
     make.support_attack = fgsm(epsilon)
+    make.vmap_safe = False  # input gradients inside the inner steps: the loop strategy runs it
     return make
 
 

@@ -97,6 +97,7 @@ def _factory(gamma: float, manifold: bool) -> PerturbationFactory:
         plan.layers = max(plan.layers, info.index + 1)
         return Mixup(plan, info.index)
 
+    make.vmap_safe = False  # random permutations are not batched by torch.func.vmap: the loop strategy runs it
     return make
 
 

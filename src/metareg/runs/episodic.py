@@ -46,12 +46,13 @@ def build_source(config: Config, split: str, *, shot: int | None = None) -> Task
 def build_learner(config: Config) -> BilevelLearner:
     """The model with its perturbation slots, the inner rule and the bilevel scheme of ``config``."""
     dataset = get_episodic(config.data.name)
+    perturbation = build_perturbation(config.model.perturbation, config.model.perturbation_options)
     model = create_model(
         config.model.backbone,
         1 if dataset.regression else config.data.way,
         in_channels=dataset.channels,
         image_size=config.data.image_size or dataset.image_size or 1,
-        perturbation=build_perturbation(config.model.perturbation, config.model.perturbation_options),
+        perturbation=perturbation,
         **config.model.options,
     )
     params = dict(model.named_parameters())
@@ -70,7 +71,7 @@ def build_learner(config: Config) -> BilevelLearner:
         fast=config.inner.fast,
         mc_samples=config.inner.mc_samples,
         eval_mc_samples=config.inner.eval_mc_samples,
-        strategy=resolve_strategy(config.train.strategy, device, config.model.backbone),
+        strategy=resolve_strategy(config.train.strategy, device, config.model.backbone, getattr(perturbation, "vmap_safe", True)),
         mc_batch=resolve_mc_batch(config.inner.mc_batch, device, model),
     )
 
