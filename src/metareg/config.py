@@ -63,7 +63,7 @@ class InnerConfig:
     transforms: list[dict[str, Any]] = field(default_factory=list)  # gradient transforms before the step
     mc_samples: int = 1  # Monte-Carlo samples of the perturbation per inner step (meta-training)
     eval_mc_samples: int = 1  # ... at meta-test time
-    mc_batch: str = "auto"  # batched: the S samples in one pass (per-copy batch norm); sequential; auto: batched on CUDA
+    mc_batch: str = "auto"  # batched: the S samples in one pass (per-copy batch norm); sequential; auto: batched where the model can
 
 
 @dataclass

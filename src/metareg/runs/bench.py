@@ -22,8 +22,8 @@ Before timing, the engine's meta-gradient is compared with the reference's in fl
 ``--mc S`` adds Meta-Dropout's meta-test with S noise samples per inner step (S = 30 in its
 presets) on the same shape: one episode's adaptation and query scores, with the S samples run one
 after the other (``mc-sequential``) or stacked in one pass (``mc-batched``, per-copy batch norm);
-episodes per second. ``auto`` (``inner.mc_batch``) follows these numbers: batched on CUDA,
-sequential on the CPU.
+episodes per second. ``auto`` (``inner.mc_batch``) follows these numbers: batched wherever the model
+can stack copies (measured faster on the CPU too).
 
 ``--scheme joint`` times one step of MetaPerturb's joint meta-training (Algorithm 1's two passes,
 without the optimizer steps) on T task networks (default: ResNet20, 10 tasks, 32 images of 32x32

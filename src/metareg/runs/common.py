@@ -105,12 +105,14 @@ def resolve_strategy(strategy: str, device: torch.device, backbone: str, vmap_sa
     return "vmap" if (device.type == "cuda" or backbone == "mlp") and vmap_safe else "loop"
 
 
-def resolve_mc_batch(choice: str, device: torch.device, model: torch.nn.Module) -> bool:
-    """Whether the inner loop's Monte-Carlo samples run as one batched pass. ``auto``: on CUDA,
-    where one large pass beats S small ones, if the model can stack copies; on the CPU the S passes
-    are as fast (the convolutions already run near the CPU's peak; ``metareg bench --mc``)."""
+def resolve_mc_batch(choice: str, device: torch.device, model: torch.nn.Module) -> bool:  # noqa: ARG001
+    """Whether the inner loop's Monte-Carlo samples run as one batched pass. ``auto``: batched
+    whenever the model can stack copies (its batch norms are the episodic ones). Measured with
+    ``metareg bench --mc 30`` on 2 CPU cores, Meta-Dropout's meta-test: 1.10-1.17x faster batched
+    for 20-way Conv4-64, 2.1x for 5-way Conv4-32 (at twice the memory); on a GPU, where S small
+    passes are bound by kernel launches, one large pass is expected to win by more (unmeasured)."""
     if choice == "auto":
-        return device.type == "cuda" and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        return not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return choice == "batched"
 
 
