@@ -21,22 +21,32 @@ def read_log(run: str | Path) -> dict[str, list[float]]:
     return columns
 
 
+# (title, column, column of its 95% CI) per panel, for episodic logs and for ordinary training's logs
+PANELS = {"score": (("query loss (meta-training)", "loss", None), ("query score (meta-training)", "score", None),
+                    ("validation score +- 95% CI", "val_score", "val_ci95")),
+          "accuracy": (("training loss", "loss", None), ("training accuracy (perturbed batches)", "accuracy", None),
+                       ("test accuracy", "test_accuracy", None))}
+
+
 def plot_curves(runs: list[str | Path], out: str | Path) -> Path:
-    """One figure, three panels (loss, score, validation score) with a line per run."""
+    """One figure, three panels with a line per run: loss, score and validation score of episodic
+    runs; loss, training accuracy and test accuracy (when ``eval_every`` was set) of transfer runs."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    titles = []
     for run in runs:
         log = read_log(run)
         label = Path(run).name
-        axes[0].plot(log["step"], log["loss"], label=label)
-        axes[1].plot(log["step"], log["score"], label=label)
-        val = [(s, v, c) for s, v, c in zip(log["step"], log["val_score"], log["val_ci95"]) if v == v]
-        if val:
-            steps, means, cis = zip(*val)
-            axes[2].errorbar(steps, means, yerr=cis, capsize=2, label=label)
-    for ax, title in zip(axes, ("query loss (meta-training)", "query score (meta-training)", "validation score +- 95% CI")):
+        panels = PANELS["score" if "score" in log else "accuracy"]
+        titles = [title for title, _, _ in panels]
+        for ax, (_, column, ci) in zip(axes, panels):
+            points = [(s, v, c) for s, v, c in zip(log["step"], log.get(column, []), log.get(ci, [0.0] * len(log["step"]))) if v == v]
+            if points:
+                steps, values, cis = zip(*points)
+                ax.errorbar(steps, values, yerr=cis if ci else None, capsize=2 if ci else 0, label=label)
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
-        ax.set_xlabel("meta-iteration")
+        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
