@@ -81,3 +81,15 @@ def test_unknown_preset_and_broken_file(tmp_path):
 def test_round_trip():
     c = resolve("sine-10shot-metasgd")
     assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_transfer_presets_of_paper_rows_use_the_released_schedule_and_say_their_cost():
+    from metareg.config import TransferConfig
+
+    rows = [p for p in PRESETS.values() if p.kind == "transfer" and "Table" in p.paper]
+    assert len(rows) == 7
+    for preset in rows:
+        c = resolve(preset.name, schema=TransferConfig)
+        assert (c.optim.steps, c.optim.batch_size, c.optim.milestones, c.optim.gamma, c.perturb.mc_samples, c.perturb.anneal) == \\
+            (10000, 128, [0.4, 0.7, 0.9], 0.3, 100, 0.4), preset.name
+        assert "CPU cores" in preset.cost

@@ -404,7 +404,8 @@ def cmd_presets(args: argparse.Namespace) -> None:  # noqa: ARG001
 
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
-        print(f"{name:<{width}}  {preset.description}\n{'':<{width}}  run with `{RUNNERS[preset.kind]}`; reproduces: {preset.paper}")
+        print(f"{name:<{width}}  {preset.description}\n{'':<{width}}  run with `{RUNNERS[preset.kind]}`; reproduces: {preset.paper}"
+              + (f"\n{'':<{width}}  cost: {preset.cost}" if preset.cost else ""))
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ class Preset:
     paper: str  # the row it reproduces, with the paper's number
     values: dict[str, Any]
     kind: str = "bilevel"  # bilevel (metareg train) | meta-train | transfer (metareg perturb ...)
+    cost: str = ""  # what it takes on 2 CPU cores, where it is long
 
 
 # The network of the Meta-Dropout reference code, whose MAML rows are "MAML (our reproduction)":
@@ -235,6 +236,18 @@ def _meta_train(name: str, size: int = 32, steps: int = 750, batch: int = 128, *
             "optim": {"steps": steps, "batch_size": batch, "milestones": [], "log_every": 10, "checkpoint_every": 50}, "tasks": 10}
 
 
+# Measured on 2 CPU cores: ResNet20, 64 images of 32x32 per step (forward and backward): 0.35 s bare,
+# 0.70 s with MetaPerturb's frozen phi. Transfer costs scale with the images per step and their pixels.
+_RESNET20_STEP = (0.35, 0.70)
+
+
+def _cost(size: int, steps: int = 10000, batch: int = 128) -> str:
+    scale = steps * batch / 64 * (size / 32) ** 2 / 3600
+    base, perturbed = (t * scale for t in _RESNET20_STEP)
+    return (f"~{base:.0f} h (Base) / ~{perturbed:.0f} h (MetaPerturb) on 2 CPU cores for {steps} steps of {batch} images of "
+            f"{size}x{size} (estimated from measured ResNet20 step times; the paper's schedule: run it on a GPU, in --time-budget chunks)")
+
+
 def _transfer(name: str, size: int, steps: int = 10000, batch: int = 128, backbone: str = "resnet20", **data: Any) -> dict[str, Any]:
     return {"data": {"name": name, "image_size": size} | data, "model": {"backbone": backbone},
             "optim": {"steps": steps, "batch_size": batch, "log_every": 50, "checkpoint_every": 500}}
@@ -276,21 +289,21 @@ _PERTURB_PRESETS = [
            _transfer("miniimagenet", 32, 2000, 64, train_split="train", test_split="train", train_per_class=90) | {"perturb": {"name": "none"}},
            "transfer"),
     Preset("transfer-stl10", "ResNet20 on STL-10 (5000 training images), 32x32", f"{_TABLE1}, STL10: 66.78 / 69.98 / 77.16 / 78.27",
-           _transfer("stl10", 32), "transfer"),
+           _transfer("stl10", 32), "transfer", _cost(32)),
     Preset("transfer-scifar100", "ResNet20 on small CIFAR-100 (50 training images per class), 32x32",
-           f"{_TABLE1}, s-CIFAR100: 31.79 / 34.57 / 43.69 / 47.41", _transfer("cifar100", 32, train_per_class=50), "transfer"),
+           f"{_TABLE1}, s-CIFAR100: 31.79 / 34.57 / 43.69 / 47.41", _transfer("cifar100", 32, train_per_class=50), "transfer", _cost(32)),
     Preset("transfer-dogs", "ResNet20 on Stanford Dogs, 84x84", f"{_TABLE1}, Dogs: 34.65 / 38.41 / 40.09 / 46.06",
-           _transfer("stanford-dogs", 84), "transfer"),
+           _transfer("stanford-dogs", 84), "transfer", _cost(84)),
     Preset("transfer-cars", "ResNet20 on Stanford Cars, 84x84", f"{_TABLE1}, Cars: 44.34 / 62.46 / 58.61 / 73.04",
-           _transfer("stanford-cars", 84), "transfer"),
+           _transfer("stanford-cars", 84), "transfer", _cost(84)),
     Preset("transfer-aircraft", "ResNet20 on FGVC-Aircraft (100 variants, trainval for training), 84x84",
-           f"{_TABLE1}, Aircraft: 59.23 / 65.87 / 66.03 / 72.34", _transfer("aircraft", 84, train_split="trainval"), "transfer"),
+           f"{_TABLE1}, Aircraft: 59.23 / 65.87 / 66.03 / 72.34", _transfer("aircraft", 84, train_split="trainval"), "transfer", _cost(84)),
     Preset("transfer-cub", "ResNet20 on CUB-200-2011, 84x84", f"{_TABLE1}, CUB: 30.63 / 42.01 / 34.89 / 48.60",
-           _transfer("cub", 84), "transfer"),
+           _transfer("cub", 84), "transfer", _cost(84)),
     Preset("transfer-ssvhn", "small SVHN (500 training images per class), 32x32; choose the backbone with --arch",
            "MetaPerturb Table 2 (source ResNet20 on TIN), Base / MetaPerturb: Conv4 83.93 / 86.61, Conv6 86.14 / 88.59, "
            "VGG9 88.44 / 90.24, ResNet20 87.96 / 90.70, ResNet44 88.94 / 90.97, WRN-28-2 88.95 / 90.88",
-           _transfer("svhn", 32, train_per_class=500), "transfer"),
+           _transfer("svhn", 32, train_per_class=500), "transfer", _cost(32)),
 ]
 PRESETS |= {p.name: p for p in _PERTURB_PRESETS}
 
