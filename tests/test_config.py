@@ -90,6 +90,6 @@ def test_transfer_presets_of_paper_rows_use_the_released_schedule_and_say_their_
     assert len(rows) == 7
     for preset in rows:
         c = resolve(preset.name, schema=TransferConfig)
-        assert (c.optim.steps, c.optim.batch_size, c.optim.milestones, c.optim.gamma, c.perturb.mc_samples, c.perturb.anneal) == \\
+        assert (c.optim.steps, c.optim.batch_size, c.optim.milestones, c.optim.gamma, c.perturb.mc_samples, c.perturb.anneal) == \
             (10000, 128, [0.4, 0.7, 0.9], 0.3, 100, 0.4), preset.name
         assert "CPU cores" in preset.cost
