@@ -193,3 +193,36 @@ def test_time_budget_on_the_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert status == 0 and "time budget of 1 s reached: stopped at step" in out and "--resume --time-budget 1" in out
     assert not (tmp_path / "run" / "test.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["meta-train", "transfer"])
+def test_a_time_budget_stops_ordinary_training_and_the_resumed_run_ends_identical(tmp_path, kind):
+    """`metareg perturb meta-train / transfer --time-budget`: stop at the first step with a
+    checkpoint, no result yet; resumed, the run ends with the uninterrupted run's tensors."""
+    from test_perturb_runs import (
+        META_TRAIN_KEYS,
+        TRANSFER_KEYS,
+        assert_same_tensors,
+        meta_config,
+        tensors_of,
+    )
+
+    from metareg.runs.metaperturb import meta_train
+    from metareg.runs.transfer import transfer
+
+    if kind == "meta-train":
+        start, config, keys, result = meta_train, meta_config(), META_TRAIN_KEYS, "phi.json"
+    else:
+        from test_baselines import tiny_transfer
+
+        start, config, keys, result = transfer, tiny_transfer(), TRANSFER_KEYS, "test.json"
+    start(config, tmp_path / "whole", progress=False)
+    stopped = start(config, tmp_path / "budget", progress=False, deadline=time.monotonic())  # already out of time
+    assert not (tmp_path / "budget" / result).exists() and (tmp_path / "budget" / "checkpoint.json").exists()
+    if kind == "transfer":
+        assert stopped is None
+    else:
+        assert not stopped.finished
+    start(config, tmp_path / "budget", resume=True, progress=False)
+    assert (tmp_path / "budget" / result).exists()
+    assert_same_tensors(tensors_of(tmp_path / "whole"), tensors_of(tmp_path / "budget"), keys)

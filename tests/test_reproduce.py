@@ -92,3 +92,23 @@ def check_seed_row(text: str, row: str, base: dict[int, dict], perturbed: dict[i
     assert len(per_seed) == len(seeds), cells[2]
     for (d_text, ci_text), d, ci in zip(per_seed, diffs, cis):
         assert d_text[0] in "+-" and close(d_text, d) and close(ci_text, ci), (cells[2], diffs, cis)
+
+
+def test_a_time_budget_stops_the_grid_and_the_next_call_continues_it(tmp_path, monkeypatch):
+    """`metareg reproduce --time-budget`: runs stop with checkpoints, the report marks them
+    unfinished; the same call again finishes them, with the weights of an uninterrupted run."""
+    import time
+
+    from test_training import assert_same_state, final_params
+
+    run = Run("sine", "sine-10shot", ("train.val_every=1000", "train.checkpoint_every=5"), (10,), row="a", column="x")
+    monkeypatch.setitem(EXPERIMENTS, "tiny-budget", Experiment("tiny-budget", "tiny", "a test", (run,), ("x",)))
+    text = run_experiment("tiny-budget", tmp_path / "cut", iterations=150, episodes=4, jobs=1, progress=False,
+                          deadline=time.monotonic() + 1.5).read_text()
+    assert "unfinished" in text
+    step = json.loads((tmp_path / "cut" / "sine" / "checkpoint.json").read_text())["step"]
+    assert 0 < step < 150
+    text = run_experiment("tiny-budget", tmp_path / "cut", iterations=150, episodes=4, jobs=1, progress=False).read_text()
+    assert "unfinished" not in text
+    run_experiment("tiny-budget", tmp_path / "whole", iterations=150, episodes=4, jobs=1, progress=False)
+    assert_same_state(final_params(tmp_path / "whole" / "sine"), final_params(tmp_path / "cut" / "sine"))
