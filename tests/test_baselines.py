@@ -79,15 +79,26 @@ def test_stacked_copies_mix_within_each_copy():
 
 
 # ------------------------------------------------------------------------- information theory
-def test_vib_noise_is_gaussian_with_its_sigma_and_its_kl_has_the_closed_form():
+def slot_and_inputs(slot, *, batch: int, size: int):
+    """The slot in float64 with a noise generator far from zero (std 0.3), a layer input h (3
+    channels) and a pre-activation (4 channels) of ``size`` x ``size``."""
     torch.manual_seed(0)
-    slot = VariationalBottleneck(CONV, beta=1e-3).double()
+    slot = slot.double()
     with torch.no_grad():
         slot.phi.weight.normal_(std=0.3)
-    h, pre = torch.rand(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    return slot, torch.rand(batch, 3, size, size, dtype=torch.float64), torch.randn(batch, 4, size, size, dtype=torch.float64)
+
+
+def noisy_outputs(slot, pre, h, n: int):
+    """n independent draws of the slot's sampled output for one (pre, h) batch: (n, *pre.shape)."""
+    return slot(pre.repeat(n, 1, 1, 1), h.repeat(n, 1, 1, 1), sample=True).detach().view(n, *pre.shape)
+
+
+def test_vib_noise_is_gaussian_with_its_sigma_and_its_kl_has_the_closed_form():
+    slot, h, pre = slot_and_inputs(VariationalBottleneck(CONV, beta=1e-3), batch=2, size=5)
     sigma = slot.sigma(h).detach()
     n = 4000
-    draws = (slot(pre.repeat(n, 1, 1, 1), h.repeat(n, 1, 1, 1), sample=True).detach() - pre.repeat(n, 1, 1, 1)).view(n, *pre.shape)
+    draws = noisy_outputs(slot, pre, h, n) - pre
     assert ((draws.mean(0)).abs() < 5 * sigma / math.sqrt(n)).all()
     assert ((draws.std(0) / sigma - 1).abs() < 0.08).all() and float(sigma.std()) > 0.01
     with recording() as record:
@@ -99,14 +110,10 @@ def test_vib_noise_is_gaussian_with_its_sigma_and_its_kl_has_the_closed_form():
 
 
 def test_information_dropout_is_log_normal_with_its_alpha_and_its_kl_is_minus_log_alpha():
-    torch.manual_seed(0)
-    slot = InformationDropout(CONV, beta=1e-2).double()
-    with torch.no_grad():
-        slot.phi.weight.normal_(std=0.3)
-    h, pre = torch.rand(1, 3, 4, 4, dtype=torch.float64), torch.randn(1, 4, 4, 4, dtype=torch.float64)
+    slot, h, pre = slot_and_inputs(InformationDropout(CONV, beta=1e-2), batch=1, size=4)
     alpha = slot.alpha(h).detach()
     n = 4000
-    logs = torch.log(slot(pre.repeat(n, 1, 1, 1), h.repeat(n, 1, 1, 1), sample=True).detach() / pre.repeat(n, 1, 1, 1)).view(n, *pre.shape)
+    logs = torch.log(noisy_outputs(slot, pre, h, n) / pre)
     assert (logs.mean(0).abs() < 5 * alpha / math.sqrt(n)).all() and ((logs.std(0) / alpha - 1).abs() < 0.08).all()
     assert float(alpha.max()) <= 0.7
     with recording() as record:
