@@ -56,6 +56,8 @@ def test_metaperturbs_noise_and_scale_per_block_are_logged(tmp_path):
     assert sorted(columns) == sorted([f"z{i}" for i in range(4)] + [f"s{i}" for i in range(4)])  # Conv4: four blocks
     assert all(math.isfinite(float(row[c])) and float(row[c]) > 0 for row in rows for c in columns)
     assert record["perturbation"] == "metaperturb"
-    from metareg.viz.curves import plot_curves
+    from metareg.viz.curves import block_diagnostics, plot_curves, read_log
+
+    assert block_diagnostics(read_log(tmp_path / "run")) == sorted(columns)
 
     assert plot_curves([tmp_path / "run"], tmp_path / "curves.png").stat().st_size > 5000  # transfer logs plot too

@@ -28,14 +28,22 @@ PANELS = {"score": (("query loss (meta-training)", "loss", None), ("query score 
                        ("test accuracy", "test_accuracy", None))}
 
 
+def block_diagnostics(log: dict[str, list[float]]) -> list[str]:
+    """MetaPerturb's per-block columns of a transfer log: mean noise ``z<i>`` and mean scale ``s<i>``."""
+    return sorted(k for k in log if len(k) > 1 and k[0] in "zs" and k[1:].isdigit())
+
+
 def plot_curves(runs: list[str | Path], out: str | Path) -> Path:
     """One figure, three panels with a line per run: loss, score and validation score of episodic
-    runs; loss, training accuracy and test accuracy (when ``eval_every`` was set) of transfer runs."""
+    runs; loss, training accuracy and test accuracy (when ``eval_every`` was set) of transfer runs;
+    a fourth panel with MetaPerturb's mean noise z (dashed) and scale s (solid) per block when a
+    run logged them (how strongly the regularizer acts)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    logs = [read_log(run) for run in runs]
+    diagnostics = any(block_diagnostics(log) for log in logs)
+    fig, axes = plt.subplots(1, 4 if diagnostics else 3, figsize=(17 if diagnostics else 13, 3.6))
     titles = []
-    for run in runs:
-        log = read_log(run)
+    for run, log in zip(runs, logs):
         label = Path(run).name
         panels = PANELS["score" if "score" in log else "accuracy"]
         titles = [title for title, _, _ in panels]
@@ -44,6 +52,11 @@ def plot_curves(runs: list[str | Path], out: str | Path) -> Path:
             if points:
                 steps, values, cis = zip(*points)
                 ax.errorbar(steps, values, yerr=cis if ci else None, capsize=2 if ci else 0, label=label)
+        for column in block_diagnostics(log):
+            axes[3].plot(log["step"], log[column], "--" if column[0] == "z" else "-", label=f"{label} {column}")
+    if diagnostics:
+        titles = [*titles, "MetaPerturb per block: z (dashed), s (solid)"]
+        axes[3].legend(fontsize=6, ncol=2)
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("step")
