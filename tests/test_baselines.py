@@ -262,8 +262,12 @@ def tiny_transfer(*extra: str):
 def test_transfer_baselines_train_and_test_in_any_backbone(tmp_path, name):
     from metareg.runs.transfer import transfer
 
-    record = transfer(tiny_transfer(f"perturb.name={name}"), tmp_path / name, progress=False)
-    assert 0 <= record["mean"] <= 1 and record["perturbation"] == name and record["protocol"]["mc_samples"] == 1  # deterministic test
+    config = tiny_transfer(f"perturb.name={name}", "perturb.mc_samples=3")
+    record = transfer(config, tmp_path / name, progress=False)
+    # Feature noise before a running-statistics batch norm is averaged over samples at test (as
+    # MetaPerturb); mixing and block dropout test noise-free.
+    samples = 3 if name in ("information-dropout", "vib") else 1
+    assert 0 <= record["mean"] <= 1 and record["perturbation"] == name and record["protocol"]["mc_samples"] == samples
     assert math.isfinite(record["nll"]) and 0 <= record["ece"] <= 1
 
 

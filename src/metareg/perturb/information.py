@@ -111,7 +111,16 @@ class InformationDropout(FeaturePerturbation):
 
 
 def _hidden(make) -> PerturbationFactory:
-    return lambda info: FeaturePerturbation() if info.output else make(info)
+    def factory(info: LayerInfo) -> nn.Module:
+        return FeaturePerturbation() if info.output else make(info)
+
+    # In ordinary training (transfer) batch norm keeps running statistics of the *noisy* features,
+    # so a noise-free test pass sees features whose variance the next batch norm does not expect
+    # (measured: Information Dropout on the miniImageNet stand-in, Conv4, 15.9 % noise-free vs 39.1 %
+    # averaging 10 samples). Predictions are Monte-Carlo averages over the noise, as MetaPerturb's.
+    # The episodic meta-test (batch statistics) keeps its deterministic query pass (Meta-Dropout, Eq. 4).
+    factory.sample_at_test = True
+    return factory
 
 
 register("vib")(lambda beta=1e-5, init_sigma=0.1: _hidden(lambda info: VariationalBottleneck(info, beta, init_sigma)))
