@@ -300,6 +300,10 @@ def test_transfer_resumes_exactly_after_an_interruption(tmp_path, phi_dir, monke
     assert_exact_resume(tmp_path, monkeypatch, TransferTrainer, transfer, transfer_config(phi_dir), stop=4, prefixes=TRANSFER_KEYS)
     whole, cut = (json.loads((tmp_path / r / "test.json").read_text()) for r in ("whole", "cut"))
     assert whole["scores"] == cut["scores"] and whole["nll"] == cut["nll"]
+    assert whole["final_train_accuracy"] is not None and whole["final_train_accuracy"] == cut["final_train_accuracy"]
+    (tmp_path / "whole" / "test.json").unlink()  # testing a finished run again (resume at its last step) keeps its training record
+    again = transfer(transfer_config(phi_dir), tmp_path / "whole", resume=True, progress=False)
+    assert again["scores"] == whole["scores"] and again["final_train_accuracy"] == whole["final_train_accuracy"]
 
 
 # ----------------------------------------------------------------------------- command line

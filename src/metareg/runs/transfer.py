@@ -213,6 +213,8 @@ class TransferTrainer:
     def save(self) -> Path:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         optim = state_to_tensors("optim", self.optimizer.state_dict(), tensors)
+        if self.tail:  # the last steps' training accuracies so far, so that a resumed run reports the same final accuracy
+            tensors["train.tail"] = torch.stack(self.tail).detach().cpu()
         return save_checkpoint(self.out, CHECKPOINT, tensors, {"optimizer": optim, "seconds": self.seconds} | self.meta, self.step)
 
     def resume(self) -> None:
@@ -223,6 +225,7 @@ class TransferTrainer:
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(f"checkpoint in {self.out} does not fit this run: {str(err).splitlines()[0]}") from None
         self.step, self.seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
+        self.tail = list(tensors["train.tail"].to(self.device).unbind()) if "train.tail" in tensors else []
 
 
 # ------------------------------------------------------------------------------------- the run
