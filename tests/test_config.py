@@ -93,3 +93,14 @@ def test_transfer_presets_of_paper_rows_use_the_released_schedule_and_say_their_
         assert (c.optim.steps, c.optim.batch_size, c.optim.milestones, c.optim.gamma, c.perturb.mc_samples, c.perturb.anneal) == \
             (10000, 128, [0.4, 0.7, 0.9], 0.3, 100, 0.4), preset.name
         assert "CPU cores" in preset.cost
+
+
+def test_numbers_in_exponent_form_are_numbers_at_any_depth(tmp_path):
+    # YAML 1.1 reads 1e-5 (no dot) as a string: a nested option would reach the code as "1e-05".
+    from metareg.config import load_file
+
+    assert parse_assignment("perturb.options={beta: 1e-05, p: 2E+1, name: 1e5x}") == {"perturb": {"options": {"beta": 1e-05, "p": 20.0, "name": "1e5x"}}}
+    assert parse_assignment("optim.lr=1e-3") == {"optim": {"lr": 1e-3}}
+    path = tmp_path / "c.yaml"
+    path.write_text("perturb:\n  options: {beta: 1e-5}\noptim:\n  lr: -3e-4\n  steps: 10\n")
+    assert load_file(path) == {"perturb": {"options": {"beta": 1e-5}}, "optim": {"lr": -3e-4, "steps": 10}}
