@@ -5,6 +5,7 @@ stops a run that then resumes to the weights of an uninterrupted one."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -193,6 +194,17 @@ def test_time_budget_on_the_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert status == 0 and "time budget of 1 s reached: stopped at step" in out and "--resume --time-budget 1" in out
     assert not (tmp_path / "run" / "test.json").exists()
+
+
+def test_a_time_budget_during_hyperparameter_selection_says_where_it_stopped(tmp_path, capsys):
+    from metareg import cli
+
+    flags = sum((["--set", s] for s in ["optim.steps=40", "optim.checkpoint_every=5", "data.image_size=16", "model.options.channels=8"]), [])
+    status = cli.main(["--no-progress", "perturb", "transfer", "--perturbation", "manifold-mixup", "--select", "--out", str(tmp_path / "sel"),
+                       "--time-budget", "1", *flags])
+    out = capsys.readouterr().out
+    # the stop falls in one of the candidates' runs (which one depends on the machine's speed)
+    assert status == 0 and f"(in {tmp_path / 'sel' / 'selection'}{os.sep}" in out and "stopped at step" in out
 
 
 @pytest.mark.parametrize("kind", ["meta-train", "transfer"])

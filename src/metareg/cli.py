@@ -513,9 +513,12 @@ def cmd_perturb(args: argparse.Namespace) -> None:
     out = Path(args.out or f"runs/{config.preset or 'transfer-' + config.data.name}")
     record = transfer(config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline)
     if record is None:
-        from .checkpoint import read_checkpoint_meta
+        from .runs.transfer import stopped_at
 
-        return _stopped(args, "metareg perturb transfer", out, read_checkpoint_meta(out)[1]["step"], config.optim.steps)
+        folder, step = stopped_at(out)
+        if folder != out:
+            print(f"(in {folder})")
+        return _stopped(args, "metareg perturb transfer", out, step, config.optim.steps)
     what = {"metaperturb": "MetaPerturb", "none": "no perturbation"}.get(config.perturb.name, config.perturb.name) \
         + (" + fine-tuning" if config.init_from else "")
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..checkpoint import (
     CHECKPOINT,
     load_checkpoint,
+    read_checkpoint_meta,
     save_checkpoint,
     state_to_tensors,
     tensors_to_state,
@@ -331,6 +332,16 @@ def transfer(config: TransferConfig, out: str | Path, *, resume: bool = False, p
     base_record = json.loads((base / "test.json").read_text())
     difference = paired_difference(record["scores"], base_record["scores"])
     return record | {"base": base_record, "difference": {"mean": difference.mean, "ci95": difference.ci95, "n": difference.n}}
+
+
+def stopped_at(out: str | Path) -> tuple[Path, int]:
+    """Where a transfer that stopped at its time budget stands: the unfinished run folder (a
+    ``--select`` candidate, the run itself, or its ``--against-base`` Base run) and its step."""
+    out = Path(out)
+    for folder in [*sorted((out / "selection").glob("*"), key=lambda f: int(f.name) if f.name.isdigit() else -1), out, base_run(out)]:
+        if (folder / CHECKPOINT_JSON).is_file() and not (folder / "test.json").is_file():
+            return folder, int(read_checkpoint_meta(folder, CHECKPOINT)[1]["step"])
+    return out, 0
 
 
 def base_run(out: str | Path) -> Path:
