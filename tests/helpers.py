@@ -12,10 +12,13 @@ from metareg.nets import MLP, ConvNet
 
 def random_image_batch(tasks=2, way=3, shot=1, query=2, channels=1, size=8, dtype=torch.float64, seed=0) -> TaskBatch:
     g = torch.Generator().manual_seed(seed)
+
     def images(n):
         return torch.rand(tasks, n, channels, size, size, generator=g, dtype=dtype)
+
     def labels(k):
         return torch.stack([torch.randperm(way, generator=g).repeat_interleave(k) for _ in range(tasks)])
+
     return TaskBatch(images(way * shot), labels(shot), images(way * query), labels(query))
 
 
@@ -35,8 +38,9 @@ def tiny_conv(way=3, channels=4, size=8, depth=2, dtype=torch.float64, seed=0, *
 def learner_for(model, *, lr=0.1, steps=2, step="sgd", task="classification", transforms=None, **kw) -> BilevelLearner:
     params = dict(model.named_parameters())
     fast = {n: params[n] for n in select_fast(model, kw.get("fast", ["*"]))}
-    rule = build_inner_rule(fast, step=step, lr=lr, steps=steps, transforms=transforms,
-                            groups=model.layer_groups()).to(next(model.parameters()).dtype)
+    rule = build_inner_rule(fast, step=step, lr=lr, steps=steps, transforms=transforms, groups=model.layer_groups()).to(
+        next(model.parameters()).dtype
+    )
     return BilevelLearner(model, rule, task=task, inner_steps=steps, **kw)
 
 

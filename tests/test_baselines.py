@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import learner_for, random_image_batch
 
+from helpers import learner_for, random_image_batch
 from metareg.evaluate.calibration import expected_calibration_error, reliability
 from metareg.nets import LayerInfo, create_model
 from metareg.nets.layers import stacked_copies
@@ -29,8 +29,15 @@ CONV = LayerInfo(0, "conv", 3, 4, kernel_size=3, padding=1)
 
 def conv4(perturbation: str = "none", options: dict | None = None, seed: int = 0):
     torch.manual_seed(seed)
-    return create_model("conv4", 3, in_channels=1, image_size=8, channels=4, depth=2,
-                        perturbation=build_perturbation(perturbation, options or {})).double()
+    return create_model(
+        "conv4",
+        3,
+        in_channels=1,
+        image_size=8,
+        channels=4,
+        depth=2,
+        perturbation=build_perturbation(perturbation, options or {}),
+    ).double()
 
 
 # --------------------------------------------------------------------------------------- mixup
@@ -48,7 +55,9 @@ def test_input_mixup_is_the_model_on_mixed_images_with_mixed_labels():
     torch.testing.assert_close(out, plain(by_hand), rtol=1e-12, atol=1e-12)
     # The loss is the cross-entropy of the mixed one-hot labels.
     soft = lam[:, None] * F.one_hot(y, 3) + (1 - lam[:, None]) * F.one_hot(y[partner], 3)
-    torch.testing.assert_close(perturbed_loss(F.cross_entropy, out, y, record), -(soft * F.log_softmax(out, 1)).sum(1).mean())
+    torch.testing.assert_close(
+        perturbed_loss(F.cross_entropy, out, y, record), -(soft * F.log_softmax(out, 1)).sum(1).mean()
+    )
     # No training pass (query sets, evaluation): nothing is mixed.
     torch.testing.assert_close(mixed_model(x, sample=True), plain(x))
 
@@ -75,7 +84,7 @@ def test_stacked_copies_mix_within_each_copy():
     with stacked_copies(3), recording() as record:
         model(x, sample=True)
     _, partner = record.mix
-    assert all(set(partner[4 * s:4 * s + 4].tolist()) == set(range(4 * s, 4 * s + 4)) for s in range(3))
+    assert all(set(partner[4 * s : 4 * s + 4].tolist()) == set(range(4 * s, 4 * s + 4)) for s in range(3))
 
 
 # ------------------------------------------------------------------------- information theory
@@ -86,7 +95,11 @@ def slot_and_inputs(slot, *, batch: int, size: int):
     slot = slot.double()
     with torch.no_grad():
         slot.phi.weight.normal_(std=0.3)
-    return slot, torch.rand(batch, 3, size, size, dtype=torch.float64), torch.randn(batch, 4, size, size, dtype=torch.float64)
+    return (
+        slot,
+        torch.rand(batch, 3, size, size, dtype=torch.float64),
+        torch.randn(batch, 4, size, size, dtype=torch.float64),
+    )
 
 
 def noisy_outputs(slot, pre, h, n: int):
@@ -103,7 +116,9 @@ def test_vib_noise_is_gaussian_with_its_sigma_and_its_kl_has_the_closed_form():
     assert ((draws.std(0) / sigma - 1).abs() < 0.08).all() and float(sigma.std()) > 0.01
     with recording() as record:
         slot(pre, h, sample=True)
-    expected = torch.distributions.kl_divergence(torch.distributions.Normal(pre, sigma), torch.distributions.Normal(0.0, 1.0))
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(pre, sigma), torch.distributions.Normal(0.0, 1.0)
+    )
     torch.testing.assert_close(record.penalty, 1e-3 * expected.flatten(1).sum(1).mean())
     torch.testing.assert_close(gaussian_kl(pre, sigma), expected.flatten(1).sum(1))
     assert torch.equal(slot(pre, h, sample=False), pre)
@@ -125,7 +140,9 @@ def test_meta_dropout_kl_term_is_half_the_squared_mean():
     model = conv4("meta-dropout", {"kl": 1e-2})
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     seen = []  # each block's (pre-activation, input) in the sampled pass
-    handles = [block.perturb.register_forward_pre_hook(lambda m, args: seen.append((m, args))) for block in model.blocks]
+    handles = [
+        block.perturb.register_forward_pre_hook(lambda m, args: seen.append((m, args))) for block in model.blocks
+    ]
     with recording() as record:
         model(x, sample=True)
     for handle in handles:
@@ -135,8 +152,16 @@ def test_meta_dropout_kl_term_is_half_the_squared_mean():
     torch.testing.assert_close(record.penalty, expected)
 
 
-@pytest.mark.parametrize("name, options", [("vib", {}), ("information-dropout", {}), ("meta-dropout", {"kl": 1e-3}),
-                                           ("manifold-mixup", {}), ("adversarial", {"epsilon": 0.05})])
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("vib", {}),
+        ("information-dropout", {}),
+        ("meta-dropout", {"kl": 1e-3}),
+        ("manifold-mixup", {}),
+        ("adversarial", {"epsilon": 0.05}),
+    ],
+)
 def test_baselines_train_in_the_inner_loop_with_meta_learned_parameters_and_test_deterministically(name, options):
     model = conv4(name, options)
     fast = ["blocks.*.conv.*", "head.weight", "head.bias"]
@@ -145,7 +170,9 @@ def test_baselines_train_in_the_inner_loop_with_meta_learned_parameters_and_test
     torch.manual_seed(0)
     learner.meta_backward(batch)
     extra = [p for n, p in model.named_parameters() if "perturb" in n]
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in extra)  # none for mixup / FGSM: they have no parameters
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in extra
+    )  # none for mixup / FGSM: they have no parameters
     assert bool(extra) == (name in ("vib", "information-dropout", "meta-dropout"))
     learner.eval()
     torch.manual_seed(1)
@@ -196,9 +223,9 @@ def tiny_classifier():
     return net, x, y, (lambda images: F.cross_entropy(net(images), y))
 
 
-@pytest.mark.parametrize("norm, epsilon", [("linf", 0.05), ("l2", 0.5), ("l1", 2.0)])
+@pytest.mark.parametrize(("norm", "epsilon"), [("linf", 0.05), ("l2", 0.5), ("l1", 2.0)])
 def test_pgd_stays_in_its_ball_and_raises_the_loss(norm, epsilon):
-    net, x, y, loss_of = tiny_classifier()
+    _net, x, _y, loss_of = tiny_classifier()
     torch.manual_seed(1)
     adversarial = PGD(norm, epsilon, steps=20)(loss_of, x)
     delta = (adversarial - x).flatten(1)
@@ -216,7 +243,10 @@ def test_eot_with_one_draw_is_plain_pgd_and_averages_a_stochastic_gradient():
     calls = []
     PGD("linf", 0.05, steps=2, draws=4)(lambda images: calls.append(1) or loss_of(images), x)
     assert len(calls) == 8  # 2 steps x 4 draws
-    assert fgsm(0.1).describe() == "fgsm eps=0.1" and PGD("l2", 0.5, steps=7, draws=3).describe() == "pgd-l2 eps=0.5, 7 steps, EoT 3"
+    assert (
+        fgsm(0.1).describe() == "fgsm eps=0.1"
+        and PGD("l2", 0.5, steps=7, draws=3).describe() == "pgd-l2 eps=0.5, 7 steps, EoT 3"
+    )
 
 
 def test_the_l1_projection_is_the_closest_point_of_the_ball():
@@ -250,12 +280,13 @@ def test_ece_of_a_calibrated_predictor_is_near_zero_and_of_an_overconfident_one_
 
 # ------------------------------------------------------------------------- transfer and reports
 def tiny_transfer(*extra: str):
-    from test_perturb_runs import TINY_TRANSFER
-
     from metareg.config import TransferConfig, parse_assignment
     from metareg.runs.common import resolve
+    from test_perturb_runs import TINY_TRANSFER
 
-    return resolve("transfer-quickstart", overrides=[parse_assignment(s) for s in (*TINY_TRANSFER, *extra)], schema=TransferConfig)
+    return resolve(
+        "transfer-quickstart", overrides=[parse_assignment(s) for s in (*TINY_TRANSFER, *extra)], schema=TransferConfig
+    )
 
 
 @pytest.mark.parametrize("name", ["information-dropout", "dropblock", "manifold-mixup", "mixup", "vib"])
@@ -299,10 +330,9 @@ def test_transfer_chooses_its_hyperparameters_on_a_held_out_validation_split(tmp
 
 
 def test_episodic_test_results_hold_calibration_and_the_reliability_plot_takes_them(tmp_path):
-    from test_training import tiny
-
     from metareg.runs.episodic import meta_test, save_result, train
     from metareg.viz.reliability import plot_reliability
+    from test_training import tiny
 
     config = tiny("train.iterations=1")
     trainer = train(config, tmp_path / "run", progress=False)
@@ -331,20 +361,52 @@ def test_robust_accuracy_of_a_transfer_run_falls_with_epsilon_and_is_cached(tmp_
 def test_attacks_on_the_command_line_and_the_robustness_plot(tmp_path, capsys):
     import json
 
-    from test_training import tiny
-
     from metareg import cli
     from metareg.runs.episodic import train
+    from test_training import tiny
 
     train(tiny("train.iterations=1"), tmp_path / "run", progress=False)
     common = ["--no-progress", "test", "--checkpoint", str(tmp_path / "run"), "--episodes", "3"]
-    assert cli.main([*common, "--attack", "pgd-l2", "--epsilon", "0.5", "--attack-steps", "2", "--out", str(tmp_path / "a.json")]) == 0
+    assert (
+        cli.main(
+            [
+                *common,
+                "--attack",
+                "pgd-l2",
+                "--epsilon",
+                "0.5",
+                "--attack-steps",
+                "2",
+                "--out",
+                str(tmp_path / "a.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "attacked by pgd-l2 eps=0.5, 2 steps" in out and "calibration: NLL" in out
     assert json.loads((tmp_path / "a.json").read_text())["protocol"]["attack"] == "pgd-l2 eps=0.5, 2 steps"
     assert cli.main([*common, "--attack", "fgsm"]) == 2 and "needs --epsilon" in capsys.readouterr().err
-    assert cli.main(["--no-progress", "plot", "robustness", str(tmp_path / "run"), "--attack", "fgsm", "--epsilons", "0", "0.2",
-                     "--episodes", "3", "--out", str(tmp_path / "rob.png")]) == 0
+    assert (
+        cli.main(
+            [
+                "--no-progress",
+                "plot",
+                "robustness",
+                str(tmp_path / "run"),
+                "--attack",
+                "fgsm",
+                "--epsilons",
+                "0",
+                "0.2",
+                "--episodes",
+                "3",
+                "--out",
+                str(tmp_path / "rob.png"),
+            ]
+        )
+        == 0
+    )
     assert "eps 0.2:" in capsys.readouterr().out and (tmp_path / "rob.png").stat().st_size > 5000
 
 

@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
-from test_training import tiny
 
 from metareg import cli
 from metareg.errors import CheckpointError
 from metareg.runs import builtin
 from metareg.runs.episodic import meta_test, save_result, train
+from test_training import tiny
 
 SHARED = Path(os.environ.get("METAREG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -27,7 +27,14 @@ def packed(tmp_path, monkeypatch):
     save_result(meta_test(config, trainer.learner, episodes=4, progress=False), run / "test.json")
     folder = tmp_path / "builtin"
     monkeypatch.setattr(builtin, "FOLDER", folder)
-    builtin.pack(run, "tiny", command="metareg train --preset quickstart ...", machine="2 CPU cores", note="unit test", folder=folder)
+    builtin.pack(
+        run,
+        "tiny",
+        command="metareg train --preset quickstart ...",
+        machine="2 CPU cores",
+        note="unit test",
+        folder=folder,
+    )
     return folder / "tiny"
 
 
@@ -37,7 +44,9 @@ def test_a_packed_checkpoint_lists_its_provenance_and_tests_like_its_run(packed,
     assert record["iterations"] == 2 and record["machine"] == "2 CPU cores" and record["git_revision"]
     assert record["test"]["episodes"] == 4 and record["preset"] == "quickstart"
     assert {p.name for p in packed.iterdir()} == {"checkpoint.json", record["tensors"], "provenance.json"}
-    assert json.loads((packed / "checkpoint.json").read_text())["config"]["data"]["root"] is None  # no maintainer's paths
+    assert (
+        json.loads((packed / "checkpoint.json").read_text())["config"]["data"]["root"] is None
+    )  # no maintainer's paths
     assert cli.main(["--no-progress", "checkpoints"]) == 0
     out = capsys.readouterr().out
     assert "builtin:tiny" in out and "unit test" in out and record["git_revision"] in out
@@ -70,8 +79,23 @@ def test_every_shipped_checkpoint_tests_one_episode(name, tmp_path, monkeypatch,
     record = builtin.provenance(name)
     assert record["command"].startswith("metareg train") and record["note"]
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["--no-progress", "test", "--checkpoint", f"builtin:{name}", "--episodes", "1", "--mc-samples", "1",
-                     "--data-root", str(SHARED / "omniglot")]) == 0
+    assert (
+        cli.main(
+            [
+                "--no-progress",
+                "test",
+                "--checkpoint",
+                f"builtin:{name}",
+                "--episodes",
+                "1",
+                "--mc-samples",
+                "1",
+                "--data-root",
+                str(SHARED / "omniglot"),
+            ]
+        )
+        == 0
+    )
     assert "accuracy" in capsys.readouterr().out
 
 
@@ -94,8 +118,10 @@ def test_the_table_reports_paired_differences_on_the_same_episodes():
 
     experiment = EXPERIMENTS["metadropout-table-1"]
     a, b = [0.9, 0.95, 1.0, 0.85], [0.9, 0.9, 0.95, 0.85]
-    results = {"omniglot-20w1s-metadropout": {1: {"mean": 0.925, "ci95": 0.05, "scores": a}},
-               "omniglot-20w1s": {1: {"mean": 0.9, "ci95": 0.03, "scores": b}}}
+    results = {
+        "omniglot-20w1s-metadropout": {1: {"mean": 0.925, "ci95": 0.05, "scores": a}},
+        "omniglot-20w1s": {1: {"mean": 0.9, "ci95": 0.03, "scores": b}},
+    }
     statuses = {r.name: "done" if r.name in results else "unfinished" for r in experiment.runs}
     text = _markdown(experiment, statuses, results, None, 4)
     d = paired_difference(a, b)

@@ -1,18 +1,23 @@
 """The command line: every bad input is one line on stderr and exit status 2, never a traceback."""
 
+import functools
 import json
+import operator
 import subprocess
 import sys
 
 import pytest
+
 from test_training import TINY
 
 CLI = [sys.executable, "-m", "metareg.cli", "--no-progress"]
-TINY_FLAGS = sum((["--set", s] for s in TINY), [])
+TINY_FLAGS = functools.reduce(operator.iadd, (["--set", s] for s in TINY), [])
 
 
 def run(*args, cwd=None):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd, env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, cwd=cwd, env={"OMP_NUM_THREADS": "1", **__import__("os").environ}
+    )
 
 
 def assert_one_line_error(done, *fragments):
@@ -25,13 +30,16 @@ def assert_one_line_error(done, *fragments):
 
 
 @pytest.mark.parametrize(
-    "args, fragments",
+    ("args", "fragments"),
     [
         (["train", "--set", "data.way=2000"], ["2000", "way"]),
         (["train", "--set", "data.shot=15", "--set", "data.query=15"], ["shot", "query"]),
         (["train", "--set", "train.bogus=1"], ["unknown config key 'train.bogus'"]),
         (["train", "--preset", "no-such-preset"], ["unknown preset 'no-such-preset'"]),
-        (["train", "--preset", "omniglot-20w1s", "--data-root", "/nonexistent/omniglot"], ["metareg download omniglot"]),
+        (
+            ["train", "--preset", "omniglot-20w1s", "--data-root", "/nonexistent/omniglot"],
+            ["metareg download omniglot"],
+        ),
         (["train", "--config", "/nonexistent.yaml"], ["does not exist"]),
         (["test", "--checkpoint", "/nonexistent/run"], ["no checkpoint"]),
         (["train", "--resume"], ["--resume needs --out"]),
@@ -40,7 +48,11 @@ def assert_one_line_error(done, *fragments):
     ],
 )
 def test_bad_input_gets_one_line(tmp_path, args, fragments):
-    done = run(*args, "--out", str(tmp_path / "run")) if args[0] == "train" and "--out" not in args and "--resume" not in args else run(*args)
+    done = (
+        run(*args, "--out", str(tmp_path / "run"))
+        if args[0] == "train" and "--out" not in args and "--resume" not in args
+        else run(*args)
+    )
     assert_one_line_error(done, *fragments)
 
 
@@ -89,13 +101,16 @@ def test_download_from_a_local_mirror(tmp_path):
     (mirror / "images_evaluation.zip").unlink()
     (mirror / "images_evaluation.zip").write_bytes(b"not the archive")
     (tmp_path / "dest" / "images_evaluation.zip").unlink()
-    assert_one_line_error(run("download", "omniglot", "--to", str(tmp_path / "dest"), "--base-url", mirror.as_uri() + "/"), "checksum")
+    assert_one_line_error(
+        run("download", "omniglot", "--to", str(tmp_path / "dest"), "--base-url", mirror.as_uri() + "/"), "checksum"
+    )
 
 
 def test_plot_curves_from_a_log(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "log.csv").write_text(
-        "step,loss,score,val_score,val_ci95,seconds,tasks_per_s\n10,1.5,0.4,,,1,4\n20,1.2,0.5,0.55,0.03,2,4\n")
+        "step,loss,score,val_score,val_ci95,seconds,tasks_per_s\n10,1.5,0.4,,,1,4\n20,1.2,0.5,0.55,0.03,2,4\n"
+    )
     done = run("plot", "curves", str(tmp_path / "run"), "--out", str(tmp_path / "c.png"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_training import tiny
 
 from metareg.config import MetaTrainConfig, parse_assignment
 from metareg.errors import ConfigError
@@ -16,13 +15,20 @@ from metareg.runs.common import resolve
 from metareg.runs.episodic import build_learner, meta_test, train
 from metareg.runs.metaperturb import meta_train
 from metareg.selection import select
+from test_training import tiny
 
 REF_FAST = "model.options={channels: 4, init: truncated_normal, norm_scale: false}"
 
 
 def maml_with_metaperturb(*extra: str):
-    return tiny("model.perturbation=metaperturb", "model.perturbation_options={phi: learned}", REF_FAST,
-                "inner.fast=[blocks.*.conv.*, head.weight, head.bias]", "inner.eval_mc_samples=2", *extra)
+    return tiny(
+        "model.perturbation=metaperturb",
+        "model.perturbation_options={phi: learned}",
+        REF_FAST,
+        "inner.fast=[blocks.*.conv.*, head.weight, head.bias]",
+        "inner.eval_mc_samples=2",
+        *extra,
+    )
 
 
 def test_metaperturb_phi_learns_through_mamls_inner_loop():
@@ -33,10 +39,14 @@ def test_metaperturb_phi_learns_through_mamls_inner_loop():
     assert len(phi) == 6 and sum(learner.model.get_parameter(n).numel() for n in phi) == 82
     assert not set(phi) & set(learner.fast_names)
     slots = [m for m in learner.model.modules() if isinstance(m, MetaPerturb)]
-    assert len(slots) == 4 and not any(s.running_stats for s in slots)  # episodic: batch statistics, no running averages
+    assert len(slots) == 4 and not any(
+        s.running_stats for s in slots
+    )  # episodic: batch statistics, no running averages
     from metareg.data import build_task_source
 
-    batch = build_task_source("glyphs", "train", way=3, shot=2, query=2, num_classes=30).sample(2, torch.Generator().manual_seed(0))
+    batch = build_task_source("glyphs", "train", way=3, shot=2, query=2, num_classes=30).sample(
+        2, torch.Generator().manual_seed(0)
+    )
     torch.manual_seed(0)
     learner.meta_backward(batch)
     grads = {n: learner.model.get_parameter(n).grad for n in phi}
@@ -65,12 +75,16 @@ def test_the_metaperturb_maml_preset_trains_and_tests(tmp_path):
 def test_residual_networks_take_perturbation_factories():
     """Meta-Dropout's noise generator (a layer shaped like the block's) in every ResNet block,
     with the block input as its layer input; the output layer gets the additive Gaussian."""
-    net = create_model("resnet20", 5, in_channels=3, image_size=16, blocks=(1, 1, 1), perturbation=build_perturbation("meta-dropout"))
+    net = create_model(
+        "resnet20", 5, in_channels=3, image_size=16, blocks=(1, 1, 1), perturbation=build_perturbation("meta-dropout")
+    )
     noises = [m for m in net.modules() if isinstance(m, MultiplicativeNoise)]
     assert len(noises) == 3 and [m.phi.stride for m in noises] == [(1, 1), (2, 2), (2, 2)]
     x = torch.randn(4, 3, 16, 16)
     net.eval()
-    assert torch.equal(net(x, sample=False), net(x, sample=False)) and not torch.equal(net(x, sample=True), net(x, sample=True))
+    assert torch.equal(net(x, sample=False), net(x, sample=False)) and not torch.equal(
+        net(x, sample=True), net(x, sample=True)
+    )
     groups = net.layer_groups()
     names = [n for n, _ in net.named_parameters()]
     assert select(names, "head", groups) == ["head.weight", "head.bias"]
@@ -98,21 +112,39 @@ def test_the_joint_scheme_learns_meta_dropouts_noise_generators():
 
 
 def test_a_perturbation_without_parameters_cannot_be_meta_trained():
-    def build(t):
-        return create_model("conv4", 4, in_channels=3, image_size=16, channels=4, standard=True,
-                            perturbation=build_perturbation("dropout", {"p": 0.2}))
+    def build(_t):
+        return create_model(
+            "conv4",
+            4,
+            in_channels=3,
+            image_size=16,
+            channels=4,
+            standard=True,
+            perturbation=build_perturbation("dropout", {"p": 0.2}),
+        )
 
     with pytest.raises(ConfigError, match="has none"):
         JointLearner(build, [0, 1], 2, input_shape=(3, 16, 16))
 
 
 def test_the_joint_meta_dropout_preset_runs_and_resumes(tmp_path):
-    values = ["optim.steps=4", "optim.batch_size=4", "optim.checkpoint_every=2", "data.classes=12", "data.options={num_classes: 12}",
-              "tasks=3", "data.image_size=16", "model.options={channels: 4}"]
+    values = [
+        "optim.steps=4",
+        "optim.batch_size=4",
+        "optim.checkpoint_every=2",
+        "data.classes=12",
+        "data.options={num_classes: 12}",
+        "tasks=3",
+        "data.image_size=16",
+        "model.options={channels: 4}",
+    ]
 
     def config(steps):
-        return resolve("perturb-quickstart-metadropout", overrides=[parse_assignment(s) for s in values + [f"optim.steps={steps}"]],
-                       schema=MetaTrainConfig)
+        return resolve(
+            "perturb-quickstart-metadropout",
+            overrides=[parse_assignment(s) for s in [*values, f"optim.steps={steps}"]],
+            schema=MetaTrainConfig,
+        )
 
     straight = meta_train(config(4), tmp_path / "straight", progress=False)
     meta_train(config(2), tmp_path / "split", progress=False)

@@ -28,7 +28,14 @@ def test_a_preset_of_another_kind_names_the_command_that_runs_it():
 def test_omniglot_preset_has_the_reference_readme_hyperparameters():
     c = resolve("omniglot-20w1s")
     assert (c.data.way, c.data.shot, c.data.query) == (20, 1, 15)
-    assert (c.inner.lr, c.inner.steps, c.train.meta_batch, c.train.meta_lr, c.train.iterations, c.train.clip) == (0.1, 5, 4, 3e-4, 60000, 3.0)
+    assert (c.inner.lr, c.inner.steps, c.train.meta_batch, c.train.meta_lr, c.train.iterations, c.train.clip) == (
+        0.1,
+        5,
+        4,
+        3e-4,
+        60000,
+        3.0,
+    )
     assert c.data.train_split == "trainval"
     c = resolve("miniimagenet-5w5s-metasgd")
     assert (c.inner.step, c.inner.lr, c.train.meta_lr, c.model.options["channels"]) == ("meta-sgd", 0.01, 1e-4, 32)
@@ -36,20 +43,29 @@ def test_omniglot_preset_has_the_reference_readme_hyperparameters():
 
 def test_sine_preset_follows_the_thesis():
     c = resolve("sine-10shot")
-    assert (c.data.shot, c.inner.lr, c.inner.steps, c.train.meta_batch, c.train.iterations, c.train.meta_lr) == (10, 0.01, 1, 4, 60000, 1e-3)
+    assert (c.data.shot, c.inner.lr, c.inner.steps, c.train.meta_batch, c.train.iterations, c.train.meta_lr) == (
+        10,
+        0.01,
+        1,
+        4,
+        60000,
+        1e-3,
+    )
     assert c.model.options["hidden"] == [40, 40]
 
 
 def test_file_and_overrides_merge_over_preset(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("inner:\n  lr: 0.2\ntrain:\n  iterations: 7\n")
-    c = resolve("quickstart", path, [parse_assignment("train.iterations=9"), parse_assignment("model.options={channels: 8}")])
+    c = resolve(
+        "quickstart", path, [parse_assignment("train.iterations=9"), parse_assignment("model.options={channels: 8}")]
+    )
     assert c.inner.lr == 0.2 and c.train.iterations == 9 and c.model.options == {"channels": 8}
     assert c.data.name == "glyphs"
 
 
 @pytest.mark.parametrize(
-    "values, message",
+    ("values", "message"),
     [
         ({"train": {"iteratons": 5}}, "unknown config key 'train.iteratons' (did you mean 'train.iterations'?)"),
         ({"bogus": 1}, "unknown config key 'bogus'"),
@@ -90,8 +106,14 @@ def test_transfer_presets_of_paper_rows_use_the_released_schedule_and_say_their_
     assert len(rows) == 7
     for preset in rows:
         c = resolve(preset.name, schema=TransferConfig)
-        assert (c.optim.steps, c.optim.batch_size, c.optim.milestones, c.optim.gamma, c.perturb.mc_samples, c.perturb.anneal) == \
-            (10000, 128, [0.4, 0.7, 0.9], 0.3, 100, 0.4), preset.name
+        assert (
+            c.optim.steps,
+            c.optim.batch_size,
+            c.optim.milestones,
+            c.optim.gamma,
+            c.perturb.mc_samples,
+            c.perturb.anneal,
+        ) == (10000, 128, [0.4, 0.7, 0.9], 0.3, 100, 0.4), preset.name
         assert "CPU cores" in preset.cost
 
 
@@ -99,7 +121,9 @@ def test_numbers_in_exponent_form_are_numbers_at_any_depth(tmp_path):
     # YAML 1.1 reads 1e-5 (no dot) as a string: a nested option would reach the code as "1e-05".
     from metareg.config import load_file
 
-    assert parse_assignment("perturb.options={beta: 1e-05, p: 2E+1, name: 1e5x}") == {"perturb": {"options": {"beta": 1e-05, "p": 20.0, "name": "1e5x"}}}
+    assert parse_assignment("perturb.options={beta: 1e-05, p: 2E+1, name: 1e5x}") == {
+        "perturb": {"options": {"beta": 1e-05, "p": 20.0, "name": "1e5x"}}
+    }
     assert parse_assignment("optim.lr=1e-3") == {"optim": {"lr": 1e-3}}
     path = tmp_path / "c.yaml"
     path.write_text("perturb:\n  options: {beta: 1e-5}\noptim:\n  lr: -3e-4\n  steps: 10\n")

@@ -8,6 +8,7 @@ module, so Omniglot and miniImageNet are decoded once per session and the home c
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
 import os
 import shutil
@@ -81,7 +82,7 @@ def id_classes(sizes: list[int], rotations: list[int] | None = None) -> ClassIma
     ids = torch.arange(m)
     images = torch.stack([ids % 256, ids // 256], 1).to(torch.uint8)[:, :, None, None].expand(m, 2, 3, 3).clone()
     bounds = np.cumsum([0, *sizes])
-    indices = [torch.arange(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    indices = [torch.arange(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
     return ClassImages(images, indices, [f"c{i}" for i in range(len(sizes))], rotations, "toy", "train")
 
 
@@ -106,7 +107,7 @@ def test_sampler_shapes_dtypes_and_label_counts() -> None:
     assert b.support_x.dtype == torch.float32 and b.query_x.dtype == torch.float32
     assert b.support_y.shape == (7, 10) and b.query_y.shape == (7, 15)
     assert b.support_y.dtype == torch.int64 and b.query_y.dtype == torch.int64
-    assert 0.0 <= float(b.support_x.min()) and float(b.support_x.max()) <= 1.0
+    assert float(b.support_x.min()) >= 0.0 and float(b.support_x.max()) <= 1.0
     for y, per_label in ((b.support_y, 2), (b.query_y, 3)):
         for row in y:
             assert torch.equal(torch.bincount(row, minlength=5), torch.full((5,), per_label))
@@ -219,12 +220,12 @@ def test_sine_tasks_shapes_ranges_and_law() -> None:
     assert batch.support_x.shape == (64, 10, 1) and batch.query_y.shape == (64, 7, 1)
     assert all(t.dtype == torch.float32 for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y))
     a, w, p = params["amplitude"], params["frequency"], params["phase"]
-    assert 0.1 <= float(a.min()) and float(a.max()) <= 5.0
-    assert 0.8 <= float(w.min()) and float(w.max()) <= 1.2 and float(w.std()) > 0.05
-    assert 0.0 <= float(p.min()) and float(p.max()) <= math.pi
+    assert float(a.min()) >= 0.1 and float(a.max()) <= 5.0
+    assert float(w.min()) >= 0.8 and float(w.max()) <= 1.2 and float(w.std()) > 0.05
+    assert float(p.min()) >= 0.0 and float(p.max()) <= math.pi
     x = torch.cat([batch.support_x, batch.query_x], 1)
     y = torch.cat([batch.support_y, batch.query_y], 1)
-    assert -5.0 <= float(x.min()) and float(x.max()) <= 5.0
+    assert float(x.min()) >= -5.0 and float(x.max()) <= 5.0
     expected = a[:, None, None] * torch.sin(w[:, None, None] * x + p[:, None, None])
     torch.testing.assert_close(y, expected)
     assert bool((y.abs() <= a[:, None, None] + 1e-6).all())
@@ -256,7 +257,7 @@ def test_polynomial_matches_its_coefficients() -> None:
     assert c.shape == (8, 4) and float(c.abs().max()) <= 1.0
     x = torch.cat([batch.support_x, batch.query_x], 1).squeeze(-1).double()
     y = torch.cat([batch.support_y, batch.query_y], 1).squeeze(-1).double()
-    assert -2.0 <= float(x.min()) and float(x.max()) <= 3.0
+    assert float(x.min()) >= -2.0 and float(x.max()) <= 3.0
     for t in range(8):
         expected = np.polynomial.polynomial.polyval(x[t].numpy(), c[t].double().numpy())
         np.testing.assert_allclose(y[t].numpy(), expected, rtol=1e-4, atol=1e-4)
@@ -383,7 +384,7 @@ def test_omniglot_second_load_uses_cache(omniglot: dict, monkeypatch: pytest.Mon
     entries = sorted(p.name for p in cache_dir().glob("omniglot-*"))
     assert len(entries) == 4, entries  # two archives x (safetensors + json)
 
-    def no_decoding(*args, **kwargs):
+    def no_decoding(*_args, **_kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
     monkeypatch.setattr(omniglot_module, "_decode", no_decoding)
@@ -465,8 +466,9 @@ def test_tiny_omniglot_zip_equals_tree_and_custom_vinyals_split(tmp_path: Path) 
     for root in (tree, zips):
         split_dir = root / "splits" / "vinyals"
         split_dir.mkdir(parents=True)
-        (split_dir / "train.txt").write_text("Alpha/character02/rot000\nGamma/character01/rot180\n"
-                                             "Alpha/character02/rot270\n")
+        (split_dir / "train.txt").write_text(
+            "Alpha/character02/rot000\nGamma/character01/rot180\nAlpha/character02/rot270\n"
+        )
     a = load_omniglot(tree, "train", image_size=16)
     b = load_omniglot(zips, "train", image_size=16)
     assert a.class_names == ["Alpha/character02/rot000", "Gamma/character01/rot180", "Alpha/character02/rot270"]
@@ -481,7 +483,7 @@ def test_omniglot_missing_and_corrupt_data(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="metareg download omniglot --to"):
         load_omniglot(tmp_path / "nowhere", "train")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="images_background.zip"):
+    with pytest.raises(DataError, match=r"images_background\.zip"):
         load_omniglot(tmp_path / "empty", "train", class_split="alphabets")
     with pytest.raises(DataError, match="split"):
         load_omniglot(tmp_path / "empty", "validation")
@@ -491,7 +493,7 @@ def test_omniglot_missing_and_corrupt_data(tmp_path: Path) -> None:
     bad_zip = tmp_path / "badzip"
     bad_zip.mkdir()
     (bad_zip / "images_background.zip").write_bytes(b"PK\x03\x04 this is not a zip" * 10)
-    with pytest.raises(DataError, match="images_background.zip"):
+    with pytest.raises(DataError, match=r"images_background\.zip"):
         load_omniglot(bad_zip, "train", class_split="alphabets")
 
     tree = write_tiny_omniglot(tmp_path / "tree")
@@ -603,16 +605,16 @@ def test_tiny_miniimagenet_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="split"):
         load_miniimagenet(root, "trainval")
     (root / "test.csv").unlink()
-    with pytest.raises(DataError, match="test.csv"):
+    with pytest.raises(DataError, match=r"test\.csv"):
         load_miniimagenet(root, "test")
     (root / "val.csv").write_text("file,class\na00000001.jpg,a\n")
-    with pytest.raises(DataError, match="val.csv: header"):
+    with pytest.raises(DataError, match=r"val\.csv: header"):
         load_miniimagenet(root, "val")
     (root / "images" / "b00000002.jpg").unlink()
     with pytest.raises(DataError, match=r"train.csv line 6: image .*b00000002.jpg is missing"):
         load_miniimagenet(root, "train")
     (root / "images" / "b00000002.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(DataError, match="b00000002.jpg"):
+    with pytest.raises(DataError, match=r"b00000002\.jpg"):
         load_miniimagenet(root, "train", cache=False)
     shutil.rmtree(root / "images")
     with pytest.raises(DataError, match="images"):
@@ -650,7 +652,7 @@ def test_download_checksum_mismatch_removes_file(tmp_path: Path) -> None:
     for name, info in expected_files().items():
         (mirror / name).write_bytes(b"\0" * info["size"])  # right size, wrong content
     dest = tmp_path / "dest"
-    with pytest.raises(DataError, match="checksum mismatch for .*images_background.zip"):
+    with pytest.raises(DataError, match=r"checksum mismatch for .*images_background\.zip"):
         download_omniglot(dest, base_url=mirror.as_uri(), progress=False)
     assert list(dest.iterdir()) == [], "neither the bad file nor a partial download may remain"
 
@@ -685,7 +687,7 @@ def test_build_task_source_names_and_options(tmp_path: Path, monkeypatch: pytest
     assert poly.sample(2, gen(0)).support_y.shape == (2, 3, 1)
     with pytest.raises(DataError, match="glyphs, miniimagenet, omniglot, polynomial, sine"):
         build_task_source("cifar", "train", way=5, shot=1, query=1)
-    with pytest.raises(DataError, match="unknown option.*colour"):
+    with pytest.raises(DataError, match=r"unknown option.*colour"):
         build_task_source("glyphs", "train", way=5, shot=1, query=1, colour="red")
     with pytest.raises(DataError, match="order"):
         build_task_source("polynomial", "train", way=5, shot=1, query=1)

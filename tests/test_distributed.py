@@ -3,25 +3,38 @@ meta-parameters and per-episode scores as one process, resumable with any number
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from test_training import TINY, final_params
 
 from metareg.meta.distributed import World
+from test_training import TINY, final_params
 
-FLAGS = [*sum((["--set", s] for s in [*TINY, "dtype=float64", "train.checkpoint_every=1", "train.val_every=1000"]), [])]
+FLAGS = [
+    *functools.reduce(
+        operator.iadd,
+        (["--set", s] for s in [*TINY, "dtype=float64", "train.checkpoint_every=1", "train.val_every=1000"]),
+        [],
+    )
+]
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
 def metareg(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m"] if processes > 1 \
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m"]
+        if processes > 1
         else [sys.executable, "-m"]
-    done = subprocess.run([*launcher, "metareg.cli", "--no-progress", *args], capture_output=True, text=True, env=ENV, timeout=300)
+    )
+    done = subprocess.run(
+        [*launcher, "metareg.cli", "--no-progress", *args], capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -49,23 +62,53 @@ def test_two_processes_train_and_test_like_one(tmp_path):
     assert three["scores"] == single["scores"] and len(single["scores"]) == 5  # 5 episodes: blocks of 3 and 2
 
 
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_a_run_resumes_with_another_number_of_processes(tmp_path, first, then):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     metareg("train", "--preset", "quickstart", *FLAGS, "--iterations", "4", "--no-test", "--out", str(straight))
-    metareg("train", "--preset", "quickstart", *FLAGS, "--iterations", "2", "--no-test", "--out", str(cut), processes=first)
+    metareg(
+        "train", "--preset", "quickstart", *FLAGS, "--iterations", "2", "--no-test", "--out", str(cut), processes=first
+    )
     metareg("train", "--out", str(cut), "--resume", "--iterations", "4", "--no-test", processes=then)
     assert json.loads((cut / "checkpoint.json").read_text())["processes"] == then
     assert_identical(final_params(straight), final_params(cut))
 
 
 def test_a_meta_batch_the_processes_do_not_divide_is_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "metareg.cli",
-                           "--no-progress", "train", "--preset", "quickstart", *FLAGS, "--set", "train.meta_batch=3", "--iterations", "1",
-                           "--out", str(tmp_path / "run")], capture_output=True, text=True, env=ENV, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "metareg.cli",
+            "--no-progress",
+            "train",
+            "--preset",
+            "quickstart",
+            *FLAGS,
+            "--set",
+            "train.meta_batch=3",
+            "--iterations",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     # Each process says it in one line; torchrun then reports its failed children in its own format.
-    assert done.returncode != 0 and "metareg train: error: 3 tasks cannot be shared equally by 2 processes" in done.stderr
-    assert "metareg/" not in done.stderr.split("metareg train: error:")[0] and "site-packages/metareg" not in done.stderr
+    assert (
+        done.returncode != 0 and "metareg train: error: 3 tasks cannot be shared equally by 2 processes" in done.stderr
+    )
+    assert (
+        "metareg/" not in done.stderr.split("metareg train: error:")[0] and "site-packages/metareg" not in done.stderr
+    )
 
 
 def test_blocks_cover_every_item_once_in_order():
@@ -82,18 +125,43 @@ def test_a_dead_process_stops_the_run_and_it_resumes_from_the_last_checkpoint(tm
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     metareg("train", "--preset", "quickstart", *FLAGS, "--iterations", "30", "--no-test", "--out", str(straight))
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "metareg.cli",
-                             "--no-progress", "train", "--preset", "quickstart", *FLAGS, "--iterations", "30", "--no-test", "--out",
-                             str(killed)], env=ENV | {"METAREG_DIST_TIMEOUT": "20"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "metareg.cli",
+            "--no-progress",
+            "train",
+            "--preset",
+            "quickstart",
+            *FLAGS,
+            "--iterations",
+            "30",
+            "--no-test",
+            "--out",
+            str(killed),
+        ],
+        env=ENV | {"METAREG_DIST_TIMEOUT": "20"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     checkpoint = killed / "checkpoint.json"
     deadline = time.time() + 120
     while time.time() < deadline and not (checkpoint.exists() and json.loads(checkpoint.read_text())["step"] >= 3):
         time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "metareg.cli"], capture_output=True, text=True).stdout.split()
+    workers = subprocess.run(
+        ["pgrep", "-f", "-P", str(proc.pid), "metareg.cli"], capture_output=True, text=True
+    ).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[-1]), signal.SIGKILL)  # one worker dies
-    _, err = proc.communicate(timeout=120)
+    _, _err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     step = json.loads(checkpoint.read_text())["step"]
     assert 3 <= step < 30, "the run was not stopped mid-way"
@@ -105,8 +173,8 @@ def test_a_failed_collective_is_one_clear_error():
     from metareg.errors import DistributedError
     from metareg.meta.distributed import _collective
 
-    def broken(*args):
+    def broken(*_args):
         raise RuntimeError("[gloo] Connection closed by peer\nmore details")
 
-    with pytest.raises(DistributedError, match="stopped or did not answer .*Connection closed by peer.*--resume"):
+    with pytest.raises(DistributedError, match=r"stopped or did not answer .*Connection closed by peer.*--resume"):
         _collective(broken, None)

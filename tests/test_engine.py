@@ -5,6 +5,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+
 from helpers import (
     learner_for,
     random_image_batch,
@@ -12,7 +13,6 @@ from helpers import (
     tiny_conv,
     tiny_mlp,
 )
-
 from metareg.errors import ConfigError
 from metareg.meta.reference import conv_forward, mlp_forward, reference_meta_gradient
 
@@ -39,7 +39,9 @@ def test_meta_gradient_equals_reference_loop_conv(strategy, first_order):
     learner = learner_for(model, lr=0.3, steps=3, first_order=first_order, strategy=strategy)
     batch = random_image_batch(tasks=3)
     params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
-    ref_loss, ref = reference_meta_gradient(params, batch, lr=0.3, steps=3, forward=partial(conv_forward, depth=2), first_order=first_order)
+    ref_loss, ref = reference_meta_gradient(
+        params, batch, lr=0.3, steps=3, forward=partial(conv_forward, depth=2), first_order=first_order
+    )
     metrics, got = engine_grads(learner, batch)
     assert torch.allclose(metrics["loss"], ref_loss, rtol=1e-10)
     assert_close_rel(got, ref, 1e-6)
@@ -88,7 +90,9 @@ def test_first_order_drops_the_second_order_term():
         adapted = learner.adapt(start, batch.support_x[i], batch.support_y[i], create_graph=False)
         adapted = {n: p.detach().requires_grad_() for n, p in adapted.items()}
         out = torch.func.functional_call(model, adapted, (batch.query_x[i],))
-        for n, g in zip(adapted, torch.autograd.grad(F.mse_loss(out, batch.query_y[i]) / batch.num_tasks, list(adapted.values()))):
+        for n, g in zip(
+            adapted, torch.autograd.grad(F.mse_loss(out, batch.query_y[i]) / batch.num_tasks, list(adapted.values()))
+        ):
             expected[n] += g
     assert_close_rel(first, expected, 1e-10)
     assert any((first[n] - second[n]).norm() > 1e-6 * second[n].norm() for n in first)
@@ -98,7 +102,7 @@ def test_meta_sgd_step_sizes_get_gradients_and_match_sgd_at_init():
     model = tiny_conv(depth=2)
     batch = random_image_batch(tasks=2)
     meta_sgd = learner_for(model, lr=0.2, steps=2, step="meta-sgd")
-    metrics, grads = engine_grads(meta_sgd, batch)
+    _metrics, grads = engine_grads(meta_sgd, batch)
     lr_grads = [p.grad for n, p in meta_sgd.named_parameters() if n.startswith("inner.")]
     assert lr_grads and all(g is not None and g.abs().sum() > 0 for g in lr_grads)
     _, sgd_grads = engine_grads(learner_for(model, lr=0.2, steps=2), batch)
@@ -135,7 +139,13 @@ def test_evaluate_does_not_touch_meta_parameters_and_matches_manual_adaptation()
     for i in range(2):
         fast = list(params.values())
         for _ in range(2):
-            loss = F.cross_entropy(conv_forward(dict(zip(params, fast)), batch.support_x[i], depth=2), batch.support_y[i])
+            loss = F.cross_entropy(
+                conv_forward(dict(zip(params, fast)), batch.support_x[i], depth=2), batch.support_y[i]
+            )
             fast = [w - 0.3 * g for w, g in zip(fast, torch.autograd.grad(loss, fast))]
-        acc = (conv_forward(dict(zip(params, fast)), batch.query_x[i], depth=2).argmax(-1) == batch.query_y[i]).double().mean()
+        acc = (
+            (conv_forward(dict(zip(params, fast)), batch.query_x[i], depth=2).argmax(-1) == batch.query_y[i])
+            .double()
+            .mean()
+        )
         assert scores[i].item() == pytest.approx(acc.item(), abs=1e-7)

@@ -5,14 +5,15 @@ stops a run that then resumes to the weights of an uninterrupted one."""
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import time
 
 import pytest
 import torch
-from helpers import learner_for, random_image_batch, tiny_conv
-from test_training import assert_same_state, final_params, tiny
 
+from helpers import learner_for, random_image_batch, tiny_conv
 from metareg.config import parse_assignment
 from metareg.data.classes import ClassImages, EpisodeSampler
 from metareg.errors import ConfigError
@@ -21,6 +22,7 @@ from metareg.nets import create_model
 from metareg.perturb import build_perturbation
 from metareg.runs.common import resolve
 from metareg.runs.episodic import train
+from test_training import assert_same_state, final_params, tiny
 
 
 # ------------------------------------------------------------------------------------ episodes
@@ -28,8 +30,12 @@ def rotated_classes() -> ClassImages:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (12, 1, 5, 5), generator=g, dtype=torch.uint8)
     members = [torch.arange(i * 3, i * 3 + 3) for i in range(4)]
-    return ClassImages(images, members * 4, [f"c{i}/rot{r}" for r in range(4) for i in range(4)],
-                       rotations=torch.arange(4).repeat_interleave(4))
+    return ClassImages(
+        images,
+        members * 4,
+        [f"c{i}/rot{r}" for r in range(4) for i in range(4)],
+        rotations=torch.arange(4).repeat_interleave(4),
+    )
 
 
 def test_gathered_episodes_are_the_episodes_of_the_seed():
@@ -39,14 +45,18 @@ def test_gathered_episodes_are_the_episodes_of_the_seed():
     sampler = EpisodeSampler(rotated_classes(), way=5, shot=1, query=2)
     batch = sampler.sample(3, torch.Generator().manual_seed(7))
     rows, turns = sampler.draw(3, torch.Generator().manual_seed(7))
-    reference = torch.stack([torch.rot90(sampler.classes.images[r], int(k), dims=(-2, -1)) for r, k in zip(rows.reshape(-1), turns)])
+    reference = torch.stack(
+        [torch.rot90(sampler.classes.images[r], int(k), dims=(-2, -1)) for r, k in zip(rows.reshape(-1), turns)]
+    )
     reference = reference.float().div(255).view(3, 5, 3, 1, 5, 5)
     torch.testing.assert_close(batch.support_x, reference[:, :, :1].reshape(3, 5, 1, 5, 5), rtol=0, atol=0)
     torch.testing.assert_close(batch.query_x, reference[:, :, 1:].reshape(3, 10, 1, 5, 5), rtol=0, atol=0)
     assert batch.support_y.tolist() == [[0, 1, 2, 3, 4]] * 3 and set(turns.tolist()) > {0}
     moved = sampler.to("cpu")
     again = moved.sample(3, torch.Generator().manual_seed(7))
-    for a, b in zip((batch.support_x, batch.query_x, batch.support_y), (again.support_x, again.query_x, again.support_y)):
+    for a, b in zip(
+        (batch.support_x, batch.query_x, batch.support_y), (again.support_x, again.query_x, again.support_y)
+    ):
         assert torch.equal(a, b)
 
 
@@ -73,24 +83,38 @@ class NoiseTape:
 
     def randn(self, *shape, **kw):
         out = self._next(lambda: self.real(*shape, **kw))
-        return out[self.copy:self.copy + 1] if self.replay else out
+        return out[self.copy : self.copy + 1] if self.replay else out
 
 
-@pytest.mark.parametrize("perturbation, options", [("meta-dropout", {}), ("weight-gaussian", {}), ("metaperturb", {"phi": "learned"}),
-                                                   ("meta-dropout-learned-variance", {})])
+@pytest.mark.parametrize(
+    ("perturbation", "options"),
+    [
+        ("meta-dropout", {}),
+        ("weight-gaussian", {}),
+        ("metaperturb", {"phi": "learned"}),
+        ("meta-dropout-learned-variance", {}),
+    ],
+)
 def test_batched_monte_carlo_samples_equal_the_mean_of_sequential_passes(monkeypatch, perturbation, options):
     """One pass over S stacked copies of the support set (batch statistics per copy) gives the mean
     of S separate passes' losses, and the same gradient, in float64."""
-    S = 3
+    samples = 3
     torch.manual_seed(0)
-    model = create_model("conv4", 3, in_channels=1, image_size=8, channels=4, depth=2,
-                         perturbation=build_perturbation(perturbation, options)).double()
+    model = create_model(
+        "conv4",
+        3,
+        in_channels=1,
+        image_size=8,
+        channels=4,
+        depth=2,
+        perturbation=build_perturbation(perturbation, options),
+    ).double()
     for p in model.parameters():  # phi large enough for every term to matter
         if p.dim() and p.numel() < 50:
             torch.nn.init.normal_(p, std=0.3)
     batch = random_image_batch(tasks=1, way=3, shot=2, query=1, size=8)
     x, y = batch.support_x[0], batch.support_y[0]
-    tape = NoiseTape(S)
+    tape = NoiseTape(samples)
     monkeypatch.setattr(torch, "randn_like", tape.randn_like)
     monkeypatch.setattr(torch, "randn", tape.randn)
     losses = {}
@@ -98,11 +122,11 @@ def test_batched_monte_carlo_samples_equal_the_mean_of_sequential_passes(monkeyp
         learner = learner_for(model, mc_batch=batched)
         params = learner.initial_params()
         if batched:
-            loss = learner.inner_loss(params, x, y, S)
+            loss = learner.inner_loss(params, x, y, samples)
         else:
             tape.replay = True
             parts = []
-            for s in range(S):
+            for s in range(samples):
                 tape.copy, tape.index = s, 0
                 parts.append(learner.inner_loss(params, x, y, 1))
             loss = torch.stack(parts).mean()
@@ -117,7 +141,7 @@ def test_batching_needs_the_episodic_batch_norm():
     model = create_model("resnet20", 3, in_channels=3, image_size=8, blocks=(1, 1, 1))
     with pytest.raises(ConfigError, match="mc_batch"):
         learner_for(model, mc_batch=True)
-    with pytest.raises(ConfigError, match="inner.mc_batch"):
+    with pytest.raises(ConfigError, match=r"inner\.mc_batch"):
         resolve("quickstart", None, [parse_assignment("inner.mc_batch=sometimes")])
 
 
@@ -138,14 +162,23 @@ def test_the_capturable_step_is_the_eager_step(tmp_path):
     reference.optimizer.step()
     a, b = trainer.learner.state_dict(), reference.learner.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert capture_or_none(trainer.gathered_update, (rows, turns), modules=[trainer.learner], optimizers=[trainer.optimizer],
-                           device=torch.device("cpu")) is None
+    assert (
+        capture_or_none(
+            trainer.gathered_update,
+            (rows, turns),
+            modules=[trainer.learner],
+            optimizers=[trainer.optimizer],
+            device=torch.device("cpu"),
+        )
+        is None
+    )
     assert not trainer.cuda_graph  # CPU: eager
 
 
 def test_the_warm_up_state_is_restored_exactly():
     """What a capture's warm-up runs change (weights, Adam's moments created on the fly, the
     generators) is put back: afterwards the step gives exactly what it gives without a warm-up."""
+
     def make():
         model = tiny_conv(perturbation=build_perturbation("meta-dropout"))
         learner = learner_for(model)
@@ -185,12 +218,13 @@ def test_a_time_budget_stops_with_a_checkpoint_and_the_resumed_run_ends_identica
 
 
 def test_time_budget_on_the_command_line(tmp_path, capsys):
+    from metareg import cli
     from test_training import TINY
 
-    from metareg import cli
-
-    flags = sum((["--set", s] for s in TINY), [])
-    status = cli.main(["--no-progress", "train", "--out", str(tmp_path / "run"), "--iterations", "50", "--time-budget", "1", *flags])
+    flags = functools.reduce(operator.iadd, (["--set", s] for s in TINY), [])
+    status = cli.main(
+        ["--no-progress", "train", "--out", str(tmp_path / "run"), "--iterations", "50", "--time-budget", "1", *flags]
+    )
     out = capsys.readouterr().out
     assert status == 0 and "time budget of 1 s reached: stopped at step" in out and "--resume --time-budget 1" in out
     assert not (tmp_path / "run" / "test.json").exists()
@@ -199,9 +233,29 @@ def test_time_budget_on_the_command_line(tmp_path, capsys):
 def test_a_time_budget_during_hyperparameter_selection_says_where_it_stopped(tmp_path, capsys):
     from metareg import cli
 
-    flags = sum((["--set", s] for s in ["optim.steps=40", "optim.checkpoint_every=5", "data.image_size=16", "model.options.channels=8"]), [])
-    status = cli.main(["--no-progress", "perturb", "transfer", "--perturbation", "manifold-mixup", "--select", "--out", str(tmp_path / "sel"),
-                       "--time-budget", "1", *flags])
+    flags = functools.reduce(
+        operator.iadd,
+        (
+            ["--set", s]
+            for s in ["optim.steps=40", "optim.checkpoint_every=5", "data.image_size=16", "model.options.channels=8"]
+        ),
+        [],
+    )
+    status = cli.main(
+        [
+            "--no-progress",
+            "perturb",
+            "transfer",
+            "--perturbation",
+            "manifold-mixup",
+            "--select",
+            "--out",
+            str(tmp_path / "sel"),
+            "--time-budget",
+            "1",
+            *flags,
+        ]
+    )
     out = capsys.readouterr().out
     # the stop falls in one of the candidates' runs (which one depends on the machine's speed)
     assert status == 0 and f"(in {tmp_path / 'sel' / 'selection'}{os.sep}" in out and "stopped at step" in out
@@ -211,6 +265,8 @@ def test_a_time_budget_during_hyperparameter_selection_says_where_it_stopped(tmp
 def test_a_time_budget_stops_ordinary_training_and_the_resumed_run_ends_identical(tmp_path, kind):
     """`metareg perturb meta-train / transfer --time-budget`: stop at the first step with a
     checkpoint, no result yet; resumed, the run ends with the uninterrupted run's tensors."""
+    from metareg.runs.metaperturb import meta_train
+    from metareg.runs.transfer import transfer
     from test_perturb_runs import (
         META_TRAIN_KEYS,
         TRANSFER_KEYS,
@@ -218,9 +274,6 @@ def test_a_time_budget_stops_ordinary_training_and_the_resumed_run_ends_identica
         meta_config,
         tensors_of,
     )
-
-    from metareg.runs.metaperturb import meta_train
-    from metareg.runs.transfer import transfer
 
     if kind == "meta-train":
         start, config, keys, result = meta_train, meta_config(), META_TRAIN_KEYS, "phi.json"

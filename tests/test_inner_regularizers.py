@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import learner_for, random_regression_batch
 from torch.func import functional_call
 
+from helpers import learner_for, random_regression_batch
 from metareg.inner import DropGrad, SubspaceMask, build_inner_rule
 from metareg.meta import BilevelLearner
 from metareg.nets import MLP
@@ -72,8 +72,9 @@ def test_tnet_with_identity_t_gives_exactly_maml():
 
 def test_mtnet_mask_at_infinite_logits_updates_exactly_the_chosen_rows():
     model = mlp(transform=True)
-    learner = learner_for(model, lr=0.1, steps=1, task="regression", fast=W_ONLY,
-                          transforms=[{"name": "subspace-mask", "per": "row"}])
+    learner = learner_for(
+        model, lr=0.1, steps=1, task="regression", fast=W_ONLY, transforms=[{"name": "subspace-mask", "per": "row"}]
+    )
     mask = learner.inner.transforms[0]
     chosen = {}
     with torch.no_grad():
@@ -84,7 +85,9 @@ def test_mtnet_mask_at_infinite_logits_updates_exactly_the_chosen_rows():
     batch = random_regression_batch(tasks=1)
     start = learner.initial_params()
     adapted = learner.adapt(start, batch.support_x[0], batch.support_y[0])
-    unmasked = learner_for(model, lr=0.1, steps=1, task="regression", fast=W_ONLY).adapt(start, batch.support_x[0], batch.support_y[0])
+    unmasked = learner_for(model, lr=0.1, steps=1, task="regression", fast=W_ONLY).adapt(
+        start, batch.support_x[0], batch.support_y[0]
+    )
     for weight, rows in chosen.items():
         for name in (weight, weight.removesuffix("weight") + "bias"):
             assert torch.equal(adapted[name][rows], unmasked[name][rows]), name  # chosen rows: plain step
@@ -99,8 +102,9 @@ def test_mtnet_mask_at_infinite_logits_updates_exactly_the_chosen_rows():
 def test_straight_through_gradient_reaches_the_logits_and_full_masks_have_one_logit_per_weight():
     for per in ("row", "weight"):
         model = mlp(transform=True)
-        learner = learner_for(model, lr=0.1, steps=2, task="regression", fast=W_ONLY,
-                              transforms=[{"name": "subspace-mask", "per": per}])
+        learner = learner_for(
+            model, lr=0.1, steps=2, task="regression", fast=W_ONLY, transforms=[{"name": "subspace-mask", "per": per}]
+        )
         mask = learner.inner.transforms[0]
         for name in mask.names:
             expected = model.get_parameter(name).shape[:1] if per == "row" else model.get_parameter(name).shape
@@ -130,7 +134,9 @@ def test_composes_with_meta_sgd_and_vmap_gives_the_same_numbers():
         model = mlp(transform=True)
         rule = build_inner_rule(
             {n: p for n, p in model.named_parameters() if not n.startswith(("transforms", "head_transform"))},
-            step="meta-sgd", lr=0.05, steps=2,
+            step="meta-sgd",
+            lr=0.05,
+            steps=2,
             transforms=[{"name": "subspace-mask"}, {"name": "dropgrad", "p": 0.0}],
         ).double()
         with torch.no_grad():
@@ -183,8 +189,14 @@ def test_straight_through_gradient_of_the_logits_is_the_soft_relaxations_gradien
 
     monkeypatch.setattr(mask_module, "_gumbel", recorded)
     model = mlp(transform=True)
-    learner = learner_for(model, lr=lr, steps=steps, task="regression", fast=W_ONLY,
-                          transforms=[{"name": "subspace-mask", "per": per, "temperature": c}])
+    learner = learner_for(
+        model,
+        lr=lr,
+        steps=steps,
+        task="regression",
+        fast=W_ONLY,
+        transforms=[{"name": "subspace-mask", "per": per, "temperature": c}],
+    )
     mask = learner.inner.transforms[0]
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -210,7 +222,9 @@ def test_straight_through_gradient_of_the_logits_is_the_soft_relaxations_gradien
     x, y = batch.support_x[0], batch.support_y[0]
     params = dict(start)
     for _ in range(steps):
-        grads = torch.autograd.grad(F.mse_loss(functional_call(model, params, (x,)), y), [params[n] for n in fast], create_graph=True)
+        grads = torch.autograd.grad(
+            F.mse_loss(functional_call(model, params, (x,)), y), [params[n] for n in fast], create_graph=True
+        )
         params = params | {n: params[n] - lr * (masks[n] * g if n in masks else g) for n, g in zip(fast, grads)}
     query_loss = F.mse_loss(functional_call(model, params, (batch.query_x[0],)), batch.query_y[0])
     assert torch.allclose(metrics["loss"], query_loss, rtol=1e-12, atol=0)  # the forward pass is the hard mask's
@@ -231,7 +245,9 @@ def test_dropgrad_multiplies_each_gradient_element_by_its_own_noise():
     p, n = 0.3, 200_000
     var = p / (1 - p)
     gen = torch.Generator().manual_seed(1)
-    g = torch.randn(n, generator=gen, dtype=torch.float64) * torch.exp(2 * torch.randn(n, generator=gen, dtype=torch.float64))
+    g = torch.randn(n, generator=gen, dtype=torch.float64) * torch.exp(
+        2 * torch.randn(n, generator=gen, dtype=torch.float64)
+    )
     g[::7] = 0.0
     for kind in ("binary", "gaussian"):
         torch.manual_seed(0)
@@ -244,7 +260,9 @@ def test_dropgrad_multiplies_each_gradient_element_by_its_own_noise():
         assert abs(ratio.var().item() - var) < 5 * math.sqrt(4 * var**2 / m) + 5 * math.sqrt(var**2 * 3 / m), kind
         if kind == "binary":
             kept = out[~zero] != 0
-            torch.testing.assert_close(out[~zero][kept], g[~zero][kept] / (1 - p), rtol=1e-15, atol=0)  # g / (1 - p) where kept
+            torch.testing.assert_close(
+                out[~zero][kept], g[~zero][kept] / (1 - p), rtol=1e-15, atol=0
+            )  # g / (1 - p) where kept
             assert abs(kept.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / m)
         # The noise does not depend on the gradient's size: same law for small and large |g|.
         small = g[~zero].abs() < g[~zero].abs().median()
@@ -267,7 +285,9 @@ def test_dropgrad_draws_fresh_noise_at_every_inner_step():
 
     # The learner's inner loop: record each step's gradient before and after DropGrad.
     model = mlp()
-    learner = learner_for(model, lr=0.05, steps=3, task="regression", transforms=[{"name": "dropgrad", "p": 0.5, "kind": "binary"}])
+    learner = learner_for(
+        model, lr=0.05, steps=3, task="regression", transforms=[{"name": "dropgrad", "p": 0.5, "kind": "binary"}]
+    )
     drop, sgd = learner.inner.transforms
     seen = []
     drop_update, sgd_update = drop.update, sgd.update

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import learner_for, random_image_batch, tiny_conv
-from test_training import assert_same_state, final_params, tiny
 
+from helpers import learner_for, random_image_batch, tiny_conv
 from metareg.errors import ConfigError
 from metareg.nets import LayerInfo
 from metareg.perturb import MultiplicativeNoise, WeightGaussian, build_perturbation
+from test_training import assert_same_state, final_params, tiny
 
 REF_FAST = ["blocks.*.conv.*", "head.weight", "head.bias"]
 CONV = LayerInfo(0, "conv", 3, 5, kernel_size=3, padding=1)
@@ -50,7 +50,15 @@ def test_learned_variance_scales_the_gaussian():
             layer.weight.zero_()
             layer.bias.fill_(value)
     torch.manual_seed(1)
-    a = torch.log(torch.expm1(noise.noise(torch.ones(40, 5, 20, 20, dtype=torch.float64), torch.randn(40, 3, 20, 20, dtype=torch.float64), sample=True)))
+    a = torch.log(
+        torch.expm1(
+            noise.noise(
+                torch.ones(40, 5, 20, 20, dtype=torch.float64),
+                torch.randn(40, 3, 20, 20, dtype=torch.float64),
+                sample=True,
+            )
+        )
+    )
     assert a.mean().item() == pytest.approx(0.3, abs=0.01)
     assert a.std().item() == pytest.approx(0.5, rel=0.02)
 
@@ -79,7 +87,9 @@ def test_phi_gets_gradients_in_second_order_and_first_order_is_refused():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in phi.values())
     with pytest.raises(ConfigError, match="first-order"):
         learner_for(model, fast=REF_FAST, first_order=True)
-    learner_for(tiny_conv(perturbation=build_perturbation("fixed-gaussian")), first_order=True)  # nothing to learn: fine
+    learner_for(
+        tiny_conv(perturbation=build_perturbation("fixed-gaussian")), first_order=True
+    )  # nothing to learn: fine
 
 
 def test_inner_steps_never_change_phi_or_batch_norm():
@@ -108,11 +118,23 @@ def test_s_sample_inner_loss_is_the_mean_of_s_single_sample_losses():
 
 EXPECTED_PARAMETERS = {  # perturbation -> the perturbation parameters of a 2-block ConvNet, and nothing else
     "none": set(),
-    "meta-dropout": {"blocks.0.perturb.phi.weight", "blocks.0.perturb.phi.bias", "blocks.1.perturb.phi.weight",
-                     "blocks.1.perturb.phi.bias", "head_perturb.phi.weight", "head_perturb.phi.bias"},
-    "meta-dropout-deterministic": {"blocks.0.perturb.phi.weight", "blocks.0.perturb.phi.bias", "blocks.1.perturb.phi.weight",
-                                   "blocks.1.perturb.phi.bias"},
-    "meta-dropout-learned-variance": {f"blocks.{i}.perturb.{p}.{w}" for i in (0, 1) for p in ("phi", "phi_sigma") for w in ("weight", "bias")}
+    "meta-dropout": {
+        "blocks.0.perturb.phi.weight",
+        "blocks.0.perturb.phi.bias",
+        "blocks.1.perturb.phi.weight",
+        "blocks.1.perturb.phi.bias",
+        "head_perturb.phi.weight",
+        "head_perturb.phi.bias",
+    },
+    "meta-dropout-deterministic": {
+        "blocks.0.perturb.phi.weight",
+        "blocks.0.perturb.phi.bias",
+        "blocks.1.perturb.phi.weight",
+        "blocks.1.perturb.phi.bias",
+    },
+    "meta-dropout-learned-variance": {
+        f"blocks.{i}.perturb.{p}.{w}" for i in (0, 1) for p in ("phi", "phi_sigma") for w in ("weight", "bias")
+    }
     | {"head_perturb.phi.weight", "head_perturb.phi.bias"},
     "fixed-gaussian": set(),
     "independent-gaussian": {"blocks.0.perturb.mu", "blocks.1.perturb.mu"},
@@ -144,7 +166,9 @@ def test_weight_gaussian_is_a_gaussian_weight_sample():
     outs = torch.cat([layer(torch.zeros(1, 2, dtype=torch.float64), h[:1], sample=True) for _ in range(20000)])
     assert out.std(0).max() == 0  # shared within a forward pass
     assert outs.var(0).tolist() == pytest.approx([0.25 * (1 + 4 + 0.25)] * 2, rel=0.05)  # sum_j h_j^2 sigma^2
-    assert torch.equal(layer(torch.ones(2, 2, dtype=torch.float64), h[:2], sample=False), torch.ones(2, 2, dtype=torch.float64))
+    assert torch.equal(
+        layer(torch.ones(2, 2, dtype=torch.float64), h[:2], sample=False), torch.ones(2, 2, dtype=torch.float64)
+    )
 
 
 def test_fixed_and_independent_gaussian_queries_use_a_equals_mu():
@@ -175,13 +199,19 @@ def test_deterministic_meta_dropout_same_meta_gradient_batched_and_unbatched():
 
 
 def test_meta_dropout_run_resumes_exactly(tmp_path):
-    extra = ("model.perturbation=meta-dropout", "inner.eval_mc_samples=2", "model.options={channels: 4, norm_scale: false}",
-             "inner.fast=[blocks.*.conv.*, head.weight, head.bias]")
+    extra = (
+        "model.perturbation=meta-dropout",
+        "inner.eval_mc_samples=2",
+        "model.options={channels: 4, norm_scale: false}",
+        "inner.fast=[blocks.*.conv.*, head.weight, head.bias]",
+    )
     from metareg.runs.episodic import train
 
     train(tiny("train.iterations=6", "train.checkpoint_every=3", *extra), tmp_path / "straight", progress=False)
     train(tiny("train.iterations=3", "train.checkpoint_every=3", *extra), tmp_path / "split", progress=False)
-    train(tiny("train.iterations=6", "train.checkpoint_every=3", *extra), tmp_path / "split", resume=True, progress=False)
+    train(
+        tiny("train.iterations=6", "train.checkpoint_every=3", *extra), tmp_path / "split", resume=True, progress=False
+    )
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "split")
     assert any(k.startswith("param.") and ".phi." in k for k in a)
     assert_same_state(a, b)
@@ -191,7 +221,11 @@ def test_boundary_coordinates_put_the_classifier_decision_on_the_vertical_line()
     from metareg.viz.boundary import boundary_coordinates
 
     torch.manual_seed(0)
-    h, w, b = torch.randn(40, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    h, w, b = (
+        torch.randn(40, 6, dtype=torch.float64),
+        torch.randn(2, 6, dtype=torch.float64),
+        torch.randn(2, dtype=torch.float64),
+    )
     x, y, x_db = boundary_coordinates(h, w, b)
     margin = (h @ w.T + b)[:, 0] - (h @ w.T + b)[:, 1]  # > 0: class c1 wins
     assert torch.allclose((x - x_db) * (w[0] - w[1]).norm(), margin)  # Eq. 10 and 12
@@ -271,8 +305,12 @@ def test_output_layer_noise_is_gaussian_around_the_logits_with_a_softplus_sigma_
         noise.phi.bias.fill_(-0.2)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(5, 4, generator=g, dtype=torch.float64)
-    pre = 3 * torch.randn(5, 3, generator=g, dtype=torch.float64)  # logits far from +-1: multiplicative noise would show
-    sigma = F.softplus(h @ torch.tensor([0.8, -0.5, 0.3, 1.0], dtype=torch.float64) - 0.2)[:, None]  # [5, 1], closed form
+    pre = 3 * torch.randn(
+        5, 3, generator=g, dtype=torch.float64
+    )  # logits far from +-1: multiplicative noise would show
+    sigma = F.softplus(h @ torch.tensor([0.8, -0.5, 0.3, 1.0], dtype=torch.float64) - 0.2)[
+        :, None
+    ]  # [5, 1], closed form
     assert sigma.max() / sigma.min() > 2  # examples with clearly different sigmas
     n = 20000
     torch.manual_seed(0)
@@ -297,7 +335,9 @@ def test_vmap_meta_backward_draws_each_tasks_noise_independently():
     one = random_image_batch(tasks=1)
     grads = {}
     for name in ("meta-dropout", "meta-dropout-deterministic"):
-        learner = learner_for(tiny_conv(perturbation=build_perturbation(name), norm_scale=False), fast=REF_FAST, steps=1, strategy="vmap")
+        learner = learner_for(
+            tiny_conv(perturbation=build_perturbation(name), norm_scale=False), fast=REF_FAST, steps=1, strategy="vmap"
+        )
         sx, qx = (t.repeat(2, 1, 1, 1, 1).requires_grad_() for t in (one.support_x, one.query_x))
         torch.manual_seed(0)
         learner.meta_backward(TaskBatch(sx, one.support_y.repeat(2, 1), qx, one.query_y.repeat(2, 1)))

@@ -42,8 +42,14 @@ def test_phi_has_the_papers_82_parameters():
     phi = MetaPerturbFunction()
     shapes = {n: tuple(p.shape) for n, p in phi.named_parameters()}
     assert sum(p.numel() for p in phi.parameters()) == 82
-    assert shapes == {"stat_kernels": (4, 1, 3, 3), "noise1.self_kernel": (1, 1, 3, 3), "noise1.all_kernel": (1, 1, 3, 3),
-                      "noise2.self_kernel": (1, 1, 3, 3), "noise2.all_kernel": (1, 1, 3, 3), "scale_map.weight": (1, 10)}
+    assert shapes == {
+        "stat_kernels": (4, 1, 3, 3),
+        "noise1.self_kernel": (1, 1, 3, 3),
+        "noise1.all_kernel": (1, 1, 3, 3),
+        "noise2.self_kernel": (1, 1, 3, 3),
+        "noise2.all_kernel": (1, 1, 3, 3),
+        "scale_map.weight": (1, 10),
+    }
     # Reference init: every parameter normal with std 0.01.
     values = torch.cat([p.flatten() for p in MetaPerturbFunction().parameters()])
     assert values.abs().max() < 0.06 and 0.004 < values.std() < 0.02
@@ -59,7 +65,7 @@ def test_equivariant_op_matches_its_definition():
     expected = torch.zeros_like(h)
     for i in range(3):
         for j in range(3):
-            expected += lam[i, j] * padded[:, :, i:i + 7, j:j + 7] + gam[i, j] * mean[:, None, i:i + 7, j:j + 7]
+            expected += lam[i, j] * padded[:, :, i : i + 7, j : j + 7] + gam[i, j] * mean[:, None, i : i + 7, j : j + 7]
     torch.testing.assert_close(op(h), expected)
 
 
@@ -138,9 +144,18 @@ def test_scale_uses_batch_statistics_in_training_and_running_averages_in_eval():
 # ------------------------------------------------------------------------- attaching to a CNN
 def user_cnn() -> nn.Module:
     torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(16, 5)).double()
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    ).double()
 
 
 def test_attaching_to_a_user_model_changes_nothing_at_strength_zero():
@@ -159,7 +174,7 @@ def test_attaching_to_a_user_model_changes_nothing_at_strength_zero():
     torch.testing.assert_close(model.detach()(x), expected)
 
 
-def test_attached_slots_save_load_and_move_with_the_model(tmp_path):
+def test_attached_slots_save_load_and_move_with_the_model():
     phi = phi_with()
     model = attach_metaperturb(user_cnn(), phi, at=["1", "5"], input_shape=(3, 12, 12))
     model(torch.randn(4, 3, 12, 12, dtype=torch.float64))  # moves the running statistics
@@ -170,7 +185,10 @@ def test_attached_slots_save_load_and_move_with_the_model(tmp_path):
     other.load_state_dict(state)
     torch.testing.assert_close(other.slots[1].running_mean, model.slots[1].running_mean)
     other.float()
-    assert other.slots[0].running_var.dtype == torch.float32 and other.perturbation_function.scale_map.weight.dtype == torch.float32
+    assert (
+        other.slots[0].running_var.dtype == torch.float32
+        and other.perturbation_function.scale_map.weight.dtype == torch.float32
+    )
     assert other(torch.randn(2, 3, 12, 12)).dtype == torch.float32
 
 
@@ -188,14 +206,23 @@ def test_attach_errors_are_clear():
         model.train()(torch.randn(1, 3, 12, 12, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("name, params, points", [
-    # Conv4-64 at 32x32: 1792 + 3 * 36928 (convs) + 512 (batch norm) + 2570 (2x2x64 -> 10).
-    ("conv4", 115_658, 4), ("conv6", 189_770, 6), ("vgg9", 9_231_114, 8),
-    # He et al.'s CIFAR ResNets with option-A shortcuts: 0.27M, 0.46M, 0.66M, 0.85M.
-    ("resnet20", 269_722, 9), ("resnet32", 464_154, 15), ("resnet44", 658_586, 21), ("resnet56", 853_018, 27),
-    # torchvision's ResNet18 (11,689,512 with 1000 classes) with a 10-class head; WRN-28-2: 1.47M.
-    ("resnet18", 11_181_642, 8), ("wrn-28-2", 1_467_610, 12),
-])
+@pytest.mark.parametrize(
+    ("name", "params", "points"),
+    [
+        # Conv4-64 at 32x32: 1792 + 3 * 36928 (convs) + 512 (batch norm) + 2570 (2x2x64 -> 10).
+        ("conv4", 115_658, 4),
+        ("conv6", 189_770, 6),
+        ("vgg9", 9_231_114, 8),
+        # He et al.'s CIFAR ResNets with option-A shortcuts: 0.27M, 0.46M, 0.66M, 0.85M.
+        ("resnet20", 269_722, 9),
+        ("resnet32", 464_154, 15),
+        ("resnet44", 658_586, 21),
+        ("resnet56", 853_018, 27),
+        # torchvision's ResNet18 (11,689,512 with 1000 classes) with a 10-class head; WRN-28-2: 1.47M.
+        ("resnet18", 11_181_642, 8),
+        ("wrn-28-2", 1_467_610, 12),
+    ],
+)
 def test_every_backbone_takes_metaperturb_at_each_block_output(name, params, points):
     """Parameter counts of 10-class backbones on 32x32 RGB images, against published counts; the
     same perturbation in the backbone's slots and attached by hooks gives the same outputs."""
@@ -211,7 +238,9 @@ def test_every_backbone_takes_metaperturb_at_each_block_output(name, params, poi
     out = model.train()(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     torch.manual_seed(0)
-    slotted = create_model(name, 10, in_channels=3, image_size=32, standard=True, perturbation=metaperturb_slots(phi), **options)
+    slotted = create_model(
+        name, 10, in_channels=3, image_size=32, standard=True, perturbation=metaperturb_slots(phi), **options
+    )
     assert sum(isinstance(m, MetaPerturb) for m in slotted.modules()) == points
     assert sum(p.numel() for p in slotted.parameters()) == params + 82  # phi, owned once by the network
     torch.manual_seed(1)
@@ -219,18 +248,28 @@ def test_every_backbone_takes_metaperturb_at_each_block_output(name, params, poi
 
 
 # ---------------------------------------------------------------------------- joint training
-def tiny_learner(strategy: str, tasks=(0, 1, 2), classes=(3, 2, 3), seed: int = 0, sample: bool = False,
-                 same_networks: bool = False) -> JointLearner:
+def tiny_learner(
+    strategy: str, tasks=(0, 1, 2), classes=(3, 2, 3), seed: int = 0, sample: bool = False, same_networks: bool = False
+) -> JointLearner:
     """sample=False: deterministic noise, so the strategies and the reference see the same numbers."""
     phi = phi_with(seed=seed).float()  # the networks are built in float32, then the learner moves to float64
     factory = metaperturb_slots(phi)
 
     def build(t):
         torch.manual_seed(100 if same_networks else 100 + t)
-        return create_model("resnet20", max(classes), in_channels=3, image_size=8, blocks=(1, 1, 1), standard=True, perturbation=factory)
+        return create_model(
+            "resnet20", max(classes), in_channels=3, image_size=8, blocks=(1, 1, 1), standard=True, perturbation=factory
+        )
 
-    return JointLearner(build, list(tasks), 3, input_shape=(3, 8, 8), strategy=strategy, classes=[classes[t] for t in tasks],
-                        sample=sample).double()
+    return JointLearner(
+        build,
+        list(tasks),
+        3,
+        input_shape=(3, 8, 8),
+        strategy=strategy,
+        classes=[classes[t] for t in tasks],
+        sample=sample,
+    ).double()
 
 
 def tiny_batch(seed: int, tasks: int = 3, classes=(3, 2, 3)):
@@ -268,7 +307,7 @@ def test_joint_gradients_follow_eq3_stop_gradients():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
-        loss = F.cross_entropy(net(x_te[i])[:, :(3, 2, 3)[i]], y_te[i]) / 3
+        loss = F.cross_entropy(net(x_te[i])[:, : (3, 2, 3)[i]], y_te[i]) / 3
         for acc, g in zip(phi_expected, torch.autograd.grad(loss, reference.phi_parameters())):
             acc += g
     for e, p in zip(phi_expected, learner.phi_parameters()):
@@ -282,8 +321,12 @@ def test_loop_and_vmap_give_the_same_numbers():
         learner = tiny_learner(strategy)
         m_tr = learner.theta_backward(*tiny_batch(1), seed=0, step=0)
         m_te = learner.phi_backward(*tiny_batch(2), seed=0, step=0)
-        results[strategy] = ([p.grad for p in learner.theta_parameters()], [p.grad for p in learner.phi_parameters()],
-                             [m_tr["loss"], m_te["loss"], m_tr["accuracy"]], list(learner.buffers()))
+        results[strategy] = (
+            [p.grad for p in learner.theta_parameters()],
+            [p.grad for p in learner.phi_parameters()],
+            [m_tr["loss"], m_te["loss"], m_tr["accuracy"]],
+            list(learner.buffers()),
+        )
     for a, b in zip(results["loop"], results["vmap"]):
         for u, v in zip(a, b):
             torch.testing.assert_close(u.double(), v.double())
@@ -293,14 +336,23 @@ def test_vmap_draws_different_noise_for_each_task():
     """The library's vmap path gives every task its own noise: three identical networks on identical
     batches get three different losses in both passes (theta's and phi's) when the noise is sampled,
     and the same loss when it is not (so the difference is the noise's)."""
+
     def identical_tasks(sample: bool) -> JointLearner:
-        return tiny_learner("vmap", classes=(3, 3, 3), sample=sample, same_networks=True)  # the same network for every task
+        return tiny_learner(
+            "vmap", classes=(3, 3, 3), sample=sample, same_networks=True
+        )  # the same network for every task
 
     x, y = tiny_batch(1)
-    x, y = x[:1].expand(3, -1, -1, -1, -1).contiguous(), y[:1].expand(3, -1).contiguous()  # the same batch for every task
+    x, y = (
+        x[:1].expand(3, -1, -1, -1, -1).contiguous(),
+        y[:1].expand(3, -1).contiguous(),
+    )  # the same batch for every task
     for sample in (True, False):
         learner = identical_tasks(sample)
-        for losses in (learner.theta_backward(x, y, seed=0, step=0)["loss"], learner.phi_backward(x, y, seed=0, step=0)["loss"]):
+        for losses in (
+            learner.theta_backward(x, y, seed=0, step=0)["loss"],
+            learner.phi_backward(x, y, seed=0, step=0)["loss"],
+        ):
             if sample:
                 assert len(set(losses.tolist())) == 3, losses
             else:
@@ -328,7 +380,17 @@ def test_the_shipped_phi_loads_and_says_where_it_came_from():
     phi = load_phi("builtin")
     info = phi_info("builtin")
     assert sum(p.numel() for p in phi.parameters()) == 82
-    assert info["source"] == {"data": "miniimagenet", "split": "train", "image_size": 32, "tasks": 10, "classes": 64, "train_images": 3200}
-    assert info["backbone"] == "resnet20" and " perturb meta-train --preset perturb-miniimagenet-resnet20" in info["command"]
+    assert info["source"] == {
+        "data": "miniimagenet",
+        "split": "train",
+        "image_size": 32,
+        "tasks": 10,
+        "classes": 64,
+        "train_images": 3200,
+    }
+    assert (
+        info["backbone"] == "resnet20"
+        and " perturb meta-train --preset perturb-miniimagenet-resnet20" in info["command"]
+    )
     # It was meta-trained: the scale's kernels left their N(0, 0.01) initialization.
     assert phi.stat_kernels.abs().mean() > 0.05

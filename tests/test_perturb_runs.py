@@ -4,7 +4,9 @@ and the command line's errors. Everything runs on the built-in glyphs at tiny si
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -14,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from test_cli import assert_one_line_error, run
 
 from metareg.config import MetaTrainConfig, TransferConfig, parse_assignment
 from metareg.data import class_tasks, load_labeled, split_per_class
@@ -25,11 +26,28 @@ from metareg.perturb.pretrained import save_phi
 from metareg.runs.common import resolve
 from metareg.runs.metaperturb import meta_train
 from metareg.runs.transfer import TransferTrainer, predict, transfer
+from test_cli import assert_one_line_error, run
 
-TINY_META = ["data.options.num_classes=20", "data.classes=20", "data.image_size=16", "optim.batch_size=4", "optim.steps=4",
-             "optim.checkpoint_every=2", "optim.log_every=1", "model.options.channels=8", "tasks=4"]
-TINY_TRANSFER = ["data.image_size=16", "optim.batch_size=8", "optim.steps=6", "optim.checkpoint_every=3", "optim.log_every=1",
-                 "model.options.channels=8", "perturb.mc_samples=3"]
+TINY_META = [
+    "data.options.num_classes=20",
+    "data.classes=20",
+    "data.image_size=16",
+    "optim.batch_size=4",
+    "optim.steps=4",
+    "optim.checkpoint_every=2",
+    "optim.log_every=1",
+    "model.options.channels=8",
+    "tasks=4",
+]
+TINY_TRANSFER = [
+    "data.image_size=16",
+    "optim.batch_size=8",
+    "optim.steps=6",
+    "optim.checkpoint_every=3",
+    "optim.log_every=1",
+    "model.options.channels=8",
+    "perturb.mc_samples=3",
+]
 
 
 def tensors_of(run: Path) -> dict[str, torch.Tensor]:
@@ -53,7 +71,9 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         assert torch.equal(a[key], b[key]), key
 
 
-def assert_exact_resume(tmp_path: Path, monkeypatch, trainer: type, start, config, stop: int, prefixes: tuple[str, ...]) -> None:
+def assert_exact_resume(
+    tmp_path: Path, monkeypatch, trainer: type, start, config, stop: int, prefixes: tuple[str, ...]
+) -> None:
     """``start(config, folder, resume=...)`` run whole, and interrupted at step ``stop`` (after a
     checkpoint) then resumed, ends with bit-identical checkpoints (holding ``prefixes``)."""
     start(config, tmp_path / "whole", progress=False)
@@ -90,7 +110,11 @@ def phi_dir(tmp_path_factory) -> Path:
     phi = MetaPerturbFunction()
     for p in phi.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    save_phi(folder, phi, {"source": {"data": "unit-test"}, "backbone": "none", "command": "metareg perturb meta-train (test)"})
+    save_phi(
+        folder,
+        phi,
+        {"source": {"data": "unit-test"}, "backbone": "none", "command": "metareg perturb meta-train (test)"},
+    )
     return folder
 
 
@@ -130,11 +154,15 @@ def test_tasks_are_shared_equally_between_processes():
 
 # ---------------------------------------------------------------------------- meta-training
 def meta_config(*extra: str) -> MetaTrainConfig:
-    return resolve("perturb-quickstart", overrides=[parse_assignment(s) for s in (*TINY_META, *extra)], schema=MetaTrainConfig)
+    return resolve(
+        "perturb-quickstart", overrides=[parse_assignment(s) for s in (*TINY_META, *extra)], schema=MetaTrainConfig
+    )
 
 
 def test_meta_training_resumes_exactly_after_an_interruption(tmp_path, monkeypatch):
-    assert_exact_resume(tmp_path, monkeypatch, JointTrainer, meta_train, meta_config(), stop=3, prefixes=META_TRAIN_KEYS)
+    assert_exact_resume(
+        tmp_path, monkeypatch, JointTrainer, meta_train, meta_config(), stop=3, prefixes=META_TRAIN_KEYS
+    )
     phi = json.loads((tmp_path / "cut" / "phi.json").read_text())
     assert phi["parameters"] == 82 and phi["steps"] == 4 and phi["source"]["tasks"] == 4
     log = (tmp_path / "cut" / "log.csv").read_text().splitlines()
@@ -144,13 +172,46 @@ def test_meta_training_resumes_exactly_after_an_interruption(tmp_path, monkeypat
 def test_two_processes_with_torchrun_give_the_same_phi_as_one(tmp_path):
     """Algorithm 1 across processes (gloo): each of 2 processes trains 2 of the 4 tasks and phi's
     gradient is all-reduced; float64, so the only difference is the order of the sums."""
-    args = ["--no-progress", "perturb", "meta-train", "--preset", "perturb-quickstart", *sum((["--set", s] for s in TINY_META), []),
-            "--set", "dtype=float64", "--set", "optim.steps=3", "--set", "optim.checkpoint_every=3"]
+    args = [
+        "--no-progress",
+        "perturb",
+        "meta-train",
+        "--preset",
+        "perturb-quickstart",
+        *functools.reduce(operator.iadd, (["--set", s] for s in TINY_META), []),
+        "--set",
+        "dtype=float64",
+        "--set",
+        "optim.steps=3",
+        "--set",
+        "optim.checkpoint_every=3",
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "metareg.cli", *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    one = subprocess.run(
+        [sys.executable, "-m", "metareg.cli", *args, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "metareg.cli",
-                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "metareg.cli",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "checkpoint.json").read_text())["processes"] == 2
     a, b = tensors_of(tmp_path / "one"), tensors_of(tmp_path / "two")
@@ -201,8 +262,20 @@ def test_two_process_run_resumed_in_one_process_ends_like_an_uninterrupted_one(t
     """joint_trainer's claim: rank 0 gathers every task into the checkpoint, so a run started by
     torchrun with 2 processes, interrupted after its step-2 checkpoint and resumed in 1 process, ends
     with the tensors of an uninterrupted 1-process run (float64: up to the order of the sums)."""
-    args = ["--no-progress", "perturb", "meta-train", "--preset", "perturb-quickstart", *sum((["--set", s] for s in TINY_META), []),
-            "--set", "dtype=float64", "--set", "optim.steps=4", "--set", "optim.checkpoint_every=2"]
+    args = [
+        "--no-progress",
+        "perturb",
+        "meta-train",
+        "--preset",
+        "perturb-quickstart",
+        *functools.reduce(operator.iadd, (["--set", s] for s in TINY_META), []),
+        "--set",
+        "dtype=float64",
+        "--set",
+        "optim.steps=4",
+        "--set",
+        "optim.checkpoint_every=2",
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "metareg.cli"]
     one = subprocess.run([*cli, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
@@ -210,15 +283,42 @@ def test_two_process_run_resumed_in_one_process_ends_like_an_uninterrupted_one(t
     script = tmp_path / "interrupted.py"
     script.write_text(INTERRUPTED)
     ran = {"cut": tmp_path / "ran-cut.txt", "resumed": tmp_path / "ran-resumed.txt"}
-    cut = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                          *args, "--out", str(tmp_path / "cut")], capture_output=True, text=True,
-                         env=env | {"STOP_AT_STEP": "2", "STEPS_RAN": str(ran["cut"])})
+    cut = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            *args,
+            "--out",
+            str(tmp_path / "cut"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env | {"STOP_AT_STEP": "2", "STEPS_RAN": str(ran["cut"])},
+    )
     assert cut.returncode == 0, cut.stderr[-3000:]
     assert sorted(ran["cut"].read_text().split()) == ["0:0", "0:1", "1:0", "1:1"]  # two processes, steps 0 and 1
     meta = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())
     assert (meta["step"], meta["processes"]) == (2, 2) and not (tmp_path / "cut" / "phi.json").exists()
-    resumed = subprocess.run([sys.executable, str(script), "--no-progress", "perturb", "meta-train", "--out", str(tmp_path / "cut"),
-                              "--resume"], capture_output=True, text=True, env=env | {"STEPS_RAN": str(ran["resumed"])})
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--no-progress",
+            "perturb",
+            "meta-train",
+            "--out",
+            str(tmp_path / "cut"),
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        env=env | {"STEPS_RAN": str(ran["resumed"])},
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert ran["resumed"].read_text().split() == ["0:2", "0:3"]  # one process, from the checkpoint on
     meta = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())
@@ -233,19 +333,27 @@ def test_two_process_run_resumed_in_one_process_ends_like_an_uninterrupted_one(t
 
 # --------------------------------------------------------------------------------- transfer
 def transfer_config(phi_dir: Path, *extra: str) -> TransferConfig:
-    return resolve("transfer-quickstart", overrides=[parse_assignment(s) for s in (*TINY_TRANSFER, f"perturb.phi={phi_dir}", *extra)],
-                   schema=TransferConfig)
+    return resolve(
+        "transfer-quickstart",
+        overrides=[parse_assignment(s) for s in (*TINY_TRANSFER, f"perturb.phi={phi_dir}", *extra)],
+        schema=TransferConfig,
+    )
 
 
 def test_transfer_baselines_and_metaperturb_end_to_end(tmp_path, phi_dir):
     base = transfer(transfer_config(phi_dir, "perturb.name=none"), tmp_path / "base", progress=False)
     perturbed = transfer(transfer_config(phi_dir), tmp_path / "mp", progress=False)
     assert base["protocol"] == {k: v for k, v in perturbed["protocol"].items() if k != "mc_samples"} | {"mc_samples": 1}
-    assert perturbed["protocol"]["mc_samples"] == 3 and len(perturbed["scores"]) == perturbed["protocol"]["test_images"] == 200
+    assert (
+        perturbed["protocol"]["mc_samples"] == 3
+        and len(perturbed["scores"]) == perturbed["protocol"]["test_images"] == 200
+    )
     assert 0 <= perturbed["ece"] <= 1 and perturbed["nll"] > 0 and perturbed["phi"]["source"] == {"data": "unit-test"}
     # Fine-tuning: the convolutions start from the Base run's trained ones, batch norm and head do not.
     # (One step at a negligible learning rate: the weights are still the ones they started from.)
-    tuned_config = transfer_config(phi_dir, "perturb.name=none", f"init_from={tmp_path / 'base'}", "optim.steps=1", "optim.lr=1e-12")
+    tuned_config = transfer_config(
+        phi_dir, "perturb.name=none", f"init_from={tmp_path / 'base'}", "optim.steps=1", "optim.lr=1e-12"
+    )
     transfer(tuned_config, tmp_path / "ft", progress=False)
     source, tuned = tensors_of(tmp_path / "base"), tensors_of(tmp_path / "ft")
     conv = [k for k in source if k.endswith("conv.weight")]
@@ -297,29 +405,39 @@ def test_monte_carlo_test_predictions_are_reproducible_and_average_the_noise(tmp
 
 
 def test_transfer_resumes_exactly_after_an_interruption(tmp_path, phi_dir, monkeypatch):
-    assert_exact_resume(tmp_path, monkeypatch, TransferTrainer, transfer, transfer_config(phi_dir), stop=4, prefixes=TRANSFER_KEYS)
+    assert_exact_resume(
+        tmp_path, monkeypatch, TransferTrainer, transfer, transfer_config(phi_dir), stop=4, prefixes=TRANSFER_KEYS
+    )
     whole, cut = (json.loads((tmp_path / r / "test.json").read_text()) for r in ("whole", "cut"))
     assert whole["scores"] == cut["scores"] and whole["nll"] == cut["nll"]
     assert whole["final_train_accuracy"] is not None and whole["final_train_accuracy"] == cut["final_train_accuracy"]
-    (tmp_path / "whole" / "test.json").unlink()  # testing a finished run again (resume at its last step) keeps its training record
+    (
+        tmp_path / "whole" / "test.json"
+    ).unlink()  # testing a finished run again (resume at its last step) keeps its training record
     again = transfer(transfer_config(phi_dir), tmp_path / "whole", resume=True, progress=False)
     assert again["scores"] == whole["scores"] and again["final_train_accuracy"] == whole["final_train_accuracy"]
 
 
 # ----------------------------------------------------------------------------- command line
-@pytest.mark.parametrize("args, fragments", [
-    (["perturb", "transfer", "--arch", "resnet9000"], ["unknown backbone"]),
-    (["perturb", "transfer", "--preset", "quickstart"], ["bilevel preset", "metareg train"]),
-    (["perturb", "meta-train", "--preset", "transfer-quickstart"], ["transfer preset"]),
-    (["perturb", "transfer", "--preset", "transfer-miniimagenet", "--data-root", "/nonexistent"], ["miniImageNet root"]),
-    (["perturb", "transfer", "--set", "data.train_per_class=25"], ["has 20 images", "taking 25"]),
-    (["perturb", "transfer", "--phi", "/nonexistent/phi"], ["no meta-trained perturbation"]),
-    (["perturb", "transfer", "--set", "optim.bogus=1"], ["unknown config key 'optim.bogus'"]),
-    (["perturb", "meta-train", "--tasks", "500"], ["cannot be divided class-wise into 500 tasks"]),
-    (["perturb", "transfer", "--resume"], ["--resume needs --out"]),
-    (["perturb", "transfer", "--set", "data.image_size=8", "--arch", "vgg9"], ["too small"]),
-    (["perturb", "info", "/nonexistent"], ["no meta-trained perturbation"]),
-])
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["perturb", "transfer", "--arch", "resnet9000"], ["unknown backbone"]),
+        (["perturb", "transfer", "--preset", "quickstart"], ["bilevel preset", "metareg train"]),
+        (["perturb", "meta-train", "--preset", "transfer-quickstart"], ["transfer preset"]),
+        (
+            ["perturb", "transfer", "--preset", "transfer-miniimagenet", "--data-root", "/nonexistent"],
+            ["miniImageNet root"],
+        ),
+        (["perturb", "transfer", "--set", "data.train_per_class=25"], ["has 20 images", "taking 25"]),
+        (["perturb", "transfer", "--phi", "/nonexistent/phi"], ["no meta-trained perturbation"]),
+        (["perturb", "transfer", "--set", "optim.bogus=1"], ["unknown config key 'optim.bogus'"]),
+        (["perturb", "meta-train", "--tasks", "500"], ["cannot be divided class-wise into 500 tasks"]),
+        (["perturb", "transfer", "--resume"], ["--resume needs --out"]),
+        (["perturb", "transfer", "--set", "data.image_size=8", "--arch", "vgg9"], ["too small"]),
+        (["perturb", "info", "/nonexistent"], ["no meta-trained perturbation"]),
+    ],
+)
 def test_bad_perturb_input_gets_one_line(tmp_path, args, fragments):
     extra = ["--out", str(tmp_path / "run")] if args[1] != "info" and "--resume" not in args else []
     assert_one_line_error(run(*args, *extra), *fragments)
@@ -336,7 +454,7 @@ def test_epochs_visit_every_example_once_and_crops_are_windows_of_the_padded_ima
     crops = random_crop_flip(images, 2, True, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     for i in range(2):
-        windows = [padded[i, :, y:y + 6, x:x + 6] for y in range(5) for x in range(5)]
+        windows = [padded[i, :, y : y + 6, x : x + 6] for y in range(5) for x in range(5)]
         assert any(torch.equal(crops[i], w) or torch.equal(crops[i], w.flip(-1)) for w in windows)
     flips = [random_crop_flip(images, 0, True, torch.Generator().manual_seed(s))[0] for s in range(40)]
     assert any(torch.equal(f, images[0]) for f in flips) and any(torch.equal(f, images[0].flip(-1)) for f in flips)

@@ -4,15 +4,16 @@ durability order, schedules, statistics on too few episodes, logs that are not t
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
+import operator
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from test_training import TINY, final_params, tiny
 
 from metareg import cli, files
 from metareg.checkpoint import load_checkpoint, save_checkpoint
@@ -22,8 +23,9 @@ from metareg.evaluate import mean_ci, paired_difference
 from metareg.progress import Progress
 from metareg.runs.common import resolve
 from metareg.runs.episodic import load_learner, meta_test, train
+from test_training import TINY, final_params, tiny
 
-TINY_FLAGS = sum((["--set", s] for s in TINY), [])
+TINY_FLAGS = functools.reduce(operator.iadd, (["--set", s] for s in TINY), [])
 
 
 def main(capsys, *args: str) -> tuple[int, str]:
@@ -82,8 +84,20 @@ def test_the_kept_checkpoint_always_evaluates_to_finite_numbers(tmp_path, capsys
     """A meta learning rate so large that step 2's loss is NaN: the checkpoint of step 1 held the
     exploding update (and was kept as 'good'); now it is never written."""
     run = tmp_path / "run"
-    status, err = main(capsys, "train", "--out", str(run), "--no-test", "--iterations", "6", *TINY_FLAGS,
-                       "--set", "train.meta_lr=1e20", "--set", "train.checkpoint_every=1")
+    status, err = main(
+        capsys,
+        "train",
+        "--out",
+        str(run),
+        "--no-test",
+        "--iterations",
+        "6",
+        *TINY_FLAGS,
+        "--set",
+        "train.meta_lr=1e20",
+        "--set",
+        "train.checkpoint_every=1",
+    )
     assert_one_line(status, err, "no checkpoint was written")
     assert not (run / "checkpoint.json").exists()
     # With a good checkpoint first, the one kept is that one and it evaluates to finite numbers.
@@ -113,8 +127,13 @@ def test_test_refuses_a_model_whose_outputs_are_not_finite(tmp_path, capsys):
     train(tiny("train.iterations=1"), run, progress=False)
     tensors, meta = load_checkpoint(run)
     tensors["param.model.head.weight"] = torch.full_like(tensors["param.model.head.weight"], float("nan"))
-    save_checkpoint(run, "checkpoint", tensors, {k: v for k, v in meta.items() if k not in ("format", "version", "step", "tensors", "sha256")},
-                    step=meta["step"])
+    save_checkpoint(
+        run,
+        "checkpoint",
+        tensors,
+        {k: v for k, v in meta.items() if k not in ("format", "version", "step", "tensors", "sha256")},
+        step=meta["step"],
+    )
     status, err = main(capsys, "test", "--checkpoint", str(run), "--episodes", "3")
     assert_one_line(status, err, "not finite", "diverged")
     assert not (run / "test.json").exists()
@@ -123,8 +142,20 @@ def test_test_refuses_a_model_whose_outputs_are_not_finite(tmp_path, capsys):
 @pytest.mark.parametrize("value", ["nan", "1e30"])
 def test_divergence_before_the_first_checkpoint_says_none_was_written(tmp_path, capsys, value):
     run = tmp_path / "run"
-    status, err = main(capsys, "train", "--out", str(run), "--no-test", "--iterations", "4", *TINY_FLAGS, "--set", f"inner.lr={value}",
-                       "--set", "train.clip=null")
+    status, err = main(
+        capsys,
+        "train",
+        "--out",
+        str(run),
+        "--no-test",
+        "--iterations",
+        "4",
+        *TINY_FLAGS,
+        "--set",
+        f"inner.lr={value}",
+        "--set",
+        "train.clip=null",
+    )
     if value == "nan":
         assert_one_line(status, err, "inner.lr", "finite")
     else:
@@ -133,8 +164,18 @@ def test_divergence_before_the_first_checkpoint_says_none_was_written(tmp_path, 
 
 
 def test_adam_overflow_is_one_line(tmp_path, capsys):
-    status, err = main(capsys, "train", "--out", str(tmp_path / "run"), "--no-test", "--iterations", "3", *TINY_FLAGS,
-                       "--set", "train.meta_lr=1e300")
+    status, err = main(
+        capsys,
+        "train",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-test",
+        "--iterations",
+        "3",
+        *TINY_FLAGS,
+        "--set",
+        "train.meta_lr=1e300",
+    )
     assert_one_line(status, err, "overflow", "no checkpoint was written")
 
 
@@ -149,15 +190,23 @@ def test_nonfinite_weights_count_as_divergence(tmp_path):
 
 
 # ------------------------------------------------------------------------------- 4. finite config
-@pytest.mark.parametrize("assignment", ["inner.lr=nan", "train.meta_lr=inf", "train.clip=-inf", "train.clip=.nan",
-                                        "model.perturbation_options={init_std: .nan}"])
+@pytest.mark.parametrize(
+    "assignment",
+    [
+        "inner.lr=nan",
+        "train.meta_lr=inf",
+        "train.clip=-inf",
+        "train.clip=.nan",
+        "model.perturbation_options={init_std: .nan}",
+    ],
+)
 def test_config_numbers_must_be_finite(assignment):
-    with pytest.raises(ConfigError, match="finite|positive"):
+    with pytest.raises(ConfigError, match=r"finite|positive"):
         resolve("quickstart", None, [parse_assignment(assignment)])
 
 
 def test_clip_must_be_positive():
-    with pytest.raises(ConfigError, match="train.clip"):
+    with pytest.raises(ConfigError, match=r"train\.clip"):
         resolve("quickstart", None, [parse_assignment("train.clip=0")])
 
 
@@ -176,7 +225,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     train(tiny("train.iterations=2", "train.checkpoint_every=2"), run, progress=False)
     before = final_params(run)
 
-    def full(path, data):
+    def full(path, _data):
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr("metareg.checkpoint.write_bytes_atomic", full)
@@ -184,8 +233,10 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     assert_one_line(status, err, "No space left on device", "step 2) is kept")
     after = final_params(run)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == \
-        ["checkpoint-00000002.safetensors", "checkpoint.json"]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == [
+        "checkpoint-00000002.safetensors",
+        "checkpoint.json",
+    ]
 
 
 def test_an_unwritable_out_folder_is_one_line(tmp_path, capsys):
@@ -210,9 +261,17 @@ def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
     assert_one_line(status, err, "cannot read", "Permission denied")
 
 
-@pytest.mark.parametrize("args", [["test", "--checkpoint", "RUN", "--episodes", "-1"], ["compare", "RUN", "RUN", "--episodes", "-1"],
-                                  ["train", "--out", "RUN", "--resume", "--episodes", "-1"], ["test", "--checkpoint", "RUN", "--shot", "0"],
-                                  ["test", "--checkpoint", "RUN", "--mc-samples", "0"], ["train", "--out", "RUN", "--resume", "--iterations", "x"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["test", "--checkpoint", "RUN", "--episodes", "-1"],
+        ["compare", "RUN", "RUN", "--episodes", "-1"],
+        ["train", "--out", "RUN", "--resume", "--episodes", "-1"],
+        ["test", "--checkpoint", "RUN", "--shot", "0"],
+        ["test", "--checkpoint", "RUN", "--mc-samples", "0"],
+        ["train", "--out", "RUN", "--resume", "--iterations", "x"],
+    ],
+)
 def test_bad_counts_are_one_line(tmp_path, capsys, args):
     run = tmp_path / "run"
     train(tiny("train.iterations=1"), run, progress=False)
@@ -224,9 +283,8 @@ def test_bad_counts_are_one_line(tmp_path, capsys, args):
 
 
 def test_a_permission_denied_image_is_not_called_corrupt(tmp_path, monkeypatch):
-    from test_data import write_tiny_mini
-
     from metareg.data import load_miniimagenet
+    from test_data import write_tiny_mini
 
     root = write_tiny_mini(tmp_path / "mini", {"a": 3, "b": 3}, size=(8, 8))
     real = Path.read_bytes
@@ -262,7 +320,7 @@ def test_downloaded_archives_follow_the_umask(tmp_path):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     infos = expected_files()
-    for name, info in infos.items():
+    for name in infos:
         (mirror / name).write_bytes(b"x")
     import hashlib
 
@@ -270,7 +328,7 @@ def test_downloaded_archives_follow_the_umask(tmp_path):
     import metareg.data.download as download
 
     original = download.expected_files
-    download.expected_files = lambda dataset="omniglot": fake
+    download.expected_files = lambda _dataset="omniglot": fake
     try:
         paths = download_omniglot(tmp_path / "dest", base_url=mirror.as_uri(), progress=False)
     finally:
@@ -301,13 +359,19 @@ def test_checkpoint_writes_are_durable_in_the_right_order(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(Path, "unlink", unlink)
     save_checkpoint(tmp_path, "checkpoint", {"x": torch.ones(3)}, {}, step=2)
-    new, old, record, folder = (str(tmp_path / "checkpoint-00000002.safetensors"), str(tmp_path / "checkpoint-00000001.safetensors"),
-                                str(tmp_path / "checkpoint.json"), str(tmp_path))
+    new, old, record, folder = (
+        str(tmp_path / "checkpoint-00000002.safetensors"),
+        str(tmp_path / "checkpoint-00000001.safetensors"),
+        str(tmp_path / "checkpoint.json"),
+        str(tmp_path),
+    )
 
     def index(event):
         return events.index(event)
 
-    tensor_sync = next(i for i, (kind, path) in enumerate(events) if kind == "fsync" and ".checkpoint-00000002.safetensors" in path)
+    tensor_sync = next(
+        i for i, (kind, path) in enumerate(events) if kind == "fsync" and ".checkpoint-00000002.safetensors" in path
+    )
     assert tensor_sync < index(("rename", new)) < index(("fsync", folder))
     json_rename = index(("rename", record))
     json_sync = next(i for i, (kind, path) in enumerate(events) if kind == "fsync" and ".checkpoint.json" in path)
@@ -329,8 +393,13 @@ def test_dropgrad_linear_schedule_follows_every_step_through_the_trainer(tmp_pat
         return real(self, grads, state, step)
 
     monkeypatch.setattr(DropGrad, "update", update)
-    config = tiny("train.iterations=6", "train.checkpoint_every=100", "train.val_every=100", "train.meta_batch=1",
-                  "inner.transforms=[{name: dropgrad, p: 0.6, schedule: linear}]")
+    config = tiny(
+        "train.iterations=6",
+        "train.checkpoint_every=100",
+        "train.val_every=100",
+        "train.meta_batch=1",
+        "inner.transforms=[{name: dropgrad, p: 0.6, schedule: linear}]",
+    )
     train(config, tmp_path / "run", progress=False)
     assert rates == pytest.approx([0.6 * i / 6 for i in range(6)])
 
@@ -379,9 +448,25 @@ def test_a_training_log_file_is_short(tmp_path):
 
     log = tmp_path / "log.txt"
     with log.open("w") as out:
-        subprocess.run([sys.executable, "-m", "metareg.cli", "train", "--out", str(tmp_path / "run"), "--iterations", "40", *TINY_FLAGS,
-                        "--set", "eval.episodes=40"], stdout=out, stderr=subprocess.STDOUT, check=True,
-                       env=os.environ | {"OMP_NUM_THREADS": "1"})
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "metareg.cli",
+                "train",
+                "--out",
+                str(tmp_path / "run"),
+                "--iterations",
+                "40",
+                *TINY_FLAGS,
+                "--set",
+                "eval.episodes=40",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=True,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+        )
     text = log.read_text()
     assert "\r" not in text and len(text.splitlines()) < 40, text
 

@@ -22,10 +22,15 @@ def test_tiny_figure_run_writes_table_fractions_and_png(tmp_path):
 
 def test_diverged_run_is_reported(tmp_path, monkeypatch):
     experiment = Experiment(
-        "tiny", "tiny", "a test", (
+        "tiny",
+        "tiny",
+        "a test",
+        (
             Run("ok", "sine-10shot", ("train.val_every=1000",), (10,), {10: "1.00 +- 0.10"}, row="a", column="x"),
             Run("boom", "sine-10shot", ("inner.lr=1.0e30", "train.log_every=1"), (10,), row="a", column="y"),
-        ), ("x", "y"))
+        ),
+        ("x", "y"),
+    )
     monkeypatch.setitem(EXPERIMENTS, "tiny", experiment)
     text = run_experiment("tiny", tmp_path, iterations=3, episodes=4, jobs=1, progress=False).read_text()
     assert "diverged" in text and "[1.00 +- 0.10]" in text
@@ -35,23 +40,55 @@ def test_diverged_run_is_reported(tmp_path, monkeypatch):
 def test_metaperturb_grid_trains_phi_first_and_reports_seeds_with_paired_differences(tmp_path, monkeypatch):
     """A tiny MetaPerturb grid on glyphs: phi (stage 0), then Base and MetaPerturb transfers that
     use it ({out}), two seeds each; the report gives mean +- std over seeds and paired differences."""
-    tiny_meta = ("data.options={num_classes: 20}", "data.classes=20", "data.image_size=16", "optim.batch_size=4", "tasks=4",
-                 "model.options={channels: 8}")
+    tiny_meta = (
+        "data.options={num_classes: 20}",
+        "data.classes=20",
+        "data.image_size=16",
+        "optim.batch_size=4",
+        "tasks=4",
+        "model.options={channels: 8}",
+    )
     tiny_transfer = ("data.image_size=16", "optim.batch_size=8", "model.options={channels: 8}", "perturb.mc_samples=2")
     runs = [Run("phi", "perturb-quickstart", tiny_meta, row="phi", command="meta-train", stage=0)]
     for seed in (0, 1):
-        runs += [Run(f"base-{seed}", "transfer-quickstart", (*tiny_transfer, "perturb.name=none"), row="conv4", column="Base",
-                     seed=seed, command="transfer"),
-                 Run(f"mp-{seed}", "transfer-quickstart", (*tiny_transfer, "perturb.phi={out}/phi"), row="conv4", column="MetaPerturb",
-                     seed=seed, command="transfer")]
-    monkeypatch.setitem(EXPERIMENTS, "tiny-mp", Experiment("tiny-mp", "tiny", "a test", tuple(runs), ("Base", "MetaPerturb"), figure="seeds"))
+        runs += [
+            Run(
+                f"base-{seed}",
+                "transfer-quickstart",
+                (*tiny_transfer, "perturb.name=none"),
+                row="conv4",
+                column="Base",
+                seed=seed,
+                command="transfer",
+            ),
+            Run(
+                f"mp-{seed}",
+                "transfer-quickstart",
+                (*tiny_transfer, "perturb.phi={out}/phi"),
+                row="conv4",
+                column="MetaPerturb",
+                seed=seed,
+                command="transfer",
+            ),
+        ]
+    monkeypatch.setitem(
+        EXPERIMENTS,
+        "tiny-mp",
+        Experiment("tiny-mp", "tiny", "a test", tuple(runs), ("Base", "MetaPerturb"), figure="seeds"),
+    )
     text = run_experiment("tiny-mp", tmp_path, iterations=3, jobs=2, progress=False).read_text()
     assert "| conv4 | " in text and "MetaPerturb - Base" in text and text.count("+-") >= 5, text
     assert (tmp_path / "phi" / "phi.json").exists() and (tmp_path / "mp-1" / "test.json").exists()
     phi = str(tmp_path / "phi")
     assert json.loads((tmp_path / "mp-0" / "test.json").read_text())["phi"]["path"].startswith(phi)
-    check_seed_row(text, "conv4", *({s: json.loads((tmp_path / f"{name}-{s}" / "test.json").read_text()) for s in (0, 1)}
-                                    for name in ("base", "mp")))
+    check_seed_row(
+        text,
+        "conv4",
+        *(
+            {s: json.loads((tmp_path / f"{name}-{s}" / "test.json").read_text()) for s in (0, 1)}
+            for name in ("base", "mp")
+        ),
+    )
 
 
 NUMBER = r"([+-]?\d+\.\d+)"
@@ -103,12 +140,21 @@ def test_a_time_budget_stops_the_grid_and_the_next_call_continues_it(tmp_path, m
 
     run = Run("sine", "sine-10shot", ("train.val_every=1000", "train.checkpoint_every=5"), (10,), row="a", column="x")
     monkeypatch.setitem(EXPERIMENTS, "tiny-budget", Experiment("tiny-budget", "tiny", "a test", (run,), ("x",)))
-    text = run_experiment("tiny-budget", tmp_path / "cut", iterations=150, episodes=4, jobs=1, progress=False,
-                          deadline=time.monotonic() + 1.5).read_text()
+    text = run_experiment(
+        "tiny-budget",
+        tmp_path / "cut",
+        iterations=150,
+        episodes=4,
+        jobs=1,
+        progress=False,
+        deadline=time.monotonic() + 1.5,
+    ).read_text()
     assert "unfinished" in text
     step = json.loads((tmp_path / "cut" / "sine" / "checkpoint.json").read_text())["step"]
     assert 0 < step < 150
-    text = run_experiment("tiny-budget", tmp_path / "cut", iterations=150, episodes=4, jobs=1, progress=False).read_text()
+    text = run_experiment(
+        "tiny-budget", tmp_path / "cut", iterations=150, episodes=4, jobs=1, progress=False
+    ).read_text()
     assert "unfinished" not in text
     run_experiment("tiny-budget", tmp_path / "whole", iterations=150, episodes=4, jobs=1, progress=False)
     assert_same_state(final_params(tmp_path / "whole" / "sine"), final_params(tmp_path / "cut" / "sine"))

@@ -42,15 +42,16 @@ def _quiet_env(monkeypatch, tmp_path):
 def save(path: Path, colour, size=(40, 30), fmt=None) -> Path:
     """A solid-colour image of ``size`` (width, height)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path, format=fmt or ("PNG" if path.suffix.lower() == ".png" else "JPEG"),
-                                        quality=95)
+    Image.new("RGB", size, colour).save(
+        path, format=fmt or ("PNG" if path.suffix.lower() == ".png" else "JPEG"), quality=95
+    )
     return path
 
 
 def colours_match(data, tolerance=6, margin=0) -> bool:
     """Every image is (close to) the solid colour of its label (ignoring ``margin`` pixels at each edge)."""
     size = data.images.shape[-1]
-    mean = data.images[:, :, margin:size - margin, margin:size - margin].float().mean(dim=(2, 3))
+    mean = data.images[:, :, margin : size - margin, margin : size - margin].float().mean(dim=(2, 3))
     want = torch.tensor(COLOURS, dtype=torch.float32)[data.labels]
     return bool((mean - want).abs().max() <= tolerance)
 
@@ -271,16 +272,24 @@ def make_npz(tmp_path: Path) -> Path:
 
 # name: (builder, a split, annotation/split file to remove, file to corrupt), paths relative to the root
 CASES = {
-    "tinyimagenet": (make_tinyimagenet, "val", "tiny-imagenet-200/val/val_annotations.txt",
-                     "tiny-imagenet-200/val/images/val_1.JPEG"),
+    "tinyimagenet": (
+        make_tinyimagenet,
+        "val",
+        "tiny-imagenet-200/val/val_annotations.txt",
+        "tiny-imagenet-200/val/images/val_1.JPEG",
+    ),
     "cifar100": (make_cifar100, "train", "cifar-100-binary/fine_label_names.txt", "cifar-100-binary/train.bin"),
     "stl10": (make_stl10, "test", "test_y.bin", "test_X.bin"),
     "svhn": (make_svhn, "test", "svhn/test_32x32.mat", "svhn/test_32x32.mat"),
     "stanford-dogs": (make_stanford_dogs, "test", "test_list.mat", "Images/n001-Chihuahua/n001_1.jpg"),
     "stanford-cars": (make_stanford_cars, "test", "cars_test_annos_withlabels.mat", "cars_test/00002.jpg"),
     "aircraft": (make_aircraft, "train", "data/images_variant_train.txt", "data/images/0034958.jpg"),
-    "cub": (make_cub, "train", "CUB_200_2011/train_test_split.txt",
-            "CUB_200_2011/images/002.Laysan_Albatross/Laysan_Albatross_0.jpg"),
+    "cub": (
+        make_cub,
+        "train",
+        "CUB_200_2011/train_test_split.txt",
+        "CUB_200_2011/images/002.Laysan_Albatross/Laysan_Albatross_0.jpg",
+    ),
     "imagefolder": (make_imagefolder, "train", None, "train/dog/c.jpeg"),
     "npz": (make_npz, "train", None, "train.npz"),
 }
@@ -448,8 +457,12 @@ def test_npz(tmp_path):
     assert "uint8" in error("npz", "bad", root=root)
     np.savez(root / "bad.npz", x=np.zeros((2, 8, 8), np.uint8), y=np.array([0, 1, 1]))
     assert "one per image" in error("npz", "bad", root=root)
-    np.savez(root / "bad.npz", x=np.zeros((2, 8, 8), np.uint8), y=np.array([0, 1]),
-             class_names=np.array(["a", None], dtype=object))
+    np.savez(
+        root / "bad.npz",
+        x=np.zeros((2, 8, 8), np.uint8),
+        y=np.array([0, 1]),
+        class_names=np.array(["a", None], dtype=object),
+    )
     assert "cannot read" in error("npz", "bad", root=root)  # never unpickled
     np.savez(root / "bad.npz", images=np.zeros((2, 8, 8), np.uint8))
     assert "no array x, y" in error("npz", "bad", root=root)

@@ -1,13 +1,15 @@
 """Meta-training runs: exact resume, atomic checkpoints, divergence, corrupt checkpoints."""
 
+import functools
 import json
+import operator
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -64,11 +66,23 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_run_killed_mid_training_resumes_to_the_same_weights(tmp_path):
     """A real SIGKILL while training: resuming ends with the weights of an uninterrupted run."""
-    common = ["--preset", "quickstart", "--no-test", "--iterations", "40", *sum((["--set", s] for s in [*TINY, "train.checkpoint_every=5"]), [])]
+    common = [
+        "--preset",
+        "quickstart",
+        "--no-test",
+        "--iterations",
+        "40",
+        *functools.reduce(operator.iadd, (["--set", s] for s in [*TINY, "train.checkpoint_every=5"]), []),
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "metareg.cli", "--no-progress", "train"]
     subprocess.run([*cli, *common, "--out", str(tmp_path / "straight")], check=True, env=env, capture_output=True)
-    proc = subprocess.Popen([*cli, *common, "--out", str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*cli, *common, "--out", str(tmp_path / "killed")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = tmp_path / "killed" / "checkpoint.json"
     deadline = time.time() + 60
     while time.time() < deadline and not (checkpoint.exists() and json.loads(checkpoint.read_text())["step"] >= 10):
@@ -154,6 +168,7 @@ def record_test_episodes(learner) -> Callable[[], list[tuple[torch.Tensor, ...]]
     def episodes():
         assert len(seen["support"]) == len(seen["query_x"]) == len(seen["query_y"])
         return [(*s, qx, qy) for s, qx, qy in zip(seen["support"], seen["query_x"], seen["query_y"])]
+
     return episodes
 
 

@@ -4,12 +4,13 @@ with the paired difference a user needs; MetaPerturb's diagnostics in the traini
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
-
-from test_baselines import tiny_transfer
+import operator
 
 from metareg import cli
+from test_baselines import tiny_transfer
 
 
 def test_against_base_trains_both_on_the_same_data_and_reports_the_paired_difference(tmp_path, capsys, monkeypatch):
@@ -26,15 +27,36 @@ def test_against_base_trains_both_on_the_same_data_and_reports_the_paired_differ
 
     monkeypatch.setattr(transfer_module, "training_batch", spy)
     out = tmp_path / "mp"
-    args = ["--no-progress", "perturb", "transfer", "--out", str(out), *sum((["--set", s] for s in
-            ["data.image_size=16", "optim.batch_size=8", "optim.steps=6", "optim.checkpoint_every=3", "model.options.channels=8",
-             "perturb.mc_samples=3"]), [])]
+    args = [
+        "--no-progress",
+        "perturb",
+        "transfer",
+        "--out",
+        str(out),
+        *functools.reduce(
+            operator.iadd,
+            (
+                ["--set", s]
+                for s in [
+                    "data.image_size=16",
+                    "optim.batch_size=8",
+                    "optim.steps=6",
+                    "optim.checkpoint_every=3",
+                    "model.options.channels=8",
+                    "perturb.mc_samples=3",
+                ]
+            ),
+            [],
+        ),
+    ]
     assert cli.main(args) == 0  # the quickstart: against the Base network by default
     printed = capsys.readouterr().out
     base = tmp_path / "mp-base"
     a, b = json.loads((out / "test.json").read_text()), json.loads((base / "test.json").read_text())
     assert a["perturbation"] == "metaperturb" and b["perturbation"] == "none"
-    assert a["protocol"] == {k: v for k, v in b["protocol"].items() if k != "mc_samples"} | {"mc_samples": 3}  # the same test images
+    assert a["protocol"] == {k: v for k, v in b["protocol"].items() if k != "mc_samples"} | {
+        "mc_samples": 3
+    }  # the same test images
     (steps,) = batches.values()  # one seed: both networks draw their batches from it
     assert [s for s, _ in steps] == list(range(6)) * 2
     assert all(x.equal(y) for (_, x), (_, y) in zip(steps[:6], steps[6:]))  # the same data order
@@ -50,7 +72,9 @@ def test_against_base_trains_both_on_the_same_data_and_reports_the_paired_differ
 def test_metaperturbs_noise_and_scale_per_block_are_logged(tmp_path):
     from metareg.runs.transfer import transfer
 
-    record = transfer(tiny_transfer("optim.steps=4", "optim.log_every=2", "perturb.phi=builtin"), tmp_path / "run", progress=False)
+    record = transfer(
+        tiny_transfer("optim.steps=4", "optim.log_every=2", "perturb.phi=builtin"), tmp_path / "run", progress=False
+    )
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     columns = [c for c in rows[0] if c[0] in "zs" and c[1:].isdigit()]
     assert sorted(columns) == sorted([f"z{i}" for i in range(4)] + [f"s{i}" for i in range(4)])  # Conv4: four blocks

@@ -31,9 +31,25 @@ CHECKPOINT = "checkpoint"  # the name of every run's checkpoint (checkpoint.json
 FORMAT = "metareg-checkpoint"
 VERSION = 1
 
-__all__ = ["CHECKPOINT", "FORMAT", "VERSION", "check_run_folder", "describe_kept", "load_checkpoint", "read_checkpoint_meta", "read_record", "resolve_checkpoint",
-           "restore_rng", "rng_tensors", "save_checkpoint", "state_to_tensors", "tensors_to_state", "verified_tensors",
-           "write_json_atomic", "write_safetensors_atomic"]
+__all__ = [
+    "CHECKPOINT",
+    "FORMAT",
+    "VERSION",
+    "check_run_folder",
+    "describe_kept",
+    "load_checkpoint",
+    "read_checkpoint_meta",
+    "read_record",
+    "resolve_checkpoint",
+    "restore_rng",
+    "rng_tensors",
+    "save_checkpoint",
+    "state_to_tensors",
+    "tensors_to_state",
+    "verified_tensors",
+    "write_json_atomic",
+    "write_safetensors_atomic",
+]
 
 
 def write_safetensors_atomic(path: Path, tensors: dict[str, Tensor]) -> str:
@@ -48,8 +64,10 @@ def _tensor_name(json_path: Path, record: dict[str, Any], pattern: str = r"[^/\\
     """The tensor file a record names: a plain ``.safetensors`` file name in the record's folder."""
     name = record.get("tensors")
     if not isinstance(name, str) or not re.fullmatch(pattern, name) or name.startswith(".") or "\0" in name:
-        raise CheckpointError(f"{json_path} names tensor file {name!r}, which is not a plain .safetensors file name in its own "
-                              "folder: the record is damaged or was edited; restore it or start a new run")
+        raise CheckpointError(
+            f"{json_path} names tensor file {name!r}, which is not a plain .safetensors file name in its own "
+            "folder: the record is damaged or was edited; restore it or start a new run"
+        )
     return json_path.parent / name
 
 
@@ -57,7 +75,9 @@ def check_run_folder(folder: Path, resume: bool, name: str = "checkpoint") -> No
     """A new run must not overwrite a checkpoint; ``resume`` needs one."""
     has_checkpoint = (folder / f"{name}.json").exists()
     if has_checkpoint and not resume:
-        raise ConfigError(f"run folder {folder} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+        raise ConfigError(
+            f"run folder {folder} already holds a checkpoint: pass --resume to continue it, or choose another --out"
+        )
     if resume and not has_checkpoint:
         raise CheckpointError(f"nothing to resume: {folder} holds no {name}.json")
 
@@ -78,13 +98,21 @@ def save_checkpoint(folder: str | Path, name: str, tensors: dict[str, Tensor], m
     try:
         folder.mkdir(parents=True, exist_ok=True)
         digest = write_safetensors_atomic(tensor_path, tensors)
-        record = {"format": FORMAT, "version": VERSION, "step": step, "tensors": tensor_path.name, "sha256": digest} | meta
+        record = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            "tensors": tensor_path.name,
+            "sha256": digest,
+        } | meta
         write_json_atomic(json_path, record)
     except OSError as err:
         if old != tensor_path:
             tensor_path.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write the checkpoint of step {step} in {folder} ({err.strerror or err}); {kept}. "
-                              "Free disk space or fix the folder's permissions, then continue with --resume") from None
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} in {folder} ({err.strerror or err}); {kept}. "
+            "Free disk space or fix the folder's permissions, then continue with --resume"
+        ) from None
     if old is not None and old != tensor_path:
         old.unlink(missing_ok=True)  # only now: the new JSON is durable
     return json_path
@@ -137,7 +165,9 @@ def read_checkpoint_meta(path: str | Path, name: str = "checkpoint") -> tuple[Pa
     json_path = resolve_checkpoint(path, name)
     meta = read_record(json_path, FORMAT, "checkpoint")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{json_path} has checkpoint version {meta.get('version')}; this metareg reads version {VERSION}")
+        raise CheckpointError(
+            f"{json_path} has checkpoint version {meta.get('version')}; this metareg reads version {VERSION}"
+        )
     return json_path, meta
 
 
@@ -174,9 +204,14 @@ def state_to_tensors(prefix: str, state: dict[str, Any], tensors: dict[str, Tens
             tensors[path] = value
             out[key] = {"__tensor__": path}
         elif isinstance(value, dict):
-            out[key] = {"__dict__": state_to_tensors(path, {str(k): v for k, v in value.items()}, tensors), "__int_keys__": all(isinstance(k, int) for k in value)}
+            out[key] = {
+                "__dict__": state_to_tensors(path, {str(k): v for k, v in value.items()}, tensors),
+                "__int_keys__": all(isinstance(k, int) for k in value),
+            }
         elif isinstance(value, (list, tuple)):
-            out[key] = {"__list__": [state_to_tensors(f"{path}.{i}", {"v": v}, tensors)["v"] for i, v in enumerate(value)]}
+            out[key] = {
+                "__list__": [state_to_tensors(f"{path}.{i}", {"v": v}, tensors)["v"] for i, v in enumerate(value)]
+            }
         else:
             out[key] = value
     return out

@@ -19,12 +19,13 @@ from .perturb import available as perturbations
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (the README's promise), with a pointer to ``--help``."""
 
-    def error(self, message: str):  # noqa: D401
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _count(minimum: int):
     """An argparse type: an integer >= ``minimum``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -33,6 +34,7 @@ def _count(minimum: int):
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
+
     return parse
 
 
@@ -42,33 +44,61 @@ POSITIVE, NONNEGATIVE = _count(1), _count(0)
 def _config_flags(p: argparse.ArgumentParser, *, resume: bool = False) -> None:
     p.add_argument("--preset", help="named preset (see `metareg presets`)")
     p.add_argument("--config", help="YAML or JSON config file, merged over the preset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set inner.lr=0.1 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set inner.lr=0.1 (repeatable)",
+    )
     p.add_argument("--data-root", help="folder holding the data set (default $METAREG_DATA_ROOT/<name>)")
     p.add_argument("--seed", type=NONNEGATIVE, help="training seed")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-        p.add_argument("--time-budget", type=POSITIVE, metavar="SECONDS",
-                       help="stop at the first step after SECONDS of wall-clock time, with a checkpoint; --resume continues exactly")
+        p.add_argument(
+            "--time-budget",
+            type=POSITIVE,
+            metavar="SECONDS",
+            help="stop at the first step after SECONDS of wall-clock time, with a checkpoint; --resume "
+            "continues exactly",
+        )
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--episodes", type=POSITIVE, help="test episodes (default 1000)")
     p.add_argument("--shot", type=POSITIVE, help="shots per class at meta-test time (default: the training shots)")
-    p.add_argument("--test-seed", type=NONNEGATIVE, help="seed of the test episode stream (default: the config's eval.seed)")
-    p.add_argument("--mc-samples", type=POSITIVE, help="noise samples per inner step at meta-test time (default: the config's inner.eval_mc_samples)")
+    p.add_argument(
+        "--test-seed", type=NONNEGATIVE, help="seed of the test episode stream (default: the config's eval.seed)"
+    )
+    p.add_argument(
+        "--mc-samples",
+        type=POSITIVE,
+        help="noise samples per inner step at meta-test time (default: the config's inner.eval_mc_samples)",
+    )
     _attack_flags(p)
     p.add_argument("--fgsm", type=float, metavar="EPS", help="short for --attack fgsm --epsilon EPS")
 
 
 def _attack_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attack", choices=["fgsm", "pgd-linf", "pgd-l2", "pgd-l1"],
-                   help="score on attacked query (or test) images: FGSM, or PGD in an L-infinity, L2 or L1 ball")
+    p.add_argument(
+        "--attack",
+        choices=["fgsm", "pgd-linf", "pgd-l2", "pgd-l1"],
+        help="score on attacked query (or test) images: FGSM, or PGD in an L-infinity, L2 or L1 ball",
+    )
     p.add_argument("--epsilon", type=float, help="the attack's size (the ball's radius; images are in [0, 1])")
-    p.add_argument("--attack-steps", type=POSITIVE, default=10, help="PGD steps (default 10; step size 2.5 epsilon / steps)")
-    p.add_argument("--eot", type=POSITIVE, default=1, metavar="M",
-                   help="Expectation over Transformation: each step's gradient averaged over M draws of a stochastic model's noise")
+    p.add_argument(
+        "--attack-steps", type=POSITIVE, default=10, help="PGD steps (default 10; step size 2.5 epsilon / steps)"
+    )
+    p.add_argument(
+        "--eot",
+        type=POSITIVE,
+        default=1,
+        metavar="M",
+        help="Expectation over Transformation: each step's gradient averaged over M draws of a stochastic "
+        "model's noise",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-test", action="store_true", help="skip the meta-test after training")
 
     p = sub.add_parser("test", help="meta-test a checkpoint: score +- 95%% CI over fixed episodes")
-    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoint.json, or builtin:NAME (see `metareg checkpoints`)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run folder, its checkpoint.json, or builtin:NAME (see `metareg checkpoints`)",
+    )
     p.add_argument("--data-root", help="folder holding the data set")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out", help="where to write the per-episode results (default <run>/test.json)")
@@ -100,66 +134,127 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the named presets and the paper rows they reproduce")
 
-    p = sub.add_parser("checkpoints", help="list the meta-trained checkpoints that ship with metareg (test them with "
-                       "`metareg test --checkpoint builtin:NAME`)")
+    p = sub.add_parser(
+        "checkpoints",
+        help="list the meta-trained checkpoints that ship with metareg (test them with "
+        "`metareg test --checkpoint builtin:NAME`)",
+    )
     p.add_argument("--pack", metavar="RUN", help="maintainers: ship the tested run RUN as a built-in checkpoint")
     p.add_argument("--name", help="with --pack: its name")
-    p.add_argument("--command", dest="train_command", help="with --pack: the command that trained it (default: the one it recorded)")
-    p.add_argument("--machine", default="", help="with --pack: where it was trained (e.g. '2 CPU cores' or the GPU's name)")
-    p.add_argument("--note", default="", help="with --pack: what a user must know (e.g. 'CPU budget: 800 of 60000 iterations')")
+    p.add_argument(
+        "--command",
+        dest="train_command",
+        help="with --pack: the command that trained it (default: the one it recorded)",
+    )
+    p.add_argument(
+        "--machine", default="", help="with --pack: where it was trained (e.g. '2 CPU cores' or the GPU's name)"
+    )
+    p.add_argument(
+        "--note", default="", help="with --pack: what a user must know (e.g. 'CPU budget: 800 of 60000 iterations')"
+    )
 
     p = sub.add_parser("download", help="download a data set's official archives (checksums verified)")
     p.add_argument("dataset", choices=["omniglot"])
     p.add_argument("--to", required=True, help="destination folder")
     p.add_argument("--base-url", help="a mirror holding the same archives (any URL urllib opens, e.g. file:///...)")
 
-    p = sub.add_parser("perturb", help="MetaPerturb: meta-train a perturbation over source tasks; train any CNN with it (transfer)")
+    p = sub.add_parser(
+        "perturb", help="MetaPerturb: meta-train a perturbation over source tasks; train any CNN with it (transfer)"
+    )
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
-    for action, text in (("meta-train", "meta-train phi jointly over a source data set's class-wise tasks (Algorithm 1; "
-                                        "several processes with torchrun)"),
-                         ("transfer", "train and test a network on a target data set with a fixed phi, none, or fine-tuned "
-                                      "(Algorithm 2)")):
+    for action, text in (
+        (
+            "meta-train",
+            "meta-train phi jointly over a source data set's class-wise tasks (Algorithm 1; "
+            "several processes with torchrun)",
+        ),
+        (
+            "transfer",
+            "train and test a network on a target data set with a fixed phi, none, or fine-tuned (Algorithm 2)",
+        ),
+    ):
         a = actions.add_parser(action, help=text, description=text)
         _config_flags(a, resume=True)
         a.add_argument("--out", help="run folder (default runs/<preset or data>)")
         a.add_argument("--data", help="data set name (data.name; see the README for the layouts)")
         a.add_argument("--arch", help=f"backbone (model.backbone): {', '.join(backbones())}")
         a.add_argument("--steps", type=NONNEGATIVE, help="training steps (optim.steps)")
-        a.add_argument("--batch-size", type=POSITIVE, help="images per batch (per task when meta-training) (optim.batch_size)")
-        a.add_argument("--perturbation", choices=perturbations(), metavar="NAME",
-                       help=f"the perturbation in every block's slot (perturb.name; default metaperturb): {', '.join(perturbations())}"
-                       + ("; none is the Base baseline" if action == "transfer" else "; one with parameters, which are meta-learned"))
+        a.add_argument(
+            "--batch-size", type=POSITIVE, help="images per batch (per task when meta-training) (optim.batch_size)"
+        )
+        a.add_argument(
+            "--perturbation",
+            choices=perturbations(),
+            metavar="NAME",
+            help=f"the perturbation in every block's slot (perturb.name; default metaperturb): "
+            f"{', '.join(perturbations())}"
+            + (
+                "; none is the Base baseline"
+                if action == "transfer"
+                else "; one with parameters, which are meta-learned"
+            ),
+        )
         if action == "transfer":
             a.add_argument("--phi", help="'builtin' (default), a meta-train run folder, or its phi.json")
-            a.add_argument("--init-from", help="fine-tune: a transfer run of the same backbone whose convolutions start this one")
-            a.add_argument("--mc-samples", type=POSITIVE, help="Monte-Carlo samples of the final test predictions (default 100)")
-            a.add_argument("--select", action="store_const", const=True,
-                           help="first choose the perturbation's hyperparameters on a validation split of the training images")
-            a.add_argument("--against-base", action="store_const", const=True,
-                           help="also train the Base network (same data, seed, test images) into OUT-base and print the paired difference "
-                                "(on by default in the quickstart)")
+            a.add_argument(
+                "--init-from", help="fine-tune: a transfer run of the same backbone whose convolutions start this one"
+            )
+            a.add_argument(
+                "--mc-samples", type=POSITIVE, help="Monte-Carlo samples of the final test predictions (default 100)"
+            )
+            a.add_argument(
+                "--select",
+                action="store_const",
+                const=True,
+                help="first choose the perturbation's hyperparameters on a validation split of the training images",
+            )
+            a.add_argument(
+                "--against-base",
+                action="store_const",
+                const=True,
+                help="also train the Base network (same data, seed, test images) into OUT-base and print the "
+                "paired difference "
+                "(on by default in the quickstart)",
+            )
         else:
             a.add_argument("--tasks", type=POSITIVE, help="number of source tasks T (default 10)")
     a = actions.add_parser("info", help="the provenance of a stored phi (source data, backbone, command)")
     a.add_argument("phi", nargs="?", default="builtin", help="'builtin', a meta-train run folder or its phi.json")
 
-    p = sub.add_parser("plot", help="plots: `curves RUN [RUN ...]` (learning curves from log.csv), `features RUN` (a "
-                       "layer's activations and perturbed activations), `boundary RUN` (a task's decision boundary), "
-                       "`scales RUN [RUN ...]` (MetaPerturb's learned scale s per block and channel), `reliability RUN [RUN ...]` "
-                       "(calibration of episodic or transfer runs), `robustness RUN [RUN ...] --attack A --epsilons E ...` (robust accuracy "
-                       "against the attack's size)")
+    p = sub.add_parser(
+        "plot",
+        help="plots: `curves RUN [RUN ...]` (learning curves from log.csv), `features RUN` (a "
+        "layer's activations and perturbed activations), `boundary RUN` (a task's decision boundary), "
+        "`scales RUN [RUN ...]` (MetaPerturb's learned scale s per block and channel), `reliability RUN [RUN ...]` "
+        "(calibration of episodic or transfer runs), `robustness RUN [RUN ...] --attack A --epsilons E ...` "
+        "(robust accuracy "
+        "against the attack's size)",
+    )
     p.add_argument("kind", choices=["curves", "features", "boundary", "scales", "reliability", "robustness"])
     p.add_argument("runs", nargs="+", help="run folders (or log.csv files); features and boundary take one run")
     p.add_argument("--out", help="PNG to write (default <kind>.png)")
-    p.add_argument("--episode", type=NONNEGATIVE, default=0, help="features/boundary: which episode of the fixed test stream (default 0)")
+    p.add_argument(
+        "--episode",
+        type=NONNEGATIVE,
+        default=0,
+        help="features/boundary: which episode of the fixed test stream (default 0)",
+    )
     p.add_argument("--layer", type=NONNEGATIVE, default=0, help="features: the conv block (default 0)")
     p.add_argument("--channel", type=NONNEGATIVE, help="features: the channel (default: the most active one)")
     p.add_argument("--samples", type=POSITIVE, default=4, help="features/boundary: noise draws to show (default 4)")
-    p.add_argument("--classes", type=NONNEGATIVE, nargs=2, default=(0, 1), help="boundary: the two classes (default 0 1)")
+    p.add_argument(
+        "--classes", type=NONNEGATIVE, nargs=2, default=(0, 1), help="boundary: the two classes (default 0 1)"
+    )
     _attack_flags(p)
-    p.add_argument("--epsilons", type=float, nargs="+", help="robustness: the attack sizes (default 0 and 4 sizes up to --epsilon)")
-    p.add_argument("--episodes", type=POSITIVE, default=200, help="robustness: test episodes of episodic runs (default 200)")
-    p.add_argument("--mc-samples", type=POSITIVE, help="robustness: MC samples of a transfer run's predictions (default: its own)")
+    p.add_argument(
+        "--epsilons", type=float, nargs="+", help="robustness: the attack sizes (default 0 and 4 sizes up to --epsilon)"
+    )
+    p.add_argument(
+        "--episodes", type=POSITIVE, default=200, help="robustness: test episodes of episodic runs (default 200)"
+    )
+    p.add_argument(
+        "--mc-samples", type=POSITIVE, help="robustness: MC samples of a transfer run's predictions (default: its own)"
+    )
 
     p = sub.add_parser("reproduce", help="run a paper's table or figure as a resumable grid of runs")
     p.add_argument("experiment", nargs="?", help="experiment name (omit to list them)")
@@ -167,14 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=POSITIVE, help="meta-iterations per run (default: the presets' full schedule)")
     p.add_argument("--episodes", type=POSITIVE, default=1000, help="test tasks per number (default 1000)")
     p.add_argument("--jobs", type=POSITIVE, default=2, help="runs trained at once, one thread each (default 2)")
-    p.add_argument("--time-budget", type=POSITIVE, metavar="SECONDS",
-                   help="stop the grid after SECONDS (runs checkpoint and stop; running it again continues)")
-    p.add_argument("--plan", action="store_true", help="print each run's progress, speed and time left, and how to continue; run nothing")
+    p.add_argument(
+        "--time-budget",
+        type=POSITIVE,
+        metavar="SECONDS",
+        help="stop the grid after SECONDS (runs checkpoint and stop; running it again continues)",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each run's progress, speed and time left, and how to continue; run nothing",
+    )
 
     p = sub.add_parser("bench", help="meta-training speed against a plain per-task reference loop")
     p.add_argument("--iterations", type=POSITIVE, default=3, help="timed meta-iterations per implementation")
-    p.add_argument("--shape", choices=["omniglot-20w1s", "miniimagenet-5w1s"],
-                   help="the presets' task shape (default omniglot-20w1s; on CUDA both unless one is named)")
+    p.add_argument(
+        "--shape",
+        choices=["omniglot-20w1s", "miniimagenet-5w1s"],
+        help="the presets' task shape (default omniglot-20w1s; on CUDA both unless one is named)",
+    )
     p.add_argument("--way", type=POSITIVE, help="override the shape's classes per task")
     p.add_argument("--shot", type=POSITIVE)
     p.add_argument("--query", type=POSITIVE)
@@ -183,12 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", type=POSITIVE)
     p.add_argument("--meta-batch", type=POSITIVE, default=4)
     p.add_argument("--steps", type=POSITIVE, default=5)
-    p.add_argument("--mc", type=NONNEGATIVE, default=0, metavar="S",
-                   help="also time Meta-Dropout's meta-test with S noise samples per inner step, sequential and batched")
+    p.add_argument(
+        "--mc",
+        type=NONNEGATIVE,
+        default=0,
+        metavar="S",
+        help="also time Meta-Dropout's meta-test with S noise samples per inner step, sequential and batched",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-check", action="store_true", help="skip the float64 meta-gradient comparison")
-    p.add_argument("--scheme", choices=["bilevel", "joint"], default="bilevel",
-                   help="bilevel: MAML meta-gradient (default); joint: one step of MetaPerturb's joint meta-training")
+    p.add_argument(
+        "--scheme",
+        choices=["bilevel", "joint"],
+        default="bilevel",
+        help="bilevel: MAML meta-gradient (default); joint: one step of MetaPerturb's joint meta-training",
+    )
     p.add_argument("--arch", default="resnet20", help="joint: the task networks' backbone")
     p.add_argument("--tasks", type=POSITIVE, default=10, help="joint: number of task networks")
     p.add_argument("--batch-size", type=POSITIVE, default=32, help="joint: images per task and pass")
@@ -240,12 +355,23 @@ def _unit(protocol: dict[str, Any]) -> str:
 
 def _describe(protocol: dict[str, Any]) -> str:
     if protocol.get("kind") == "transfer":
-        train = f"{protocol['train_per_class']} training images per class" if protocol.get("train_per_class") else f"its {protocol['train_split']} split"
-        return (f"{protocol['data']} {protocol['test_split']} split, {protocol['classes']} classes, trained on {train}, "
-                f"{protocol['test_images']} test images ({protocol['image_size']}px, data seed {protocol['data_seed']})")
-    task = f"{protocol['shot']}-shot" if protocol.get("way") is None else f"{protocol['way']}-way {protocol['shot']}-shot"
+        train = (
+            f"{protocol['train_per_class']} training images per class"
+            if protocol.get("train_per_class")
+            else f"its {protocol['train_split']} split"
+        )
+        return (
+            f"{protocol['data']} {protocol['test_split']} split, {protocol['classes']} classes, trained on {train}, "
+            f"{protocol['test_images']} test images ({protocol['image_size']}px, data seed {protocol['data_seed']})"
+        )
+    task = (
+        f"{protocol['shot']}-shot" if protocol.get("way") is None else f"{protocol['way']}-way {protocol['shot']}-shot"
+    )
     attack = f", query images attacked by {protocol['attack']}" if protocol.get("attack") else ""
-    return f"{protocol['data']} {protocol['split']} split, {task}, {protocol['episodes']} episodes, seed {protocol['seed']}{attack}"
+    return (
+        f"{protocol['data']} {protocol['split']} split, {task}, {protocol['episodes']} episodes, seed "
+        f"{protocol['seed']}{attack}"
+    )
 
 
 def _report(label: str, result: Any) -> None:
@@ -253,13 +379,19 @@ def _report(label: str, result: Any) -> None:
     metric = "MSE" if regression else "accuracy"
     print(f"{label} {metric}: {_format(result.estimate, regression)} (mean +- 95% CI; {_describe(result.protocol)})")
     if result.calibration:
-        print(f"{label} calibration: NLL {result.calibration['nll']:.4f}, ECE {result.calibration['ece']:.4f} (15 bins, over all query predictions)")
+        print(
+            f"{label} calibration: NLL {result.calibration['nll']:.4f}, ECE {result.calibration['ece']:.4f} (15 "
+            f"bins, over all query predictions)"
+        )
 
 
 def _stopped(args: argparse.Namespace, command: str, out: Path, step: int, total: int) -> None:
     """The one line of a run that stopped at its time budget: how far it got and how to go on."""
-    print(f"time budget of {args.time_budget} s reached: stopped at step {step} of {total} with a checkpoint; continue with: "
-          f"{command} --out {out} --resume --time-budget {args.time_budget}")
+    print(
+        f"time budget of {args.time_budget} s reached: stopped at step {step} of {total} with a checkpoint; "
+        f"continue with: "
+        f"{command} --out {out} --resume --time-budget {args.time_budget}"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -272,22 +404,41 @@ def cmd_train(args: argparse.Namespace) -> None:
     with session(resolve_device(config.device)) as world:
         main = world.is_main
         if main:
-            processes = f" ({world.size} processes, {'nccl' if world.device.type == 'cuda' else 'gloo'})" if world.distributed else ""
+            processes = (
+                f" ({world.size} processes, {'nccl' if world.device.type == 'cuda' else 'gloo'})"
+                if world.distributed
+                else ""
+            )
             print(f"run folder: {out}{processes}", file=sys.stderr)
-        trainer = train(config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline, world=world)
+        trainer = train(
+            config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline, world=world
+        )
         if not trainer.finished:
             return _stopped(args, "metareg train", out, trainer.step, config.train.iterations) if main else None
         if main:
-            print(f"meta-trained {trainer.step} iterations in {trainer.seconds:.0f} s; checkpoint {out / 'checkpoint.json'}")
+            print(
+                f"meta-trained {trainer.step} iterations in {trainer.seconds:.0f} s; checkpoint "
+                f"{out / 'checkpoint.json'}"
+            )
         if not args.no_test:
-            result = meta_test(config, trainer.learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot,
-                               progress=not args.no_progress, attack=_attack(args), world=world)
+            result = meta_test(
+                config,
+                trainer.learner,
+                episodes=args.episodes,
+                seed=args.test_seed,
+                shot=args.shot,
+                progress=not args.no_progress,
+                attack=_attack(args),
+                world=world,
+            )
             if main:
                 save_result(result, out / "test.json")
                 _report("test", result)
 
 
-def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = None, world: Any = None) -> tuple[Any, Any]:
+def _model_result(
+    path: str, args: argparse.Namespace, protocol_config: Any = None, world: Any = None
+) -> tuple[Any, Any]:
     """(result, config): a stored result file (config None), or a checkpoint tested now
     (on ``protocol_config``'s episodes if given)."""
     from .config import validate
@@ -302,11 +453,16 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
     if not (p.is_file() and p.name != "checkpoint.json" and p.suffix == ".json"):
         kind, config = read_run(path)
         if kind == "meta-train":
-            raise ConfigError(f"{path} is a MetaPerturb meta-training run, which has no test result; compare transfer runs")
+            raise ConfigError(
+                f"{path} is a MetaPerturb meta-training run, which has no test result; compare transfer runs"
+            )
         if kind == "transfer":  # a transfer run is tested when it ends: compare its test.json
             p = (p if p.is_dir() else p.parent) / "test.json"
             if not p.is_file():
-                raise ConfigError(f"transfer run {path} has no test.json yet; finish it with `metareg perturb transfer --out {path} --resume`")
+                raise ConfigError(
+                    f"transfer run {path} has no test.json yet; finish it with `metareg perturb transfer --out "
+                    f"{path} --resume`"
+                )
     if p.is_file() and p.name != "checkpoint.json" and p.suffix == ".json":
         try:
             values = json.loads(p.read_text())
@@ -326,8 +482,16 @@ def _model_result(path: str, args: argparse.Namespace, protocol_config: Any = No
     _, learner = load_learner(path, config)
     if world is not None:
         learner = learner.to(world.device)
-    return meta_test(config, learner, episodes=args.episodes, seed=args.test_seed, shot=args.shot, progress=not args.no_progress,
-                     attack=_attack(args), world=world), config
+    return meta_test(
+        config,
+        learner,
+        episodes=args.episodes,
+        seed=args.test_seed,
+        shot=args.shot,
+        progress=not args.no_progress,
+        attack=_attack(args),
+        world=world,
+    ), config
 
 
 def _attack(args: argparse.Namespace) -> Any:
@@ -365,9 +529,11 @@ def cmd_test(args: argparse.Namespace) -> None:
     if args.out:
         target = Path(args.out)
     elif builtin.is_builtin(args.checkpoint):  # the package folder is not the user's: write here
-        target = Path(f"test-{args.checkpoint[len(builtin.PREFIX):]}.json")
+        target = Path(f"test-{args.checkpoint[len(builtin.PREFIX) :]}.json")
     else:
-        target = (Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent) / "test.json"
+        target = (
+            Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+        ) / "test.json"
     save_result(result, target)
     _report("test", result)
     print(f"per-episode scores written to {target}")
@@ -386,14 +552,22 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"A {args.a}: {_format(summary['a'], regression)}")
     print(f"B {args.b}: {_format(summary['b'], regression)}")
     d = summary["difference"]
-    verdict = "no significant difference" if abs(d.mean) <= d.ci95 else ("A is better" if (d.mean > 0) != regression else "B is better")
+    verdict = (
+        "no significant difference"
+        if abs(d.mean) <= d.ci95
+        else ("A is better" if (d.mean > 0) != regression else "B is better")
+    )
     print(f"A - B (paired over the same {d.n} {_unit(a.protocol)}): {_format(d, regression)} -> {verdict}")
     if a.calibration and b.calibration:
-        line = f"NLL A {a.calibration['nll']:.4f} / B {b.calibration['nll']:.4f}, ECE A {a.calibration['ece']:.4f} / B {b.calibration['ece']:.4f}"
+        line = (
+            f"NLL A {a.calibration['nll']:.4f} / B {b.calibration['nll']:.4f}, ECE A "
+            f"{a.calibration['ece']:.4f} / B {b.calibration['ece']:.4f}"
+        )
         if "episode_nll" in a.calibration and "episode_nll" in b.calibration:
             from .evaluate import paired_difference
 
-            line += f"; NLL A - B (paired): {paired_difference(a.calibration['episode_nll'], b.calibration['episode_nll']).format(1, 4)}"
+            paired = paired_difference(a.calibration["episode_nll"], b.calibration["episode_nll"])
+            line += f"; NLL A - B (paired): {paired.format(1, 4)}"
         print(line)
     print(f"{_unit(a.protocol)}: {_describe(a.protocol)}")
 
@@ -404,8 +578,10 @@ def cmd_presets(args: argparse.Namespace) -> None:  # noqa: ARG001
 
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
-        print(f"{name:<{width}}  {preset.description}\n{'':<{width}}  run with `{RUNNERS[preset.kind]}`; reproduces: {preset.paper}"
-              + (f"\n{'':<{width}}  cost: {preset.cost}" if preset.cost else ""))
+        print(
+            f"{name:<{width}}  {preset.description}\n{'':<{width}}  run with `{RUNNERS[preset.kind]}`; "
+            f"reproduces: {preset.paper}" + (f"\n{'':<{width}}  cost: {preset.cost}" if preset.cost else "")
+        )
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> None:
@@ -425,10 +601,14 @@ def cmd_checkpoints(args: argparse.Namespace) -> None:
         r = builtin.provenance(name)
         t = r["test"]
         scale = 100 if t["protocol"].get("way") else 1
-        print(f"builtin:{name}  ({r['preset']}, {r['iterations']} meta-iterations, {r['training_seconds'] / 60:.0f} min on {r['machine']})\n"
-              f"  test: {t['mean'] * scale:.2f} +- {t['ci95'] * scale:.2f} over {t['episodes']} episodes (seed {t['protocol'].get('seed')}, "
-              f"S = {t['protocol'].get('mc_samples')})\n  made by: {r['command']}\n  at git revision {r['git_revision']}"
-              + (f"\n  note: {r['note']}" if r.get("note") else ""))
+        print(
+            f"builtin:{name}  ({r['preset']}, {r['iterations']} meta-iterations, "
+            f"{r['training_seconds'] / 60:.0f} min on {r['machine']})\n"
+            f"  test: {t['mean'] * scale:.2f} +- {t['ci95'] * scale:.2f} over {t['episodes']} episodes (seed "
+            f"{t['protocol'].get('seed')}, "
+            f"S = {t['protocol'].get('mc_samples')})\n  made by: {r['command']}\n  at git revision {r['git_revision']}"
+            + (f"\n  note: {r['note']}" if r.get("note") else "")
+        )
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -468,8 +648,19 @@ def cmd_plot(args: argparse.Namespace) -> None:
         epsilons = args.epsilons or [args.epsilon * k / 4 for k in range(5)]
         curves = {}
         for run in args.runs:
-            accuracies = [robust_accuracy(run, args.attack, e, episodes=args.episodes, steps=args.attack_steps, draws=args.eot,
-                                          mc_samples=args.mc_samples, progress=not args.no_progress) for e in epsilons]
+            accuracies = [
+                robust_accuracy(
+                    run,
+                    args.attack,
+                    e,
+                    episodes=args.episodes,
+                    steps=args.attack_steps,
+                    draws=args.eot,
+                    mc_samples=args.mc_samples,
+                    progress=not args.no_progress,
+                )
+                for e in epsilons
+            ]
             curves[Path(run).name] = (epsilons, accuracies)
             print(f"{run}: " + ", ".join(f"eps {e:g}: {100 * a:.2f} %" for e, a in zip(epsilons, accuracies)))
         print(f"wrote {plot_robustness(curves, args.attack, out)}")
@@ -506,8 +697,11 @@ def cmd_perturb(args: argparse.Namespace) -> None:
         if trainer.world.is_main and not trainer.finished:
             return _stopped(args, "metareg perturb meta-train", out, trainer.step, config.optim.steps)
         if trainer.world.is_main:
-            made = f"{out / 'phi.json'} (use it with: metareg perturb transfer --phi {out})" if config.perturb.name == "metaperturb" \
+            made = (
+                f"{out / 'phi.json'} (use it with: metareg perturb transfer --phi {out})"
+                if config.perturb.name == "metaperturb"
                 else f"{out / 'checkpoint.json'}"
+            )
             print(f"meta-trained {config.perturb.name} for {trainer.step} steps in {trainer.seconds:.0f} s; {made}")
         return
     out = Path(args.out or f"runs/{config.preset or 'transfer-' + config.data.name}")
@@ -519,13 +713,22 @@ def cmd_perturb(args: argparse.Namespace) -> None:
         if folder != out:
             print(f"(in {folder})")
         return _stopped(args, "metareg perturb transfer", out, step, config.optim.steps)
-    what = {"metaperturb": "MetaPerturb", "none": "no perturbation"}.get(config.perturb.name, config.perturb.name) \
-        + (" + fine-tuning" if config.init_from else "")
+    what = {"metaperturb": "MetaPerturb", "none": "no perturbation"}.get(config.perturb.name, config.perturb.name) + (
+        " + fine-tuning" if config.init_from else ""
+    )
 
     def line(label: str, r: dict, name: str) -> str:
-        return (f"{label}: {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} % (mean +- 95% CI over {r['episodes']} test images; "
-                f"{config.model.backbone}, {name}, {r['protocol']['mc_samples']} MC samples); NLL {r['nll']:.3f}, ECE {r['ece']:.3f}"
-                + (f", final training accuracy {100 * r['final_train_accuracy']:.1f} %" if r.get("final_train_accuracy") is not None else ""))
+        return (
+            f"{label}: {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} % (mean +- 95% CI over {r['episodes']} "
+            f"test images; "
+            f"{config.model.backbone}, {name}, {r['protocol']['mc_samples']} MC samples); NLL {r['nll']:.3f}, "
+            f"ECE {r['ece']:.3f}"
+            + (
+                f", final training accuracy {100 * r['final_train_accuracy']:.1f} %"
+                if r.get("final_train_accuracy") is not None
+                else ""
+            )
+        )
 
     print(line("test accuracy", record, what))
     print(f"written to {out / 'test.json'}")
@@ -533,11 +736,18 @@ def cmd_perturb(args: argparse.Namespace) -> None:
         from .runs.transfer import base_run
 
         d = record["difference"]
-        verdict = "no significant difference" if abs(d["mean"]) <= d["ci95"] else ("it helps" if d["mean"] > 0 else "it hurts")
+        verdict = (
+            "no significant difference"
+            if abs(d["mean"]) <= d["ci95"]
+            else ("it helps" if d["mean"] > 0 else "it hurts")
+        )
         print(line("Base (no perturbation)", record["base"], "no perturbation"))
         print(f"written to {base_run(out) / 'test.json'}")
-        print(f"{what} - Base (paired over the same {d['n']} test images): {100 * d['mean']:+.2f} +- {100 * d['ci95']:.2f} points -> "
-              f"{verdict} here (`metareg compare {out} {base_run(out)}` gives the same)")
+        print(
+            f"{what} - Base (paired over the same {d['n']} test images): {100 * d['mean']:+.2f} +- "
+            f"{100 * d['ci95']:.2f} points -> "
+            f"{verdict} here (`metareg compare {out} {base_run(out)}` gives the same)"
+        )
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -552,8 +762,15 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
         print(plan(args.experiment, args.out or f"runs/{args.experiment}"))
         return
-    path = run_experiment(args.experiment, args.out or f"runs/{args.experiment}", iterations=args.iterations,
-                          episodes=args.episodes, jobs=args.jobs, progress=not args.no_progress, deadline=args.deadline)
+    path = run_experiment(
+        args.experiment,
+        args.out or f"runs/{args.experiment}",
+        iterations=args.iterations,
+        episodes=args.episodes,
+        jobs=args.jobs,
+        progress=not args.no_progress,
+        deadline=args.deadline,
+    )
     print(path.read_text())
     print(f"written to {path}")
 
@@ -564,9 +781,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(args)
 
 
-COMMANDS = {"train": cmd_train, "test": cmd_test, "compare": cmd_compare, "presets": cmd_presets, "checkpoints": cmd_checkpoints,
-            "download": cmd_download, "bench": cmd_bench,
-            "reproduce": cmd_reproduce, "plot": cmd_plot, "perturb": cmd_perturb}
+COMMANDS = {
+    "train": cmd_train,
+    "test": cmd_test,
+    "compare": cmd_compare,
+    "presets": cmd_presets,
+    "checkpoints": cmd_checkpoints,
+    "download": cmd_download,
+    "bench": cmd_bench,
+    "reproduce": cmd_reproduce,
+    "plot": cmd_plot,
+    "perturb": cmd_perturb,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,11 +812,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as err:  # the file system refused: a full disk, a read-only or unwritable folder
         where = f" {err.filename}" if err.filename else ""
-        print(f"metareg {command}: error: cannot access{where}: {err.strerror or err} (check the path, its permissions "
-              "and free disk space; nothing already written was removed)", file=sys.stderr)
+        print(
+            f"metareg {command}: error: cannot access{where}: {err.strerror or err} (check the path, its permissions "
+            "and free disk space; nothing already written was removed)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
-        print(f"\nmetareg {args.command}: interrupted; a run continues with `metareg train --out RUN --resume`", file=sys.stderr)
+        print(
+            f"\nmetareg {args.command}: interrupted; a run continues with `metareg train --out RUN --resume`",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

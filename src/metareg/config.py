@@ -35,8 +35,9 @@ class _Loader(yaml.SafeLoader):
     wants a dot in a float (``1.0e-5``), so ``beta: 1e-5`` would silently become a string."""
 
 
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load_yaml(text: str) -> Any:
@@ -77,7 +78,8 @@ class InnerConfig:
     transforms: list[dict[str, Any]] = field(default_factory=list)  # gradient transforms before the step
     mc_samples: int = 1  # Monte-Carlo samples of the perturbation per inner step (meta-training)
     eval_mc_samples: int = 1  # ... at meta-test time
-    mc_batch: str = "auto"  # batched: the S samples in one pass (per-copy batch norm); sequential; auto: batched where the model can
+    # batched: the S samples in one pass (per-copy batch norm); sequential; auto: batched where the model can
+    mc_batch: str = "auto"
 
 
 @dataclass
@@ -208,7 +210,9 @@ class TransferConfig(_RunConfig):
     perturb: TransferPerturbConfig = field(default_factory=TransferPerturbConfig)
     init_from: str | None = None  # fine-tuning: a transfer run (same backbone) whose convolutions start this one
     select: bool = False  # choose the perturbation's hyperparameters on a validation split of the training images first
-    against_base: bool = False  # also train the Base network (no perturbation; same data, seed, test images) into <out>-base
+    against_base: bool = (
+        False  # also train the Base network (no perturbation; same data, seed, test images) into <out>-base
+    )
     eval_every: int | None = None  # test accuracy every N steps during training (with eval_mc_samples)
     eval_mc_samples: int = 5
     seed: int = 0
@@ -288,7 +292,11 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge ``override`` into ``base`` (dataclass sections merge key by key)."""
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("options", "perturbation_options"):
+        if (
+            isinstance(value, dict)
+            and isinstance(out.get(key), dict)
+            and key not in ("options", "perturbation_options")
+        ):
             out[key] = merge(out[key], value)
         else:
             out[key] = value
@@ -321,7 +329,10 @@ def load_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
         values = json.loads(text) if path.suffix == ".json" else load_yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+            f"{str(err).splitlines()[0]}"
+        ) from None
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -351,9 +362,17 @@ def _check_positive(values: dict[str, float]) -> None:
 def _validate_ordinary(config: MetaTrainConfig | TransferConfig) -> None:
     """Checks shared by the MetaPerturb runs."""
     d, o, p = config.data, config.optim, config.perturb
-    _check_positive({"data.image_size": d.image_size, "data.classes": d.classes, "data.train_per_class": d.train_per_class,
-                     "data.test_per_class": d.test_per_class, "optim.batch_size": o.batch_size, "optim.log_every": o.log_every,
-                     "optim.checkpoint_every": o.checkpoint_every})
+    _check_positive(
+        {
+            "data.image_size": d.image_size,
+            "data.classes": d.classes,
+            "data.train_per_class": d.train_per_class,
+            "data.test_per_class": d.test_per_class,
+            "optim.batch_size": o.batch_size,
+            "optim.log_every": o.log_every,
+            "optim.checkpoint_every": o.checkpoint_every,
+        }
+    )
     if o.steps < 0:
         raise ConfigError(f"optim.steps must be >= 0, got {o.steps}")
     if o.lr <= 0 or o.weight_decay < 0 or not 0 < o.gamma <= 1:
@@ -381,11 +400,18 @@ def validate(config: Any) -> None:
         return
     if isinstance(config, TransferConfig):
         _validate_ordinary(config)
-        _check_positive({"perturb.mc_samples": config.perturb.mc_samples, "eval_mc_samples": config.eval_mc_samples,
-                         "eval_every": config.eval_every})
+        _check_positive(
+            {
+                "perturb.mc_samples": config.perturb.mc_samples,
+                "eval_mc_samples": config.eval_mc_samples,
+                "eval_every": config.eval_every,
+            }
+        )
         if config.data.train_split == config.data.test_split and config.data.train_per_class is None:
-            raise ConfigError(f"train and test images both come from split {config.data.train_split!r}: set data.train_per_class "
-                              "(images of each class for training; the rest are for testing)")
+            raise ConfigError(
+                f"train and test images both come from split {config.data.train_split!r}: set data.train_per_class "
+                "(images of each class for training; the rest are for testing)"
+            )
         return
     positive = {
         "data.way": config.data.way,

@@ -19,7 +19,9 @@ def check_dropout(what: str, p: float, kind: str) -> None:
         raise ConfigError(f"{what} kind must be binary or gaussian, got {kind!r}")
 
 
-def dropout_noise(shape: torch.Size | tuple[int, ...], p: float, kind: Literal["binary", "gaussian"], like: Tensor) -> Tensor:
+def dropout_noise(
+    shape: torch.Size | tuple[int, ...], p: float, kind: Literal["binary", "gaussian"], like: Tensor
+) -> Tensor:
     """binary: Bernoulli(1 - p) / (1 - p); gaussian: N(1, p / (1 - p)) (DropGrad Eq. 5-6, Gaussian
     dropout of Srivastava et al.), with ``like``'s dtype and device."""
     if kind == "binary":

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 
 def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
@@ -31,16 +31,38 @@ class Progress:
     for the live values shown beside the bar (or in the next plain line), ``close()`` at the end.
     ``enabled=False`` prints nothing."""
 
-    def __init__(self, total: int, *, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True, leave: bool = True,
-                 every: float = 0.1, stream: IO[str] | None = None):
+    def __init__(
+        self,
+        total: int,
+        *,
+        desc: str,
+        unit: str = "it",
+        initial: int = 0,
+        enabled: bool = True,
+        leave: bool = True,
+        every: float = 0.1,
+        stream: IO[str] | None = None,
+    ):
         self.total, self.desc, self.unit, self.every = total, desc, unit, every
         self.done = self.start = initial
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.values: dict[str, str] = {}
         interactive = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=leave, file=self.stream,
-                        unit_scale=unit == "B") if interactive else None
+        self.bar = (
+            tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit=unit,
+                dynamic_ncols=True,
+                leave=leave,
+                file=self.stream,
+                unit_scale=unit == "B",
+            )
+            if interactive
+            else None
+        )
         self.clock = time.perf_counter()
         self.printed = initial
         self.next_line = self._next_mark(initial)
@@ -66,8 +88,10 @@ class Progress:
         rate = (self.done - self.start) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         percent = 100 * self.done / self.total if self.total else 100.0
-        parts = [f"{self.desc}: {_amount(self.done, self.unit) if self.unit == 'B' else self.done}/"
-                 f"{_amount(self.total, self.unit)} ({percent:.0f}%)"]
+        parts = [
+            f"{self.desc}: {_amount(self.done, self.unit) if self.unit == 'B' else self.done}/"
+            f"{_amount(self.total, self.unit)} ({percent:.0f}%)"
+        ]
         if self.unit != "B":
             parts.append(f"{rate:.3g} {self.unit}/s")
         parts.append(f"{_duration(elapsed)} elapsed")
@@ -84,7 +108,7 @@ class Progress:
         elif self.enabled and self.printed != self.done:
             self._line()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: Any) -> None:

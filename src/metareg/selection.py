@@ -36,8 +36,14 @@ def expand(spec: str | Sequence[str], groups: Groups | None = None) -> list[str]
     return patterns
 
 
-def select(names: Iterable[str], spec: str | Sequence[str], groups: Groups | None = None, *, what: str = "parameter",
-           role: str = "") -> list[str]:
+def select(
+    names: Iterable[str],
+    spec: str | Sequence[str],
+    groups: Groups | None = None,
+    *,
+    what: str = "parameter",
+    role: str = "",
+) -> list[str]:
     """The names (in their order) matched by ``spec``; every pattern or group must match one.
     ``what`` the names are and the ``role`` of the selection only shape the error message."""
     names = list(names)
@@ -48,6 +54,8 @@ def select(names: Iterable[str], spec: str | Sequence[str], groups: Groups | Non
         if not hits:
             available = ", ".join(sorted((COMMON_GROUPS | dict(groups or {})).keys()))
             shown = ", ".join(names[:16]) + (", ..." if len(names) > 16 else "")
-            raise ConfigError(f"{role or what} selection {item!r} matches no {what}; groups: {available}; names: {shown}")
+            raise ConfigError(
+                f"{role or what} selection {item!r} matches no {what}; groups: {available}; names: {shown}"
+            )
         chosen += [n for n in hits if n not in chosen]
     return [n for n in names if n in chosen]

@@ -9,19 +9,19 @@ The engine only sees :class:`TaskSource` objects; :func:`build_task_source` make
 
 from __future__ import annotations
 
-from metareg.data import glyphs, miniimagenet, omniglot, regression, targets  # noqa: F401  (register the data sets)
-from metareg.data.cache import cache_dir
-from metareg.data.classes import ClassImages, EpisodeSampler
-from metareg.data.download import OMNIGLOT_URL, download_omniglot
-from metareg.data.episodic import (
+from . import glyphs, miniimagenet, omniglot, regression, targets  # noqa: F401  (register the data sets)
+from .cache import cache_dir
+from .classes import ClassImages, EpisodeSampler
+from .download import OMNIGLOT_URL, download_omniglot
+from .episodic import (
     EpisodicDataset,
     build_task_source,
     episodic_datasets,
     get_episodic,
     register_episodic,
 )
-from metareg.data.glyphs import GLYPH_SPLITS, load_glyphs
-from metareg.data.labeled import (
+from .glyphs import GLYPH_SPLITS, load_glyphs
+from .labeled import (
     LabeledImages,
     class_tasks,
     labeled_datasets,
@@ -30,38 +30,38 @@ from metareg.data.labeled import (
     select_classes,
     split_per_class,
 )
-from metareg.data.miniimagenet import MINIIMAGENET_SPLITS, load_miniimagenet
-from metareg.data.omniglot import VINYALS_SPLITS, load_omniglot
-from metareg.data.regression import PolynomialTasks, SineTasks
-from metareg.data.roots import default_root
-from metareg.data.tasks import TaskBatch, TaskSource
+from .miniimagenet import MINIIMAGENET_SPLITS, load_miniimagenet
+from .omniglot import VINYALS_SPLITS, load_omniglot
+from .regression import PolynomialTasks, SineTasks
+from .roots import default_root
+from .tasks import TaskBatch, TaskSource
 
 __all__ = [
-    "TaskBatch",
-    "TaskSource",
+    "GLYPH_SPLITS",
+    "MINIIMAGENET_SPLITS",
+    "OMNIGLOT_URL",
+    "VINYALS_SPLITS",
     "ClassImages",
     "EpisodeSampler",
     "EpisodicDataset",
-    "load_glyphs",
-    "load_omniglot",
-    "load_miniimagenet",
-    "SineTasks",
+    "LabeledImages",
     "PolynomialTasks",
-    "download_omniglot",
-    "OMNIGLOT_URL",
-    "GLYPH_SPLITS",
-    "VINYALS_SPLITS",
-    "MINIIMAGENET_SPLITS",
-    "default_root",
-    "cache_dir",
+    "SineTasks",
+    "TaskBatch",
+    "TaskSource",
     "build_task_source",
+    "cache_dir",
+    "class_tasks",
+    "default_root",
+    "download_omniglot",
     "episodic_datasets",
     "get_episodic",
-    "register_episodic",
-    "LabeledImages",
-    "class_tasks",
     "labeled_datasets",
+    "load_glyphs",
     "load_labeled",
+    "load_miniimagenet",
+    "load_omniglot",
+    "register_episodic",
     "register_labeled",
     "select_classes",
     "split_per_class",

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metareg.data.labeled import LabeledImages
-from metareg.errors import DataError
-from metareg.seeds import generator
+from ..errors import DataError
+from ..seeds import generator
+from .labeled import LabeledImages
 
 
 def epoch_batch(num_examples: int, batch_size: int, step: int, seed: int) -> Tensor:
@@ -26,7 +26,7 @@ def epoch_batch(num_examples: int, batch_size: int, step: int, seed: int) -> Ten
         raise DataError(f"batch size {batch_size} exceeds the {num_examples} training examples; lower the batch size")
     epoch, i = divmod(step, per_epoch)
     order = torch.randperm(num_examples, generator=generator(seed, epoch))
-    return order[i * batch_size:(i + 1) * batch_size]
+    return order[i * batch_size : (i + 1) * batch_size]
 
 
 def random_crop_flip(images: Tensor, padding: int, flip: bool, g: torch.Generator) -> Tensor:
@@ -66,8 +66,9 @@ def padding_for(image_size: int) -> int:
     return 4 if image_size <= 32 else 8
 
 
-def training_batch(data: LabeledImages, batch_size: int, step: int, seed: int, *, augment: bool, channels: int,
-                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def training_batch(
+    data: LabeledImages, batch_size: int, step: int, seed: int, *, augment: bool, channels: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Batch ``step`` of ``data`` (epoch order seeded by ``seed``), cropped and flipped if
     ``augment``, normalized to [-1, 1] with ``channels`` channels."""
     index = epoch_batch(len(data), batch_size, step, seed)

@@ -29,9 +29,9 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from metareg.files import write_bytes_atomic
+from ..files import write_bytes_atomic
 
-__all__ = ["cache_dir", "cache_key", "file_signature", "cached_images"]
+__all__ = ["cache_dir", "cache_key", "cached_images", "file_signature"]
 
 #: Bump when the decoded layout changes, so old entries are ignored.
 CACHE_FORMAT = 1

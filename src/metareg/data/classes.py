@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from metareg.data.tasks import TaskBatch
-from metareg.errors import DataError
+from ..errors import DataError
+from .tasks import TaskBatch
 
 __all__ = ["ClassImages", "EpisodeSampler", "ImageSet"]
 
@@ -169,8 +169,7 @@ class EpisodeSampler:
         self.query = _positive_int(query, "query", where)
         if way > classes.num_classes:
             raise DataError(
-                f"{where} has {classes.num_classes} classes; way={way} is impossible "
-                f"(use way <= {classes.num_classes})"
+                f"{where} has {classes.num_classes} classes; way={way} is impossible (use way <= {classes.num_classes})"
             )
         name, size = classes.smallest_class()
         if shot + query > size:
@@ -183,7 +182,7 @@ class EpisodeSampler:
         self.rotated = bool((classes.rotations != 0).any())
         self.square = classes.image_shape[-1] == classes.image_shape[-2]
 
-    def to(self, device: torch.device | str) -> "EpisodeSampler":
+    def to(self, device: torch.device | str) -> EpisodeSampler:
         """The same sampler with its images on ``device`` (the index tables stay on the CPU)."""
         moved = copy.copy(self)
         moved.images = self.images.to(device)

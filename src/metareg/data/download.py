@@ -23,9 +23,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from metareg.errors import DataError
-from metareg.files import atomic_open, sha256_file
-from metareg.progress import Progress
+from ..errors import DataError
+from ..files import atomic_open, sha256_file
+from ..progress import Progress
 
 __all__ = ["OMNIGLOT_URL", "download_omniglot", "expected_files", "sha256_file"]
 
@@ -52,8 +52,10 @@ def _say(progress: bool, text: str, end: str = "\n") -> None:
 
 def _network_error(url: str, target: Path, exc: BaseException) -> DataError:
     reason = getattr(exc, "reason", None) or exc
-    return DataError(f"could not download {url} ({reason}); check the network connection or "
-                     f"fetch the file by hand into {target.parent}")
+    return DataError(
+        f"could not download {url} ({reason}); check the network connection or "
+        f"fetch the file by hand into {target.parent}"
+    )
 
 
 def _fetch(url: str, target: Path, info: dict[str, Any], progress: bool, timeout: float) -> None:
@@ -62,7 +64,7 @@ def _fetch(url: str, target: Path, info: dict[str, Any], progress: bool, timeout
     try:
         with atomic_open(target, "wb", suffix=".part") as out:
             try:
-                response = urllib.request.urlopen(url, timeout=timeout)
+                response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (file: mirrors are a feature: --base-url)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 raise _network_error(url, target, exc) from None
             with response:
@@ -80,9 +82,11 @@ def _fetch(url: str, target: Path, info: dict[str, Any], progress: bool, timeout
                     bar.update(len(block))
             bar.close()
             if done != total or digest.hexdigest() != info["sha256"]:  # inside: the temporary file is discarded
-                raise DataError(f"checksum mismatch for {url}: got {done} bytes with sha256 {digest.hexdigest()[:16]}..., "
-                                f"expected {total} bytes with sha256 {info['sha256'][:16]}...; the download was "
-                                f"discarded, try again")
+                raise DataError(
+                    f"checksum mismatch for {url}: got {done} bytes with sha256 {digest.hexdigest()[:16]}..., "
+                    f"expected {total} bytes with sha256 {info['sha256'][:16]}...; the download was "
+                    f"discarded, try again"
+                )
     except OSError as exc:
         raise DataError(f"could not write {target} ({exc}); check that the folder is writable and has space") from None
 

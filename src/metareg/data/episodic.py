@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metareg.data.classes import ClassImages, EpisodeSampler
-from metareg.data.roots import default_root
-from metareg.data.tasks import TaskSource
-from metareg.errors import DataError
+from ..errors import DataError
+from .classes import ClassImages, EpisodeSampler
+from .roots import default_root
+from .tasks import TaskSource
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,10 @@ def _check_options(entry: EpisodicDataset, kwargs: dict[str, Any]) -> None:
     allowed = [p for p in inspect.signature(entry.load).parameters if p not in entry.handled]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise DataError(f"unknown option(s) {', '.join(unknown)} for data set {entry.name!r}; valid options: {', '.join(allowed) or 'none'}")
+        raise DataError(
+            f"unknown option(s) {', '.join(unknown)} for data set {entry.name!r}; valid options: "
+            f"{', '.join(allowed) or 'none'}"
+        )
 
 
 def build_task_source(
@@ -98,8 +101,10 @@ def build_task_source(
     if entry.needs_root:
         root = root if root is not None else default_root(name)
         if root is None:
-            raise DataError(f"{name} needs its data folder: pass a data root (root=... / --data-root) "
-                            f"or set METAREG_DATA_ROOT so that $METAREG_DATA_ROOT/{name} holds the data")
+            raise DataError(
+                f"{name} needs its data folder: pass a data root (root=... / --data-root) "
+                f"or set METAREG_DATA_ROOT so that $METAREG_DATA_ROOT/{name} holds the data"
+            )
         classes: ClassImages = entry.load(root, split, **size, **kwargs)
     else:
         classes = entry.load(split, seed=seed, **size, **kwargs)

@@ -36,11 +36,11 @@ import math
 import torch
 from torch import Tensor
 
-from metareg.data.classes import ClassImages
-from metareg.data.episodic import EpisodicDataset, register_episodic
-from metareg.errors import DataError
+from ..errors import DataError
+from .classes import ClassImages
+from .episodic import EpisodicDataset, register_episodic
 
-__all__ = ["load_glyphs", "GLYPH_SPLITS"]
+__all__ = ["GLYPH_SPLITS", "load_glyphs"]
 
 #: Default number of classes per split.
 GLYPH_SPLITS = {"train": 1200, "val": 200, "test": 400}
@@ -136,7 +136,8 @@ def _instances(ctrl: Tensor, width: Tensor, per_class: int, g: torch.Generator) 
 
 
 def _render(ctrl: Tensor, active: Tensor, pen: Tensor, size: int) -> Tensor:
-    """Draw strokes: ``ctrl [M, S, 4, 2]`` (unit square, x then y), ``active [M, S]``, ``pen [M]`` -> ``uint8 [M, size, size]``.
+    """Draw strokes: ``ctrl [M, S, 4, 2]`` (unit square, x then y), ``active [M, S]``, ``pen [M]``
+    -> ``uint8 [M, size, size]``.
 
     Each stroke is a polyline of short segments; a segment of length ``l`` at midpoint ``m`` adds
     ``l * N(pixel; m, sigma^2 I)`` scaled so that a long stroke's centre line has intensity 1.
@@ -223,5 +224,13 @@ def load_glyphs(
     )
 
 
-register_episodic(EpisodicDataset("glyphs", load_glyphs, channels=1, image_size=28, handled=("split", "image_size", "seed"),
-                                  description="generated Omniglot-like characters (built in, no files)"))
+register_episodic(
+    EpisodicDataset(
+        "glyphs",
+        load_glyphs,
+        channels=1,
+        image_size=28,
+        handled=("split", "image_size", "seed"),
+        description="generated Omniglot-like characters (built in, no files)",
+    )
+)

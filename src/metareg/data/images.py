@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from metareg.errors import DataError
+from ..errors import DataError
 
 
 def decode_image(source: bytes | str | Path, mode: str, image_size: int) -> np.ndarray:
@@ -21,7 +21,9 @@ def decode_image(source: bytes | str | Path, mode: str, image_size: int) -> np.n
         try:
             source = Path(source).read_bytes()
         except PermissionError:
-            raise DataError(f"cannot read image {source}: permission denied; make the data readable (chmod -R a+r on its folder)") from None
+            raise DataError(
+                f"cannot read image {source}: permission denied; make the data readable (chmod -R a+r on its folder)"
+            ) from None
     with Image.open(io.BytesIO(source)) as im:
         im = im.convert(mode)
         if im.size != (image_size, image_size):

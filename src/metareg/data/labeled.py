@@ -30,21 +30,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metareg.data.classes import ClassImages, ImageSet
-from metareg.data.roots import default_root
-from metareg.errors import DataError
+from ..errors import DataError
+from .classes import ClassImages, ImageSet
+from .roots import default_root
 
 __all__ = [
     "LabeledImages",
-    "split_per_class",
-    "class_tasks",
-    "select_classes",
     "choose_classes",
+    "class_tasks",
     "keep_classes",
-    "take_per_class",
-    "register_labeled",
-    "load_labeled",
     "labeled_datasets",
+    "load_labeled",
+    "register_labeled",
+    "select_classes",
+    "split_per_class",
+    "take_per_class",
 ]
 
 
@@ -88,12 +88,14 @@ class LabeledImages(ImageSet):
     def class_counts(self) -> Tensor:
         return torch.bincount(self.labels, minlength=self.num_classes)
 
-    def subset(self, indices: Tensor, split: str | None = None) -> "LabeledImages":
+    def subset(self, indices: Tensor, split: str | None = None) -> LabeledImages:
         """The images at ``indices`` (labels and class names unchanged)."""
-        return LabeledImages(self.images[indices], self.labels[indices], self.class_names, self.dataset, split or self.split)
+        return LabeledImages(
+            self.images[indices], self.labels[indices], self.class_names, self.dataset, split or self.split
+        )
 
     @classmethod
-    def from_classes(cls, classes: ClassImages) -> "LabeledImages":
+    def from_classes(cls, classes: ClassImages) -> LabeledImages:
         """Every image of an episodic data set's split, with its class (rotations applied)."""
         images = [classes.class_images(c) for c in range(classes.num_classes)]
         labels = torch.repeat_interleave(torch.arange(classes.num_classes), torch.tensor([len(x) for x in images]))
@@ -110,8 +112,14 @@ def _members(data: LabeledImages, seed: int) -> list[Tensor]:
     return list(torch.split(by_class, data.class_counts().tolist()))
 
 
-def split_per_class(data: LabeledImages, first: int, seed: int = 0, *, rest: int | None = None,
-                    names: tuple[str, str] = ("train", "test")) -> tuple[LabeledImages, LabeledImages]:
+def split_per_class(
+    data: LabeledImages,
+    first: int,
+    seed: int = 0,
+    *,
+    rest: int | None = None,
+    names: tuple[str, str] = ("train", "test"),
+) -> tuple[LabeledImages, LabeledImages]:
     """Divide every class: ``first`` images (a fixed random choice given ``seed``) and the others
     (at most ``rest`` of them). The same ``seed`` always gives the same division."""
     where = f"{data.dataset} {data.split} split"
@@ -127,7 +135,7 @@ def split_per_class(data: LabeledImages, first: int, seed: int = 0, *, rest: int
         )
     members = _members(data, seed)
     head = torch.cat([m[:first] for m in members])
-    tail = torch.cat([m[first:] if rest is None else m[first:first + rest] for m in members])
+    tail = torch.cat([m[first:] if rest is None else m[first : first + rest] for m in members])
     return data.subset(head, names[0]), data.subset(tail, names[1])
 
 
@@ -139,7 +147,9 @@ def hold_out(data: LabeledImages, fraction: float, seed: int = 0) -> tuple[Label
     kept, held = [], []
     for members in _members(data, seed):
         if len(members) < 2:
-            raise DataError(f"{data.dataset} {data.split} split: a class has {len(members)} image; holding some out needs 2 or more")
+            raise DataError(
+                f"{data.dataset} {data.split} split: a class has {len(members)} image; holding some out needs 2 or more"
+            )
         cut = min(len(members) - 1, max(1, round(fraction * len(members))))
         held.append(members[:cut])
         kept.append(members[cut:])
@@ -166,7 +176,9 @@ def keep_classes(data: LabeledImages, classes: Tensor) -> LabeledImages:
 def take_per_class(data: LabeledImages, count: int, seed: int = 0) -> LabeledImages:
     """At most ``count`` images of each class, a fixed random choice given ``seed``."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise DataError(f"{data.dataset} {data.split} split: images per class must be a positive integer, got {count!r}")
+        raise DataError(
+            f"{data.dataset} {data.split} split: images per class must be a positive integer, got {count!r}"
+        )
     return data.subset(torch.cat([m[:count] for m in _members(data, seed)]))
 
 
@@ -174,11 +186,18 @@ def _relabel(data: LabeledImages, classes: Tensor, split: str) -> LabeledImages:
     new_label = torch.full((data.num_classes,), -1, dtype=torch.long)
     new_label[classes] = torch.arange(len(classes))
     keep = (new_label[data.labels] >= 0).nonzero().squeeze(1)
-    return LabeledImages(data.images[keep], new_label[data.labels[keep]], [data.class_names[int(c)] for c in classes],
-                         data.dataset, split)
+    return LabeledImages(
+        data.images[keep],
+        new_label[data.labels[keep]],
+        [data.class_names[int(c)] for c in classes],
+        data.dataset,
+        split,
+    )
 
 
-def class_tasks(data: LabeledImages, tasks: int, seed: int = 0, train_fraction: float = 0.5) -> list[tuple[LabeledImages, LabeledImages]]:
+def class_tasks(
+    data: LabeledImages, tasks: int, seed: int = 0, train_fraction: float = 0.5
+) -> list[tuple[LabeledImages, LabeledImages]]:
     """Divide ``data`` class-wise into ``tasks`` tasks (MetaPerturb's heterogeneous source tasks).
 
     The classes are shuffled with ``seed`` and cut into ``tasks`` groups of near-equal size; each
@@ -193,8 +212,10 @@ def class_tasks(data: LabeledImages, tasks: int, seed: int = 0, train_fraction: 
         raise DataError(f"train_fraction must be in (0, 1), got {train_fraction}")
     counts = data.class_counts()
     if int(counts.min()) < 2:
-        raise DataError(f"{where}: class {data.class_names[int(counts.argmin())]!r} has fewer than 2 images; "
-                        "every class needs a train and a test image")
+        raise DataError(
+            f"{where}: class {data.class_names[int(counts.argmin())]!r} has fewer than 2 images; "
+            "every class needs a train and a test image"
+        )
     order = torch.randperm(data.num_classes, generator=torch.Generator().manual_seed(seed))
     members = _members(data, seed + 1)
     out = []
@@ -205,8 +226,12 @@ def class_tasks(data: LabeledImages, tasks: int, seed: int = 0, train_fraction: 
         cut = [min(len(members[int(c)]) - 1, max(1, int(len(members[int(c)]) * train_fraction))) for c in group]
         train = torch.cat([members[int(c)][:n] for c, n in zip(group, cut)])
         test = torch.cat([members[int(c)][n:] for c, n in zip(group, cut)])
-        out.append(tuple(LabeledImages(data.images[ix], relabel[data.labels[ix]], names, data.dataset, f"task{t}-{part}")
-                         for ix, part in ((train, "train"), (test, "test"))))
+        out.append(
+            tuple(
+                LabeledImages(data.images[ix], relabel[data.labels[ix]], names, data.dataset, f"task{t}-{part}")
+                for ix, part in ((train, "train"), (test, "test"))
+            )
+        )
     return out
 
 
@@ -233,7 +258,9 @@ def labeled_datasets() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load_labeled(name: str, split: str, *, root: str | Path | None = None, image_size: int = 32, **options: Any) -> LabeledImages:
+def load_labeled(
+    name: str, split: str, *, root: str | Path | None = None, image_size: int = 32, **options: Any
+) -> LabeledImages:
     """Load split ``split`` of data set ``name`` at ``image_size`` x ``image_size`` pixels.
 
     ``root`` defaults to ``$METAREG_DATA_ROOT/<name>``. ``options`` go to the loader; unknown
@@ -248,14 +275,19 @@ def load_labeled(name: str, split: str, *, root: str | Path | None = None, image
     allowed = [p for p in inspect.signature(load).parameters if p not in fixed]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise DataError(f"unknown option(s) {', '.join(unknown)} for data set {name!r}; valid options: {', '.join(allowed) or 'none'}")
+        raise DataError(
+            f"unknown option(s) {', '.join(unknown)} for data set {name!r}; valid options: "
+            f"{', '.join(allowed) or 'none'}"
+        )
     if not _NEEDS_ROOT[name]:
         return load(split, image_size, **options)
     if root is None:
         base = os.environ.get("METAREG_DATA_ROOT", "").strip()
         if not base:
-            raise DataError(f"{name} needs its data folder: pass a data root (--data-root / data.root) "
-                            f"or set METAREG_DATA_ROOT so that $METAREG_DATA_ROOT/{name} holds it")
+            raise DataError(
+                f"{name} needs its data folder: pass a data root (--data-root / data.root) "
+                f"or set METAREG_DATA_ROOT so that $METAREG_DATA_ROOT/{name} holds it"
+            )
         root = _default_folder(Path(base).expanduser(), name)
     return load(Path(root).expanduser(), split, image_size, **options)
 
@@ -269,16 +301,18 @@ def _default_folder(base: Path, name: str) -> Path:
 @register_labeled("miniimagenet")
 def _miniimagenet(root: Path, split: str, image_size: int) -> LabeledImages:
     """miniImageNet's Ravi & Larochelle splits (train 64, val 16, test 20 classes)."""
-    from metareg.data.miniimagenet import load_miniimagenet
+    from .miniimagenet import load_miniimagenet
 
     return LabeledImages.from_classes(load_miniimagenet(root, split, image_size))
 
 
 @register_labeled("omniglot")
-def _omniglot(root: Path, split: str, image_size: int, class_split: str = "vinyals", rotations: bool = False) -> LabeledImages:
+def _omniglot(
+    root: Path, split: str, image_size: int, class_split: str = "vinyals", rotations: bool = False
+) -> LabeledImages:
     """Omniglot characters as classes (20 drawings each); ``rotations=True`` keeps the rotated
     copies as extra classes (the few-shot convention), off by default."""
-    from metareg.data.omniglot import load_omniglot
+    from .omniglot import load_omniglot
 
     classes = load_omniglot(root, split, image_size, class_split)
     data = LabeledImages.from_classes(classes)
@@ -289,8 +323,12 @@ def _omniglot(root: Path, split: str, image_size: int, class_split: str = "vinya
 
 
 @register_labeled("glyphs", needs_root=False)
-def _glyphs(split: str, image_size: int, seed: int = 0, num_classes: int | None = None, instances_per_class: int = 20) -> LabeledImages:
+def _glyphs(
+    split: str, image_size: int, seed: int = 0, num_classes: int | None = None, instances_per_class: int = 20
+) -> LabeledImages:
     """The built-in generated Omniglot-like characters (no files needed)."""
-    from metareg.data.glyphs import load_glyphs
+    from .glyphs import load_glyphs
 
-    return LabeledImages.from_classes(load_glyphs(split, image_size, seed, num_classes=num_classes, instances_per_class=instances_per_class))
+    return LabeledImages.from_classes(
+        load_glyphs(split, image_size, seed, num_classes=num_classes, instances_per_class=instances_per_class)
+    )

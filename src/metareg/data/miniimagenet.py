@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metareg.data.cache import cache_key, cached_images, file_signature
-from metareg.data.classes import ClassImages
-from metareg.data.episodic import EpisodicDataset, register_episodic
-from metareg.data.images import decode_image
-from metareg.errors import DataError
+from ..errors import DataError
+from .cache import cache_key, cached_images, file_signature
+from .classes import ClassImages
+from .episodic import EpisodicDataset, register_episodic
+from .images import decode_image
 
-__all__ = ["load_miniimagenet", "MINIIMAGENET_SPLITS"]
+__all__ = ["MINIIMAGENET_SPLITS", "load_miniimagenet"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _read_csv(path: Path) -> list[tuple[int, str, str]]:
         with path.open(newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read {path} ({exc}); restore the file ({_LAYOUT})")
+        raise DataError(f"cannot read {path} ({exc}); restore the file ({_LAYOUT})") from None
     if not rows or [cell.strip().lower() for cell in rows[0]] != ["filename", "label"]:
         header = ",".join(rows[0]) if rows else "<empty file>"
         raise DataError(f"{path}: header is {header!r}, expected 'filename,label' (Ravi & Larochelle csv)")
@@ -70,7 +70,7 @@ def _decode(path: Path, image_size: int) -> np.ndarray:
     try:
         pixels = decode_image(path, "RGB", image_size)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot decode miniImageNet image {path} ({exc}); the file is corrupt: replace it")
+        raise DataError(f"cannot decode miniImageNet image {path} ({exc}); the file is corrupt: replace it") from None
     return pixels.transpose(2, 0, 1)
 
 
@@ -98,8 +98,9 @@ def load_miniimagenet(root: str | Path, split: str, image_size: int = 84, *, cac
         try:
             st = (image_dir / filename).stat()
         except OSError:
-            raise DataError(f"{csv_path} line {number}: image {image_dir / filename} is missing; "
-                            f"restore it or remove the row")
+            raise DataError(
+                f"{csv_path} line {number}: image {image_dir / filename} is missing; restore it or remove the row"
+            ) from None
         digest.update(f"{filename}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
 
     class_names: list[str] = []
@@ -130,5 +131,14 @@ def load_miniimagenet(root: str | Path, split: str, image_size: int = 84, *, cac
     )
 
 
-register_episodic(EpisodicDataset("miniimagenet", load_miniimagenet, channels=3, image_size=84, needs_root=True,
-                                  handled=("root", "split", "image_size"), description="miniImageNet, Ravi & Larochelle csv layout"))
+register_episodic(
+    EpisodicDataset(
+        "miniimagenet",
+        load_miniimagenet,
+        channels=3,
+        image_size=84,
+        needs_root=True,
+        handled=("root", "split", "image_size"),
+        description="miniImageNet, Ravi & Larochelle csv layout",
+    )
+)

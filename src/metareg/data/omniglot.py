@@ -44,28 +44,34 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from metareg.data.cache import cache_key, cached_images, file_signature
-from metareg.data.classes import ClassImages
-from metareg.data.episodic import EpisodicDataset, register_episodic
-from metareg.data.images import decode_image
-from metareg.errors import DataError
+from ..errors import DataError
+from .cache import cache_key, cached_images, file_signature
+from .classes import ClassImages
+from .episodic import EpisodicDataset, register_episodic
+from .images import decode_image
 
-__all__ = ["load_omniglot", "OMNIGLOT_ARCHIVES", "OMNIGLOT_HOME", "VINYALS_SPLITS", "ALPHABET_SPLITS"]
+__all__ = ["ALPHABET_SPLITS", "OMNIGLOT_ARCHIVES", "OMNIGLOT_HOME", "VINYALS_SPLITS", "load_omniglot"]
 
 log = logging.getLogger(__name__)
 
 OMNIGLOT_ARCHIVES = ("images_background", "images_evaluation")
 OMNIGLOT_HOME = "https://github.com/brendenlake/omniglot/tree/master/python"
 VINYALS_SPLITS = ("train", "val", "trainval", "test")
-ALPHABET_SPLITS = {"train": "images_background", "background": "images_background",
-                   "test": "images_evaluation", "evaluation": "images_evaluation"}
+ALPHABET_SPLITS = {
+    "train": "images_background",
+    "background": "images_background",
+    "test": "images_evaluation",
+    "evaluation": "images_evaluation",
+}
 ROTATIONS = {"rot000": 0, "rot090": 1, "rot180": 2, "rot270": 3}
 _SPLIT_LINE = re.compile(r"^([^/]+/[^/]+)/(rot000|rot090|rot180|rot270)$")
 
 
 def _how_to_get(root: Path) -> str:
-    return (f"get it with `metareg download omniglot --to {root}` or download images_background.zip and "
-            f"images_evaluation.zip from {OMNIGLOT_HOME} into that folder")
+    return (
+        f"get it with `metareg download omniglot --to {root}` or download images_background.zip and "
+        f"images_evaluation.zip from {OMNIGLOT_HOME} into that folder"
+    )
 
 
 @dataclass
@@ -81,7 +87,9 @@ def _decode(data: bytes | Path, image_size: int, label: str) -> np.ndarray:
     try:
         pixels = decode_image(data, "L", image_size)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot decode Omniglot image {label} ({exc}); the file is corrupt: download the data again")
+        raise DataError(
+            f"cannot decode Omniglot image {label} ({exc}); the file is corrupt: download the data again"
+        ) from None
     return 255 - pixels  # ink bright, background 0
 
 
@@ -104,7 +112,9 @@ def _load_archive(root: Path, name: str, image_size: int, cache: bool) -> _Archi
         try:
             zf = zipfile.ZipFile(zip_path)
         except (zipfile.BadZipFile, OSError) as exc:
-            raise DataError(f"{zip_path} is not a readable zip archive ({exc}); delete it and {_how_to_get(root)}")
+            raise DataError(
+                f"{zip_path} is not a readable zip archive ({exc}); delete it and {_how_to_get(root)}"
+            ) from None
         with zf:
             files = []
             for member in zf.namelist():
@@ -118,27 +128,35 @@ def _load_archive(root: Path, name: str, image_size: int, cache: bool) -> _Archi
                 try:
                     return zf.read(member)
                 except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
-                    raise DataError(f"{zip_path} is corrupt ({member}: {exc}); delete it and {_how_to_get(root)}")
+                    raise DataError(
+                        f"{zip_path} is corrupt ({member}: {exc}); delete it and {_how_to_get(root)}"
+                    ) from None
 
             return _decode_archive(name, source, signature, characters, counts, members, read, image_size, cache)
     if tree.is_dir():
-        files = [(f"{p.parent.parent.name}/{p.parent.name}", str(p.relative_to(tree)))
-                 for p in tree.glob("*/*/*") if p.suffix.lower() == ".png" and p.is_file()]
+        files = [
+            (f"{p.parent.parent.name}/{p.parent.name}", str(p.relative_to(tree)))
+            for p in tree.glob("*/*/*")
+            if p.suffix.lower() == ".png" and p.is_file()
+        ]
         characters, counts, members = _group(files)
         digest = hashlib.sha256()
         for member in members:
             st = (tree / member).stat()
             digest.update(f"{member}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         signature = [name, len(members), digest.hexdigest()]
-        return _decode_archive(name, tree, signature, characters, counts, members,
-                               lambda m: tree / m, image_size, cache)
+        return _decode_archive(
+            name, tree, signature, characters, counts, members, lambda m: tree / m, image_size, cache
+        )
     raise DataError(f"Omniglot data not found: neither {zip_path} nor {tree}/ exists; {_how_to_get(root)}")
 
 
 def _decode_archive(name, source, signature, characters, counts, members, read, image_size, cache) -> _Archive:
     if not members:
-        raise DataError(f"{source} holds no Omniglot images (expected {name}/<Alphabet>/characterNN/*.png); "
-                        f"download the official archive again")
+        raise DataError(
+            f"{source} holds no Omniglot images (expected {name}/<Alphabet>/characterNN/*.png); "
+            f"download the official archive again"
+        )
 
     def build() -> tuple[Tensor, dict]:
         log.info("decoding %d Omniglot images from %s (once; later loads use the cache)", len(members), source)
@@ -159,13 +177,17 @@ def _read_split(root: Path, split: str) -> tuple[list[str], str]:
         try:
             return path.read_text(encoding="utf-8").splitlines(), str(path)
         except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read the split file {path} ({exc}); fix or delete it to use metareg's copy")
+            raise DataError(
+                f"cannot read the split file {path} ({exc}); fix or delete it to use metareg's copy"
+            ) from None
     try:
         packaged = resources.files("metareg.data").joinpath(f"splits/vinyals/{split}.txt.gz").read_bytes()
         lines = gzip.decompress(packaged).decode("utf-8").splitlines()
     except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is absent and metareg's packaged copy of the Vinyals split is unreadable ({exc}); "
-                        f"put the split files in {path.parent} or reinstall metareg")
+        raise DataError(
+            f"{path} is absent and metareg's packaged copy of the Vinyals split is unreadable ({exc}); "
+            f"put the split files in {path.parent} or reinstall metareg"
+        ) from None
     return lines, f"metareg's vinyals/{split}.txt"
 
 
@@ -195,13 +217,15 @@ def load_omniglot(
         raise DataError(f"Omniglot image_size must be a positive integer, got {image_size!r}")
     if class_split == "vinyals":
         if split not in VINYALS_SPLITS:
-            raise DataError(f"unknown Omniglot split {split!r} for class_split='vinyals'; "
-                            f"use one of {', '.join(VINYALS_SPLITS)}")
+            raise DataError(
+                f"unknown Omniglot split {split!r} for class_split='vinyals'; use one of {', '.join(VINYALS_SPLITS)}"
+            )
         archives = OMNIGLOT_ARCHIVES
     elif class_split == "alphabets":
         if split not in ALPHABET_SPLITS:
-            raise DataError(f"unknown Omniglot split {split!r} for class_split='alphabets'; "
-                            f"use one of {', '.join(ALPHABET_SPLITS)}")
+            raise DataError(
+                f"unknown Omniglot split {split!r} for class_split='alphabets'; use one of {', '.join(ALPHABET_SPLITS)}"
+            )
         archives = (ALPHABET_SPLITS[split],)
     else:
         raise DataError(f"unknown Omniglot class_split {class_split!r}; use 'vinyals' or 'alphabets'")
@@ -229,8 +253,10 @@ def load_omniglot(
             if match is None:
                 raise DataError(f"{origin} line {number}: {line!r} is not <Alphabet>/characterNN/rotDDD; fix the file")
             if match.group(1) not in rows:
-                raise DataError(f"{origin} line {number}: character {match.group(1)} is in neither archive under "
-                                f"{root}; use the official Omniglot archives or fix the split file")
+                raise DataError(
+                    f"{origin} line {number}: character {match.group(1)} is in neither archive under "
+                    f"{root}; use the official Omniglot archives or fix the split file"
+                )
             if line in seen:
                 raise DataError(f"{origin} line {number}: class {line} is listed twice; fix the file")
             seen.add(line)
@@ -262,5 +288,14 @@ def load_omniglot(
     )
 
 
-register_episodic(EpisodicDataset("omniglot", load_omniglot, channels=1, image_size=28, needs_root=True,
-                                  handled=("root", "split", "image_size"), description="Omniglot, Vinyals split by default"))
+register_episodic(
+    EpisodicDataset(
+        "omniglot",
+        load_omniglot,
+        channels=1,
+        image_size=28,
+        needs_root=True,
+        handled=("root", "split", "image_size"),
+        description="Omniglot, Vinyals split by default",
+    )
+)

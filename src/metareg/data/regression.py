@@ -21,11 +21,11 @@ import math
 import torch
 from torch import Tensor
 
-from metareg.data.episodic import EpisodicDataset, register_episodic
-from metareg.data.tasks import TaskBatch
-from metareg.errors import DataError
+from ..errors import DataError
+from .episodic import EpisodicDataset, register_episodic
+from .tasks import TaskBatch
 
-__all__ = ["SineTasks", "PolynomialTasks"]
+__all__ = ["PolynomialTasks", "SineTasks"]
 
 
 def _count(value: object, name: str, where: str) -> int:
@@ -34,13 +34,14 @@ def _count(value: object, name: str, where: str) -> int:
     return value
 
 
-def _interval(value: object, name: str, where: str, *, strict: bool = False, min_low: float | None = None
-              ) -> tuple[float, float]:
+def _interval(
+    value: object, name: str, where: str, *, strict: bool = False, min_low: float | None = None
+) -> tuple[float, float]:
     """A validated ``(low, high)`` pair of finite floats with low <= high (low < high if strict)."""
     try:
         low, high = (float(v) for v in value)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise DataError(f"{where}: {name} must be a pair (low, high) of numbers, got {value!r}")
+        raise DataError(f"{where}: {name} must be a pair (low, high) of numbers, got {value!r}") from None
     if not (math.isfinite(low) and math.isfinite(high)):
         raise DataError(f"{where}: {name} must be finite, got {value!r}")
     if low > high or (strict and low == high):
@@ -59,8 +60,9 @@ def _uniform(shape: tuple[int, ...], bounds: tuple[float, float], generator: tor
 def _batch(x: Tensor, y: Tensor, shot: int) -> TaskBatch:
     """Split ``[B, shot+query]`` inputs/targets into a support and a query set, ``[B, n, 1]`` each."""
     x, y = x.unsqueeze(-1), y.unsqueeze(-1)
-    return TaskBatch(x[:, :shot].contiguous(), y[:, :shot].contiguous(),
-                     x[:, shot:].contiguous(), y[:, shot:].contiguous())
+    return TaskBatch(
+        x[:, :shot].contiguous(), y[:, :shot].contiguous(), x[:, shot:].contiguous(), y[:, shot:].contiguous()
+    )
 
 
 class _FunctionTasks:
@@ -119,8 +121,10 @@ class SineTasks(_FunctionTasks):
         self.x_range = _interval(x_range, "x_range", where, strict=True)
 
     def __repr__(self) -> str:
-        return (f"SineTasks(shot={self.shot}, query={self.query}, amplitude={self.amplitude}, "
-                f"frequency={self.frequency}, phase={self.phase}, x_range={self.x_range})")
+        return (
+            f"SineTasks(shot={self.shot}, query={self.query}, amplitude={self.amplitude}, "
+            f"frequency={self.frequency}, phase={self.phase}, x_range={self.x_range})"
+        )
 
     def sample_params(self, num_tasks: int, generator: torch.Generator) -> dict[str, Tensor]:
         """``{"amplitude", "frequency", "phase"}``, each ``[B]``."""
@@ -137,7 +141,6 @@ class SineTasks(_FunctionTasks):
         shape = (-1,) + (1,) * (x.dim() - 1)
         a, w, b = (params[k].reshape(shape) for k in ("amplitude", "frequency", "phase"))
         return a * torch.sin(w * x + b)
-
 
 
 class PolynomialTasks(_FunctionTasks):
@@ -171,8 +174,10 @@ class PolynomialTasks(_FunctionTasks):
         self.x_range = _interval(x_range, "x_range", where, strict=True)
 
     def __repr__(self) -> str:
-        return (f"PolynomialTasks(shot={self.shot}, query={self.query}, order={self.order}, "
-                f"coefficients={self.coefficients}, x_range={self.x_range})")
+        return (
+            f"PolynomialTasks(shot={self.shot}, query={self.query}, order={self.order}, "
+            f"coefficients={self.coefficients}, x_range={self.x_range})"
+        )
 
     def sample_params(self, num_tasks: int, generator: torch.Generator) -> dict[str, Tensor]:
         """``{"coefficients": [B, order+1]}``, ``c_0`` first."""
@@ -190,7 +195,21 @@ class PolynomialTasks(_FunctionTasks):
         return y
 
 
-register_episodic(EpisodicDataset("sine", SineTasks, regression=True, handled=("shot", "query"),
-                                  description="sinusoid regression (MAML; the MT-net thesis's ranges)"))
-register_episodic(EpisodicDataset("polynomial", PolynomialTasks, regression=True, handled=("shot", "query"),
-                                  description="polynomial regression of a given order (MT-net thesis Figure 6.1)"))
+register_episodic(
+    EpisodicDataset(
+        "sine",
+        SineTasks,
+        regression=True,
+        handled=("shot", "query"),
+        description="sinusoid regression (MAML; the MT-net thesis's ranges)",
+    )
+)
+register_episodic(
+    EpisodicDataset(
+        "polynomial",
+        PolynomialTasks,
+        regression=True,
+        handled=("shot", "query"),
+        description="polynomial regression of a given order (MT-net thesis Figure 6.1)",
+    )
+)

@@ -78,10 +78,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from metareg.data.cache import cache_key, cached_images
-from metareg.data.images import decode_image
-from metareg.data.labeled import LabeledImages, register_labeled
-from metareg.errors import DataError
+from ..errors import DataError
+from .cache import cache_key, cached_images
+from .images import decode_image
+from .labeled import LabeledImages, register_labeled
 
 __all__ = ["IMAGE_EXTENSIONS", "TARGET_DATASETS"]
 
@@ -90,8 +90,18 @@ log = logging.getLogger(__name__)
 #: Extensions (lower case) that ``imagefolder`` reads.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 #: The names this module registers.
-TARGET_DATASETS = ("tinyimagenet", "cifar100", "stl10", "svhn", "stanford-dogs", "stanford-cars", "aircraft",
-                   "cub", "imagefolder", "npz")
+TARGET_DATASETS = (
+    "tinyimagenet",
+    "cifar100",
+    "stl10",
+    "svhn",
+    "stanford-dogs",
+    "stanford-cars",
+    "aircraft",
+    "cub",
+    "imagefolder",
+    "npz",
+)
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -99,11 +109,11 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 class _Layout(NamedTuple):
     """What a data set looks like on disk, for finding its folder and for error messages."""
 
-    name: str                  # registered name: LabeledImages.dataset and the cache file stem
-    title: str                 # the name in messages
-    folders: tuple[str, ...]   # folder names it unpacks to; root may be their parent
-    markers: tuple[str, ...]   # paths that only the data set's own folder holds
-    layout: str                # the expected layout, for messages
+    name: str  # registered name: LabeledImages.dataset and the cache file stem
+    title: str  # the name in messages
+    folders: tuple[str, ...]  # folder names it unpacks to; root may be their parent
+    markers: tuple[str, ...]  # paths that only the data set's own folder holds
+    layout: str  # the expected layout, for messages
 
 
 class _Item(NamedTuple):
@@ -130,8 +140,9 @@ def _check_split(spec: _Layout, split: str, valid: Sequence[str], note: str = ""
 
 def _check_choice(spec: _Layout, option: str, value: Any, valid: Sequence[str]) -> None:
     if value not in valid:
-        raise DataError(f"{spec.title} option {option}={value!r} is not valid; "
-                        f"use one of {', '.join(map(repr, valid))}")
+        raise DataError(
+            f"{spec.title} option {option}={value!r} is not valid; use one of {', '.join(map(repr, valid))}"
+        )
 
 
 def _check_flag(spec: _Layout, option: str, value: Any) -> None:
@@ -143,8 +154,10 @@ def _check_labels(spec: _Layout, labels: np.ndarray, count: int, source: Path, f
     """``labels`` (already shifted to 0-based) must lie in ``0..count-1``; ``first`` is the file's own base."""
     bad = labels[(labels < 0) | (labels >= count)]
     if bad.size:
-        raise DataError(f"{spec.title} labels in {source} must lie in {first}..{count - 1 + first} "
-                        f"({count} classes); found {int(bad[0]) + first}")
+        raise DataError(
+            f"{spec.title} labels in {source} must lie in {first}..{count - 1 + first} "
+            f"({count} classes); found {int(bad[0]) + first}"
+        )
 
 
 # ------------------------------------------------------------------------------------- files
@@ -177,8 +190,11 @@ def _find(base: Path, name: str, subdirs: Sequence[str], spec: _Layout, what: st
 
 def _image_files(folder: Path) -> list[Path]:
     """The image files directly in ``folder`` (extension in :data:`IMAGE_EXTENSIONS`, any case), sorted."""
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -232,8 +248,10 @@ def _read_bytes(path: Path, spec: _Layout, record: int) -> np.ndarray:
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {spec.title} file {path} ({_one_line(exc)}); restore it") from None
     if raw.size == 0 or raw.size % record:
-        raise DataError(f"{spec.title} file {path} has {raw.size} bytes, not a whole number of {record}-byte "
-                        "records; it is truncated or not the expected file: replace it")
+        raise DataError(
+            f"{spec.title} file {path} has {raw.size} bytes, not a whole number of {record}-byte "
+            "records; it is truncated or not the expected file: replace it"
+        )
     return raw.reshape(-1, record)
 
 
@@ -247,12 +265,15 @@ def _read_mat(path: Path, spec: _Layout, names: Sequence[str]) -> dict[str, np.n
     try:
         content = scipy.io.loadmat(str(path), variable_names=list(names))
     except Exception as exc:  # scipy raises many types on a damaged or foreign file
-        raise DataError(f"cannot read {spec.title} MATLAB file {path} ({_one_line(exc)}); it is corrupt "
-                        "or not a MATLAB v5 file: replace it") from None
+        raise DataError(
+            f"cannot read {spec.title} MATLAB file {path} ({_one_line(exc)}); it is corrupt "
+            "or not a MATLAB v5 file: replace it"
+        ) from None
     missing = [n for n in names if n not in content]
     if missing:
-        raise DataError(f"{spec.title} MATLAB file {path} has no variable {', '.join(missing)}; "
-                        f"expected {', '.join(names)}")
+        raise DataError(
+            f"{spec.title} MATLAB file {path} has no variable {', '.join(missing)}; expected {', '.join(names)}"
+        )
     return {n: content[n] for n in names}
 
 
@@ -260,8 +281,10 @@ def _mat_value(value: Any, path: Path, what: str) -> Any:
     """A MATLAB cell or struct entry (1-element arrays, maybe nested) as a Python str or number."""
     while isinstance(value, np.ndarray):
         if value.size != 1:
-            raise DataError(f"{path}: a {what} entry holds {value.size} values, expected one; "
-                            "the file is not the expected annotation file")
+            raise DataError(
+                f"{path}: a {what} entry holds {value.size} values, expected one; "
+                "the file is not the expected annotation file"
+            )
         value = value.reshape(-1)[0]
     return value.item() if isinstance(value, np.generic) else value
 
@@ -275,7 +298,7 @@ def _mat_strings(array: np.ndarray, path: Path, what: str) -> list[str]:
 
 def _mat_ints(values: Sequence[Any] | np.ndarray, path: Path, what: str) -> list[int]:
     out = []
-    for v in (np.asarray(values).reshape(-1) if isinstance(values, np.ndarray) else values):
+    for v in np.asarray(values).reshape(-1) if isinstance(values, np.ndarray) else values:
         v = _mat_value(v, path, what)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v):
             raise DataError(f"{path}: {what} must hold whole numbers, found {v!r}")
@@ -288,8 +311,9 @@ def _mat_struct(records: np.ndarray, path: Path, what: str, fields: Sequence[str
     have = records.dtype.names or ()
     missing = [f for f in fields if f not in have]
     if missing:
-        raise DataError(f"{path}: {what} has no field {', '.join(missing)}; expected a struct array with "
-                        f"{', '.join(fields)}")
+        raise DataError(
+            f"{path}: {what} has no field {', '.join(missing)}; expected a struct array with {', '.join(fields)}"
+        )
     flat = records.reshape(-1)
     return {f: [_mat_value(v, path, f"{what}.{f}") for v in flat[f]] for f in fields}
 
@@ -298,8 +322,10 @@ def _int_labels(y: Any, path: Path, spec: _Layout, count: int) -> np.ndarray:
     """Labels ``y`` as ``int64`` ``[count]``: whole numbers in any numeric dtype, one per image."""
     y = np.asarray(y)
     if y.dtype.kind not in "iuf" or y.size != count or (y.ndim > 1 and max(y.shape) != y.size):
-        raise DataError(f"{spec.title} labels in {path} must be {count} whole numbers (one per image), "
-                        f"got {y.dtype} array of shape {list(y.shape)}")
+        raise DataError(
+            f"{spec.title} labels in {path} must be {count} whole numbers (one per image), "
+            f"got {y.dtype} array of shape {list(y.shape)}"
+        )
     y = y.reshape(-1)
     if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
         raise DataError(f"{spec.title} labels in {path} must be whole numbers")
@@ -307,8 +333,9 @@ def _int_labels(y: Any, path: Path, spec: _Layout, count: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ images
-def _decode_rgb(path: Path, image_size: int, box: tuple[int, int, int, int] | None, trim_bottom: int,
-                spec: _Layout) -> np.ndarray:
+def _decode_rgb(
+    path: Path, image_size: int, box: tuple[int, int, int, int] | None, trim_bottom: int, spec: _Layout
+) -> np.ndarray:
     """One image file as ``uint8`` ``[3, S, S]``, first cropped to ``box`` and cut ``trim_bottom`` rows."""
     try:
         if box is None and not trim_bottom:
@@ -319,26 +346,39 @@ def _decode_rgb(path: Path, image_size: int, box: tuple[int, int, int, int] | No
             w, h = im.size
             left, top, right, bottom = max(0, box[0]), max(0, box[1]), min(w, box[2]), min(h, box[3])
             if right <= left or bottom <= top:
-                raise DataError(f"{spec.title} bounding box {list(box)} lies outside image {path} ({w}x{h}); "
-                                "fix its annotation")
+                raise DataError(
+                    f"{spec.title} bounding box {list(box)} lies outside image {path} ({w}x{h}); fix its annotation"
+                )
             im = im.crop((left, top, right, bottom))
         if trim_bottom:
             w, h = im.size
             if h <= trim_bottom:
-                raise DataError(f"{spec.title} image {path} is {h} pixels high; cannot remove its "
-                                f"{trim_bottom}-row banner (pass crop_banner=False)")
+                raise DataError(
+                    f"{spec.title} image {path} is {h} pixels high; cannot remove its "
+                    f"{trim_bottom}-row banner (pass crop_banner=False)"
+                )
             im = im.crop((0, 0, w, h - trim_bottom))
         if im.size != (image_size, image_size):
             im = im.resize((image_size, image_size), resample=Image.Resampling.LANCZOS)
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     except _DECODE_ERRORS as exc:
-        raise DataError(f"cannot decode {spec.title} image {path} ({_one_line(exc, path)}); the file is corrupt: "
-                        "replace it") from None
+        raise DataError(
+            f"cannot decode {spec.title} image {path} ({_one_line(exc, path)}); the file is corrupt: replace it"
+        ) from None
 
 
-def _decode_items(spec: _Layout, split: str, image_size: int, base: Path, items: Sequence[_Item],
-                  class_names: Sequence[str], *, trim_bottom: int = 0, variant: Sequence[str] = (),
-                  cache: bool = True) -> LabeledImages:
+def _decode_items(
+    spec: _Layout,
+    split: str,
+    image_size: int,
+    base: Path,
+    items: Sequence[_Item],
+    class_names: Sequence[str],
+    *,
+    trim_bottom: int = 0,
+    variant: Sequence[str] = (),
+    cache: bool = True,
+) -> LabeledImages:
     """Decode ``items`` (once; then from the data cache) into a :class:`LabeledImages`."""
     _check_flag(spec, "cache", cache)
     if not items:
@@ -348,8 +388,9 @@ def _decode_items(spec: _Layout, split: str, image_size: int, base: Path, items:
         try:
             st = item.path.stat()
         except OSError:
-            raise DataError(f"{spec.title} image {item.path} is missing; restore it "
-                            f"(the {split} split lists it)") from None
+            raise DataError(
+                f"{spec.title} image {item.path} is missing; restore it (the {split} split lists it)"
+            ) from None
         try:
             where = item.path.relative_to(base).as_posix()
         except ValueError:
@@ -382,16 +423,21 @@ def _resize_array(x: np.ndarray, image_size: int) -> np.ndarray:
     return out
 
 
-def _from_arrays(spec: _Layout, split: str, x: np.ndarray, y: np.ndarray, class_names: Sequence[str],
-                 image_size: int) -> LabeledImages:
+def _from_arrays(
+    spec: _Layout, split: str, x: np.ndarray, y: np.ndarray, class_names: Sequence[str], image_size: int
+) -> LabeledImages:
     images = torch.from_numpy(np.ascontiguousarray(_resize_array(x, image_size)))
     return LabeledImages(images, torch.from_numpy(y.astype(np.int64)), class_names, spec.name, split)
 
 
 # ---------------------------------------------------------------------------------- loaders
-_TINY = _Layout("tinyimagenet", "Tiny ImageNet", ("tiny-imagenet-200",), ("wnids.txt",),
-                "tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/*.JPEG and val/images/*.JPEG "
-                "plus val/val_annotations.txt")
+_TINY = _Layout(
+    "tinyimagenet",
+    "Tiny ImageNet",
+    ("tiny-imagenet-200",),
+    ("wnids.txt",),
+    "tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/*.JPEG and val/images/*.JPEG plus val/val_annotations.txt",
+)
 
 
 @register_labeled("tinyimagenet")
@@ -426,9 +472,13 @@ def load_tinyimagenet(root: Path, split: str, image_size: int, cache: bool = Tru
     return _decode_items(_TINY, split, image_size, base, items, names, cache=cache)
 
 
-_CIFAR = _Layout("cifar100", "CIFAR-100", ("cifar-100-binary",), ("train.bin", "test.bin"),
-                 "cifar-100-binary/ with train.bin, test.bin, fine_label_names.txt and coarse_label_names.txt "
-                 "(the binary version)")
+_CIFAR = _Layout(
+    "cifar100",
+    "CIFAR-100",
+    ("cifar-100-binary",),
+    ("train.bin", "test.bin"),
+    "cifar-100-binary/ with train.bin, test.bin, fine_label_names.txt and coarse_label_names.txt (the binary version)",
+)
 
 
 @register_labeled("cifar100")
@@ -439,8 +489,10 @@ def load_cifar100(root: Path, split: str, image_size: int, labels: str = "fine")
     root = Path(root).expanduser()
     pickled = [p for p in (root, root / "cifar-100-python") if (p / "meta").is_file() and (p / "train").is_file()]
     if pickled and not any((p / "train.bin").is_file() for p in (root, root / "cifar-100-binary")):
-        raise DataError(f"{pickled[0]} holds the pickled Python version of CIFAR-100, which metareg does not read "
-                        "(unpickling can run code); download the binary version (cifar-100-binary.tar.gz)")
+        raise DataError(
+            f"{pickled[0]} holds the pickled Python version of CIFAR-100, which metareg does not read "
+            "(unpickling can run code); download the binary version (cifar-100-binary.tar.gz)"
+        )
     base = _locate(root, _CIFAR)
     data_path = _require(base / f"{split}.bin", _CIFAR, f"{split} split file")
     names_path = _require(base / f"{labels}_label_names.txt", _CIFAR, "class name file")
@@ -451,8 +503,13 @@ def load_cifar100(root: Path, split: str, image_size: int, labels: str = "fine")
     return _from_arrays(_CIFAR, split, records[:, 2:].reshape(-1, 3, 32, 32), y, names, image_size)
 
 
-_STL = _Layout("stl10", "STL-10", ("stl10_binary",), ("train_X.bin", "test_X.bin"),
-               "stl10_binary/ with train_X.bin, train_y.bin, test_X.bin, test_y.bin and class_names.txt")
+_STL = _Layout(
+    "stl10",
+    "STL-10",
+    ("stl10_binary",),
+    ("train_X.bin", "test_X.bin"),
+    "stl10_binary/ with train_X.bin, train_y.bin, test_X.bin, test_y.bin and class_names.txt",
+)
 
 
 @register_labeled("stl10")
@@ -467,14 +524,21 @@ def load_stl10(root: Path, split: str, image_size: int) -> LabeledImages:
     x = _read_bytes(x_path, _STL, 3 * 96 * 96).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
     y = _read_bytes(y_path, _STL, 1).reshape(-1).astype(np.int64) - 1
     if y.size != x.shape[0]:
-        raise DataError(f"STL-10 {split} split: {y_path} holds {y.size} labels for the {x.shape[0]} images "
-                        f"of {x_path}; replace the files")
+        raise DataError(
+            f"STL-10 {split} split: {y_path} holds {y.size} labels for the {x.shape[0]} images "
+            f"of {x_path}; replace the files"
+        )
     _check_labels(_STL, y, len(names), y_path, first=1)
     return _from_arrays(_STL, split, x, y, names, image_size)
 
 
-_SVHN = _Layout("svhn", "SVHN", ("svhn", "SVHN"), ("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat"),
-                "train_32x32.mat, test_32x32.mat and optionally extra_32x32.mat (SVHN cropped digits)")
+_SVHN = _Layout(
+    "svhn",
+    "SVHN",
+    ("svhn", "SVHN"),
+    ("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat"),
+    "train_32x32.mat, test_32x32.mat and optionally extra_32x32.mat (SVHN cropped digits)",
+)
 
 
 @register_labeled("svhn")
@@ -493,9 +557,13 @@ def load_svhn(root: Path, split: str, image_size: int) -> LabeledImages:
     return _from_arrays(_SVHN, split, x.transpose(3, 2, 0, 1), y, [str(d) for d in range(10)], image_size)
 
 
-_DOGS = _Layout("stanford-dogs", "Stanford Dogs", ("stanford-dogs", "stanford_dogs", "StanfordDogs", "dogs"),
-                ("Images",),
-                "Images/<wnid>-<breed>/*.jpg plus train_list.mat and test_list.mat (at the top or in lists/)")
+_DOGS = _Layout(
+    "stanford-dogs",
+    "Stanford Dogs",
+    ("stanford-dogs", "stanford_dogs", "StanfordDogs", "dogs"),
+    ("Images",),
+    "Images/<wnid>-<breed>/*.jpg plus train_list.mat and test_list.mat (at the top or in lists/)",
+)
 
 
 @register_labeled("stanford-dogs")
@@ -517,26 +585,35 @@ def load_stanford_dogs(root: Path, split: str, image_size: int, cache: bool = Tr
     for number, (rel, label) in enumerate(zip(files, labels), 1):
         rel = rel.replace("\\", "/")
         if not 1 <= label <= len(folders):
-            raise DataError(f"{list_path}: entry {number} ({rel}) has label {label}, but {image_dir} holds "
-                            f"{len(folders)} class folders (labels 1..{len(folders)})")
+            raise DataError(
+                f"{list_path}: entry {number} ({rel}) has label {label}, but {image_dir} holds "
+                f"{len(folders)} class folders (labels 1..{len(folders)})"
+            )
         if rel.split("/")[0] != folders[label - 1]:
-            raise DataError(f"{list_path}: entry {number} ({rel}) has label {label}, which is class folder "
-                            f"{folders[label - 1]}; the list does not match {image_dir}")
+            raise DataError(
+                f"{list_path}: entry {number} ({rel}) has label {label}, which is class folder "
+                f"{folders[label - 1]}; the list does not match {image_dir}"
+            )
         items.append(_Item(image_dir / rel, label - 1))
     names = [folder.split("-", 1)[1] if "-" in folder else folder for folder in folders]
     return _decode_items(_DOGS, split, image_size, base, items, names, cache=cache)
 
 
-_CARS = _Layout("stanford-cars", "Stanford Cars", ("stanford-cars", "stanford_cars", "StanfordCars", "cars"),
-                ("cars_train", "cars_test", "devkit"),
-                "cars_train/, cars_test/, devkit/cars_train_annos.mat, devkit/cars_meta.mat and "
-                "cars_test_annos_withlabels.mat (at the top or in devkit/)")
+_CARS = _Layout(
+    "stanford-cars",
+    "Stanford Cars",
+    ("stanford-cars", "stanford_cars", "StanfordCars", "cars"),
+    ("cars_train", "cars_test", "devkit"),
+    "cars_train/, cars_test/, devkit/cars_train_annos.mat, devkit/cars_meta.mat and "
+    "cars_test_annos_withlabels.mat (at the top or in devkit/)",
+)
 _BOX = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 
 
 @register_labeled("stanford-cars")
-def load_stanford_cars(root: Path, split: str, image_size: int, crop_to_box: bool = False,
-                       cache: bool = True) -> LabeledImages:
+def load_stanford_cars(
+    root: Path, split: str, image_size: int, crop_to_box: bool = False, cache: bool = True
+) -> LabeledImages:
     """Stanford Cars (196 models); ``crop_to_box`` crops each image to its bounding box first."""
     _check_split(_CARS, split, ("train", "test"))
     _check_flag(_CARS, "crop_to_box", crop_to_box)
@@ -555,22 +632,31 @@ def load_stanford_cars(root: Path, split: str, image_size: int, crop_to_box: boo
         raise DataError(f"Stanford Cars image folder {image_dir} is missing; expected {_CARS.layout}")
     _check_labels(_CARS, np.array(labels) - 1, len(names), ann_path, first=1)
     # The devkit's boxes are inclusive pixel coordinates; PIL's right and bottom edges are exclusive.
-    items = [_Item(image_dir / name, label - 1, (x1, y1, x2 + 1, y2 + 1) if crop_to_box else None)
-             for name, label, (x1, y1, x2, y2) in zip(files, labels, boxes)]
-    return _decode_items(_CARS, split, image_size, base, items, names,
-                         variant=("box",) if crop_to_box else (), cache=cache)
+    items = [
+        _Item(image_dir / name, label - 1, (x1, y1, x2 + 1, y2 + 1) if crop_to_box else None)
+        for name, label, (x1, y1, x2, y2) in zip(files, labels, boxes)
+    ]
+    return _decode_items(
+        _CARS, split, image_size, base, items, names, variant=("box",) if crop_to_box else (), cache=cache
+    )
 
 
-_AIRCRAFT = _Layout("aircraft", "FGVC-Aircraft", ("fgvc-aircraft-2013b",), ("data/images",),
-                    "fgvc-aircraft-2013b/data/ with images/<id>.jpg and images_<annotation>_<split>.txt")
+_AIRCRAFT = _Layout(
+    "aircraft",
+    "FGVC-Aircraft",
+    ("fgvc-aircraft-2013b",),
+    ("data/images",),
+    "fgvc-aircraft-2013b/data/ with images/<id>.jpg and images_<annotation>_<split>.txt",
+)
 _AIRCRAFT_SPLITS = ("train", "val", "trainval", "test")
 _AIRCRAFT_NAMES = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
 _BANNER_ROWS = 20
 
 
 @register_labeled("aircraft")
-def load_aircraft(root: Path, split: str, image_size: int, annotation: str = "variant", crop_banner: bool = True,
-                  cache: bool = True) -> LabeledImages:
+def load_aircraft(
+    root: Path, split: str, image_size: int, annotation: str = "variant", crop_banner: bool = True, cache: bool = True
+) -> LabeledImages:
     """FGVC-Aircraft at one ``annotation`` level (variant: 100 classes, family: 70, manufacturer: 30)."""
     _check_split(_AIRCRAFT, split, _AIRCRAFT_SPLITS)
     _check_choice(_AIRCRAFT, "annotation", annotation, tuple(_AIRCRAFT_NAMES))
@@ -588,16 +674,30 @@ def load_aircraft(root: Path, split: str, image_size: int, annotation: str = "va
     items = []
     for number, image_id, label in rows:
         if label not in index:
-            raise DataError(f"{list_path} line {number}: {annotation} {label!r} is not listed in {names_path}; "
-                            "fix the files")
+            raise DataError(
+                f"{list_path} line {number}: {annotation} {label!r} is not listed in {names_path}; fix the files"
+            )
         items.append(_Item(data / "images" / f"{image_id}.jpg", index[label]))
-    return _decode_items(_AIRCRAFT, split, image_size, data.parent, items, names,
-                         trim_bottom=_BANNER_ROWS if crop_banner else 0, variant=(annotation,), cache=cache)
+    return _decode_items(
+        _AIRCRAFT,
+        split,
+        image_size,
+        data.parent,
+        items,
+        names,
+        trim_bottom=_BANNER_ROWS if crop_banner else 0,
+        variant=(annotation,),
+        cache=cache,
+    )
 
 
-_CUB = _Layout("cub", "CUB-200-2011", ("CUB_200_2011",), ("images.txt",),
-               "CUB_200_2011/ with images/<class>/*.jpg, images.txt, image_class_labels.txt, "
-               "train_test_split.txt and classes.txt")
+_CUB = _Layout(
+    "cub",
+    "CUB-200-2011",
+    ("CUB_200_2011",),
+    ("images.txt",),
+    "CUB_200_2011/ with images/<class>/*.jpg, images.txt, image_class_labels.txt, train_test_split.txt and classes.txt",
+)
 
 
 @register_labeled("cub")
@@ -616,11 +716,15 @@ def load_cub(root: Path, split: str, image_size: int, cache: bool = True) -> Lab
     for image_id, rel in paths.items():
         flag, class_id = is_train.get(image_id), labels.get(image_id)
         if flag not in ("0", "1"):
-            raise DataError(f"{split_path}: image {image_id} of images.txt needs a line '{image_id} 1' (train) "
-                            f"or '{image_id} 0' (test); found {flag!r}")
+            raise DataError(
+                f"{split_path}: image {image_id} of images.txt needs a line '{image_id} 1' (train) "
+                f"or '{image_id} 0' (test); found {flag!r}"
+            )
         if class_id not in index:
-            raise DataError(f"{label_path}: image {image_id} of images.txt needs a class id listed in "
-                            f"classes.txt; found {class_id!r}")
+            raise DataError(
+                f"{label_path}: image {image_id} of images.txt needs a class id listed in "
+                f"classes.txt; found {class_id!r}"
+            )
         if flag == ("1" if split == "train" else "0"):
             items.append(_Item(base / "images" / rel, index[class_id]))
     return _decode_items(_CUB, split, image_size, base, items, names, cache=cache)
@@ -644,8 +748,9 @@ def load_imagefolder(root: Path, split: str, image_size: int, cache: bool = True
         raise DataError(f"image folder {root / split} has no class folders; expected {_FOLDER.layout}")
     items = [_Item(path, label) for label, name in enumerate(classes) for path in _image_files(root / split / name)]
     if not items:
-        raise DataError(f"image folder {root / split} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
-                        "in its class folders")
+        raise DataError(
+            f"image folder {root / split} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in its class folders"
+        )
     return _decode_items(_FOLDER, split, image_size, root, items, classes, cache=cache)
 
 
@@ -662,8 +767,9 @@ def _channels_first(x: np.ndarray, path: Path) -> np.ndarray:
             return x.transpose(0, 3, 1, 2)
         if first:
             return x
-    raise DataError(f"{path}: x must be images [N, H, W], [N, H, W, C] or [N, C, H, W] with C 1 or 3; "
-                    f"got shape {list(x.shape)}")
+    raise DataError(
+        f"{path}: x must be images [N, H, W], [N, H, W, C] or [N, C, H, W] with C 1 or 3; got shape {list(x.shape)}"
+    )
 
 
 @register_labeled("npz")
@@ -681,8 +787,10 @@ def load_npz(root: Path, split: str, image_size: int) -> LabeledImages:
         with path.open("rb") as f:
             magic = f.read(4)
         if magic[:2] != b"PK":  # every .npz is a zip archive
-            raise DataError(f"{path} is not an .npz archive (corrupt or another format); save the arrays with "
-                            "np.savez(path, x=..., y=...)")
+            raise DataError(
+                f"{path} is not an .npz archive (corrupt or another format); save the arrays with "
+                "np.savez(path, x=..., y=...)"
+            )
         with np.load(path, allow_pickle=False) as content:
             missing = [k for k in ("x", "y") if k not in content.files]
             if missing:
@@ -693,8 +801,10 @@ def load_npz(root: Path, split: str, image_size: int) -> LabeledImages:
     except DataError:
         raise
     except Exception as exc:  # zipfile errors, refused object arrays, truncated arrays ...
-        raise DataError(f"cannot read {path} ({_one_line(exc, path)}); it is corrupt or holds object arrays: save "
-                        "plain arrays (class names as a string array) with np.savez") from None
+        raise DataError(
+            f"cannot read {path} ({_one_line(exc, path)}); it is corrupt or holds object arrays: save "
+            "plain arrays (class names as a string array) with np.savez"
+        ) from None
     if x.dtype != np.uint8:
         raise DataError(f"{path}: x must be uint8 (0..255), got {x.dtype}; convert it with x.astype(np.uint8)")
     x = _channels_first(x, path)

@@ -27,7 +27,7 @@ class TaskBatch:
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TaskBatch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
         def move(t: Tensor) -> Tensor:
             if dtype is not None and t.is_floating_point():
                 return t.to(device=device, dtype=dtype, non_blocking=True)
@@ -35,13 +35,15 @@ class TaskBatch:
 
         return TaskBatch(*(move(t) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
 
-    def task(self, i: int) -> "TaskBatch":
+    def task(self, i: int) -> TaskBatch:
         """The i-th task as a batch of one."""
         return self.tasks(range(i, i + 1))
 
-    def tasks(self, which: range) -> "TaskBatch":
+    def tasks(self, which: range) -> TaskBatch:
         """The tasks ``which`` (a contiguous range) as a batch."""
-        return TaskBatch(*(t[which.start : which.stop] for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+        return TaskBatch(
+            *(t[which.start : which.stop] for t in (self.support_x, self.support_y, self.query_x, self.query_y))
+        )
 
 
 class TaskSource(Protocol):

@@ -3,4 +3,4 @@
 from .episodes import EvalResult, episode_stream, evaluate
 from .stats import Estimate, mean_ci, paired_difference
 
-__all__ = ["EvalResult", "episode_stream", "evaluate", "Estimate", "mean_ci", "paired_difference"]
+__all__ = ["Estimate", "EvalResult", "episode_stream", "evaluate", "mean_ci", "paired_difference"]

@@ -20,7 +20,9 @@ def bin_totals(probabilities: Tensor, labels: Tensor, bins: int = BINS) -> Tenso
     confidence and their summed correctness."""
     confidence, predicted = probabilities.detach().max(dim=-1)
     confidence, predicted, labels = confidence.flatten(), predicted.flatten(), labels.flatten()
-    which = torch.clamp(torch.nan_to_num(confidence * bins).long(), 0, bins - 1)  # (a diverged model is refused by the caller)
+    which = torch.clamp(
+        torch.nan_to_num(confidence * bins).long(), 0, bins - 1
+    )  # (a diverged model is refused by the caller)
     totals = torch.zeros(3, bins, dtype=torch.float64, device=probabilities.device)
     totals[0].index_add_(0, which, torch.ones_like(confidence, dtype=torch.float64))
     totals[1].index_add_(0, which, confidence.double())
@@ -31,7 +33,11 @@ def bin_totals(probabilities: Tensor, labels: Tensor, bins: int = BINS) -> Tenso
 def reliability_from_totals(totals: Tensor) -> dict[str, list[float]]:
     """Per-bin count, mean confidence and accuracy (bins with no prediction: count 0 and NaNs)."""
     count, confidence, correct = totals.cpu()
-    return {"count": count.tolist(), "confidence": (confidence / count).tolist(), "accuracy": (correct / count).tolist()}
+    return {
+        "count": count.tolist(),
+        "confidence": (confidence / count).tolist(),
+        "accuracy": (correct / count).tolist(),
+    }
 
 
 def ece_from_totals(totals: Tensor) -> float:

@@ -41,11 +41,16 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         e = self.estimate
-        return {"protocol": self.protocol, "mean": e.mean, "ci95": e.ci95, "episodes": e.n, "scores": self.scores.tolist()} \
-            | (self.calibration or {})
+        return {
+            "protocol": self.protocol,
+            "mean": e.mean,
+            "ci95": e.ci95,
+            "episodes": e.n,
+            "scores": self.scores.tolist(),
+        } | (self.calibration or {})
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "EvalResult":
+    def from_dict(cls, values: dict[str, Any]) -> EvalResult:
         calibration = {k: values[k] for k in CALIBRATION if k in values} or None
         return cls(torch.tensor(values["scores"], dtype=torch.float64), values["protocol"], calibration)
 
@@ -65,7 +70,15 @@ def episode_stream(source: TaskSource, episodes: int, seed: int, tasks_per_batch
             pending.append(task)
         done += 1
         if pending and (len(pending) == tasks_per_batch or done == episodes or done not in keep):
-            yield first, TaskBatch(*(torch.cat(parts) for parts in zip(*((t.support_x, t.support_y, t.query_x, t.query_y) for t in pending))))
+            yield (
+                first,
+                TaskBatch(
+                    *(
+                        torch.cat(parts)
+                        for parts in zip(*((t.support_x, t.support_y, t.query_x, t.query_y) for t in pending))
+                    )
+                ),
+            )
             pending = []
 
 
@@ -117,17 +130,28 @@ def evaluate(
                 bar.metrics({"score": mean_ci(torch.cat(scores).cpu()).format(100 if classification else 1)})
     nonfinite = world.all_reduce_sum(nonfinite)
     if nonfinite.item():
-        raise DivergenceError(f"the model's outputs are not finite ({nonfinite.item()} NaN/Inf values on {episodes} test episodes): "
-                              "its weights have diverged; test an earlier checkpoint or train again with a lower learning rate")
-    info = {"episodes": episodes, "seed": seed, "steps": steps or learner.eval_inner_steps, "mc_samples": samples or learner.eval_mc_samples}
+        raise DivergenceError(
+            f"the model's outputs are not finite ({nonfinite.item()} NaN/Inf values on {episodes} test episodes): "
+            "its weights have diverged; test an earlier checkpoint or train again with a lower learning rate"
+        )
+    info = {
+        "episodes": episodes,
+        "seed": seed,
+        "steps": steps or learner.eval_inner_steps,
+        "mc_samples": samples or learner.eval_mc_samples,
+    }
     if attack is not None:
         info["attack"] = attack.describe()
     calibration = None
     if classification:
         nll = world.gather_blocks(_cat(episode_nll, device), episodes).cpu()
         totals = world.all_reduce_sum(totals)
-        calibration = {"nll": nll.mean().item(), "episode_nll": nll.tolist(), "ece": ece_from_totals(totals),
-                       "reliability": reliability_from_totals(totals)}
+        calibration = {
+            "nll": nll.mean().item(),
+            "episode_nll": nll.tolist(),
+            "ece": ece_from_totals(totals),
+            "reliability": reliability_from_totals(totals),
+        }
     return EvalResult(world.gather_blocks(_cat(scores, device), episodes).cpu(), (protocol or {}) | info, calibration)
 
 

@@ -3,20 +3,20 @@
 from .base import Chain, GradientTransform, Grads, param_key
 
 # Transforms register themselves on import.
-from .dropgrad import DropGrad  # noqa: E402
-from .mask import SubspaceMask  # noqa: E402
+from .dropgrad import DropGrad
+from .mask import SubspaceMask
 from .registry import available, build_inner_rule, register
 from .steps import SGD, MetaSGD, PerStepSGD
 
 __all__ = [
     "SGD",
-    "DropGrad",
-    "SubspaceMask",
     "Chain",
+    "DropGrad",
     "GradientTransform",
     "Grads",
     "MetaSGD",
     "PerStepSGD",
+    "SubspaceMask",
     "available",
     "build_inner_rule",
     "param_key",

@@ -63,7 +63,7 @@ class DropGrad(GradientTransform):
     def noise_like(self, g: Tensor, p: float) -> Tensor:
         return dropout_noise(g.shape, p, self.kind, g)
 
-    def update(self, grads: Grads, state, step: int) -> tuple[Grads, None]:
+    def update(self, grads: Grads, state, step: int) -> tuple[Grads, None]:  # noqa: ARG002 (the protocol)
         p = self.rate
         if not self.training or p == 0.0:
             return grads, state

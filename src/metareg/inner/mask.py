@@ -52,10 +52,16 @@ class SubspaceMask(GradientTransform):
         self.names = select(list(fast_params), list(layers), groups, what="fast parameter", role="subspace-mask layer")
         self.per, self.temperature = per, temperature
         # The bias of a masked row is masked with it (it feeds the same activation).
-        self.biases = {n: n.removesuffix("weight") + "bias" for n in self.names if n.endswith("weight") and n.removesuffix("weight") + "bias" in fast_params}
+        self.biases = {
+            n: n.removesuffix("weight") + "bias"
+            for n in self.names
+            if n.endswith("weight") and n.removesuffix("weight") + "bias" in fast_params
+        }
         self.logits = nn.ParameterDict(
             {
-                param_key(n): nn.Parameter(torch.full(fast_params[n].shape[:1] if per == "row" else fast_params[n].shape, float(init)))
+                param_key(n): nn.Parameter(
+                    torch.full(fast_params[n].shape[:1] if per == "row" else fast_params[n].shape, float(init))
+                )
                 for n in self.names
             }
         )
@@ -81,7 +87,7 @@ class SubspaceMask(GradientTransform):
                 masks[name] = m
         return masks
 
-    def update(self, grads: Grads, state: dict[str, Tensor], step: int) -> tuple[Grads, dict[str, Tensor]]:
+    def update(self, grads: Grads, state: dict[str, Tensor], step: int) -> tuple[Grads, dict[str, Tensor]]:  # noqa: ARG002
         return {n: g * state[n] if n in state else g for n, g in grads.items()}, state
 
     def update_fractions(self) -> dict[str, float]:

@@ -7,7 +7,8 @@ the configured step (``sgd``, ``meta-sgd`` or ``per-step``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -30,8 +31,8 @@ def register(name: str) -> Callable[[TransformFactory], TransformFactory]:
 
 
 STEPS = {
-    "sgd": lambda params, lr, steps: SGD(lr),
-    "meta-sgd": lambda params, lr, steps: MetaSGD(params, lr),
+    "sgd": lambda _params, lr, _steps: SGD(lr),
+    "meta-sgd": lambda params, lr, _steps: MetaSGD(params, lr),
     "per-step": lambda params, lr, steps: PerStepSGD(params, lr, steps),
 }
 

@@ -15,7 +15,7 @@ class SGD(GradientTransform):
         super().__init__()
         self.lr = lr
 
-    def update(self, grads: Grads, state, step: int) -> tuple[Grads, None]:
+    def update(self, grads: Grads, state, step: int) -> tuple[Grads, None]:  # noqa: ARG002 (the protocol)
         return {name: -self.lr * g for name, g in grads.items()}, state
 
     def extra_repr(self) -> str:
@@ -34,7 +34,7 @@ class MetaSGD(GradientTransform):
             {param_key(name): nn.Parameter(torch.full_like(p, lr)) for name, p in params.items()}
         )
 
-    def update(self, grads: Grads, state, step: int) -> tuple[Grads, None]:
+    def update(self, grads: Grads, state, step: int) -> tuple[Grads, None]:  # noqa: ARG002 (the protocol)
         return {name: -self.lr[param_key(name)] * g for name, g in grads.items()}, state
 
 
@@ -49,4 +49,6 @@ class PerStepSGD(GradientTransform):
 
     def update(self, grads: Grads, state, step: int) -> tuple[Grads, None]:
         lrs = self.lr
-        return {name: -lrs[param_key(name)][min(step, lrs[param_key(name)].numel() - 1)] * g for name, g in grads.items()}, state
+        return {
+            name: -lrs[param_key(name)][min(step, lrs[param_key(name)].numel() - 1)] * g for name, g in grads.items()
+        }, state

@@ -53,15 +53,19 @@ def check_stackable(model: nn.Module) -> None:
     the episodic batch norm does, ``nn.BatchNorm2d`` (running statistics) does not."""
     foreign = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if foreign:
-        raise ConfigError(f"batched Monte-Carlo samples (inner.mc_batch) need the episodic batch norm; {foreign[0]} keeps running "
-                          "statistics: use inner.mc_batch=sequential")
+        raise ConfigError(
+            f"batched Monte-Carlo samples (inner.mc_batch) need the episodic batch norm; {foreign[0]} keeps running "
+            "statistics: use inner.mc_batch=sequential"
+        )
 
 
 def _check_first_order(model: nn.Module) -> None:
     """First-order meta-gradients drop the path through the inner steps, the one through which a
     feature perturbation's parameters learn from its sampled noise (Meta-Dropout, Section 3.1:
     "otherwise the gradient w.r.t. phi will always be zero"): refuse rather than learn nothing."""
-    learned = [n for n, p in model.named_parameters() if n in set(perturbation_parameter_names(model)) and p.requires_grad]
+    learned = [
+        n for n, p in model.named_parameters() if n in set(perturbation_parameter_names(model)) and p.requires_grad
+    ]
     if learned:
         raise ConfigError(
             f"first-order meta-gradients cannot train the perturbation's parameters ({', '.join(learned[:3])}"
@@ -114,8 +118,10 @@ class BilevelLearner(nn.Module):
         self.mc_batch = mc_batch
         if strategy == "vmap":
             if getattr(model, "support_attack", None) is not None:
-                raise ConfigError("inner-loop adversarial training computes input gradients inside the inner steps: "
-                                  "use the loop strategy (train.strategy=loop)")
+                raise ConfigError(
+                    "inner-loop adversarial training computes input gradients inside the inner steps: "
+                    "use the loop strategy (train.strategy=loop)"
+                )
             use_vmap_safe_layers(model)
         # The query pass is differentiated once (not twice like the inner steps); on CPU its large
         # activations are faster in channels-last layout (measured by `metareg bench`), which the
@@ -155,7 +161,9 @@ class BilevelLearner(nn.Module):
         support images by their attacked versions first."""
         attack = getattr(self.model, "support_attack", None)
         if attack is not None:
-            x = attack(lambda images: self.loss(functional_call(self.model, params, (images,), {"sample": False}), y), x)
+            x = attack(
+                lambda images: self.loss(functional_call(self.model, params, (images,), {"sample": False}), y), x
+            )
         if self.mc_batch and samples > 1:
             repeat = (samples,) + (1,) * (x.dim() - 1)
             with stacked_copies(samples), recording() as record:
@@ -198,7 +206,7 @@ class BilevelLearner(nn.Module):
         for step in range(self.inner_steps):
             fast = {n: params[n] for n in self.fast_names}
 
-            def support_loss(fast_params: Params) -> Tensor:
+            def support_loss(fast_params: Params, params: Params = params) -> Tensor:
                 return self.inner_loss(params | fast_params, x, y, self.mc_samples)
 
             grads = torch.func.grad(support_loss)(fast)
@@ -250,8 +258,12 @@ class BilevelLearner(nn.Module):
                 scores.append(self.score(out.detach(), batch.query_y[i]))
             losses, scores = torch.stack(losses), torch.stack(scores)
         used = [any(g[j] is not None for g in grads) for j in range(len(params))]
-        rows = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(row, params)])
-                            for row in grads])
+        rows = torch.stack(
+            [
+                torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(row, params)])
+                for row in grads
+            ]
+        )
         return rows, used, {"loss": losses.detach(), "score": scores.detach()}
 
     def _vmap_losses(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
@@ -263,7 +275,9 @@ class BilevelLearner(nn.Module):
             out = functional_call(self.model, params, (qx,), {"sample": False})
             return self.loss(out, qy), self.score(out, qy)
 
-        return torch.func.vmap(one_task, randomness="different")(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        return torch.func.vmap(one_task, randomness="different")(
+            batch.support_x, batch.support_y, batch.query_x, batch.query_y
+        )
 
     def _meta_backward_vmap(self, batch: TaskBatch) -> dict[str, Tensor]:
         losses, scores = self._vmap_losses(batch)
@@ -284,7 +298,9 @@ class BilevelLearner(nn.Module):
         """The meta-learned parameters cut from the meta-graph, the fast ones ready for the inner loop."""
         return {n: p.detach().requires_grad_(n in self.fast_names) for n, p in self.initial_params().items()}
 
-    def adapt_for_test(self, start: Params, x: Tensor, y: Tensor, *, steps: int | None = None, samples: int | None = None) -> Params:
+    def adapt_for_test(
+        self, start: Params, x: Tensor, y: Tensor, *, steps: int | None = None, samples: int | None = None
+    ) -> Params:
         """The meta-test inner loop (Algorithm 2): the meta-test step count and noise samples S, no
         meta-graph. ``start`` comes from :meth:`detached_params`."""
         steps = self.eval_inner_steps if steps is None else steps
@@ -292,8 +308,15 @@ class BilevelLearner(nn.Module):
         with torch.enable_grad():
             return self.adapt(start, x, y, steps=steps, create_graph=False, samples=samples)
 
-    def query_outputs(self, batch: TaskBatch, *, steps: int | None = None, samples: int | None = None, attack=None,
-                      seeds: list[int] | None = None) -> Tensor:
+    def query_outputs(
+        self,
+        batch: TaskBatch,
+        *,
+        steps: int | None = None,
+        samples: int | None = None,
+        attack=None,
+        seeds: list[int] | None = None,
+    ) -> Tensor:
         """The adapted models' outputs on their query sets, ``[num_tasks, query, outputs]``, no
         meta-graph. ``attack(learner, params, x, y) -> x'`` replaces the query images
         (``metareg.evaluate.adversarial``). ``seeds``: torch's generator is seeded before each task
@@ -309,7 +332,9 @@ class BilevelLearner(nn.Module):
                 outputs.append(self.query_forward(params, query_x))
         return torch.stack(outputs)
 
-    def evaluate(self, batch: TaskBatch, *, steps: int | None = None, samples: int | None = None, attack=None) -> Tensor:
+    def evaluate(
+        self, batch: TaskBatch, *, steps: int | None = None, samples: int | None = None, attack=None
+    ) -> Tensor:
         """Per-task query score after adaptation (no meta-graph is built): ``[num_tasks]``."""
         outputs = self.query_outputs(batch, steps=steps, samples=samples, attack=attack)
         return torch.stack([self.score(out, y) for out, y in zip(outputs, batch.query_y)])
@@ -317,5 +342,3 @@ class BilevelLearner(nn.Module):
     def extra_repr(self) -> str:
         order = "first" if self.first_order else "second"
         return f"task={self.task}, inner_steps={self.inner_steps}, {order}-order, strategy={self.strategy}"
-
-

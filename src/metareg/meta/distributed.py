@@ -34,15 +34,17 @@ def _collective(op, *args):
     try:
         return op(*args)
     except (RuntimeError, ValueError) as err:
-        raise DistributedError(f"a process of this distributed run stopped or did not answer ({str(err).splitlines()[0][:200]}); "
-                               "every process stops: continue from the last checkpoint with --resume (any number of processes)") from None
+        raise DistributedError(
+            f"a process of this distributed run stopped or did not answer ({str(err).splitlines()[0][:200]}); "
+            "every process stops: continue from the last checkpoint with --resume (any number of processes)"
+        ) from None
 
 
 @dataclass(frozen=True)
 class World:
     rank: int = 0
     size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 (immutable)
 
     @property
     def is_main(self) -> bool:
@@ -55,8 +57,10 @@ class World:
     def share(self, num_tasks: int) -> range:
         """This process's tasks: a contiguous block of ``num_tasks / size`` (which must divide)."""
         if num_tasks % self.size:
-            raise ConfigError(f"{num_tasks} tasks cannot be shared equally by {self.size} processes; "
-                              "use a number of processes that divides the number of tasks")
+            raise ConfigError(
+                f"{num_tasks} tasks cannot be shared equally by {self.size} processes; "
+                "use a number of processes that divides the number of tasks"
+            )
         return self.block(num_tasks)
 
     def all_reduce_sum(self, flat: Tensor) -> Tensor:
@@ -93,9 +97,9 @@ class World:
             return local
         longest = -(-count // self.size)
         padded = torch.zeros(longest, *local.shape[1:], dtype=local.dtype, device=local.device)
-        padded[:len(local)] = local
+        padded[: len(local)] = local
         parts = self.gather_tasks(padded).view(self.size, longest, *local.shape[1:])
-        return torch.cat([parts[r][:len(self.block(count, r))] for r in range(self.size)])
+        return torch.cat([parts[r][: len(self.block(count, r))] for r in range(self.size)])
 
 
 def setup(device: torch.device) -> World:

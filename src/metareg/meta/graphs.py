@@ -32,8 +32,16 @@ from torch import Tensor, nn
 class CapturedStep:
     """``fn(*inputs)`` as a CUDA graph; ``modules`` and ``optimizers`` hold the state it changes."""
 
-    def __init__(self, fn: Callable[..., dict[str, Tensor]], example: Sequence[Tensor], *, modules: Sequence[nn.Module],
-                 optimizers: Sequence[torch.optim.Optimizer], device: torch.device, warmup: int = 3):
+    def __init__(
+        self,
+        fn: Callable[..., dict[str, Tensor]],
+        example: Sequence[Tensor],
+        *,
+        modules: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+        device: torch.device,
+        warmup: int = 3,
+    ):
         self.device = device
         self.inputs = [t.to(device).clone() for t in example]
         saved = save_state(modules, optimizers)
@@ -47,7 +55,9 @@ class CapturedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = fn(*self.inputs)
-        restore_state(saved, modules, optimizers)  # capture records kernels only, but restore the generators' view of it too
+        restore_state(
+            saved, modules, optimizers
+        )  # capture records kernels only, but restore the generators' view of it too
 
     def __call__(self, *inputs: Tensor) -> dict[str, Tensor]:
         for buffer, value in zip(self.inputs, inputs):
@@ -56,24 +66,40 @@ class CapturedStep:
         return {k: v.clone() for k, v in self.outputs.items()}
 
 
-def capture_or_none(fn: Callable[..., dict[str, Tensor]], example: Sequence[Tensor], *, modules: Sequence[nn.Module],
-                    optimizers: Sequence[torch.optim.Optimizer], device: torch.device) -> CapturedStep | None:
+def capture_or_none(
+    fn: Callable[..., dict[str, Tensor]],
+    example: Sequence[Tensor],
+    *,
+    modules: Sequence[nn.Module],
+    optimizers: Sequence[torch.optim.Optimizer],
+    device: torch.device,
+) -> CapturedStep | None:
     """A :class:`CapturedStep`, or None (with one warning saying why) where capture is impossible."""
     if device.type != "cuda":
         return None
     try:
         return CapturedStep(fn, example, modules=modules, optimizers=optimizers, device=device)
     except (RuntimeError, NotImplementedError, TypeError) as err:
-        warnings.warn(f"CUDA graph capture failed ({str(err).splitlines()[0]}); running the training step eagerly", stacklevel=2)
+        warnings.warn(
+            f"CUDA graph capture failed ({str(err).splitlines()[0]}); running the training step eagerly", stacklevel=2
+        )
         return None
 
 
 def save_state(modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]) -> dict:
-    return {"modules": [{k: v.detach().clone() for k, v in m.state_dict(keep_vars=True).items()} for m in modules],
-            "optimizers": [{id(p): {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
-                            for p, state in o.state.items()} for o in optimizers],
-            "grads": [[p.grad for p in m.parameters()] for m in modules],
-            "cpu_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "modules": [{k: v.detach().clone() for k, v in m.state_dict(keep_vars=True).items()} for m in modules],
+        "optimizers": [
+            {
+                id(p): {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in state.items()}
+                for p, state in o.state.items()
+            }
+            for o in optimizers
+        ],
+        "grads": [[p.grad for p in m.parameters()] for m in modules],
+        "cpu_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 @torch.no_grad()

@@ -60,7 +60,9 @@ TRAIN_PASS, TEST_PASS = 0, 1
 @contextmanager
 def norm_in_eval_mode(networks: Sequence[nn.Module]):
     """Batch norm layers use (and keep) their running statistics inside the block."""
-    norms = [m for net in networks for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    norms = [
+        m for net in networks for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
     for m in norms:
         m.eval()
     try:
@@ -91,8 +93,17 @@ class JointLearner(nn.Module):
     to -inf, which is exactly a ``classes[i]``-way softmax, and lets ``vmap`` stack the networks.
     """
 
-    def __init__(self, build: Callable[[int], nn.Module], task_ids: Sequence[int], num_tasks: int, *, input_shape: Sequence[int],
-                 strategy: Literal["loop", "vmap"] = "loop", classes: Sequence[int] | None = None, sample: bool = True):
+    def __init__(
+        self,
+        build: Callable[[int], nn.Module],
+        task_ids: Sequence[int],
+        num_tasks: int,
+        *,
+        input_shape: Sequence[int],
+        strategy: Literal["loop", "vmap"] = "loop",
+        classes: Sequence[int] | None = None,
+        sample: bool = True,
+    ):
         super().__init__()
         if strategy not in ("loop", "vmap"):
             raise ConfigError(f"unknown execution strategy {strategy!r}; choose loop or vmap")
@@ -105,13 +116,17 @@ class JointLearner(nn.Module):
         self.networks = nn.ModuleList(build(t) for t in self.task_ids)
         self.phi_names = perturbation_parameter_names(self.networks[0])
         if not self.phi_names:
-            raise ConfigError("the joint scheme meta-learns a perturbation's parameters, and this perturbation has none "
-                              "(use metaperturb with phi: learned, or another perturbation with parameters)")
+            raise ConfigError(
+                "the joint scheme meta-learns a perturbation's parameters, and this perturbation has none "
+                "(use metaperturb with phi: learned, or another perturbation with parameters)"
+            )
         for net in self.networks[1:]:
             tie_parameters(net, self.networks[0], self.phi_names)
         outputs = probe(self.networks[0], input_shape).shape[-1] if classes is not None else None
         if classes is not None and (len(classes) != len(self.task_ids) or not all(1 <= c <= outputs for c in classes)):
-            raise ConfigError(f"classes must give each of the {len(self.task_ids)} tasks a count in 1..{outputs}, got {list(classes)}")
+            raise ConfigError(
+                f"classes must give each of the {len(self.task_ids)} tasks a count in 1..{outputs}, got {list(classes)}"
+            )
         absent = torch.zeros(len(self.task_ids), outputs or 1, dtype=torch.bool)
         for i, c in enumerate(classes or []):
             absent[i, c:] = True
@@ -162,7 +177,10 @@ class JointLearner(nn.Module):
 
     def _backward(self, x: Tensor, y: Tensor, which: int, seed: int, step: int) -> dict[str, Tensor]:
         if x.shape[0] != len(self.networks) or y.shape[:1] != x.shape[:1]:
-            raise ConfigError(f"expected a batch for each of the {len(self.networks)} tasks, got x {tuple(x.shape)}, y {tuple(y.shape)}")
+            raise ConfigError(
+                f"expected a batch for each of the {len(self.networks)} tasks, got x {tuple(x.shape)}, y "
+                f"{tuple(y.shape)}"
+            )
         if self.strategy == "vmap":
             torch.manual_seed(derive_seed(seed, step, which, self.task_ids[0]))
             losses, correct = self._vmap_losses(x, y)
@@ -193,9 +211,13 @@ class JointLearner(nn.Module):
         originals = _by_name(self.networks, "named_buffers")
         buffers = {n: torch.stack(bs) for n, bs in originals.items()}
 
-        def task_loss(p: dict[str, Tensor], b: dict[str, Tensor], xt: Tensor, yt: Tensor, absent: Tensor) -> tuple[Tensor, Tensor]:
+        def task_loss(
+            p: dict[str, Tensor], b: dict[str, Tensor], xt: Tensor, yt: Tensor, absent: Tensor
+        ) -> tuple[Tensor, Tensor]:
             with recording() as record:
-                out = functional_call(template, (p, b), (xt,), {"sample": self.sample}).masked_fill(absent, float("-inf"))
+                out = functional_call(template, (p, b), (xt,), {"sample": self.sample}).masked_fill(
+                    absent, float("-inf")
+                )
             return perturbed_loss(F.cross_entropy, out, yt, record), (out.argmax(-1) == yt).float().mean()
 
         losses, accuracy = vmap(task_loss, randomness="different")(params, buffers, x, y, self.absent)

@@ -42,10 +42,27 @@ COLUMNS = ["step", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
 class JointTrainer:
     """Meta-trains ``learner``'s phi; ``tasks[i]`` = (D^tr, D^te) of ``learner.task_ids[i]``."""
 
-    def __init__(self, learner: JointLearner, tasks: list[tuple[LabeledImages, LabeledImages]], *, world: World, out: str | Path,
-                 steps: int, batch_size: int, lr: float, weight_decay: float, augment: bool, seed: int,
-                 dtype: torch.dtype, channels: int = 3, log_every: int = 50, checkpoint_every: int = 500,
-                 meta: dict[str, Any] | None = None, progress: bool = True, deadline: float | None = None):
+    def __init__(
+        self,
+        learner: JointLearner,
+        tasks: list[tuple[LabeledImages, LabeledImages]],
+        *,
+        world: World,
+        out: str | Path,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        weight_decay: float,
+        augment: bool,
+        seed: int,
+        dtype: torch.dtype,
+        channels: int = 3,
+        log_every: int = 50,
+        checkpoint_every: int = 500,
+        meta: dict[str, Any] | None = None,
+        progress: bool = True,
+        deadline: float | None = None,
+    ):
         self.learner, self.tasks, self.world, self.out = learner, tasks, world, Path(out)
         self.deadline, self.finished = deadline, False
         self.steps, self.batch_size, self.augment = steps, batch_size, augment
@@ -59,9 +76,18 @@ class JointTrainer:
     # ------------------------------------------------------------------------------------ step
     def batch(self, which: int, step: int) -> tuple[Tensor, Tensor]:
         """Every local task's batch of its train (``which=0``) or test (1) split: [T_local, B, ...]."""
-        parts = [training_batch(pair[which], self.batch_size, step, derive_seed(self.seed, task, which), augment=self.augment,
-                                channels=self.channels, dtype=self.dtype)
-                 for task, pair in zip(self.learner.task_ids, self.tasks)]
+        parts = [
+            training_batch(
+                pair[which],
+                self.batch_size,
+                step,
+                derive_seed(self.seed, task, which),
+                augment=self.augment,
+                channels=self.channels,
+                dtype=self.dtype,
+            )
+            for task, pair in zip(self.learner.task_ids, self.tasks)
+        ]
         x, y = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
         return x.to(self.world.device), y.to(self.world.device)
 
@@ -81,31 +107,67 @@ class JointTrainer:
         flat = self.world.all_reduce_sum(torch.cat([p.grad.flatten() for p in params] + [sums.to(params[0].dtype)]))
         offset = 0
         for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         self.phi_optimizer.step()
         means = flat[offset:] / self.learner.num_tasks
-        return dict(zip(("train_loss", "train_accuracy", "test_loss", "test_accuracy"), means)) | {"strength": torch.tensor(perturbation_strength(self.learner))}
+        return dict(zip(("train_loss", "train_accuracy", "test_loss", "test_accuracy"), means)) | {
+            "strength": torch.tensor(perturbation_strength(self.learner))
+        }
 
     def check(self) -> str | None:
         """None if the state about to be saved is good on every process: every tensor finite, and a
         finite loss of every task network (eval mode) on its fixed first test batch. Collective."""
-        local = list(self.learner.state_dict().values()) + optimizer_tensors(self.theta_optimizer) + optimizer_tensors(self.phi_optimizer)
-        x, y = (torch.stack(parts) for parts in zip(*(training_batch(pair[TEST_PASS], self.batch_size, 0, derive_seed(self.seed, task, 1),
-                                                                      augment=False, channels=self.channels, dtype=self.dtype)
-                                                        for task, pair in zip(self.learner.task_ids, self.tasks))))
+        local = (
+            list(self.learner.state_dict().values())
+            + optimizer_tensors(self.theta_optimizer)
+            + optimizer_tensors(self.phi_optimizer)
+        )
+        x, y = (
+            torch.stack(parts)
+            for parts in zip(
+                *(
+                    training_batch(
+                        pair[TEST_PASS],
+                        self.batch_size,
+                        0,
+                        derive_seed(self.seed, task, 1),
+                        augment=False,
+                        channels=self.channels,
+                        dtype=self.dtype,
+                    )
+                    for task, pair in zip(self.learner.task_ids, self.tasks)
+                )
+            )
+        )
         with seeded(0, self.world.device):
             loss = self.learner.probe_losses(x.to(self.world.device), y.to(self.world.device)).sum()
         both = self.world.all_reduce_sum(torch.stack([nonfinite_count(local).to(loss), loss]))
         return checkpoint_problem(int(both[0].item()), both[1].item())
 
     def run(self, resume_log: bool = False) -> None:
-        loop = StepLoop(self.out, self.steps, self.log_every, self.checkpoint_every, COLUMNS, shown=("train_loss", "test_loss", "test_accuracy"),
-                        per_step=2 * self.batch_size * self.learner.num_tasks, desc="meta-train phi",
-                        progress=self.progress and self.world.is_main, record=self.world.is_main,
-                        hint="lower optim.lr or set perturb.clip", rate_column="images_per_s", deadline=self.deadline,
-                        agree=(lambda late: bool(self.world.all_reduce_sum(torch.tensor([float(late)], device=self.world.device)).item()))
-                        if self.world.distributed else None)
+        loop = StepLoop(
+            self.out,
+            self.steps,
+            self.log_every,
+            self.checkpoint_every,
+            COLUMNS,
+            shown=("train_loss", "test_loss", "test_accuracy"),
+            per_step=2 * self.batch_size * self.learner.num_tasks,
+            desc="meta-train phi",
+            progress=self.progress and self.world.is_main,
+            record=self.world.is_main,
+            hint="lower optim.lr or set perturb.clip",
+            rate_column="images_per_s",
+            deadline=self.deadline,
+            agree=(
+                lambda late: bool(
+                    self.world.all_reduce_sum(torch.tensor([float(late)], device=self.world.device)).item()
+                )
+            )
+            if self.world.distributed
+            else None,
+        )
         self.finished = loop.run(self.train_step, self, resume_log=resume_log)
 
     # ----------------------------------------------------------------------------- persistence
@@ -149,14 +211,21 @@ class JointTrainer:
             state, index = {}, 0
             for net, task in zip(self.learner.networks, self.learner.task_ids):
                 prefix = f"task{task}."
-                net.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)} | self.learner.phi_state())
+                net.load_state_dict(
+                    {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+                    | self.learner.phi_state()
+                )
                 for name, _ in self.learner.task_parameters(net):
                     head = f"optim.task{task}.{name}."
                     state[index] = {k.removeprefix(head): v for k, v in tensors.items() if k.startswith(head)}
                     index += 1
             groups = self.theta_optimizer.state_dict()["param_groups"]
-            self.theta_optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s}, "param_groups": groups})
+            self.theta_optimizer.load_state_dict(
+                {"state": {i: s for i, s in state.items() if s}, "param_groups": groups}
+            )
         except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(f"checkpoint in {self.out} does not fit this run: {str(err).splitlines()[0]}") from None
+            raise CheckpointError(
+                f"checkpoint in {self.out} does not fit this run: {str(err).splitlines()[0]}"
+            ) from None
         self.step = int(meta["step"])
         self.seconds = float(meta.get("seconds", 0.0))

@@ -12,7 +12,9 @@ COLUMNS = ["step", "loss", "score", "val_score", "val_ci95", "seconds", "tasks_p
 class MetricLog:
     """Append-only CSV of training metrics; on resume, rows past the checkpoint are dropped."""
 
-    def __init__(self, path: Path, resume_step: int | None = None, tensorboard: bool = True, columns: list[str] = COLUMNS):
+    def __init__(
+        self, path: Path, resume_step: int | None = None, tensorboard: bool = True, columns: list[str] = COLUMNS
+    ):
         self.path = path
         self.columns = columns
         if resume_step is None or not path.exists():

@@ -74,13 +74,23 @@ class StepLoop:
     rate_column: str = "per_s"
     record: bool = True
     deadline: float | None = None  # time.monotonic() after which the run stops at the next step, with a checkpoint
-    agree: Callable[[bool], bool] | None = None  # every process's verdict on the deadline (a distributed run stops together)
+    agree: Callable[[bool], bool] | None = (
+        None  # every process's verdict on the deadline (a distributed run stops together)
+    )
 
     def diverged(self, what: str, step: int) -> DivergenceError:
-        return DivergenceError(f"{what} by step {step}; {describe_kept(self.out)}. {self.hint[0].upper() + self.hint[1:]}")
+        return DivergenceError(
+            f"{what} by step {step}; {describe_kept(self.out)}. {self.hint[0].upper() + self.hint[1:]}"
+        )
 
-    def run(self, step: Callable[[int], dict[str, torch.Tensor]], trainer: Any, *,
-            evaluate: Callable[[], dict[str, float]] | None = None, resume_log: bool = False) -> bool:
+    def run(
+        self,
+        step: Callable[[int], dict[str, torch.Tensor]],
+        trainer: Any,
+        *,
+        evaluate: Callable[[], dict[str, float]] | None = None,
+        resume_log: bool = False,
+    ) -> bool:
         """Run ``trainer`` from its ``step`` (with ``seconds`` of earlier training) to ``total``.
         ``step(i)`` takes step i (0-based); at every checkpoint ``trainer.step`` and
         ``trainer.seconds`` are brought up to date, ``trainer.check()`` must find the state good
@@ -88,7 +98,11 @@ class StepLoop:
         ``deadline`` the loop stops at the next step boundary with a checkpoint (the run resumes
         from it exactly); returns whether all ``total`` steps were done."""
         start, seconds = trainer.step, trainer.seconds
-        log = MetricLog(self.out / "log.csv", resume_step=start if resume_log else None, columns=list(self.columns)) if self.record else None
+        log = (
+            MetricLog(self.out / "log.csv", resume_step=start if resume_log else None, columns=list(self.columns))
+            if self.record
+            else None
+        )
         pending: list[dict[str, torch.Tensor]] = []
         clock, base, done = time.perf_counter(), seconds, start
         last_eval: dict[str, float] = {}
@@ -119,8 +133,12 @@ class StepLoop:
                 if bad:
                     name, value = next(iter(bad.items()))
                     raise self.diverged(f"{name} became {value}", done)
-                row: dict[str, Any] = {"step": done, **means, "seconds": round(seconds, 3),
-                                       self.rate_column: self.per_step * (done - start) / max(seconds - base, 1e-9)}
+                row: dict[str, Any] = {
+                    "step": done,
+                    **means,
+                    "seconds": round(seconds, 3),
+                    self.rate_column: self.per_step * (done - start) / max(seconds - base, 1e-9),
+                }
                 if at_eval:
                     last_eval = evaluate()
                     row |= last_eval

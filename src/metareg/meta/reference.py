@@ -8,7 +8,7 @@ right away. The engine must give the same meta-gradient.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -16,8 +16,9 @@ processes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -89,8 +90,13 @@ class MetaTrainer:
         self.progress = progress
         # capturable: Adam's step counts stay on the device (no host sync per step; CUDA-graph safe)
         self.optimizer = torch.optim.Adam(learner.parameters(), lr=meta_lr, capturable=device.type == "cuda")
-        self.cuda_graph = (cuda_graph and device.type == "cuda" and hasattr(self.source, "draw") and not scheduled(learner)
-                           and not self.world.distributed)
+        self.cuda_graph = (
+            cuda_graph
+            and device.type == "cuda"
+            and hasattr(self.source, "draw")
+            and not scheduled(learner)
+            and not self.world.distributed
+        )
         self.graph: CapturedStep | None = None
         self.deadline = deadline
         self.finished = False
@@ -108,7 +114,12 @@ class MetaTrainer:
         tensors = {f"param.{n}": p for n, p in self.learner.state_dict().items()}
         tensors |= rng_tensors({"episodes": self.episodes})
         optim = state_to_tensors("optim", self.optimizer.state_dict(), tensors)
-        info = {"optimizer": optim, "seconds": self.seconds, "last_val": self.last_val, "processes": self.world.size} | self.meta
+        info = {
+            "optimizer": optim,
+            "seconds": self.seconds,
+            "last_val": self.last_val,
+            "processes": self.world.size,
+        } | self.meta
         return save_checkpoint(self.out, CHECKPOINT, tensors, info, self.step)
 
     def resume(self) -> None:
@@ -118,7 +129,9 @@ class MetaTrainer:
             self.learner.load_state_dict(params)
             self.optimizer.load_state_dict(tensors_to_state(meta["optimizer"], tensors))
         except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(f"checkpoint in {self.out} does not fit this model: {str(err).splitlines()[0]}") from None
+            raise CheckpointError(
+                f"checkpoint in {self.out} does not fit this model: {str(err).splitlines()[0]}"
+            ) from None
         restore_rng(tensors, {"episodes": self.episodes})
         self.step = int(meta["step"])
         self.seconds = float(meta.get("seconds", 0.0))
@@ -131,7 +144,9 @@ class MetaTrainer:
         loss = float("nan")
         if not bad:
             if self._probe is None:
-                self._probe = self.source.sample(1, torch.Generator().manual_seed(derive_seed(self.seed, 7))).to(self.device, self.dtype)
+                self._probe = self.source.sample(1, torch.Generator().manual_seed(derive_seed(self.seed, 7))).to(
+                    self.device, self.dtype
+                )
             with seeded(0, self.device), eval_mode(self.learner):
                 out = self.learner.query_outputs(self._probe, steps=self.learner.inner_steps, samples=1)
             loss = self.learner.loss(out.flatten(0, 1), self._probe.query_y.flatten(0, 1)).item()
@@ -159,7 +174,7 @@ class MetaTrainer:
         offset = 0
         for p, got in zip([p for p in self.learner.parameters() if p.requires_grad], used):
             if got:
-                p.grad = total[offset:offset + p.numel()].view_as(p).clone()
+                p.grad = total[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
         gathered = self.world.gather_tasks(torch.stack([metrics["loss"], metrics["score"]], 1))
         return {"loss": gathered[:, 0].mean(), "score": gathered[:, 1].mean()}
@@ -172,12 +187,21 @@ class MetaTrainer:
         """Meta-iteration ``step`` (0-based): sample tasks, meta-backward, clip, Adam step (replayed
         as a captured CUDA graph where that is possible)."""
         self.learner.set_training_progress(step / max(self.iterations, 1))
-        if not self.cuda_graph:  # (every process draws the whole meta-batch: the generator stays in step; it adapts its share)
-            return self.update(self.source.sample(self.meta_batch, self.episodes).tasks(self.share).to(self.device, self.dtype))
+        if (
+            not self.cuda_graph
+        ):  # (every process draws the whole meta-batch: the generator stays in step; it adapts its share)
+            return self.update(
+                self.source.sample(self.meta_batch, self.episodes).tasks(self.share).to(self.device, self.dtype)
+            )
         rows, turns = self.source.draw(self.meta_batch, self.episodes)
         if self.graph is None:
-            self.graph = capture_or_none(self.gathered_update, (rows, turns), modules=[self.learner], optimizers=[self.optimizer],
-                                         device=self.device)
+            self.graph = capture_or_none(
+                self.gathered_update,
+                (rows, turns),
+                modules=[self.learner],
+                optimizers=[self.optimizer],
+                device=self.device,
+            )
             if self.graph is None:
                 self.cuda_graph = False
                 return self.gathered_update(rows, turns)
@@ -188,11 +212,26 @@ class MetaTrainer:
             self.last_val = self.validate(self.learner)
             return {"val_score": self.last_val[0], "val_ci95": self.last_val[1]}
 
-        loop = StepLoop(self.out, self.iterations, self.log_every, self.checkpoint_every, COLUMNS, eval_every=self.val_every,
-                        shown=("loss", "score", "val_score"), per_step=self.meta_batch, desc="meta-train", progress=self.progress,
-                        hint="lower train.meta_lr or inner.lr, or set train.clip", rate_column="tasks_per_s", deadline=self.deadline,
-                        record=self.world.is_main,
-                        agree=(lambda late: bool(self.world.all_reduce_sum(torch.tensor([float(late)], device=self.device)).item()))
-                        if self.world.distributed else None)
-        self.finished = loop.run(self.train_step, self, evaluate=validate if self.validate is not None else None, resume_log=resume_log)
+        loop = StepLoop(
+            self.out,
+            self.iterations,
+            self.log_every,
+            self.checkpoint_every,
+            COLUMNS,
+            eval_every=self.val_every,
+            shown=("loss", "score", "val_score"),
+            per_step=self.meta_batch,
+            desc="meta-train",
+            progress=self.progress,
+            hint="lower train.meta_lr or inner.lr, or set train.clip",
+            rate_column="tasks_per_s",
+            deadline=self.deadline,
+            record=self.world.is_main,
+            agree=(lambda late: bool(self.world.all_reduce_sum(torch.tensor([float(late)], device=self.device)).item()))
+            if self.world.distributed
+            else None,
+        )
+        self.finished = loop.run(
+            self.train_step, self, evaluate=validate if self.validate is not None else None, resume_log=resume_log
+        )
         return {"step": self.step, "seconds": self.seconds, "last_val": self.last_val}

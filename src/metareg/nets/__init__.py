@@ -7,12 +7,28 @@ from .mlp import MLP
 from .registry import Backbone, available, create_model, get_backbone, register_backbone
 from .resnet import ResNet, WideResNet
 from .slots import (
-           FeaturePerturbation,
-           LayerInfo,
-           PerturbationFactory,
-           identity_factory,
-           perturbation_parameter_names,
+    FeaturePerturbation,
+    LayerInfo,
+    PerturbationFactory,
+    identity_factory,
+    perturbation_parameter_names,
 )
 
-__all__ = ["MLP", "Backbone", "BatchNorm", "ConvBlock", "ConvNet", "FeaturePerturbation", "LayerInfo", "PerturbationFactory", "ResNet",
-           "WideResNet", "available", "create_model", "get_backbone", "identity_factory", "perturbation_parameter_names", "register_backbone"]
+__all__ = [
+    "MLP",
+    "Backbone",
+    "BatchNorm",
+    "ConvBlock",
+    "ConvNet",
+    "FeaturePerturbation",
+    "LayerInfo",
+    "PerturbationFactory",
+    "ResNet",
+    "WideResNet",
+    "available",
+    "create_model",
+    "get_backbone",
+    "identity_factory",
+    "perturbation_parameter_names",
+    "register_backbone",
+]

@@ -25,8 +25,17 @@ class ConvBlock(nn.Module):
     ``True``: ordinary batch norm with running statistics for ordinary training.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, perturb: nn.Module, strided: bool = False, transform: bool = False,
-                 norm_scale: bool = True, pool: bool = True, running_stats: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        perturb: nn.Module,
+        strided: bool = False,
+        transform: bool = False,
+        norm_scale: bool = True,
+        pool: bool = True,
+        running_stats: bool = False,
+    ):
         super().__init__()
         self.strided = strided
         self.pool = pool and not strided
@@ -97,10 +106,31 @@ class ConvNet(nn.Module):
         size, cin = image_size, in_channels
         for i, (width, pooled) in enumerate(zip(widths, pools)):
             slot_size = (size + 1) // 2 if strided else size
-            info = LayerInfo(i, "conv", cin, width, kernel_size=3, stride=2 if strided else 1, padding=1, size=slot_size,
-                             network_width=max(widths), input_size=image_size, running_stats=running_stats)
-            blocks.append(ConvBlock(cin, width, perturbation(info), strided=strided, transform=transform, norm_scale=norm_scale,
-                                    pool=pooled, running_stats=running_stats))
+            info = LayerInfo(
+                i,
+                "conv",
+                cin,
+                width,
+                kernel_size=3,
+                stride=2 if strided else 1,
+                padding=1,
+                size=slot_size,
+                network_width=max(widths),
+                input_size=image_size,
+                running_stats=running_stats,
+            )
+            blocks.append(
+                ConvBlock(
+                    cin,
+                    width,
+                    perturbation(info),
+                    strided=strided,
+                    transform=transform,
+                    norm_scale=norm_scale,
+                    pool=pooled,
+                    running_stats=running_stats,
+                )
+            )
             size = (size + 1) // 2 if strided else (size // 2 if pooled else size)
             cin = width
         if size < 1:
@@ -110,8 +140,18 @@ class ConvNet(nn.Module):
         self.feature_dim = cin * size * size
         self.head = nn.Linear(self.feature_dim, num_classes)
         self.head_transform = Transform(num_classes) if transform else None
-        self.head_perturb = perturbation(LayerInfo(len(blocks), "dense", self.feature_dim, num_classes, output=True,
-                                                   network_width=max(widths), input_size=image_size, running_stats=running_stats))
+        self.head_perturb = perturbation(
+            LayerInfo(
+                len(blocks),
+                "dense",
+                self.feature_dim,
+                num_classes,
+                output=True,
+                network_width=max(widths),
+                input_size=image_size,
+                running_stats=running_stats,
+            )
+        )
         if init == "kaiming":
             for block in self.blocks:
                 nn.init.kaiming_normal_(block.conv.weight, mode="fan_out", nonlinearity="relu")
@@ -125,7 +165,11 @@ class ConvNet(nn.Module):
     def layer_groups(self) -> dict[str, list[str]]:
         """Named parameter groups (:mod:`metareg.selection`): the first and last conv blocks, the classifier."""
         last = len(self.blocks) - 1
-        return {"first-block": ["blocks.0.*"], "last-block": [f"blocks.{last}.*"], "head": ["head.*", "head_transform.*"]}
+        return {
+            "first-block": ["blocks.0.*"],
+            "last-block": [f"blocks.{last}.*"],
+            "head": ["head.*", "head_transform.*"],
+        }
 
     def features(self, x: Tensor, *, sample: bool = False, memory_format: torch.memory_format | None = None) -> Tensor:
         """``memory_format``: the layout of the activations from the first convolution on (the
@@ -144,6 +188,7 @@ class ConvNet(nn.Module):
 def _convnet(**defaults):
     def make(num_outputs, in_channels, image_size, perturbation, **options):
         return ConvNet(num_outputs, in_channels, image_size, perturbation=perturbation, **(defaults | options))
+
     return make
 
 
@@ -154,4 +199,9 @@ CONV6_POOLS = (1, 1, 0, 1, 0, 1)  # four poolings, as in the MetaPerturb referen
 _STANDARD = {"running_stats": True, "init": "kaiming"}
 register_backbone("conv4", _convnet(depth=4), standard=_STANDARD, description="Finn et al.'s Conv4 (64 or 32 channels)")
 register_backbone("conv6", _convnet(depth=6, pool=CONV6_POOLS), standard=_STANDARD, description="Conv6, four poolings")
-register_backbone("vgg9", _convnet(channels=VGG9_WIDTHS, pool=VGG9_POOLS), standard=_STANDARD, description="VGG9 (MetaPerturb Table 2)")
+register_backbone(
+    "vgg9",
+    _convnet(channels=VGG9_WIDTHS, pool=VGG9_POOLS),
+    standard=_STANDARD,
+    description="VGG9 (MetaPerturb Table 2)",
+)

@@ -58,13 +58,12 @@ class BatchNorm(nn.Module):
             return self._per_copy(x, count)
         if not self.explicit:
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-        dims = [0] + list(range(2, x.dim()))
+        dims = [0, *list(range(2, x.dim()))]
         mean = x.mean(dims, keepdim=True)
         var = x.var(dims, unbiased=False, keepdim=True)
         shape = [1, -1] + [1] * (x.dim() - 2)
         x = (x - mean) * torch.rsqrt(var + self.eps)
         return (x if self.weight is None else x * self.weight.view(shape)) + self.bias.view(shape)
-
 
     def _per_copy(self, x: Tensor, count: int) -> Tensor:
         n, c = x.shape[0] // count, x.shape[1]
@@ -72,7 +71,7 @@ class BatchNorm(nn.Module):
         folded = x.reshape(count, n, c, *rest).transpose(0, 1).reshape(n, count * c, *rest)
         weight = None if self.weight is None else self.weight.repeat(count)
         if self.explicit:
-            dims = [0] + list(range(2, folded.dim()))
+            dims = [0, *list(range(2, folded.dim()))]
             mean, var = folded.mean(dims, keepdim=True), folded.var(dims, unbiased=False, keepdim=True)
             shape = [1, -1] + [1] * (folded.dim() - 2)
             out = (folded - mean) * torch.rsqrt(var + self.eps)

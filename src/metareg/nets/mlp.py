@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch.nn.functional as F
@@ -32,9 +33,9 @@ class MLP(nn.Module):
     ):
         super().__init__()
         widths = [in_features, *hidden]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.perturbs = nn.ModuleList(
-            perturbation(LayerInfo(i, "dense", a, b)) for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
+            perturbation(LayerInfo(i, "dense", a, b)) for i, (a, b) in enumerate(itertools.pairwise(widths))
         )
         self.head = nn.Linear(widths[-1], out_features)
         self.head_perturb = perturbation(LayerInfo(len(hidden), "dense", widths[-1], out_features, output=True))
@@ -50,8 +51,11 @@ class MLP(nn.Module):
     def layer_groups(self) -> dict[str, list[str]]:
         """Named parameter groups (:mod:`metareg.selection`): the first and last hidden layers, the output layer."""
         last = len(self.layers) - 1
-        return {"first-block": ["layers.0.*", "transforms.0.*"], "last-block": [f"layers.{last}.*", f"transforms.{last}.*"],
-                "head": ["head.*", "head_transform.*"]}
+        return {
+            "first-block": ["layers.0.*", "transforms.0.*"],
+            "last-block": [f"layers.{last}.*", f"transforms.{last}.*"],
+            "head": ["head.*", "head_transform.*"],
+        }
 
     def forward(self, x: Tensor, *, sample: bool = False) -> Tensor:
         for i, (layer, perturb) in enumerate(zip(self.layers, self.perturbs)):
@@ -64,5 +68,10 @@ class MLP(nn.Module):
         return self.head_perturb(out, x, sample=sample)
 
 
-register_backbone("mlp", lambda num_outputs, in_channels, image_size, perturbation, **options:  # noqa: ARG005
-                  MLP(in_channels, num_outputs, perturbation=perturbation, **options), description="the 1-40-40-1 sine regressor")
+register_backbone(
+    "mlp",
+    lambda num_outputs, in_channels, image_size, perturbation, **options: (  # noqa: ARG005
+        MLP(in_channels, num_outputs, perturbation=perturbation, **options)
+    ),
+    description="the 1-40-40-1 sine regressor",
+)

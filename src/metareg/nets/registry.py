@@ -33,7 +33,9 @@ class Backbone:
 _BACKBONES: dict[str, Backbone] = {}
 
 
-def register_backbone(name: str, make: Callable[..., nn.Module], *, standard: dict[str, Any] | None = None, description: str = "") -> None:
+def register_backbone(
+    name: str, make: Callable[..., nn.Module], *, standard: dict[str, Any] | None = None, description: str = ""
+) -> None:
     if name in _BACKBONES:
         raise ValueError(f"backbone {name!r} registered twice")
     _BACKBONES[name] = Backbone(name, make, dict(standard or {}), description)

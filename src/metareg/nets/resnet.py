@@ -100,8 +100,15 @@ def _init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _stages(block: Callable[[int, int, int, nn.Module], nn.Module], counts: Sequence[int], widths: Sequence[int], cin: int, size: int,
-            image_size: int, perturbation: PerturbationFactory) -> tuple[list[nn.Module], int, int]:
+def _stages(
+    block: Callable[[int, int, int, nn.Module], nn.Module],
+    counts: Sequence[int],
+    widths: Sequence[int],
+    cin: int,
+    size: int,
+    image_size: int,
+    perturbation: PerturbationFactory,
+) -> tuple[list[nn.Module], int, int]:
     """The residual stages: ``counts[s]`` blocks of ``widths[s]`` channels, the first of every stage
     after the first with stride 2, each with its perturbation slot. Returns (blocks, channels, size)."""
     layers = []
@@ -109,8 +116,19 @@ def _stages(block: Callable[[int, int, int, nn.Module], nn.Module], counts: Sequ
         for i in range(count):
             stride = 2 if stage > 0 and i == 0 else 1
             size = (size + stride - 1) // stride
-            info = LayerInfo(len(layers), "conv", cin, width, kernel_size=3, stride=stride, padding=1, size=size,
-                             network_width=max(widths), input_size=image_size, running_stats=True)
+            info = LayerInfo(
+                len(layers),
+                "conv",
+                cin,
+                width,
+                kernel_size=3,
+                stride=stride,
+                padding=1,
+                size=size,
+                network_width=max(widths),
+                input_size=image_size,
+                running_stats=True,
+            )
             layers.append(block(cin, width, stride, perturbation(info)))
             cin = width
     return layers, cin, size
@@ -119,18 +137,36 @@ def _stages(block: Callable[[int, int, int, nn.Module], nn.Module], counts: Sequ
 class _ResidualNet(nn.Module):
     """What the residual networks share: blocks with slots, a classifier with its output slot."""
 
-    def _finish(self, layers: list[nn.Module], features: int, num_classes: int, perturbation: PerturbationFactory, width: int,
-                image_size: int) -> None:
+    def _finish(
+        self,
+        layers: list[nn.Module],
+        features: int,
+        num_classes: int,
+        perturbation: PerturbationFactory,
+        width: int,
+        image_size: int,
+    ) -> None:
         """The blocks, the classifier with its output slot, the slot names and the initialization."""
         self.blocks = nn.ModuleList(layers)
         self.head = nn.Linear(features, num_classes)
-        self.head_perturb = perturbation(LayerInfo(len(layers), "dense", features, num_classes, output=True, network_width=width,
-                                                   input_size=image_size, running_stats=True))
+        self.head_perturb = perturbation(
+            LayerInfo(
+                len(layers),
+                "dense",
+                features,
+                num_classes,
+                output=True,
+                network_width=width,
+                input_size=image_size,
+                running_stats=True,
+            )
+        )
         self.perturbation_points = [f"blocks.{i}.perturb" for i in range(len(layers))]
         _init(self)
 
     def layer_groups(self) -> dict[str, list[str]]:
-        """Named parameter groups (:mod:`metareg.selection`): the stem and first block, the last block, the classifier."""
+        """Named parameter groups (:mod:`metareg.selection`): the stem and first block, the last block, the "
+        "classifier."""
         last = len(self.blocks) - 1
         return {"first-block": ["stem.*", "blocks.0.*"], "last-block": [f"blocks.{last}.*"], "head": ["head.*"]}
 
@@ -148,9 +184,18 @@ class _ResidualNet(nn.Module):
 class ResNet(_ResidualNet):
     """A ResNet of :class:`BasicBlock` stages: ``blocks`` per stage and ``widths`` per stage."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32, *, blocks: Sequence[int] = (3, 3, 3),
-                 widths: Sequence[int] = (16, 32, 64), stem: Literal["cifar", "imagenet"] = "cifar",
-                 shortcut: Literal["pad", "conv"] = "pad", perturbation: PerturbationFactory = identity_factory):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        image_size: int = 32,
+        *,
+        blocks: Sequence[int] = (3, 3, 3),
+        widths: Sequence[int] = (16, 32, 64),
+        stem: Literal["cifar", "imagenet"] = "cifar",
+        shortcut: Literal["pad", "conv"] = "pad",
+        perturbation: PerturbationFactory = identity_factory,
+    ):
         super().__init__()
         if len(blocks) != len(widths) or not blocks:
             raise ValueError(f"give one block count per stage width, got {list(blocks)} and {list(widths)}")
@@ -161,11 +206,22 @@ class ResNet(_ResidualNet):
             self.stem = nn.Sequential(_conv3x3(in_channels, first), nn.BatchNorm2d(first), nn.ReLU())
             size = image_size
         else:
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, first, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(first),
-                                      nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, first, 7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(first),
+                nn.ReLU(),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
             size = (image_size + 1) // 2 // 2
-        layers, cin, size = _stages(lambda cin, width, stride, perturb: BasicBlock(cin, width, stride, shortcut, perturb),
-                                    blocks, widths, first, size, image_size, perturbation)
+        layers, cin, size = _stages(
+            lambda cin, width, stride, perturb: BasicBlock(cin, width, stride, shortcut, perturb),
+            blocks,
+            widths,
+            first,
+            size,
+            image_size,
+            perturbation,
+        )
         if size < 1:
             raise ValueError(f"image_size {image_size} is too small for this ResNet")
         self._finish(layers, cin, num_classes, perturbation, max(widths), image_size)
@@ -175,8 +231,16 @@ class WideResNet(_ResidualNet):
     """WRN-``depth``-``widen``: (depth - 4) / 6 pre-activation blocks in each of 3 stages of
     16k, 32k, 64k channels after a 16-channel 3x3 stem; batch norm, ReLU, pooling, classifier."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, image_size: int = 32, *, depth: int = 28, widen: int = 2,
-                 perturbation: PerturbationFactory = identity_factory):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        image_size: int = 32,
+        *,
+        depth: int = 28,
+        widen: int = 2,
+        perturbation: PerturbationFactory = identity_factory,
+    ):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4 (e.g. 16, 22, 28, 40), got {depth}")
@@ -196,11 +260,17 @@ class WideResNet(_ResidualNet):
 def _resnet(cls: type, **defaults):
     def make(num_outputs, in_channels, image_size, perturbation, **options):
         return cls(num_outputs, in_channels, image_size, perturbation=perturbation, **(defaults | options))
+
     return make
 
 
 for _n in (3, 5, 7, 9):
-    register_backbone(f"resnet{6 * _n + 2}", _resnet(ResNet, blocks=(_n, _n, _n)), description=f"CIFAR ResNet-{6 * _n + 2} (option A)")
-register_backbone("resnet18", _resnet(ResNet, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet", shortcut="conv"),
-                  description="ResNet-18, ImageNet stem")
+    register_backbone(
+        f"resnet{6 * _n + 2}", _resnet(ResNet, blocks=(_n, _n, _n)), description=f"CIFAR ResNet-{6 * _n + 2} (option A)"
+    )
+register_backbone(
+    "resnet18",
+    _resnet(ResNet, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet", shortcut="conv"),
+    description="ResNet-18, ImageNet stem",
+)
 register_backbone("wrn-28-2", _resnet(WideResNet, depth=28, widen=2), description="WRN-28-2")

@@ -29,11 +29,11 @@ training loss with :func:`perturbed_loss`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,7 +54,9 @@ class LayerInfo:
     size: int | None = None  # the feature map's height at the slot (conv layers)
     network_width: int | None = None  # the widest perturbed conv layer of the network (MetaPerturb's C normalizer)
     input_size: int | None = None  # the network's input height (MetaPerturb's H normalizer)
-    running_stats: bool = False  # ordinary training (running statistics at test time) or episodic (batch statistics always)
+    running_stats: bool = (
+        False  # ordinary training (running statistics at test time) or episodic (batch statistics always)
+    )
 
 
 class FeaturePerturbation(nn.Module):

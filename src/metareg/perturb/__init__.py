@@ -36,18 +36,18 @@ from .registry import available, build_perturbation, register
 from .weight_gaussian import WeightGaussian
 
 __all__ = [
+    "PGD",
     "AdditiveGaussianOutput",
     "DropBlock",
     "Dropout",
-    "InformationDropout",
-    "Mixup",
-    "PGD",
-    "VariationalBottleneck",
     "EquivariantConv",
+    "InformationDropout",
     "MetaPerturb",
     "MetaPerturbFunction",
+    "Mixup",
     "MultiplicativeNoise",
     "Perturbed",
+    "VariationalBottleneck",
     "WeightGaussian",
     "attach",
     "attach_metaperturb",

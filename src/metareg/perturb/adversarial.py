@@ -53,7 +53,7 @@ def steepest_ascent(grad: Tensor, norm: Norm) -> Tensor:
     if norm == "l2":
         return grad / _flat_norm(grad, 2)
     flat = grad.flatten(1).abs()
-    k = max(1, int(round((1 - L1_SPARSITY) * flat.shape[1])))
+    k = max(1, round((1 - L1_SPARSITY) * flat.shape[1]))
     threshold = flat.topk(k, dim=1).values[:, -1:]
     chosen = (flat >= threshold).to(grad.dtype).view_as(grad)
     return grad.sign() * chosen / chosen.flatten(1).sum(1).clamp_min(1).view(-1, *([1] * (grad.dim() - 1)))
@@ -106,7 +106,12 @@ class PGD:
     def __post_init__(self):
         if self.norm not in ("linf", "l2", "l1"):
             raise ConfigError(f"attack norm must be linf, l2 or l1, got {self.norm!r}")
-        if not self.epsilon >= 0 or self.steps < 1 or self.draws < 1 or (self.step_size is not None and not self.step_size > 0):
+        if (
+            not self.epsilon >= 0
+            or self.steps < 1
+            or self.draws < 1
+            or (self.step_size is not None and not self.step_size > 0)
+        ):
             raise ConfigError(f"attack needs epsilon >= 0, steps >= 1, draws >= 1 and a positive step size, got {self}")
 
     def __call__(self, loss_of: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -125,7 +130,12 @@ class PGD:
 
     def describe(self) -> str:
         eot = f", EoT {self.draws}" if self.draws > 1 else ""
-        if self.steps == 1 and not self.random_start and self.norm == "linf" and (self.step_size == self.epsilon or self.epsilon == 0):
+        if (
+            self.steps == 1
+            and not self.random_start
+            and self.norm == "linf"
+            and (self.step_size == self.epsilon or self.epsilon == 0)
+        ):
             return f"fgsm eps={self.epsilon:g}{eot}"
         return f"pgd-{self.norm} eps={self.epsilon:g}, {self.steps} steps{eot}"
 

@@ -44,12 +44,18 @@ def probe(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
     reference = next(model.parameters(), None)
     try:
         model.eval()
-        return model(torch.zeros(2, *input_shape, device=getattr(reference, "device", None), dtype=getattr(reference, "dtype", None)))
+        return model(
+            torch.zeros(
+                2, *input_shape, device=getattr(reference, "device", None), dtype=getattr(reference, "dtype", None)
+            )
+        )
     finally:
         model.train(was_training)
 
 
-def layer_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence[int]) -> dict[str, tuple[torch.Size, torch.Size]]:
+def layer_shapes(
+    model: nn.Module, names: Sequence[str], input_shape: Sequence[int]
+) -> dict[str, tuple[torch.Size, torch.Size]]:
     """(input shape, output shape) of each named module for a batch of 2 zero inputs."""
     modules = dict(model.named_modules())
     shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
@@ -57,8 +63,11 @@ def layer_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence[i
     def record(name: str) -> Callable:
         def hook(module, inputs, output):  # noqa: ARG001
             if not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
-                raise ConfigError(f"module {name!r} does not map a tensor to a tensor; choose modules whose output is a feature map")
+                raise ConfigError(
+                    f"module {name!r} does not map a tensor to a tensor; choose modules whose output is a feature map"
+                )
             shapes[name] = (inputs[0].shape, output.shape)
+
         return hook
 
     handles = [modules[n].register_forward_hook(record(n)) for n in names]
@@ -69,20 +78,35 @@ def layer_shapes(model: nn.Module, names: Sequence[str], input_shape: Sequence[i
             handle.remove()
     missing = [n for n in names if n not in shapes]
     if missing:
-        raise ConfigError(f"module(s) {', '.join(missing)} did not run in the model's forward pass; choose modules on the path of the input")
+        raise ConfigError(
+            f"module(s) {', '.join(missing)} did not run in the model's forward pass; choose modules on the "
+            f"path of the input"
+        )
     return shapes
 
 
-def layer_infos(shapes: dict[str, tuple[torch.Size, torch.Size]], input_shape: Sequence[int], running_stats: bool) -> dict[str, LayerInfo]:
+def layer_infos(
+    shapes: dict[str, tuple[torch.Size, torch.Size]], input_shape: Sequence[int], running_stats: bool
+) -> dict[str, LayerInfo]:
     """What a factory needs to know of each hooked layer, read off its input and output shapes."""
     widths = [out[1] for _, out in shapes.values() if len(out) == 4]
     infos = {}
     for i, (name, (inp, out)) in enumerate(shapes.items()):
         conv = len(out) == 4
         stride = max(1, inp[-1] // out[-1]) if conv and len(inp) == 4 else 1
-        infos[name] = LayerInfo(i, "conv" if conv else "dense", inp[1], out[1], kernel_size=3 if conv else 1, stride=stride,
-                                padding=1 if conv else 0, size=out[2] if conv else None, network_width=max(widths, default=None),
-                                input_size=input_shape[1] if len(input_shape) > 1 else None, running_stats=running_stats)
+        infos[name] = LayerInfo(
+            i,
+            "conv" if conv else "dense",
+            inp[1],
+            out[1],
+            kernel_size=3 if conv else 1,
+            stride=stride,
+            padding=1 if conv else 0,
+            size=out[2] if conv else None,
+            network_width=max(widths, default=None),
+            input_size=input_shape[1] if len(input_shape) > 1 else None,
+            running_stats=running_stats,
+        )
     return infos
 
 
@@ -98,7 +122,14 @@ class Perturbed(nn.Module):
     returns the bare model.
     """
 
-    def __init__(self, model: nn.Module, slots: dict[str, nn.Module], function: nn.Module | None = None, *, sample_at_test: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        slots: dict[str, nn.Module],
+        function: nn.Module | None = None,
+        *,
+        sample_at_test: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.points = list(slots)
@@ -107,7 +138,10 @@ class Perturbed(nn.Module):
         if function is not None:
             self.perturbation_function = function
         modules = dict(model.named_modules())
-        self._handles = [modules[name].register_forward_hook(functools.partial(_replace_output, slot)) for name, slot in slots.items()]
+        self._handles = [
+            modules[name].register_forward_hook(functools.partial(_replace_output, slot))
+            for name, slot in slots.items()
+        ]
 
     def forward(self, *args, sample: bool | None = None, **kwargs):
         token = _SAMPLE.set(bool(self.training or self.sample_at_test) if sample is None else sample)
@@ -133,13 +167,22 @@ class Perturbed(nn.Module):
 def perturbation_points(model: nn.Module) -> list[str]:
     points = getattr(model, "perturbation_points", None)
     if not points:
-        raise ConfigError(f"{type(model).__name__} does not name its perturbation points: pass the modules to perturb "
-                          "(at=[...], names or glob patterns of modules whose output is a feature map)")
+        raise ConfigError(
+            f"{type(model).__name__} does not name its perturbation points: pass the modules to perturb "
+            "(at=[...], names or glob patterns of modules whose output is a feature map)"
+        )
     return list(points)
 
 
-def attach(model: nn.Module, perturbation: PerturbationFactory, at: Sequence[str] | None = None,
-           input_shape: Sequence[int] = (3, 32, 32), *, running_stats: bool = True, own: bool = True) -> Perturbed:
+def attach(
+    model: nn.Module,
+    perturbation: PerturbationFactory,
+    at: Sequence[str] | None = None,
+    input_shape: Sequence[int] = (3, 32, 32),
+    *,
+    running_stats: bool = True,
+    own: bool = True,
+) -> Perturbed:
     """Perturb the output of every module matched by ``at`` (default: the model's
     ``perturbation_points``) with slots from ``perturbation`` (a factory from
     :func:`metareg.perturb.build_perturbation`). ``running_stats``: the model is trained ordinarily
@@ -150,15 +193,27 @@ def attach(model: nn.Module, perturbation: PerturbationFactory, at: Sequence[str
     if len(input_shape) != 3:
         raise ConfigError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
     names = [n for n, _ in model.named_modules() if n]
-    chosen = select(names, list(perturbation_points(model) if at is None else at), what="module", role="perturbation point")
+    chosen = select(
+        names, list(perturbation_points(model) if at is None else at), what="module", role="perturbation point"
+    )
     infos = layer_infos(layer_shapes(model, chosen, input_shape), input_shape, running_stats)
     slots = {name: perturbation(info) for name, info in infos.items()}
-    return Perturbed(model, slots, getattr(perturbation, "shared", None) if own else None,
-                     sample_at_test=getattr(perturbation, "sample_at_test", False))
+    return Perturbed(
+        model,
+        slots,
+        getattr(perturbation, "shared", None) if own else None,
+        sample_at_test=getattr(perturbation, "sample_at_test", False),
+    )
 
 
-def attach_metaperturb(model: nn.Module, function: MetaPerturbFunction, at: Sequence[str] | None = None,
-                       input_shape: Sequence[int] = (3, 32, 32), *, own: bool = True) -> Perturbed:
+def attach_metaperturb(
+    model: nn.Module,
+    function: MetaPerturbFunction,
+    at: Sequence[str] | None = None,
+    input_shape: Sequence[int] = (3, 32, 32),
+    *,
+    own: bool = True,
+) -> Perturbed:
     """MetaPerturb with phi ``function`` after the modules ``at``: one slot per layer, all sharing phi."""
     return attach(model, metaperturb_slots(function), at, input_shape, own=own)
 

@@ -32,7 +32,10 @@ class DropBlock(FeaturePerturbation):
     def __init__(self, p: float = 0.1, block_size: int = 7, schedule: Literal["constant", "linear"] = "linear"):
         super().__init__()
         if not 0 <= p < 1 or block_size < 1 or schedule not in ("constant", "linear"):
-            raise ConfigError(f"dropblock needs p in [0, 1), block_size >= 1 and schedule constant or linear, got {p}, {block_size}, {schedule!r}")
+            raise ConfigError(
+                f"dropblock needs p in [0, 1), block_size >= 1 and schedule constant or linear, got {p}, "
+                f"{block_size}, {schedule!r}"
+            )
         self.p, self.block_size, self.schedule = p, block_size, schedule
         self.progress = 1.0
 
@@ -56,9 +59,13 @@ class DropBlock(FeaturePerturbation):
         gamma = p / block**2 * size**2 / (size - block + 1) ** 2
         # Centers only where a whole block fits (the paper's valid region), then grown into blocks.
         valid = size - block + 1
-        centers = torch.bernoulli(torch.full((*pre.shape[:2], valid, valid), min(gamma, 1.0), dtype=pre.dtype, device=pre.device))
+        centers = torch.bernoulli(
+            torch.full((*pre.shape[:2], valid, valid), min(gamma, 1.0), dtype=pre.dtype, device=pre.device)
+        )
         centers = F.pad(centers, [block // 2, (block - 1) // 2] * 2)
-        dropped = F.max_pool2d(centers, block, stride=1, padding=block // 2)[..., :size, :size] if block > 1 else centers
+        dropped = (
+            F.max_pool2d(centers, block, stride=1, padding=block // 2)[..., :size, :size] if block > 1 else centers
+        )
         keep = 1 - dropped
         return pre * keep * (keep.numel() / keep.sum().clamp_min(1.0))
 
@@ -67,7 +74,9 @@ class DropBlock(FeaturePerturbation):
 
 
 @register("dropblock")
-def dropblock(p: float = 0.1, block_size: int = 7, schedule: Literal["constant", "linear"] = "linear") -> PerturbationFactory:
+def dropblock(
+    p: float = 0.1, block_size: int = 7, schedule: Literal["constant", "linear"] = "linear"
+) -> PerturbationFactory:
     def make(info: LayerInfo) -> nn.Module:
         return FeaturePerturbation() if info.output or info.kind != "conv" else DropBlock(p, block_size, schedule)
 

@@ -91,7 +91,7 @@ class InformationDropout(FeaturePerturbation):
     def __init__(self, info: LayerInfo, beta: float = 1e-4, alpha_max: float = 0.7):
         super().__init__()
         _check_beta(beta)
-        if not 0 < alpha_max:
+        if not alpha_max > 0:
             raise ConfigError(f"information-dropout alpha_max must be > 0, got {alpha_max}")
         self.beta, self.alpha_max = beta, alpha_max
         self.phi = phi_layer(info)
@@ -124,4 +124,6 @@ def _hidden(make) -> PerturbationFactory:
 
 
 register("vib")(lambda beta=1e-5, init_sigma=0.1: _hidden(lambda info: VariationalBottleneck(info, beta, init_sigma)))
-register("information-dropout")(lambda beta=1e-4, alpha_max=0.7: _hidden(lambda info: InformationDropout(info, beta, alpha_max)))
+register("information-dropout")(
+    lambda beta=1e-4, alpha_max=0.7: _hidden(lambda info: InformationDropout(info, beta, alpha_max))
+)

@@ -160,8 +160,12 @@ def multiplicative_noise(
 
 
 register("multiplicative-noise")(multiplicative_noise)
-register("meta-dropout")(lambda output_noise=True, kl=0.0: multiplicative_noise("input", "fixed", True, output_noise, kl))
+register("meta-dropout")(
+    lambda output_noise=True, kl=0.0: multiplicative_noise("input", "fixed", True, output_noise, kl)
+)
 register("meta-dropout-deterministic")(lambda: multiplicative_noise("input", "fixed", stochastic=False))
-register("meta-dropout-learned-variance")(lambda output_noise=True: multiplicative_noise("input", "input", True, output_noise))
+register("meta-dropout-learned-variance")(
+    lambda output_noise=True: multiplicative_noise("input", "input", True, output_noise)
+)
 register("fixed-gaussian")(lambda: multiplicative_noise("zero", output_noise=False))
 register("independent-gaussian")(lambda: multiplicative_noise("channel", output_noise=False))

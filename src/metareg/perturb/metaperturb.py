@@ -39,7 +39,8 @@ factory's ``shared`` function as ``perturbation_function``) or the :class:`~meta
 wrapper of a user's model.
 
 It is a registered perturbation like every other (``build_perturbation("metaperturb", {"phi":
-"builtin" | "learned" | RUN})``, registered in :mod:`.pretrained`, beside the stored phis), so it fills the slots of any backbone in any scheme: ordinary
+"builtin" | "learned" | RUN})``, registered in :mod:`.pretrained`, beside the stored phis), so it fills the
+slots of any backbone in any scheme: ordinary
 training with a frozen phi (the paper's meta-test, Algorithm 2), the joint scheme learning phi
 (Algorithm 1), or the bilevel scheme learning phi through MAML's inner loop. In episodic networks
 (``LayerInfo.running_stats`` false, batch norm on batch statistics always) the scale s uses the
@@ -71,7 +72,9 @@ def _per_channel_conv(h: Tensor, kernel: Tensor) -> Tensor:
     padding), as one depthwise convolution. (Measured on CPU: 8x faster than folding the channels
     into the batch; one depthwise convolution per kernel is 2.5x faster than one with several
     outputs per channel.)"""
-    return F.conv2d(h, kernel.expand(h.shape[1], 1, *kernel.shape[-2:]), padding=kernel.shape[-1] // 2, groups=h.shape[1])
+    return F.conv2d(
+        h, kernel.expand(h.shape[1], 1, *kernel.shape[-2:]), padding=kernel.shape[-1] // 2, groups=h.shape[1]
+    )
 
 
 class EquivariantConv(nn.Module):
@@ -132,7 +135,9 @@ class MetaPerturbFunction(nn.Module):
 
     def channel_features(self, h: Tensor) -> Tensor:
         """GAP(ReLU(K * h_c)) for each example and channel: [B, C, 4]."""
-        return torch.stack([F.relu(_per_channel_conv(h, kernel[None])).mean((-2, -1)) for kernel in self.stat_kernels], dim=-1)
+        return torch.stack(
+            [F.relu(_per_channel_conv(h, kernel[None])).mean((-2, -1)) for kernel in self.stat_kernels], dim=-1
+        )
 
     def scale(self, mean: Tensor, var: Tensor, channel_ratio: float, size_ratio: float) -> Tensor:
         """s in [0, 1]^C from the channel statistics [C, 4] and the layer information."""
@@ -156,11 +161,22 @@ class MetaPerturb(FeaturePerturbation):
 
     position = "norm"  # after batch norm (or the residual sum), before the ReLU
 
-    def __init__(self, function: MetaPerturbFunction, channels: int, channel_norm: float, spatial_norm: float, momentum: float = 0.1,
-                 height: int | None = None, running_stats: bool = True, index: int = 0):
+    def __init__(
+        self,
+        function: MetaPerturbFunction,
+        channels: int,
+        channel_norm: float,
+        spatial_norm: float,
+        momentum: float = 0.1,
+        height: int | None = None,
+        running_stats: bool = True,
+        index: int = 0,
+    ):
         super().__init__()
         if channels < 1 or channel_norm <= 0 or spatial_norm <= 0:
-            raise ConfigError(f"MetaPerturb needs positive channels and normalizers, got {channels}, {channel_norm}, {spatial_norm}")
+            raise ConfigError(
+                f"MetaPerturb needs positive channels and normalizers, got {channels}, {channel_norm}, {spatial_norm}"
+            )
         object.__setattr__(self, "function", function)  # a reference: phi is owned elsewhere
         self.channels = channels
         self.channel_norm = float(channel_norm)
@@ -184,7 +200,9 @@ class MetaPerturb(FeaturePerturbation):
         features = self.function.channel_features(h)
         if count > 1:  # stacked independent copies (batched Monte-Carlo samples): statistics per copy
             if self.running_stats and self.training:
-                raise ConfigError("stacked copies of a batch are for episodic networks, whose MetaPerturb keeps no running statistics")
+                raise ConfigError(
+                    "stacked copies of a batch are for episodic networks, whose MetaPerturb keeps no running statistics"
+                )
             features = features.view(count, -1, *features.shape[1:])
             return features.mean(1), features.var(1)
         mean, var = features.mean(0), features.var(0)
@@ -199,8 +217,12 @@ class MetaPerturb(FeaturePerturbation):
         S stacked copies."""
         mean, var = self.statistics(h)
         if mean.dim() == 3:
-            return torch.stack([self.function.scale(m, v, h.shape[1] / self.channel_norm, h.shape[2] / self.spatial_norm)
-                                for m, v in zip(mean, var)])
+            return torch.stack(
+                [
+                    self.function.scale(m, v, h.shape[1] / self.channel_norm, h.shape[2] / self.spatial_norm)
+                    for m, v in zip(mean, var)
+                ]
+            )
         return self.function.scale(mean, var, h.shape[1] / self.channel_norm, h.shape[2] / self.spatial_norm)
 
     @torch.no_grad()
@@ -208,7 +230,9 @@ class MetaPerturb(FeaturePerturbation):
         """s from the running statistics (what the layer uses at test time), [C]."""
         if self.height is None or not self.running_stats:
             raise ConfigError("this slot keeps no running statistics of a known feature-map height")
-        return self.function.scale(self.running_mean, self.running_var, self.channels / self.channel_norm, self.height / self.spatial_norm)
+        return self.function.scale(
+            self.running_mean, self.running_var, self.channels / self.channel_norm, self.height / self.spatial_norm
+        )
 
     def forward(self, h: Tensor, layer_input: Tensor | None = None, *, sample: bool = False) -> Tensor:  # noqa: ARG002
         if h.dim() != 4 or h.shape[1] != self.channels:
@@ -219,7 +243,9 @@ class MetaPerturb(FeaturePerturbation):
         s = s.repeat_interleave(h.shape[0] // s.shape[0], dim=0) if s.dim() == 2 else s.view(1, -1)
         g = s[:, :, None, None] * z
         record = current_record()
-        if record is not None:  # how strongly it acts: the mean noise z and scale s of this block (logged by the trainers)
+        if (
+            record is not None
+        ):  # how strongly it acts: the mean noise z and scale s of this block (logged by the trainers)
             record.metrics[f"z{self.index}"] = z.detach().mean()
             record.metrics[f"s{self.index}"] = s.detach().mean()
         out = h * ((g - 1) * phi.strength + 1) if phi.strength != 1.0 else h * g
@@ -237,9 +263,18 @@ def metaperturb_slots(function: MetaPerturbFunction) -> PerturbationFactory:
         if info.output:
             return FeaturePerturbation()
         if info.kind != "conv" or info.network_width is None or info.input_size is None:
-            raise ConfigError(f"MetaPerturb perturbs convolutional feature maps [B, C, H, W]; layer {info.index} is {info.kind}")
-        return MetaPerturb(function, info.out_features, info.network_width, info.input_size, height=info.size,
-                           running_stats=info.running_stats, index=info.index)
+            raise ConfigError(
+                f"MetaPerturb perturbs convolutional feature maps [B, C, H, W]; layer {info.index} is {info.kind}"
+            )
+        return MetaPerturb(
+            function,
+            info.out_features,
+            info.network_width,
+            info.input_size,
+            height=info.size,
+            running_stats=info.running_stats,
+            index=info.index,
+        )
 
     make.shared = function
     make.sample_at_test = True  # predictions are Monte-Carlo averages over the noise (Algorithm 2)

@@ -56,8 +56,11 @@ class MixupPlan:
         n = pre.shape[0] // count
         lam = beta_sample(self.gamma, count, pre)
         partner = torch.cat([torch.randperm(n, device=pre.device) + s * n for s in range(count)])
-        layer = torch.randint(0, self.layers, (count,), device=pre.device) if self.manifold else torch.zeros(count, dtype=torch.long,
-                                                                                                            device=pre.device)
+        layer = (
+            torch.randint(0, self.layers, (count,), device=pre.device)
+            if self.manifold
+            else torch.zeros(count, dtype=torch.long, device=pre.device)
+        )
         return {"lam": lam.repeat_interleave(n), "partner": partner, "layer": layer.repeat_interleave(n)}
 
 

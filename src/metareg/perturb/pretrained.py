@@ -38,8 +38,12 @@ def save_phi(folder: str | Path, phi: MetaPerturbFunction, provenance: dict[str,
     folder.mkdir(parents=True, exist_ok=True)
     tensors = folder / "phi.safetensors"
     digest = write_safetensors_atomic(tensors, {k: v.float() for k, v in phi.state_dict().items()})
-    record = {"format": FORMAT, "tensors": tensors.name, "sha256": digest,
-              "parameters": sum(p.numel() for p in phi.parameters())} | provenance
+    record = {
+        "format": FORMAT,
+        "tensors": tensors.name,
+        "sha256": digest,
+        "parameters": sum(p.numel() for p in phi.parameters()),
+    } | provenance
     write_json_atomic(folder / "phi.json", record)
     return folder / "phi.json"
 
@@ -51,7 +55,9 @@ def resolve_phi(spec: str | Path) -> Path:
     if path.is_dir():
         path = path / "phi.json"
     if not path.is_file():
-        raise CheckpointError(f"no meta-trained perturbation at {spec} (expected 'builtin', a meta-train run folder or its phi.json)")
+        raise CheckpointError(
+            f"no meta-trained perturbation at {spec} (expected 'builtin', a meta-train run folder or its phi.json)"
+        )
     return path
 
 

@@ -47,7 +47,11 @@ class WeightGaussian(FeaturePerturbation):
             return pre + F.linear(layer_input.flatten(1), noise)
         n = layer_input.shape[0] // count
         if self.kind == "conv":  # the copies as groups of one convolution
-            x = layer_input.reshape(count, n, *layer_input.shape[1:]).transpose(0, 1).reshape(n, -1, *layer_input.shape[2:])
+            x = (
+                layer_input.reshape(count, n, *layer_input.shape[1:])
+                .transpose(0, 1)
+                .reshape(n, -1, *layer_input.shape[2:])
+            )
             out = F.conv2d(x, noise.flatten(0, 1), stride=self.stride, padding=self.padding, groups=count)
             return pre + out.reshape(n, count, -1, *out.shape[2:]).transpose(0, 1).reshape(pre.shape)
         x = layer_input.flatten(1).reshape(count, n, -1)

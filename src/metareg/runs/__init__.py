@@ -42,19 +42,50 @@ class RunKind:
 
 
 _COMMON = {"data_root": "data.root", "seed": "seed", "device": "device"}
-_IMAGES = _COMMON | {"data": "data.name", "arch": "model.backbone", "steps": "optim.steps", "batch_size": "optim.batch_size"}
+_IMAGES = _COMMON | {
+    "data": "data.name",
+    "arch": "model.backbone",
+    "steps": "optim.steps",
+    "batch_size": "optim.batch_size",
+}
 
 KINDS: dict[str, RunKind] = {
-    "bilevel": RunKind("bilevel", Config, "metareg train", episodic.train,
-                       _COMMON | {"iterations": "train.iterations", "episodes": "eval.episodes", "mc_samples": "inner.eval_mc_samples"},
-                       {"iterations": "train.iterations", "episodes": "eval.episodes", "device": "device"}, "quickstart"),
-    "meta-train": RunKind("meta-train", MetaTrainConfig, "metareg perturb meta-train", metaperturb.meta_train,
-                          _IMAGES | {"tasks": "tasks", "perturbation": "perturb.name"},
-                          {"steps": "optim.steps", "device": "device"}, "perturb-quickstart"),
-    "transfer": RunKind("transfer", TransferConfig, "metareg perturb transfer", transfer.transfer,
-                        _IMAGES | {"perturbation": "perturb.name", "phi": "perturb.phi", "init_from": "init_from",
-                                   "mc_samples": "perturb.mc_samples", "select": "select", "against_base": "against_base"},
-                        {"steps": "optim.steps", "device": "device"}, "transfer-quickstart"),
+    "bilevel": RunKind(
+        "bilevel",
+        Config,
+        "metareg train",
+        episodic.train,
+        _COMMON
+        | {"iterations": "train.iterations", "episodes": "eval.episodes", "mc_samples": "inner.eval_mc_samples"},
+        {"iterations": "train.iterations", "episodes": "eval.episodes", "device": "device"},
+        "quickstart",
+    ),
+    "meta-train": RunKind(
+        "meta-train",
+        MetaTrainConfig,
+        "metareg perturb meta-train",
+        metaperturb.meta_train,
+        _IMAGES | {"tasks": "tasks", "perturbation": "perturb.name"},
+        {"steps": "optim.steps", "device": "device"},
+        "perturb-quickstart",
+    ),
+    "transfer": RunKind(
+        "transfer",
+        TransferConfig,
+        "metareg perturb transfer",
+        transfer.transfer,
+        _IMAGES
+        | {
+            "perturbation": "perturb.name",
+            "phi": "perturb.phi",
+            "init_from": "init_from",
+            "mc_samples": "perturb.mc_samples",
+            "select": "select",
+            "against_base": "against_base",
+        },
+        {"steps": "optim.steps", "device": "device"},
+        "transfer-quickstart",
+    ),
 }
 
 __all__ = ["KINDS", "RunKind"]

@@ -75,12 +75,23 @@ def _joint_problem(args: argparse.Namespace, dtype: torch.dtype, device: str, st
         return build_network(args.arch, 10, args.image_size, {}, factory)
 
     # sample=False: the same numbers for every implementation (the gradient check)
-    learner = JointLearner(build, list(range(args.tasks)), args.tasks, input_shape=(3, args.image_size, args.image_size),
-                           strategy=strategy, sample=False).to(device=device, dtype=dtype)
+    learner = JointLearner(
+        build,
+        list(range(args.tasks)),
+        args.tasks,
+        input_shape=(3, args.image_size, args.image_size),
+        strategy=strategy,
+        sample=False,
+    ).to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(0)
     shape = (args.tasks, args.batch_size, 3, args.image_size, args.image_size)
-    batches = [(torch.randn(shape, generator=g, dtype=dtype).to(device), torch.randint(0, 10, shape[:2], generator=g).to(device))
-               for _ in range(2)]
+    batches = [
+        (
+            torch.randn(shape, generator=g, dtype=dtype).to(device),
+            torch.randint(0, 10, shape[:2], generator=g).to(device),
+        )
+        for _ in range(2)
+    ]
     return learner, batches
 
 
@@ -101,6 +112,7 @@ def _joint_reference_step(learner, batches):
                 (torch.nn.functional.cross_entropy(net(x_te[i]), y_te[i]) / learner.num_tasks).backward()
         for p, g in zip(learner.theta_parameters(), theta):  # theta learns from the train losses only
             p.grad = g
+
     return step
 
 
@@ -111,6 +123,7 @@ def _joint_engine_step(learner, batches):
         learner.zero_grad(set_to_none=True)
         learner.theta_backward(x_tr, y_tr, seed=0, step=0)
         learner.phi_backward(x_te, y_te, seed=0, step=0)
+
     return step
 
 
@@ -129,11 +142,20 @@ def check_joint_gradients(args: argparse.Namespace) -> float:
     return worst
 
 
-def _problem(args: argparse.Namespace, dtype: torch.dtype, device: str, strategy: str = "loop", perturbation: str = "none",
-             mc_batch: bool = False, tasks: int | None = None):
+def _problem(
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    device: str,
+    strategy: str = "loop",
+    perturbation: str = "none",
+    mc_batch: bool = False,
+    tasks: int | None = None,
+):
     torch.manual_seed(0)
     c, size = args.in_channels, args.image_size
-    model = ConvNet(args.way, c, size, channels=args.channels, perturbation=build_perturbation(perturbation)).to(device=device, dtype=dtype)
+    model = ConvNet(args.way, c, size, channels=args.channels, perturbation=build_perturbation(perturbation)).to(
+        device=device, dtype=dtype
+    )
     g = torch.Generator().manual_seed(0)
     b, n = tasks or args.meta_batch, args.way
 
@@ -147,7 +169,9 @@ def _problem(args: argparse.Namespace, dtype: torch.dtype, device: str, strategy
         labels(args.query),
     ).to(device, dtype)
     fast = [name for name, _ in model.named_parameters() if "perturb" not in name]
-    rule = build_inner_rule({name: p for name, p in model.named_parameters() if name in fast}, step="sgd", lr=0.1, steps=args.steps)
+    rule = build_inner_rule(
+        {name: p for name, p in model.named_parameters() if name in fast}, step="sgd", lr=0.1, steps=args.steps
+    )
     learner = BilevelLearner(model, rule, inner_steps=args.steps, strategy=strategy, fast=fast, mc_batch=mc_batch)
     return learner.to(device=device, dtype=dtype), batch
 
@@ -187,9 +211,10 @@ def _peak_rss_mb() -> float:
     """The process's peak resident memory. ``VmHWM`` starts afresh at exec (``ru_maxrss`` of a
     child process would start at its parent's peak)."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -207,9 +232,15 @@ def worker(impl: str, args: argparse.Namespace) -> dict[str, Any]:
     strategy = "vmap" if impl.endswith("vmap") else "loop"
     if impl.startswith("joint"):
         learner, batches = _joint_problem(args, torch.float32, args.device, strategy)
-        step = _joint_reference_step(learner, batches) if impl == "joint-reference" else _joint_engine_step(learner, batches)
+        step = (
+            _joint_reference_step(learner, batches)
+            if impl == "joint-reference"
+            else _joint_engine_step(learner, batches)
+        )
     elif impl.startswith("mc-"):
-        learner, batch = _problem(args, torch.float32, args.device, perturbation="meta-dropout", mc_batch=impl == "mc-batched", tasks=1)
+        learner, batch = _problem(
+            args, torch.float32, args.device, perturbation="meta-dropout", mc_batch=impl == "mc-batched", tasks=1
+        )
         step = _mc_step(learner, batch, args.mc)
     else:
         learner, batch = _problem(args, torch.float32, args.device, strategy)
@@ -231,8 +262,14 @@ def worker(impl: str, args: argparse.Namespace) -> dict[str, Any]:
         _sync(args.device)
         times.append(time.perf_counter() - start)
     peak = _peak_rss_mb()
-    out = {"impl": impl, "strategy": strategy, "seconds": statistics.median(times), "times": times,
-           "peak_rss_mb": peak, "rss_growth_mb": peak - rss_before}
+    out = {
+        "impl": impl,
+        "strategy": strategy,
+        "seconds": statistics.median(times),
+        "times": times,
+        "peak_rss_mb": peak,
+        "rss_growth_mb": peak - rss_before,
+    }
     if args.device.startswith("cuda"):
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -271,7 +308,11 @@ def _run_workers(args: argparse.Namespace, impls: tuple[str, ...]) -> list[dict[
     settings = json.dumps({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))})
     results = []
     for impl in impls:
-        done = subprocess.run([sys.executable, "-m", "metareg.runs.bench", "--worker", impl, settings], capture_output=True, text=True)
+        done = subprocess.run(  # noqa: S603 (our own module)
+            [sys.executable, "-m", "metareg.runs.bench", "--worker", impl, settings],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             print(f"{impl}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
             continue
@@ -287,17 +328,26 @@ def _print_results(results: list[dict[str, Any]], per_step: int, unit: str) -> N
     for r in results:
         ratio = f"{base / r['seconds']:.2f}x" if base else "-"
         peak = r.get("peak_cuda_mb", r["peak_rss_mb"])
-        print(f"{r['impl']:<18}{r['seconds']:>9.4f}{per_step / r['seconds']:>13.1f}{1 / r['seconds']:>9.1f}{peak:>13.0f}{ratio:>10}")
+        print(
+            f"{r['impl']:<18}{r['seconds']:>9.4f}{per_step / r['seconds']:>13.1f}{1 / r['seconds']:>9.1f}"
+            f"{peak:>13.0f}{ratio:>10}"
+        )
 
 
 def run_joint_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     args.image_size = args.image_size or 32
-    print(f"bench: MetaPerturb joint step, {args.arch}, {args.tasks} tasks, {args.batch_size} images of {args.image_size}x{args.image_size} "
-          f"per task and pass, device {args.device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"bench: MetaPerturb joint step, {args.arch}, {args.tasks} tasks, {args.batch_size} images of "
+        f"{args.image_size}x{args.image_size} "
+        f"per task and pass, device {args.device}, torch threads {torch.get_num_threads()}"
+    )
     if not args.skip_check:
         worst = check_joint_gradients(args)
-        print(f"float64 gradients of theta and phi, engine (loop, vmap) vs plain loop: max relative difference {worst:.2e} "
-              f"({'same gradients' if worst < 1e-9 else 'MISMATCH'})")
+        print(
+            f"float64 gradients of theta and phi, engine (loop, vmap) vs plain loop: max relative difference "
+            f"{worst:.2e} "
+            f"({'same gradients' if worst < 1e-9 else 'MISMATCH'})"
+        )
     results = _run_workers(args, JOINT_IMPLEMENTATIONS)
     _print_results(results, 2 * args.tasks * args.batch_size, "images/s")
     return results
@@ -310,16 +360,27 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     shapes = [args.shape] if args.shape or not cuda else list(SHAPES)
     results = []
     for shape in shapes:
-        run = argparse.Namespace(**(vars(args) | SHAPES[shape or "omniglot-20w1s"]
-                                    | {k: v for k, v in vars(args).items() if k in SHAPES["omniglot-20w1s"] and v is not None}))
+        run = argparse.Namespace(
+            **(
+                vars(args)
+                | SHAPES[shape or "omniglot-20w1s"]
+                | {k: v for k, v in vars(args).items() if k in SHAPES["omniglot-20w1s"] and v is not None}
+            )
+        )
         device = torch.cuda.get_device_name(run.device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
-        print(f"bench {shape or 'omniglot-20w1s'}: {run.way}-way {run.shot}-shot, {run.query} queries, {run.image_size}x{run.image_size}x"
-              f"{run.in_channels}, Conv4-{run.channels}, {run.steps} inner steps, second order, meta-batch {run.meta_batch}, {device}")
+        print(
+            f"bench {shape or 'omniglot-20w1s'}: {run.way}-way {run.shot}-shot, {run.query} queries, "
+            f"{run.image_size}x{run.image_size}x"
+            f"{run.in_channels}, Conv4-{run.channels}, {run.steps} inner steps, second order, meta-batch "
+            f"{run.meta_batch}, {device}"
+        )
         if not run.skip_check:
             worst = check_gradients(run)
             verdict = "same meta-gradient" if worst < 1e-6 else "MISMATCH"
             print(f"float64 meta-gradient, engine vs reference: max relative difference {worst:.2e} ({verdict})")
-        impls = tuple(i for i in IMPLEMENTATIONS if (i != "engine-graph" or cuda) and (i != "reference+alloc" or not cuda))
+        impls = tuple(
+            i for i in IMPLEMENTATIONS if (i != "engine-graph" or cuda) and (i != "reference+alloc" or not cuda)
+        )
         found = _run_workers(run, impls)
         _print_results(found, run.meta_batch, "tasks/s")
         results += found

@@ -14,6 +14,7 @@ provenance records it too: a file swapped or edited is refused.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -46,15 +47,19 @@ def resolve(spec: str | Path) -> Path:
     against its provenance record."""
     if not is_builtin(spec):
         return Path(spec)
-    name = str(spec)[len(PREFIX):]
+    name = str(spec)[len(PREFIX) :]
     folder = FOLDER / name
     if name not in available():
-        raise CheckpointError(f"no built-in checkpoint {name!r}; `metareg checkpoints` lists them: {', '.join(available()) or 'none'}")
+        raise CheckpointError(
+            f"no built-in checkpoint {name!r}; `metareg checkpoints` lists them: {', '.join(available()) or 'none'}"
+        )
     record = provenance(name)
     _, meta = read_checkpoint_meta(folder, CHECKPOINT)
     if meta.get("sha256") != record.get("sha256") or meta.get("tensors") != record.get("tensors"):
-        raise CheckpointError(f"built-in checkpoint {name}: its checkpoint.json does not match its provenance record (edited files?); "
-                              "reinstall metareg")
+        raise CheckpointError(
+            f"built-in checkpoint {name}: its checkpoint.json does not match its provenance record (edited files?); "
+            "reinstall metareg"
+        )
     return folder
 
 
@@ -64,11 +69,22 @@ def provenance(name: str) -> dict[str, Any]:
 
 def _git_revision(cwd: Path) -> str:
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        git = shutil.which("git") or "git"
+        done = subprocess.run([git, "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)  # noqa: S603
+        dirty = subprocess.run(  # noqa: S603
+            [git, "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return done.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "") if done.returncode == 0 else "unknown"
+    return (
+        done.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "")
+        if done.returncode == 0
+        else "unknown"
+    )
 
 
 def pack(run: str | Path, name: str, *, command: str, machine: str, note: str = "", folder: Path = FOLDER) -> Path:
@@ -86,14 +102,30 @@ def pack(run: str | Path, name: str, *, command: str, machine: str, note: str = 
     if target.exists() and any(target.iterdir()):
         raise ConfigError(f"{target} exists: remove it first")
     params = {k: v for k, v in tensors.items() if k.startswith("param.")}
-    json_path = save_checkpoint(target, CHECKPOINT, params, {"config": config, "kind": "bilevel", "seconds": meta.get("seconds")},
-                                meta["step"])
+    json_path = save_checkpoint(
+        target, CHECKPOINT, params, {"config": config, "kind": "bilevel", "seconds": meta.get("seconds")}, meta["step"]
+    )
     record = json.loads(json_path.read_text())
     result = json.loads(test.read_text())
-    write_json_atomic(target / "provenance.json", {
-        "format": FORMAT, "tensors": record["tensors"], "sha256": record["sha256"], "preset": config.get("preset"),
-        "iterations": meta["step"], "training_seconds": round(float(meta.get("seconds") or 0), 1), "command": command,
-        "git_revision": _git_revision(Path(__file__).parent), "machine": machine, "note": note,
-        "test": {"mean": result["mean"], "ci95": result["ci95"], "episodes": result["episodes"], "protocol": result["protocol"]},
-    })
+    write_json_atomic(
+        target / "provenance.json",
+        {
+            "format": FORMAT,
+            "tensors": record["tensors"],
+            "sha256": record["sha256"],
+            "preset": config.get("preset"),
+            "iterations": meta["step"],
+            "training_seconds": round(float(meta.get("seconds") or 0), 1),
+            "command": command,
+            "git_revision": _git_revision(Path(__file__).parent),
+            "machine": machine,
+            "note": note,
+            "test": {
+                "mean": result["mean"],
+                "ci95": result["ci95"],
+                "episodes": result["episodes"],
+                "protocol": result["protocol"],
+            },
+        },
+    )
     return target

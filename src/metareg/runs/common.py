@@ -24,10 +24,16 @@ from ..nets import create_model, get_backbone
 from ..perturb import available as perturbations
 from .presets import get_preset
 
-IMAGE_CHANNELS = 3  # ordinary training takes RGB; grayscale data is repeated over 3 channels (as MetaPerturb's reference does)
+IMAGE_CHANNELS = (
+    3  # ordinary training takes RGB; grayscale data is repeated over 3 channels (as MetaPerturb's reference does)
+)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SCHEMAS = {"bilevel": Config, "meta-train": MetaTrainConfig, "transfer": TransferConfig}
-COMMANDS = {"bilevel": "metareg train", "meta-train": "metareg perturb meta-train", "transfer": "metareg perturb transfer"}
+COMMANDS = {
+    "bilevel": "metareg train",
+    "meta-train": "metareg perturb meta-train",
+    "transfer": "metareg perturb transfer",
+}
 
 
 def command_line() -> str:
@@ -40,8 +46,12 @@ def kind_of(config: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------- config
-def resolve(preset: str | None = None, file: str | Path | None = None, overrides: list[dict[str, Any]] | None = None,
-            schema: type = Config) -> Any:
+def resolve(
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: list[dict[str, Any]] | None = None,
+    schema: type = Config,
+) -> Any:
     """Defaults <- preset <- config file <- overrides, validated; ``schema`` is the kind of run
     (:class:`Config`, :class:`MetaTrainConfig` or :class:`TransferConfig`)."""
     kind = next(k for k, s in SCHEMAS.items() if s is schema)
@@ -116,10 +126,14 @@ def resolve_mc_batch(choice: str, device: torch.device, model: torch.nn.Module) 
     return choice == "batched"
 
 
-def build_network(name: str, num_classes: int, image_size: int, options: dict[str, Any], perturbation: Any = None) -> torch.nn.Module:
+def build_network(
+    name: str, num_classes: int, image_size: int, options: dict[str, Any], perturbation: Any = None
+) -> torch.nn.Module:
     """A backbone in its ordinary-training form (running batch-norm statistics, He init), RGB input."""
     extra = {} if perturbation is None else {"perturbation": perturbation}
-    return create_model(name, num_classes, in_channels=IMAGE_CHANNELS, image_size=image_size, standard=True, **extra, **options)
+    return create_model(
+        name, num_classes, in_channels=IMAGE_CHANNELS, image_size=image_size, standard=True, **extra, **options
+    )
 
 
 # -------------------------------------------------------------------------------- run folders
@@ -129,7 +143,9 @@ def prepare_run_folder(out: Path, resume: bool, config: Any, main: bool = True, 
     if started is None:
         check_run_folder(out, resume, CHECKPOINT)
     elif started and not resume:
-        raise ConfigError(f"run folder {out} already holds a started run: pass --resume to continue it, or choose another --out")
+        raise ConfigError(
+            f"run folder {out} already holds a started run: pass --resume to continue it, or choose another --out"
+        )
     elif resume and not started:
         raise CheckpointError(f"nothing to resume: {out} holds no started run")
     if main:

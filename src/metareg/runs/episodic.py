@@ -39,8 +39,16 @@ def is_regression(config: Config) -> bool:
 def build_source(config: Config, split: str, *, shot: int | None = None) -> TaskSource:
     """The task source of ``split``; ``shot`` overrides the configured shots (meta-test at K)."""
     data = config.data
-    return build_task_source(data.name, split, way=data.way, shot=shot or data.shot, query=data.query, root=data.root,
-                             image_size=data.image_size, **data.options)
+    return build_task_source(
+        data.name,
+        split,
+        way=data.way,
+        shot=shot or data.shot,
+        query=data.query,
+        root=data.root,
+        image_size=data.image_size,
+        **data.options,
+    )
 
 
 def build_learner(config: Config) -> BilevelLearner:
@@ -59,8 +67,14 @@ def build_learner(config: Config) -> BilevelLearner:
     fast = {n: params[n] for n in select_fast(model, config.inner.fast)}
     groups = model.layer_groups() if hasattr(model, "layer_groups") else None
     device = resolve_device(config.device)
-    inner = build_inner_rule(fast, step=config.inner.step, lr=config.inner.lr, steps=config.inner.steps, transforms=config.inner.transforms,
-                             groups=groups)
+    inner = build_inner_rule(
+        fast,
+        step=config.inner.step,
+        lr=config.inner.lr,
+        steps=config.inner.steps,
+        transforms=config.inner.transforms,
+        groups=groups,
+    )
     return BilevelLearner(
         model,
         inner,
@@ -71,15 +85,24 @@ def build_learner(config: Config) -> BilevelLearner:
         fast=config.inner.fast,
         mc_samples=config.inner.mc_samples,
         eval_mc_samples=config.inner.eval_mc_samples,
-        strategy=resolve_strategy(config.train.strategy, device, config.model.backbone, getattr(perturbation, "vmap_safe", True)),
+        strategy=resolve_strategy(
+            config.train.strategy, device, config.model.backbone, getattr(perturbation, "vmap_safe", True)
+        ),
         mc_batch=resolve_mc_batch(config.inner.mc_batch, device, model),
     )
 
 
 def _protocol(config: Config, split: str, shot: int) -> dict[str, Any]:
     d = config.data
-    return {"data": d.name, "split": split, "way": None if is_regression(config) else d.way, "shot": shot, "query": d.query,
-            "image_size": d.image_size, "options": d.options}
+    return {
+        "data": d.name,
+        "split": split,
+        "way": None if is_regression(config) else d.way,
+        "shot": shot,
+        "query": d.query,
+        "image_size": d.image_size,
+        "options": d.options,
+    }
 
 
 def meta_test(
@@ -116,8 +139,15 @@ def meta_test(
     )
 
 
-def train(config: Config, out: str | Path, *, resume: bool = False, progress: bool = True, deadline: float | None = None,
-          world: World | None = None) -> MetaTrainer:
+def train(
+    config: Config,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    deadline: float | None = None,
+    world: World | None = None,
+) -> MetaTrainer:
     """Meta-train ``config`` into run folder ``out`` (or continue it with ``resume``); past
     ``deadline`` (``time.monotonic()``) stop with a checkpoint (``trainer.finished`` is then false).
     Under torchrun (``world``, :func:`metareg.meta.distributed.session`) the processes share every
@@ -135,16 +165,40 @@ def train(config: Config, out: str | Path, *, resume: bool = False, progress: bo
         val_source = build_source(config, config.data.val_split)
 
         def validate(model: BilevelLearner) -> tuple[float, float]:
-            e = evaluate(model, val_source, episodes=config.train.val_episodes, seed=config.eval.seed + 1,
-                         tasks_per_batch=config.eval.tasks_per_batch, device=device, dtype=dtype, progress=False, world=world).estimate
+            e = evaluate(
+                model,
+                val_source,
+                episodes=config.train.val_episodes,
+                seed=config.eval.seed + 1,
+                tasks_per_batch=config.eval.tasks_per_batch,
+                device=device,
+                dtype=dtype,
+                progress=False,
+                world=world,
+            ).estimate
             return e.mean, e.ci95
 
     t = config.train
     trainer = MetaTrainer(
-        learner, source, out=out, iterations=t.iterations, meta_batch=t.meta_batch, meta_lr=t.meta_lr, clip=t.clip,
-        seed=config.seed, device=device, dtype=dtype, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-        val_every=t.val_every, validate=validate, meta={"config": config.to_dict(), "kind": "bilevel", "command": command_line()}, progress=progress,
-        cuda_graph=t.cuda_graph, deadline=deadline, world=world,
+        learner,
+        source,
+        out=out,
+        iterations=t.iterations,
+        meta_batch=t.meta_batch,
+        meta_lr=t.meta_lr,
+        clip=t.clip,
+        seed=config.seed,
+        device=device,
+        dtype=dtype,
+        log_every=t.log_every,
+        checkpoint_every=t.checkpoint_every,
+        val_every=t.val_every,
+        validate=validate,
+        meta={"config": config.to_dict(), "kind": "bilevel", "command": command_line()},
+        progress=progress,
+        cuda_graph=t.cuda_graph,
+        deadline=deadline,
+        world=world,
     )
     if resume:
         trainer.resume()
@@ -179,6 +233,8 @@ def compare(a: EvalResult, b: EvalResult) -> dict[str, Any]:
     if diff:
         raise ConfigError(f"the two results were not measured on the same episodes: {diff}")
     if a.scores.numel() < 2:
-        raise ConfigError(f"a paired comparison needs at least 2 episodes (its confidence interval comes from their spread), "
-                          f"got {a.scores.numel()}: test on more episodes")
+        raise ConfigError(
+            f"a paired comparison needs at least 2 episodes (its confidence interval comes from their spread), "
+            f"got {a.scores.numel()}: test on more episodes"
+        )
     return {"a": a.estimate, "b": b.estimate, "difference": paired_difference(a.scores, b.scores)}

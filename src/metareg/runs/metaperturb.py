@@ -53,12 +53,24 @@ def source_tasks(config: MetaTrainConfig) -> list[tuple[LabeledImages, LabeledIm
 
 def provenance(config: Any, seconds: float, processes: int = 1) -> dict[str, Any]:
     """How a stored artefact was made: the config, the command line, the version, the time."""
-    return {"config": config.to_dict(), "command": command_line(), "metareg": __version__,
-            "processes": processes, "training_seconds": round(seconds, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "config": config.to_dict(),
+        "command": command_line(),
+        "metareg": __version__,
+        "processes": processes,
+        "training_seconds": round(seconds, 1),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
-def meta_train(config: MetaTrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-               deadline: float | None = None) -> JointTrainer:
+def meta_train(
+    config: MetaTrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    deadline: float | None = None,
+) -> JointTrainer:
     """Meta-train phi (Algorithm 1) into run folder ``out``; under torchrun each process trains its
     share of the tasks. Returns the trainer (``learner.phi_state()`` is the result)."""
     out = Path(out)
@@ -80,22 +92,48 @@ def meta_train(config: MetaTrainConfig, out: str | Path, *, resume: bool = False
             return build_network(config.model.backbone, widest, size, config.model.options, factory)
 
         strategy = resolve_strategy(config.strategy, world.device, config.model.backbone)
-        learner = JointLearner(build, share, config.tasks, input_shape=(IMAGE_CHANNELS, size, size), strategy=strategy,
-                               classes=classes).to(world.device, dtype)
+        learner = JointLearner(
+            build, share, config.tasks, input_shape=(IMAGE_CHANNELS, size, size), strategy=strategy, classes=classes
+        ).to(world.device, dtype)
         world.broadcast(learner.phi_parameters())
         o = config.optim
-        trainer = JointTrainer(learner, [tasks[t] for t in share], world=world, out=out, steps=o.steps, batch_size=o.batch_size, lr=o.lr,
-                               weight_decay=o.weight_decay, augment=o.augment, seed=config.seed, dtype=dtype,
-                               channels=IMAGE_CHANNELS, log_every=o.log_every, checkpoint_every=o.checkpoint_every,
-                               meta={"config": config.to_dict(), "kind": "meta-train"}, progress=progress, deadline=deadline)
+        trainer = JointTrainer(
+            learner,
+            [tasks[t] for t in share],
+            world=world,
+            out=out,
+            steps=o.steps,
+            batch_size=o.batch_size,
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            augment=o.augment,
+            seed=config.seed,
+            dtype=dtype,
+            channels=IMAGE_CHANNELS,
+            log_every=o.log_every,
+            checkpoint_every=o.checkpoint_every,
+            meta={"config": config.to_dict(), "kind": "meta-train"},
+            progress=progress,
+            deadline=deadline,
+        )
         if resume:
             trainer.resume()
         trainer.run(resume_log=resume)
         if world.is_main and trainer.finished and config.perturb.name == "metaperturb":
-            source = {"data": config.data.name, "split": config.data.train_split, "image_size": size, "tasks": config.tasks,
-                      "classes": sum(t[0].num_classes for t in tasks), "train_images": sum(len(t[0]) for t in tasks)}
-            save_phi(out, learner.networks[0].perturbation_function, {"source": source, "backbone": config.model.backbone,
-                                                                      "steps": trainer.step} | provenance(config, trainer.seconds, world.size))
+            source = {
+                "data": config.data.name,
+                "split": config.data.train_split,
+                "image_size": size,
+                "tasks": config.tasks,
+                "classes": sum(t[0].num_classes for t in tasks),
+                "train_images": sum(len(t[0]) for t in tasks),
+            }
+            save_phi(
+                out,
+                learner.networks[0].perturbation_function,
+                {"source": source, "backbone": config.model.backbone, "steps": trainer.step}
+                | provenance(config, trainer.seconds, world.size),
+            )
         return trainer
     finally:
         distributed.teardown(world)

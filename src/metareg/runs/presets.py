@@ -32,13 +32,27 @@ _REFERENCE_FAST = ["blocks.*.conv.*", "head.weight", "head.bias"]
 
 def _omniglot(way: int, shot: int, lr: float, meta_lr: float) -> dict[str, Any]:
     return {
-        "data": {"name": "omniglot", "way": way, "shot": shot, "query": 15, "options": {"class_split": "vinyals"},
-                 # The 4800 meta-train classes of the Vinyals split include its validation classes,
-                 # so a validation score would not be held out: none is computed.
-                 "train_split": "trainval", "val_split": None},
+        "data": {
+            "name": "omniglot",
+            "way": way,
+            "shot": shot,
+            "query": 15,
+            "options": {"class_split": "vinyals"},
+            # The 4800 meta-train classes of the Vinyals split include its validation classes,
+            # so a validation score would not be held out: none is computed.
+            "train_split": "trainval",
+            "val_split": None,
+        },
         "model": {"backbone": "conv4", "options": {"channels": 64} | _REFERENCE_NET},
         "inner": {"step": "sgd", "lr": lr, "steps": 5, "fast": _REFERENCE_FAST},
-        "train": {"iterations": 60000, "meta_batch": 4, "meta_lr": meta_lr, "clip": 3.0, "val_every": 2000, "checkpoint_every": 500},
+        "train": {
+            "iterations": 60000,
+            "meta_batch": 4,
+            "meta_lr": meta_lr,
+            "clip": 3.0,
+            "val_every": 2000,
+            "checkpoint_every": 500,
+        },
     }
 
 
@@ -47,7 +61,14 @@ def _miniimagenet(shot: int) -> dict[str, Any]:
         "data": {"name": "miniimagenet", "way": 5, "shot": shot, "query": 15},
         "model": {"backbone": "conv4", "options": {"channels": 32} | _REFERENCE_NET},
         "inner": {"step": "sgd", "lr": 0.01, "steps": 5, "fast": _REFERENCE_FAST},
-        "train": {"iterations": 60000, "meta_batch": 4, "meta_lr": 1e-4, "clip": 3.0, "val_every": 2000, "checkpoint_every": 500},
+        "train": {
+            "iterations": 60000,
+            "meta_batch": 4,
+            "meta_lr": 1e-4,
+            "clip": 3.0,
+            "val_every": 2000,
+            "checkpoint_every": 500,
+        },
     }
 
 
@@ -57,7 +78,16 @@ def _sine(step: str) -> dict[str, Any]:
         "data": {"name": "sine", "shot": 10, "query": 10},
         "model": {"backbone": "mlp", "options": {"hidden": [40, 40], "init": "truncated_normal"}},
         "inner": {"step": step, "lr": 0.01, "steps": 1},
-        "train": {"iterations": 60000, "meta_batch": 4, "meta_lr": 1e-3, "clip": None, "val_every": 5000, "val_episodes": 500, "log_every": 100, "checkpoint_every": 5000},
+        "train": {
+            "iterations": 60000,
+            "meta_batch": 4,
+            "meta_lr": 1e-3,
+            "clip": None,
+            "val_every": 5000,
+            "val_episodes": 500,
+            "log_every": 100,
+            "checkpoint_every": 5000,
+        },
         "eval": {"tasks_per_batch": 100},
     }
 
@@ -80,15 +110,47 @@ PRESETS: dict[str, Preset] = {
                 "data": {"name": "glyphs", "way": 5, "shot": 1, "query": 15},
                 "model": {"backbone": "conv4", "options": {"channels": 32}},
                 "inner": {"step": "sgd", "lr": 0.4, "steps": 3, "eval_steps": 5},
-                "train": {"iterations": 600, "meta_batch": 4, "meta_lr": 1e-3, "val_every": 200, "val_episodes": 100, "checkpoint_every": 100},
+                "train": {
+                    "iterations": 600,
+                    "meta_batch": 4,
+                    "meta_lr": 1e-3,
+                    "val_every": 200,
+                    "val_episodes": 100,
+                    "checkpoint_every": 100,
+                },
                 "eval": {"episodes": 1000},
             },
         ),
-        Preset("omniglot-20w1s", "MAML, Conv4-64, Omniglot 20-way 1-shot (Vinyals split)", "Meta-Dropout Table 1, MAML, Omniglot 20-way 1-shot: 95.23 +- 0.17", _omniglot(20, 1, 0.1, 3e-4)),
-        Preset("omniglot-20w5s", "MAML, Conv4-64, Omniglot 20-way 5-shot (Vinyals split)", "Meta-Dropout Table 1, MAML, Omniglot 20-way 5-shot: 98.38 +- 0.07", _omniglot(20, 5, 0.4, 1e-3)),
-        Preset("miniimagenet-5w1s", "MAML, Conv4-32, miniImageNet 5-way 1-shot", "Meta-Dropout Table 1, MAML, miniImageNet 5-way 1-shot: 49.58 +- 0.65", _miniimagenet(1)),
-        Preset("miniimagenet-5w5s", "MAML, Conv4-32, miniImageNet 5-way 5-shot", "Meta-Dropout Table 1, MAML, miniImageNet 5-way 5-shot: 64.55 +- 0.52", _miniimagenet(5)),
-        Preset("sine-10shot", "MAML, 1-40-40-1 MLP, sine regression 10-shot, one inner step, alpha 0.01", "MT-net thesis Table 6.1, MAML, 10-shot: MSE 0.71 +- 0.07", _sine("sgd")),
+        Preset(
+            "omniglot-20w1s",
+            "MAML, Conv4-64, Omniglot 20-way 1-shot (Vinyals split)",
+            "Meta-Dropout Table 1, MAML, Omniglot 20-way 1-shot: 95.23 +- 0.17",
+            _omniglot(20, 1, 0.1, 3e-4),
+        ),
+        Preset(
+            "omniglot-20w5s",
+            "MAML, Conv4-64, Omniglot 20-way 5-shot (Vinyals split)",
+            "Meta-Dropout Table 1, MAML, Omniglot 20-way 5-shot: 98.38 +- 0.07",
+            _omniglot(20, 5, 0.4, 1e-3),
+        ),
+        Preset(
+            "miniimagenet-5w1s",
+            "MAML, Conv4-32, miniImageNet 5-way 1-shot",
+            "Meta-Dropout Table 1, MAML, miniImageNet 5-way 1-shot: 49.58 +- 0.65",
+            _miniimagenet(1),
+        ),
+        Preset(
+            "miniimagenet-5w5s",
+            "MAML, Conv4-32, miniImageNet 5-way 5-shot",
+            "Meta-Dropout Table 1, MAML, miniImageNet 5-way 5-shot: 64.55 +- 0.52",
+            _miniimagenet(5),
+        ),
+        Preset(
+            "sine-10shot",
+            "MAML, 1-40-40-1 MLP, sine regression 10-shot, one inner step, alpha 0.01",
+            "MT-net thesis Table 6.1, MAML, 10-shot: MSE 0.71 +- 0.07",
+            _sine("sgd"),
+        ),
     ]
 }
 PRESETS |= {
@@ -140,17 +202,50 @@ _BASES = {  # preset -> (its column in the tables, the column's name)
     "miniimagenet-5w5s": (3, "miniImageNet 5-way 5-shot"),
 }
 _TABLE_1 = {  # (suffix, label, perturbation, step, numbers for the four bases)
-    "metadropout": ("MAML + Meta-dropout", "meta-dropout", "sgd", ("96.63 +- 0.13", "98.73 +- 0.06", "51.93 +- 0.67", "67.42 +- 0.52")),
-    "metasgd-metadropout": ("Meta-SGD + Meta-dropout", "meta-dropout", "meta-sgd", ("97.02 +- 0.13", "99.05 +- 0.05", "50.87 +- 0.63", "65.55 +- 0.57")),
+    "metadropout": (
+        "MAML + Meta-dropout",
+        "meta-dropout",
+        "sgd",
+        ("96.63 +- 0.13", "98.73 +- 0.06", "51.93 +- 0.67", "67.42 +- 0.52"),
+    ),
+    "metasgd-metadropout": (
+        "Meta-SGD + Meta-dropout",
+        "meta-dropout",
+        "meta-sgd",
+        ("97.02 +- 0.13", "99.05 +- 0.05", "50.87 +- 0.63", "65.55 +- 0.57"),
+    ),
 }
 _TABLE_3 = {
-    "fixed-gaussian": ("Fixed Gaussian", "fixed-gaussian", "sgd", ("95.44 +- 0.17", "98.99 +- 0.06", "49.39 +- 0.63", "66.84 +- 0.54")),
-    "independent-gaussian": ("Independent Gaussian", "independent-gaussian", "sgd", ("94.36 +- 0.18", "98.26 +- 0.08", "50.31 +- 0.64", "66.97 +- 0.54")),
-    "weight-gaussian": ("Weight Gaussian", "weight-gaussian", "sgd", ("94.32 +- 0.18", "98.35 +- 0.07", "49.37 +- 0.64", "64.78 +- 0.54")),
-    "metadropout-deterministic": ("Deterministic Meta-dropout", "meta-dropout-deterministic", "sgd",
-                                  ("95.99 +- 0.14", "97.78 +- 0.09", "50.75 +- 0.63", "65.62 +- 0.53")),
-    "metadropout-learned-variance": ("Meta-dropout w/ learned variance", "meta-dropout-learned-variance", "sgd",
-                                     ("95.98 +- 0.15", "98.87 +- 0.06", "50.93 +- 0.68", "66.15 +- 0.56")),
+    "fixed-gaussian": (
+        "Fixed Gaussian",
+        "fixed-gaussian",
+        "sgd",
+        ("95.44 +- 0.17", "98.99 +- 0.06", "49.39 +- 0.63", "66.84 +- 0.54"),
+    ),
+    "independent-gaussian": (
+        "Independent Gaussian",
+        "independent-gaussian",
+        "sgd",
+        ("94.36 +- 0.18", "98.26 +- 0.08", "50.31 +- 0.64", "66.97 +- 0.54"),
+    ),
+    "weight-gaussian": (
+        "Weight Gaussian",
+        "weight-gaussian",
+        "sgd",
+        ("94.32 +- 0.18", "98.35 +- 0.07", "49.37 +- 0.64", "64.78 +- 0.54"),
+    ),
+    "metadropout-deterministic": (
+        "Deterministic Meta-dropout",
+        "meta-dropout-deterministic",
+        "sgd",
+        ("95.99 +- 0.14", "97.78 +- 0.09", "50.75 +- 0.63", "65.62 +- 0.53"),
+    ),
+    "metadropout-learned-variance": (
+        "Meta-dropout w/ learned variance",
+        "meta-dropout-learned-variance",
+        "sgd",
+        ("95.98 +- 0.15", "98.87 +- 0.06", "50.93 +- 0.68", "66.15 +- 0.56"),
+    ),
 }
 for _table, _rows in (("Table 1", _TABLE_1), ("Table 3", _TABLE_3)):
     for _suffix, (_label, _perturbation, _step, _numbers) in _rows.items():
@@ -161,8 +256,11 @@ for _table, _rows in (("Table 1", _TABLE_1), ("Table 3", _TABLE_3)):
                 f"{_base}-{_suffix}",
                 _p.description.replace("MAML", _label if _table == "Table 1" else f"MAML + {_label}", 1),
                 f"Meta-Dropout {_table}, {_label}, {_setting}: {_numbers[_column]}",
-                _with(_p.values, model={"perturbation": _perturbation},
-                      inner={"step": _step, "mc_samples": 1, "eval_mc_samples": 30 if _stochastic else 1}),
+                _with(
+                    _p.values,
+                    model={"perturbation": _perturbation},
+                    inner={"step": _step, "mc_samples": 1, "eval_mc_samples": 30 if _stochastic else 1},
+                ),
             )
 
 
@@ -172,41 +270,83 @@ for _table, _rows in (("Table 1", _TABLE_1), ("Table 3", _TABLE_3)):
 # beta rows: the numbers below follow the rows in the order the text gives them (its "0.1" row,
 # 96.55 / 99.04 / 50.25 / 66.78, has no legible label and is not mapped).
 _TABLE_2 = {  # suffix: (label, perturbation, options, numbers for the four bases)
-    "manifold-mixup-g0.2": ("Input & Manifold Mixup, gamma = 0.2", "manifold-mixup", {"gamma": 0.2},
-                            ("89.78 +- 0.25", "97.86 +- 0.08", "48.62 +- 0.66", "63.86 +- 0.53")),
-    "manifold-mixup-g1": ("Input & Manifold Mixup, gamma = 1", "manifold-mixup", {"gamma": 1.0},
-                          ("87.00 +- 0.28", "97.27 +- 0.10", "48.24 +- 0.62", "62.32 +- 0.54")),
-    "manifold-mixup-g2": ("Input & Manifold Mixup, gamma = 2", "manifold-mixup", {"gamma": 2.0},
-                          ("87.26 +- 0.28", "97.14 +- 0.17", "48.42 +- 0.64", "62.56 +- 0.55")),
-    "vib": ("Variational Information Bottleneck, beta = 1e-5", "vib", {"beta": 1e-5},
-            ("92.09 +- 0.22", "98.85 +- 0.07", "48.12 +- 0.65", "64.78 +- 0.54")),
-    "information-dropout-b1e-4": ("Information Dropout (ReLU), beta = 1e-4", "information-dropout", {"beta": 1e-4},
-                                  ("93.01 +- 0.20", "98.80 +- 0.07", "46.75 +- 0.63", "64.07 +- 0.54")),
-    "information-dropout-b1e-3": ("Information Dropout (ReLU), beta = 1e-3", "information-dropout", {"beta": 1e-3},
-                                  ("94.98 +- 0.16", "98.75 +- 0.07", "47.59 +- 0.60", "63.30 +- 0.53")),
-    "information-dropout-b1e-5": ("Information Dropout (ReLU), beta = 1e-5", "information-dropout", {"beta": 1e-5},
-                                  ("94.49 +- 0.17", "98.50 +- 0.07", "50.36 +- 0.68", "65.91 +- 0.55")),
-    "metadropout-kl1e-4": ("Meta-dropout, beta = 1e-4", "meta-dropout", {"kl": 1e-4},
-                           ("94.36 +- 0.17", "98.53 +- 0.07", "49.14 +- 0.63", "64.96 +- 0.54")),
-    "metadropout-kl1e-3": ("Meta-dropout, beta = 1e-3", "meta-dropout", {"kl": 1e-3},
-                           ("94.28 +- 0.17", "98.65 +- 0.07", "43.78 +- 0.61", "63.36 +- 0.56")),
+    "manifold-mixup-g0.2": (
+        "Input & Manifold Mixup, gamma = 0.2",
+        "manifold-mixup",
+        {"gamma": 0.2},
+        ("89.78 +- 0.25", "97.86 +- 0.08", "48.62 +- 0.66", "63.86 +- 0.53"),
+    ),
+    "manifold-mixup-g1": (
+        "Input & Manifold Mixup, gamma = 1",
+        "manifold-mixup",
+        {"gamma": 1.0},
+        ("87.00 +- 0.28", "97.27 +- 0.10", "48.24 +- 0.62", "62.32 +- 0.54"),
+    ),
+    "manifold-mixup-g2": (
+        "Input & Manifold Mixup, gamma = 2",
+        "manifold-mixup",
+        {"gamma": 2.0},
+        ("87.26 +- 0.28", "97.14 +- 0.17", "48.42 +- 0.64", "62.56 +- 0.55"),
+    ),
+    "vib": (
+        "Variational Information Bottleneck, beta = 1e-5",
+        "vib",
+        {"beta": 1e-5},
+        ("92.09 +- 0.22", "98.85 +- 0.07", "48.12 +- 0.65", "64.78 +- 0.54"),
+    ),
+    "information-dropout-b1e-4": (
+        "Information Dropout (ReLU), beta = 1e-4",
+        "information-dropout",
+        {"beta": 1e-4},
+        ("93.01 +- 0.20", "98.80 +- 0.07", "46.75 +- 0.63", "64.07 +- 0.54"),
+    ),
+    "information-dropout-b1e-3": (
+        "Information Dropout (ReLU), beta = 1e-3",
+        "information-dropout",
+        {"beta": 1e-3},
+        ("94.98 +- 0.16", "98.75 +- 0.07", "47.59 +- 0.60", "63.30 +- 0.53"),
+    ),
+    "information-dropout-b1e-5": (
+        "Information Dropout (ReLU), beta = 1e-5",
+        "information-dropout",
+        {"beta": 1e-5},
+        ("94.49 +- 0.17", "98.50 +- 0.07", "50.36 +- 0.68", "65.91 +- 0.55"),
+    ),
+    "metadropout-kl1e-4": (
+        "Meta-dropout, beta = 1e-4",
+        "meta-dropout",
+        {"kl": 1e-4},
+        ("94.36 +- 0.17", "98.53 +- 0.07", "49.14 +- 0.63", "64.96 +- 0.54"),
+    ),
+    "metadropout-kl1e-3": (
+        "Meta-dropout, beta = 1e-3",
+        "meta-dropout",
+        {"kl": 1e-3},
+        ("94.28 +- 0.17", "98.65 +- 0.07", "43.78 +- 0.61", "63.36 +- 0.56"),
+    ),
 }
 for _suffix, (_label, _perturbation, _options, _numbers) in _TABLE_2.items():
     for _base, (_column, _setting) in _BASES.items():
         _p = PRESETS[_base]
         PRESETS[f"{_base}-{_suffix}"] = Preset(
-            f"{_base}-{_suffix}", _p.description.replace("MAML", f"MAML + {_label}", 1),
+            f"{_base}-{_suffix}",
+            _p.description.replace("MAML", f"MAML + {_label}", 1),
             f"Meta-Dropout Table 2, {_label}, {_setting}: {_numbers[_column]}",
-            _with(_p.values, model={"perturbation": _perturbation, "perturbation_options": _options},
-                  inner={"mc_samples": 1, "eval_mc_samples": 30}),
+            _with(
+                _p.values,
+                model={"perturbation": _perturbation, "perturbation_options": _options},
+                inner={"mc_samples": 1, "eval_mc_samples": 30},
+            ),
         )
 # Figure 5's adversarial-training baselines: FGSM examples of size epsilon in the inner steps.
 for _base, (_column, _setting) in _BASES.items():
-    for _epsilon in ((0.1, 0.3) if _base.startswith("omniglot") else (0.01, 0.1)):
+    for _epsilon in (0.1, 0.3) if _base.startswith("omniglot") else (0.01, 0.1):
         _p = PRESETS[_base]
         PRESETS[f"{_base}-adversarial-e{_epsilon:g}"] = Preset(
-            f"{_base}-adversarial-e{_epsilon:g}", _p.description.replace("MAML", f"MAML + inner-loop FGSM (epsilon {_epsilon:g})", 1),
-            f"Meta-Dropout Figure 5, adversarial-learning baseline (epsilon {_epsilon:g}), {_setting}: robustness curves only",
+            f"{_base}-adversarial-e{_epsilon:g}",
+            _p.description.replace("MAML", f"MAML + inner-loop FGSM (epsilon {_epsilon:g})", 1),
+            f"Meta-Dropout Figure 5, adversarial-learning baseline (epsilon {_epsilon:g}), {_setting}: "
+            f"robustness curves only",
             _with(_p.values, model={"perturbation": "adversarial", "perturbation_options": {"epsilon": _epsilon}}),
         )
 
@@ -220,8 +360,11 @@ for _base, (_column, _setting) in _BASES.items():
         f"{_base}-metaperturb",
         _p.description.replace("MAML", "MAML + MetaPerturb (phi learned through the inner loop)", 1),
         "none (a composition of the design's axes: MetaPerturb's phi in the bilevel scheme)",
-        _with(_p.values, model={"perturbation": "metaperturb", "perturbation_options": {"phi": "learned"}},
-              inner={"mc_samples": 1, "eval_mc_samples": 30}),
+        _with(
+            _p.values,
+            model={"perturbation": "metaperturb", "perturbation_options": {"phi": "learned"}},
+            inner={"mc_samples": 1, "eval_mc_samples": 30},
+        ),
     )
 
 
@@ -232,8 +375,12 @@ for _base, (_column, _setting) in _BASES.items():
 # targets are not in this machine's data; the miniImageNet / Omniglot presets are our CPU-sized
 # stand-ins (fewer steps, smaller batches), labelled as such.
 def _meta_train(name: str, size: int = 32, steps: int = 750, batch: int = 128, **data: Any) -> dict[str, Any]:
-    return {"data": {"name": name, "train_split": "train", "image_size": size} | data, "model": {"backbone": "resnet20"},
-            "optim": {"steps": steps, "batch_size": batch, "milestones": [], "log_every": 10, "checkpoint_every": 50}, "tasks": 10}
+    return {
+        "data": {"name": name, "train_split": "train", "image_size": size} | data,
+        "model": {"backbone": "resnet20"},
+        "optim": {"steps": steps, "batch_size": batch, "milestones": [], "log_every": 10, "checkpoint_every": 50},
+        "tasks": 10,
+    }
 
 
 # Measured on 2 CPU cores: ResNet20, 64 images of 32x32 per step (forward and backward): 0.35 s bare,
@@ -244,66 +391,165 @@ _RESNET20_STEP = (0.35, 0.70)
 def _cost(size: int, steps: int = 10000, batch: int = 128) -> str:
     scale = steps * batch / 64 * (size / 32) ** 2 / 3600
     base, perturbed = (t * scale for t in _RESNET20_STEP)
-    return (f"~{base:.0f} h (Base) / ~{perturbed:.0f} h (MetaPerturb) on 2 CPU cores for {steps} steps of {batch} images of "
-            f"{size}x{size} (estimated from measured ResNet20 step times; the paper's schedule: run it on a GPU, in --time-budget chunks)")
+    return (
+        f"~{base:.0f} h (Base) / ~{perturbed:.0f} h (MetaPerturb) on 2 CPU cores for {steps} steps of {batch} "
+        f"images of "
+        f"{size}x{size} (estimated from measured ResNet20 step times; the paper's schedule: run it on a GPU, in "
+        f"--time-budget chunks)"
+    )
 
 
-def _transfer(name: str, size: int, steps: int = 10000, batch: int = 128, backbone: str = "resnet20", **data: Any) -> dict[str, Any]:
-    return {"data": {"name": name, "image_size": size} | data, "model": {"backbone": backbone},
-            "optim": {"steps": steps, "batch_size": batch, "log_every": 50, "checkpoint_every": 500}}
+def _transfer(
+    name: str, size: int, steps: int = 10000, batch: int = 128, backbone: str = "resnet20", **data: Any
+) -> dict[str, Any]:
+    return {
+        "data": {"name": name, "image_size": size} | data,
+        "model": {"backbone": backbone},
+        "optim": {"steps": steps, "batch_size": batch, "log_every": 50, "checkpoint_every": 500},
+    }
 
 
 _TABLE1 = "MetaPerturb Table 1 (ResNet20, source TIN), Base / MetaPerturb / FT / FT + MetaPerturb"
 _PERTURB_PRESETS = [
-    Preset("perturb-quickstart", "MetaPerturb meta-training on the built-in glyphs: 10 tasks of 5 classes, Conv4-32, 28x28, "
-           "200 steps, a few minutes on 2 CPU cores", "none (built-in data; checks that everything runs)",
-           _meta_train("glyphs", 28, 200, 32, classes=50, options={"num_classes": 50}) | {"model": {"backbone": "conv4", "options": {"channels": 32}}},
-           "meta-train"),
-    Preset("perturb-quickstart-metadropout", "The joint scheme (MetaPerturb's Algorithm 1) learning Meta-Dropout's noise generators "
-           "instead of MetaPerturb's phi: the built-in glyphs, 10 tasks of 5 classes, Conv4-32, 28x28, 200 steps",
-           "none (a composition of the design's axes: Meta-Dropout's phi in the joint scheme)",
-           _meta_train("glyphs", 28, 200, 32, classes=50, options={"num_classes": 50})
-           | {"model": {"backbone": "conv4", "options": {"channels": 32}}, "perturb": {"name": "meta-dropout"}}, "meta-train"),
-    Preset("perturb-tinyimagenet-resnet20", "MetaPerturb meta-training as in the paper: Tiny ImageNet's 200 classes in 10 tasks, "
-           "ResNet20, 32x32, batch 128, 750 steps", "MetaPerturb Section 4.1 source (the phi behind Tables 1-3)",
-           _meta_train("tinyimagenet"), "meta-train"),
-    Preset("perturb-miniimagenet-resnet20", "MetaPerturb meta-training on miniImageNet's 64 meta-train classes (100 images each) "
-           "in 10 tasks, ResNet20, 32x32, batch 32, 300 steps (CPU-sized stand-in for Tiny ImageNet)",
-           "none directly (the paper's source is Tiny ImageNet); the shipped phi", _meta_train("miniimagenet", 32, 300, 32), "meta-train"),
-    Preset("transfer-quickstart", "Train Conv4-32 on 20 glyph classes (10 images each, 10 more for testing) with the shipped phi, "
-           "28x28, 300 steps", "none (built-in data)",
-           _transfer("glyphs", 28, 300, 32, "conv4", train_split="test", test_split="test", classes=20, train_per_class=10,
-                     options={"num_classes": 20}) | {"model": {"backbone": "conv4", "options": {"channels": 32}}}
-           | {"perturb": {"mc_samples": 10}, "against_base": True}, "transfer"),
-    Preset("transfer-miniimagenet", "ResNet20 on miniImageNet's 20 meta-test classes, 50 training and 50 test images per class, "
-           "32x32, batch 64, 1000 steps (a data-scarce target, CPU-sized)", "none directly (our stand-in for the paper's targets)",
-           _transfer("miniimagenet", 32, 1000, 64, train_split="test", test_split="test", train_per_class=50) | {"perturb": {"mc_samples": 30}},
-           "transfer"),
-    Preset("transfer-omniglot", "ResNet20 on 100 Omniglot characters of the Vinyals test split, 10 training and 10 test drawings "
-           "each, 32x32, batch 64, 1000 steps (a target dissimilar to the source)", "none directly (a dissimilar domain)",
-           _transfer("omniglot", 32, 1000, 64, train_split="test", test_split="test", classes=100, train_per_class=10) | {"perturb": {"mc_samples": 30}},
-           "transfer"),
-    Preset("source-miniimagenet", "ResNet20 trained without perturbation on miniImageNet's 64 meta-train classes (90 training, "
-           "10 test images each), 32x32, batch 64, 2000 steps: the source network for fine-tuning baselines",
-           "MetaPerturb's Finetuning baseline (source network; paper: Tiny ImageNet)",
-           _transfer("miniimagenet", 32, 2000, 64, train_split="train", test_split="train", train_per_class=90) | {"perturb": {"name": "none"}},
-           "transfer"),
-    Preset("transfer-stl10", "ResNet20 on STL-10 (5000 training images), 32x32", f"{_TABLE1}, STL10: 66.78 / 69.98 / 77.16 / 78.27",
-           _transfer("stl10", 32), "transfer", _cost(32)),
-    Preset("transfer-scifar100", "ResNet20 on small CIFAR-100 (50 training images per class), 32x32",
-           f"{_TABLE1}, s-CIFAR100: 31.79 / 34.57 / 43.69 / 47.41", _transfer("cifar100", 32, train_per_class=50), "transfer", _cost(32)),
-    Preset("transfer-dogs", "ResNet20 on Stanford Dogs, 84x84", f"{_TABLE1}, Dogs: 34.65 / 38.41 / 40.09 / 46.06",
-           _transfer("stanford-dogs", 84), "transfer", _cost(84)),
-    Preset("transfer-cars", "ResNet20 on Stanford Cars, 84x84", f"{_TABLE1}, Cars: 44.34 / 62.46 / 58.61 / 73.04",
-           _transfer("stanford-cars", 84), "transfer", _cost(84)),
-    Preset("transfer-aircraft", "ResNet20 on FGVC-Aircraft (100 variants, trainval for training), 84x84",
-           f"{_TABLE1}, Aircraft: 59.23 / 65.87 / 66.03 / 72.34", _transfer("aircraft", 84, train_split="trainval"), "transfer", _cost(84)),
-    Preset("transfer-cub", "ResNet20 on CUB-200-2011, 84x84", f"{_TABLE1}, CUB: 30.63 / 42.01 / 34.89 / 48.60",
-           _transfer("cub", 84), "transfer", _cost(84)),
-    Preset("transfer-ssvhn", "small SVHN (500 training images per class), 32x32; choose the backbone with --arch",
-           "MetaPerturb Table 2 (source ResNet20 on TIN), Base / MetaPerturb: Conv4 83.93 / 86.61, Conv6 86.14 / 88.59, "
-           "VGG9 88.44 / 90.24, ResNet20 87.96 / 90.70, ResNet44 88.94 / 90.97, WRN-28-2 88.95 / 90.88",
-           _transfer("svhn", 32, train_per_class=500), "transfer", _cost(32)),
+    Preset(
+        "perturb-quickstart",
+        "MetaPerturb meta-training on the built-in glyphs: 10 tasks of 5 classes, Conv4-32, 28x28, "
+        "200 steps, a few minutes on 2 CPU cores",
+        "none (built-in data; checks that everything runs)",
+        _meta_train("glyphs", 28, 200, 32, classes=50, options={"num_classes": 50})
+        | {"model": {"backbone": "conv4", "options": {"channels": 32}}},
+        "meta-train",
+    ),
+    Preset(
+        "perturb-quickstart-metadropout",
+        "The joint scheme (MetaPerturb's Algorithm 1) learning Meta-Dropout's noise generators "
+        "instead of MetaPerturb's phi: the built-in glyphs, 10 tasks of 5 classes, Conv4-32, 28x28, 200 steps",
+        "none (a composition of the design's axes: Meta-Dropout's phi in the joint scheme)",
+        _meta_train("glyphs", 28, 200, 32, classes=50, options={"num_classes": 50})
+        | {"model": {"backbone": "conv4", "options": {"channels": 32}}, "perturb": {"name": "meta-dropout"}},
+        "meta-train",
+    ),
+    Preset(
+        "perturb-tinyimagenet-resnet20",
+        "MetaPerturb meta-training as in the paper: Tiny ImageNet's 200 classes in 10 tasks, "
+        "ResNet20, 32x32, batch 128, 750 steps",
+        "MetaPerturb Section 4.1 source (the phi behind Tables 1-3)",
+        _meta_train("tinyimagenet"),
+        "meta-train",
+    ),
+    Preset(
+        "perturb-miniimagenet-resnet20",
+        "MetaPerturb meta-training on miniImageNet's 64 meta-train classes (100 images each) "
+        "in 10 tasks, ResNet20, 32x32, batch 32, 300 steps (CPU-sized stand-in for Tiny ImageNet)",
+        "none directly (the paper's source is Tiny ImageNet); the shipped phi",
+        _meta_train("miniimagenet", 32, 300, 32),
+        "meta-train",
+    ),
+    Preset(
+        "transfer-quickstart",
+        "Train Conv4-32 on 20 glyph classes (10 images each, 10 more for testing) with the shipped phi, "
+        "28x28, 300 steps",
+        "none (built-in data)",
+        _transfer(
+            "glyphs",
+            28,
+            300,
+            32,
+            "conv4",
+            train_split="test",
+            test_split="test",
+            classes=20,
+            train_per_class=10,
+            options={"num_classes": 20},
+        )
+        | {"model": {"backbone": "conv4", "options": {"channels": 32}}}
+        | {"perturb": {"mc_samples": 10}, "against_base": True},
+        "transfer",
+    ),
+    Preset(
+        "transfer-miniimagenet",
+        "ResNet20 on miniImageNet's 20 meta-test classes, 50 training and 50 test images per class, "
+        "32x32, batch 64, 1000 steps (a data-scarce target, CPU-sized)",
+        "none directly (our stand-in for the paper's targets)",
+        _transfer("miniimagenet", 32, 1000, 64, train_split="test", test_split="test", train_per_class=50)
+        | {"perturb": {"mc_samples": 30}},
+        "transfer",
+    ),
+    Preset(
+        "transfer-omniglot",
+        "ResNet20 on 100 Omniglot characters of the Vinyals test split, 10 training and 10 test drawings "
+        "each, 32x32, batch 64, 1000 steps (a target dissimilar to the source)",
+        "none directly (a dissimilar domain)",
+        _transfer("omniglot", 32, 1000, 64, train_split="test", test_split="test", classes=100, train_per_class=10)
+        | {"perturb": {"mc_samples": 30}},
+        "transfer",
+    ),
+    Preset(
+        "source-miniimagenet",
+        "ResNet20 trained without perturbation on miniImageNet's 64 meta-train classes (90 training, "
+        "10 test images each), 32x32, batch 64, 2000 steps: the source network for fine-tuning baselines",
+        "MetaPerturb's Finetuning baseline (source network; paper: Tiny ImageNet)",
+        _transfer("miniimagenet", 32, 2000, 64, train_split="train", test_split="train", train_per_class=90)
+        | {"perturb": {"name": "none"}},
+        "transfer",
+    ),
+    Preset(
+        "transfer-stl10",
+        "ResNet20 on STL-10 (5000 training images), 32x32",
+        f"{_TABLE1}, STL10: 66.78 / 69.98 / 77.16 / 78.27",
+        _transfer("stl10", 32),
+        "transfer",
+        _cost(32),
+    ),
+    Preset(
+        "transfer-scifar100",
+        "ResNet20 on small CIFAR-100 (50 training images per class), 32x32",
+        f"{_TABLE1}, s-CIFAR100: 31.79 / 34.57 / 43.69 / 47.41",
+        _transfer("cifar100", 32, train_per_class=50),
+        "transfer",
+        _cost(32),
+    ),
+    Preset(
+        "transfer-dogs",
+        "ResNet20 on Stanford Dogs, 84x84",
+        f"{_TABLE1}, Dogs: 34.65 / 38.41 / 40.09 / 46.06",
+        _transfer("stanford-dogs", 84),
+        "transfer",
+        _cost(84),
+    ),
+    Preset(
+        "transfer-cars",
+        "ResNet20 on Stanford Cars, 84x84",
+        f"{_TABLE1}, Cars: 44.34 / 62.46 / 58.61 / 73.04",
+        _transfer("stanford-cars", 84),
+        "transfer",
+        _cost(84),
+    ),
+    Preset(
+        "transfer-aircraft",
+        "ResNet20 on FGVC-Aircraft (100 variants, trainval for training), 84x84",
+        f"{_TABLE1}, Aircraft: 59.23 / 65.87 / 66.03 / 72.34",
+        _transfer("aircraft", 84, train_split="trainval"),
+        "transfer",
+        _cost(84),
+    ),
+    Preset(
+        "transfer-cub",
+        "ResNet20 on CUB-200-2011, 84x84",
+        f"{_TABLE1}, CUB: 30.63 / 42.01 / 34.89 / 48.60",
+        _transfer("cub", 84),
+        "transfer",
+        _cost(84),
+    ),
+    Preset(
+        "transfer-ssvhn",
+        "small SVHN (500 training images per class), 32x32; choose the backbone with --arch",
+        "MetaPerturb Table 2 (source ResNet20 on TIN), Base / MetaPerturb: Conv4 83.93 / 86.61, Conv6 86.14 / 88.59, "
+        "VGG9 88.44 / 90.24, ResNet20 87.96 / 90.70, ResNet44 88.94 / 90.97, WRN-28-2 88.95 / 90.88",
+        _transfer("svhn", 32, train_per_class=500),
+        "transfer",
+        _cost(32),
+    ),
 ]
 PRESETS |= {p.name: p for p in _PERTURB_PRESETS}
 

@@ -13,7 +13,9 @@ loss became NaN/Inf is reported as diverged, not hidden.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import re
 import statistics
@@ -69,12 +71,22 @@ def _table_6_1() -> Experiment:
         "MT-net": ("sine-10shot-mtnet", ["0.76 +- 0.09", "0.49 +- 0.05", "0.33 +- 0.04"]),
     }
     runs = tuple(
-        Run(preset.removeprefix("sine-10shot-") if preset != "sine-10shot" else "maml", preset, shots=(5, 10, 20),
-            paper=dict(zip((5, 10, 20), values)), row=label)
+        Run(
+            preset.removeprefix("sine-10shot-") if preset != "sine-10shot" else "maml",
+            preset,
+            shots=(5, 10, 20),
+            paper=dict(zip((5, 10, 20), values)),
+            row=label,
+        )
         for label, (preset, values) in paper.items()
     )
-    return Experiment("mtnet-table-6.1", "Sine regression, meta-trained 10-shot, MSE after adaptation with K shots",
-                      "MT-net thesis Table 6.1", runs, ("5-shot", "10-shot", "20-shot"))
+    return Experiment(
+        "mtnet-table-6.1",
+        "Sine regression, meta-trained 10-shot, MSE after adaptation with K shots",
+        "MT-net thesis Table 6.1",
+        runs,
+        ("5-shot", "10-shot", "20-shot"),
+    )
 
 
 def _table_6_2() -> Experiment:
@@ -96,31 +108,61 @@ def _table_6_2() -> Experiment:
             name = base if alpha == 0.01 else f"{base}-alpha{alpha:g}"
             overrides = () if alpha == 0.01 else (f"inner.lr={alpha}",)
             runs.append(Run(name, preset, overrides, (10,), {10: value}, row=f"{alpha:g}", column=label))
-    return Experiment("mtnet-table-6.2", "10-shot sine regression MSE for inner step sizes alpha", "MT-net thesis Table 6.2",
-                      tuple(runs), tuple(label for label, _ in models))
+    return Experiment(
+        "mtnet-table-6.2",
+        "10-shot sine regression MSE for inner step sizes alpha",
+        "MT-net thesis Table 6.2",
+        tuple(runs),
+        tuple(label for label, _ in models),
+    )
 
 
 def _figure_6_1(seeds: tuple[int, ...] = (0, 1, 2)) -> Experiment:
     # The thesis shows one bar per order; three meta-training seeds per order show how much of the
     # trend is run-to-run noise.
     runs = tuple(
-        Run(f"mtnet-poly{order}" + (f"-seed{seed}" if seed else ""), "sine-10shot-mtnet",
-            ("data.name=polynomial", f"data.options={{order: {order}}}"), (10,), row=f"order {order}, seed {seed}",
-            seed=seed, group=f"order {order}")
-        for order in (0, 1, 2) for seed in seeds
+        Run(
+            f"mtnet-poly{order}" + (f"-seed{seed}" if seed else ""),
+            "sine-10shot-mtnet",
+            ("data.name=polynomial", f"data.options={{order: {order}}}"),
+            (10,),
+            row=f"order {order}, seed {seed}",
+            seed=seed,
+            group=f"order {order}",
+        )
+        for order in (0, 1, 2)
+        for seed in seeds
     )
-    return Experiment("mtnet-figure-6.1", "MT-net on 10-shot polynomial regression: fraction of weights a task changes",
-                      "MT-net thesis Figure 6.1", runs, ("10-shot MSE",), figure="mask-fractions")
+    return Experiment(
+        "mtnet-figure-6.1",
+        "MT-net on 10-shot polynomial regression: fraction of weights a task changes",
+        "MT-net thesis Figure 6.1",
+        runs,
+        ("10-shot MSE",),
+        figure="mask-fractions",
+    )
 
 
 def _dropgrad_figure_2() -> Experiment:
     runs = [Run("maml", "sine-10shot", row="p = 0 (MAML)", column="binary")]
     for p in (0.1, 0.2, 0.3, 0.5):
         for kind in ("binary", "gaussian"):
-            runs.append(Run(f"dropgrad-{kind}-p{p:g}", "sine-10shot",
-                            (f"inner.transforms=[{{name: dropgrad, kind: {kind}, p: {p}}}]",), row=f"p = {p:g}", column=kind))
-    return Experiment("dropgrad-figure-2", "DropGrad, binary vs Gaussian, on 10-shot sine regression (MSE; the paper used miniImageNet)",
-                      "DropGrad Figure 2 (setting changed to one that runs on a CPU)", tuple(runs), ("binary", "gaussian"))
+            runs.append(
+                Run(
+                    f"dropgrad-{kind}-p{p:g}",
+                    "sine-10shot",
+                    (f"inner.transforms=[{{name: dropgrad, kind: {kind}, p: {p}}}]",),
+                    row=f"p = {p:g}",
+                    column=kind,
+                )
+            )
+    return Experiment(
+        "dropgrad-figure-2",
+        "DropGrad, binary vs Gaussian, on 10-shot sine regression (MSE; the paper used miniImageNet)",
+        "DropGrad Figure 2 (setting changed to one that runs on a CPU)",
+        tuple(runs),
+        ("binary", "gaussian"),
+    )
 
 
 def _metaperturb(target: str, archs: tuple[str, ...], seeds: tuple[int, ...] = (0, 1, 2)) -> Experiment:
@@ -130,30 +172,68 @@ def _metaperturb(target: str, archs: tuple[str, ...], seeds: tuple[int, ...] = (
     runs = [Run("source-resnet20", "perturb-miniimagenet-resnet20", row="phi", command="meta-train", stage=0)]
     for arch in archs:
         for seed in seeds:
-            for column, overrides in (("Base", ("perturb.name=none",)), ("MetaPerturb", ("perturb.phi={out}/source-resnet20",))):
-                runs.append(Run(f"{target}-{arch}-{column.lower()}-seed{seed}", f"transfer-{target}", (f"model.backbone={arch}", *overrides),
-                                row=arch, column=column, seed=seed, group=f"{arch} {column}", command="transfer"))
-    title = {"miniimagenet": "miniImageNet's 20 meta-test classes, 50 training images per class",
-             "omniglot": "100 Omniglot characters (a dissimilar domain), 10 training drawings per class"}[target]
-    return Experiment(f"metaperturb-{target}", f"MetaPerturb transfer: {title} (test accuracy, %)",
-                      "MetaPerturb Tables 1-2 (setting: our CPU-sized stand-in; source miniImageNet instead of Tiny ImageNet)",
-                      tuple(runs), ("Base", "MetaPerturb"), figure="seeds")
+            for column, overrides in (
+                ("Base", ("perturb.name=none",)),
+                ("MetaPerturb", ("perturb.phi={out}/source-resnet20",)),
+            ):
+                runs.append(
+                    Run(
+                        f"{target}-{arch}-{column.lower()}-seed{seed}",
+                        f"transfer-{target}",
+                        (f"model.backbone={arch}", *overrides),
+                        row=arch,
+                        column=column,
+                        seed=seed,
+                        group=f"{arch} {column}",
+                        command="transfer",
+                    )
+                )
+    title = {
+        "miniimagenet": "miniImageNet's 20 meta-test classes, 50 training images per class",
+        "omniglot": "100 Omniglot characters (a dissimilar domain), 10 training drawings per class",
+    }[target]
+    return Experiment(
+        f"metaperturb-{target}",
+        f"MetaPerturb transfer: {title} (test accuracy, %)",
+        "MetaPerturb Tables 1-2 (setting: our CPU-sized stand-in; source miniImageNet instead of Tiny ImageNet)",
+        tuple(runs),
+        ("Base", "MetaPerturb"),
+        figure="seeds",
+    )
 
 
 def _metaperturb_finetuning(seeds: tuple[int, ...] = (0, 1, 2)) -> Experiment:
     """Table 1's fine-tuning rows: ResNet20 pre-trained on the 64 source classes, then fine-tuned on
     the target, without and with MetaPerturb."""
-    runs = [Run("source-resnet20", "perturb-miniimagenet-resnet20", row="phi", command="meta-train", stage=0),
-            Run("source-network-resnet20", "source-miniimagenet", row="source", command="transfer", stage=0)]
+    runs = [
+        Run("source-resnet20", "perturb-miniimagenet-resnet20", row="phi", command="meta-train", stage=0),
+        Run("source-network-resnet20", "source-miniimagenet", row="source", command="transfer", stage=0),
+    ]
     for seed in seeds:
-        for column, overrides in (("Fine-tuning", ("perturb.name=none",)), ("Fine-tuning + MetaPerturb", ("perturb.phi={out}/source-resnet20",))):
-            runs.append(Run(f"miniimagenet-resnet20-{'ft' if column == 'Fine-tuning' else 'ft-metaperturb'}-seed{seed}", "transfer-miniimagenet",
-                            ("init_from={out}/source-network-resnet20", *overrides), row="resnet20", column=column, seed=seed,
-                            command="transfer"))
-    return Experiment("metaperturb-finetuning", "MetaPerturb with fine-tuning: miniImageNet's 20 meta-test classes, 50 training images "
-                      "per class, ResNet20 pre-trained on the 64 meta-train classes (test accuracy, %)",
-                      "MetaPerturb Table 1, FT rows (setting: our CPU-sized stand-in)", tuple(runs),
-                      ("Fine-tuning", "Fine-tuning + MetaPerturb"), figure="seeds")
+        for column, overrides in (
+            ("Fine-tuning", ("perturb.name=none",)),
+            ("Fine-tuning + MetaPerturb", ("perturb.phi={out}/source-resnet20",)),
+        ):
+            runs.append(
+                Run(
+                    f"miniimagenet-resnet20-{'ft' if column == 'Fine-tuning' else 'ft-metaperturb'}-seed{seed}",
+                    "transfer-miniimagenet",
+                    ("init_from={out}/source-network-resnet20", *overrides),
+                    row="resnet20",
+                    column=column,
+                    seed=seed,
+                    command="transfer",
+                )
+            )
+    return Experiment(
+        "metaperturb-finetuning",
+        "MetaPerturb with fine-tuning: miniImageNet's 20 meta-test classes, 50 training images "
+        "per class, ResNet20 pre-trained on the 64 meta-train classes (test accuracy, %)",
+        "MetaPerturb Table 1, FT rows (setting: our CPU-sized stand-in)",
+        tuple(runs),
+        ("Fine-tuning", "Fine-tuning + MetaPerturb"),
+        figure="seeds",
+    )
 
 
 def _metadropout_table_1() -> Experiment:
@@ -161,23 +241,52 @@ def _metadropout_table_1() -> Experiment:
     the paper's schedule (60000 meta-iterations each: a GPU's work, run in --time-budget chunks)."""
     from .presets import _BASES, PRESETS
 
-    rows = (("MAML", ""), ("MAML + Meta-dropout", "-metadropout"), ("Meta-SGD", "-metasgd"), ("Meta-SGD + Meta-dropout", "-metasgd-metadropout"))
+    rows = (
+        ("MAML", ""),
+        ("MAML + Meta-dropout", "-metadropout"),
+        ("Meta-SGD", "-metasgd"),
+        ("Meta-SGD + Meta-dropout", "-metasgd-metadropout"),
+    )
     runs = []
     for base, (_, column) in _BASES.items():  # the Omniglot 1-shot pair first: with a GPU's chunks, it finishes first
         for label, suffix in rows:
             preset = PRESETS[base + suffix]
             shot = preset.values["data"]["shot"]
             paper = re.search(r"(\d+\.\d+ \+- \d+\.\d+)$", preset.paper)
-            runs.append(Run(base + suffix, base + suffix, shots=(shot,), paper={shot: paper.group(1)} if paper else {}, row=label,
-                            column=column))
-    return Experiment("metadropout-table-1", "Few-shot classification accuracy (%), Meta-Dropout Table 1", "Meta-Dropout Table 1",
-                      tuple(runs), tuple(column for _, column in _BASES.values()), scale=100.0,
-                      pairs=(("MAML + Meta-dropout", "MAML"), ("Meta-SGD + Meta-dropout", "Meta-SGD")))
+            runs.append(
+                Run(
+                    base + suffix,
+                    base + suffix,
+                    shots=(shot,),
+                    paper={shot: paper.group(1)} if paper else {},
+                    row=label,
+                    column=column,
+                )
+            )
+    return Experiment(
+        "metadropout-table-1",
+        "Few-shot classification accuracy (%), Meta-Dropout Table 1",
+        "Meta-Dropout Table 1",
+        tuple(runs),
+        tuple(column for _, column in _BASES.values()),
+        scale=100.0,
+        pairs=(("MAML + Meta-dropout", "MAML"), ("Meta-SGD + Meta-dropout", "Meta-SGD")),
+    )
 
 
-EXPERIMENTS = {e.name: e for e in (_table_6_1(), _table_6_2(), _figure_6_1(), _dropgrad_figure_2(), _metadropout_table_1(),
-                                   _metaperturb("miniimagenet", ("conv4", "resnet20")), _metaperturb("omniglot", ("resnet20",)),
-                                   _metaperturb_finetuning())}
+EXPERIMENTS = {
+    e.name: e
+    for e in (
+        _table_6_1(),
+        _table_6_2(),
+        _figure_6_1(),
+        _dropgrad_figure_2(),
+        _metadropout_table_1(),
+        _metaperturb("miniimagenet", ("conv4", "resnet20")),
+        _metaperturb("omniglot", ("resnet20",)),
+        _metaperturb_finetuning(),
+    )
+}
 
 
 # ------------------------------------------------------------------------------------- running
@@ -197,7 +306,7 @@ def _train(run: Run, folder: Path, iterations: int | None, log: Path, deadline: 
         cmd += ["--resume"]
     else:
         overrides = [o.replace("{out}", str(folder.parent)) for o in run.overrides]
-        cmd += ["--preset", run.preset, *sum((["--set", o] for o in overrides), [])]
+        cmd += ["--preset", run.preset, *functools.reduce(operator.iadd, (["--set", o] for o in overrides), [])]
         if run.seed:
             cmd += ["--seed", str(run.seed)]
     if iterations:
@@ -210,7 +319,7 @@ def _train(run: Run, folder: Path, iterations: int | None, log: Path, deadline: 
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     start = log.stat().st_size if log.exists() else 0
     with log.open("a") as out:
-        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)  # noqa: S603 (metareg itself)
     text = log.read_text()[start:]
     if done.returncode == 0:
         return "unfinished" if "time budget of" in text else "done"
@@ -243,8 +352,16 @@ def _fractions(folder: Path) -> dict[str, float]:
     return masks[0].update_fractions() if masks else {}
 
 
-def run_experiment(name: str, out: str | Path, *, iterations: int | None = None, episodes: int = 1000, jobs: int = 2,
-                   progress: bool = True, deadline: float | None = None) -> Path:
+def run_experiment(
+    name: str,
+    out: str | Path,
+    *,
+    iterations: int | None = None,
+    episodes: int = 1000,
+    jobs: int = 2,
+    progress: bool = True,
+    deadline: float | None = None,
+) -> Path:
     """Run (or continue) experiment ``name`` in folder ``out`` and write its report; past
     ``deadline`` (``time.monotonic()``) runs stop with checkpoints and the report marks them
     unfinished: running the experiment again continues them."""
@@ -258,7 +375,9 @@ def run_experiment(name: str, out: str | Path, *, iterations: int | None = None,
     def one(run: Run) -> tuple[str, str]:
         status = _train(run, out / run.name, iterations, out / f"{run.name}.log", deadline)
         if progress:
-            sys.stderr.write(f"[{time.perf_counter() - start:6.0f} s] {run.name}: {status}\n")  # one write: no interleaving across jobs
+            sys.stderr.write(
+                f"[{time.perf_counter() - start:6.0f} s] {run.name}: {status}\n"
+            )  # one write: no interleaving across jobs
             sys.stderr.flush()
         return run.name, status
 
@@ -289,8 +408,10 @@ def run_experiment(name: str, out: str | Path, *, iterations: int | None = None,
         report += f"\n![fractions]({png.name})\n" if png else "\n(matplotlib is not installed: no PNG)\n"
     unfinished = [name for name, status in statuses.items() if status == "unfinished"]
     if unfinished:
-        report += (f"\n**Unfinished** (time budget): {', '.join(unfinished)}. Run `metareg reproduce {name} --out {out}` "
-                   "again to continue them from their checkpoints.\n")
+        report += (
+            f"\n**Unfinished** (time budget): {', '.join(unfinished)}. Run `metareg reproduce {name} --out {out}` "
+            "again to continue them from their checkpoints.\n"
+        )
     path = out / f"{experiment.name}.md"
     path.write_text(report)
     return path
@@ -307,12 +428,20 @@ def _cell(result: dict[str, Any] | None, status: str, scale: float = 1.0) -> str
     return f"{result['mean'] * scale:.2f} +- {result['ci95'] * scale:.2f}"
 
 
-def _markdown(experiment: Experiment, statuses: dict[str, str], results: dict, iterations: int | None, episodes: int) -> str:
+def _markdown(
+    experiment: Experiment, statuses: dict[str, str], results: dict, iterations: int | None, episodes: int
+) -> str:
     from ..evaluate.stats import paired_difference
 
     schedule = f"{iterations} meta-iterations (reduced schedule)" if iterations else "the preset's full schedule"
-    lines = [f"# {experiment.title}", "", f"Reproduces {experiment.source}. Ours: mean +- 95% CI over {episodes} test tasks "
-             f"(fixed stream, seed 1234), {schedule}" + ("; paper in brackets." if any(r.paper for r in experiment.runs) else "."), ""]
+    lines = [
+        f"# {experiment.title}",
+        "",
+        f"Reproduces {experiment.source}. Ours: mean +- 95% CI over {episodes} test tasks "
+        f"(fixed stream, seed 1234), {schedule}"
+        + ("; paper in brackets." if any(r.paper for r in experiment.runs) else "."),
+        "",
+    ]
     by_row: dict[str, dict[str, str]] = {}
     for run in experiment.runs:
         status = statuses[run.name]
@@ -353,9 +482,14 @@ def _seed_table(experiment: Experiment, statuses: dict[str, str], results: dict,
     schedule = f"{iterations} training steps per run (reduced)" if iterations else "the presets' schedules"
     first = next(r for r in experiment.runs if r.command == "transfer" and r.stage > 0)
     test = results.get(first.name, {}).get(first.shots[0], {}).get("protocol", {})
-    lines = [f"# {experiment.title}", "", f"{experiment.source}. Test accuracy in % on the same {test.get('test_images', '?')} test "
-             f"images for every run, mean +- std over training seeds (each seed's value in brackets); {schedule}. "
-             "Paired differences: per seed over the same test images (95% CI), and mean +- std over seeds.", ""]
+    lines = [
+        f"# {experiment.title}",
+        "",
+        f"{experiment.source}. Test accuracy in % on the same {test.get('test_images', '?')} test "
+        f"images for every run, mean +- std over training seeds (each seed's value in brackets); {schedule}. "
+        "Paired differences: per seed over the same test images (95% CI), and mean +- std over seeds.",
+        "",
+    ]
     cells: dict[tuple[str, str], list[tuple[int, dict[str, Any]]]] = {}
     for run in experiment.runs:
         if run.command == "transfer" and run.stage > 0:
@@ -364,15 +498,21 @@ def _seed_table(experiment: Experiment, statuses: dict[str, str], results: dict,
             elif run.name in results:
                 cells.setdefault((run.row, run.column), []).append((run.seed, results[run.name][run.shots[0]]))
     rows = list(dict.fromkeys(r.row for r in experiment.runs if r.command == "transfer" and r.stage > 0))
-    lines += ["| backbone | " + " | ".join(experiment.columns) + f" | {experiment.columns[-1]} - {experiment.columns[0]} |",
-              "|" + "---|" * (len(experiment.columns) + 2)]
+    lines += [
+        "| backbone | " + " | ".join(experiment.columns) + f" | {experiment.columns[-1]} - {experiment.columns[0]} |",
+        "|" + "---|" * (len(experiment.columns) + 2),
+    ]
     for row in rows:
         row_cells = []
         for column in experiment.columns:
             values = [100 * r["mean"] for _, r in cells.get((row, column), []) if r]
             row_cells.append(_mean_std(values) + " [" + ", ".join(f"{v:.2f}" for v in values) + "]" if values else "-")
         a, b = dict(cells.get((row, experiment.columns[-1]), [])), dict(cells.get((row, experiment.columns[0]), []))
-        diffs = [paired_difference(torch.tensor(a[s]["scores"]), torch.tensor(b[s]["scores"])) for s in sorted(set(a) & set(b)) if a[s] and b[s]]
+        diffs = [
+            paired_difference(torch.tensor(a[s]["scores"]), torch.tensor(b[s]["scores"]))
+            for s in sorted(set(a) & set(b))
+            if a[s] and b[s]
+        ]
         per_seed = ", ".join(f"{100 * d.mean:+.2f} +- {100 * d.ci95:.2f}" for d in diffs)
         row_cells.append(f"{_mean_std([100 * d.mean for d in diffs], sign=True)} [{per_seed}]" if diffs else "-")
         lines.append(f"| {row} | " + " | ".join(row_cells) + " |")
@@ -385,11 +525,23 @@ def _mean_std(values: list[float], sign: bool = False) -> str:
     return f"{mean:+.2f} +- {spread:.2f}" if sign else f"{mean:.2f} +- {spread:.2f}"
 
 
-def _fraction_stats(fractions: dict[str, list[dict[str, float]]]) -> dict[str, tuple[int, dict[str, tuple[float, float]]]]:
+def _fraction_stats(
+    fractions: dict[str, list[dict[str, float]]],
+) -> dict[str, tuple[int, dict[str, tuple[float, float]]]]:
     """Per group: (number of runs, each layer's fraction as (mean, std) over the group's runs)."""
-    return {group: (len(runs), {k: (statistics.fmean(r[k] for r in runs), statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0)
-                                for k in runs[0]})
-            for group, runs in fractions.items()}
+    return {
+        group: (
+            len(runs),
+            {
+                k: (
+                    statistics.fmean(r[k] for r in runs),
+                    statistics.stdev(r[k] for r in runs) if len(runs) > 1 else 0.0,
+                )
+                for k in runs[0]
+            },
+        )
+        for group, runs in fractions.items()
+    }
 
 
 def _fraction_table(stats: dict[str, tuple[int, dict[str, tuple[float, float]]]]) -> str:
@@ -397,9 +549,14 @@ def _fraction_table(stats: dict[str, tuple[int, dict[str, tuple[float, float]]]]
     if not stats:
         return ""
     layers = list(next(iter(stats.values()))[1])
-    lines = ["", "Fraction of weights a task changes, e^zeta / (e^zeta + 1) averaged over each layer's logits and "
-             "over all logits (mean +- std over meta-training seeds):", "",
-             "| | runs | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 2)]
+    lines = [
+        "",
+        "Fraction of weights a task changes, e^zeta / (e^zeta + 1) averaged over each layer's logits and "
+        "over all logits (mean +- std over meta-training seeds):",
+        "",
+        "| | runs | " + " | ".join(layers) + " |",
+        "|" + "---|" * (len(layers) + 2),
+    ]
     for group, (n, layer_stats) in stats.items():
         lines.append(f"| {group} | {n} | " + " | ".join(f"{m:.3f} +- {s:.3f}" for m, s in layer_stats.values()) + " |")
     return "\n".join(lines) + "\n"
@@ -418,10 +575,18 @@ def _plot_fractions(stats: dict[str, tuple[int, dict[str, tuple[float, float]]]]
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     width = 0.8 / len(stats)
     for i, (group, (n, layer_stats)) in enumerate(stats.items()):
-        ax.bar([j + i * width for j in range(len(layers))], [m for m, _ in layer_stats.values()], width,
-               yerr=[s for _, s in layer_stats.values()] if n > 1 else None, capsize=3, label=group)
-    ax.set_xticks([j + width * (len(stats) - 1) / 2 for j in range(len(layers))],
-                  [k.removesuffix(".weight") if k != "all" else "all logits" for k in layers])
+        ax.bar(
+            [j + i * width for j in range(len(layers))],
+            [m for m, _ in layer_stats.values()],
+            width,
+            yerr=[s for _, s in layer_stats.values()] if n > 1 else None,
+            capsize=3,
+            label=group,
+        )
+    ax.set_xticks(
+        [j + width * (len(stats) - 1) / 2 for j in range(len(layers))],
+        [k.removesuffix(".weight") if k != "all" else "all logits" for k in layers],
+    )
     ax.set_ylabel("fraction of weights changed")
     ax.set_ylim(0, 1.05)
     ax.set_title("MT-net, 10-shot polynomial regression (mean +- std over seeds)")
@@ -454,8 +619,14 @@ def plan(name: str, out: str | Path) -> str:
                 rate = per_s / (preset["train"]["meta_batch"] if run.command == "train" else 1)
         need = (total - done) / rate if rate else None
         left += need or 0
-        when = f", {rate:.2f} it/s: {need / 60:.0f} min left" if need is not None else (", not started" if not done else "")
+        when = (
+            f", {rate:.2f} it/s: {need / 60:.0f} min left"
+            if need is not None
+            else (", not started" if not done else "")
+        )
         lines.append(f"  {run.name:<36} {done:>6} / {total} iterations{when}")
-    lines.append(f"measured time left: {left / 60:.0f} min (runs not started yet not counted); continue in chunks with: "
-                 f"metareg reproduce {name} --out {out} --time-budget SECONDS")
+    lines.append(
+        f"measured time left: {left / 60:.0f} min (runs not started yet not counted); continue in chunks with: "
+        f"metareg reproduce {name} --out {out} --time-budget SECONDS"
+    )
     return "\n".join(lines)

@@ -27,13 +27,24 @@ from .common import IMAGE_CHANNELS, read_run, resolve_device
 from .transfer import load_transfer_model, predict, samples_at_test, target_data
 
 
-def robust_accuracy(run: str | Path, attack: str, epsilon: float, *, episodes: int = 200, steps: int = 10, draws: int = 1,
-                    mc_samples: int | None = None, batch_size: int = 250, progress: bool = False) -> float:
+def robust_accuracy(
+    run: str | Path,
+    attack: str,
+    epsilon: float,
+    *,
+    episodes: int = 200,
+    steps: int = 10,
+    draws: int = 1,
+    mc_samples: int | None = None,
+    batch_size: int = 250,
+    progress: bool = False,
+) -> float:
     """Accuracy of ``run`` on images attacked by ``attack`` of size ``epsilon`` (cached)."""
     run = Path(run)
     kind, config = read_run(run)
     key = f"{make_attack(attack, epsilon, steps=steps, draws=draws).describe()}; " + (
-        f"{episodes} episodes" if kind == "bilevel" else f"{mc_samples or config.perturb.mc_samples} MC samples")
+        f"{episodes} episodes" if kind == "bilevel" else f"{mc_samples or config.perturb.mc_samples} MC samples"
+    )
     cache_path = run / "robustness.json"
     cache: dict[str, Any] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     if key in cache:
@@ -42,8 +53,13 @@ def robust_accuracy(run: str | Path, attack: str, epsilon: float, *, episodes: i
         from .episodic import load_learner, meta_test
 
         config, learner = load_learner(run)
-        result = meta_test(config, learner, episodes=episodes, attack=QueryAttack(make_attack(attack, epsilon, steps=steps, draws=draws)),
-                           progress=progress)
+        result = meta_test(
+            config,
+            learner,
+            episodes=episodes,
+            attack=QueryAttack(make_attack(attack, epsilon, steps=steps, draws=draws)),
+            progress=progress,
+        )
         value = result.estimate.mean
     elif kind == "transfer":
         value = _transfer_robust_accuracy(run, attack, epsilon, steps, draws, mc_samples, batch_size)
@@ -54,8 +70,9 @@ def robust_accuracy(run: str | Path, attack: str, epsilon: float, *, episodes: i
     return value
 
 
-def _transfer_robust_accuracy(run: Path, attack: str, epsilon: float, steps: int, draws: int, mc_samples: int | None,
-                              batch_size: int) -> float:
+def _transfer_robust_accuracy(
+    run: Path, attack: str, epsilon: float, steps: int, draws: int, mc_samples: int | None, batch_size: int
+) -> float:
     config, model = load_transfer_model(run)
     device = resolve_device(config.device)
     model = model.to(device)
@@ -66,15 +83,22 @@ def _transfer_robust_accuracy(run: Path, attack: str, epsilon: float, steps: int
     attacked = []
     with seeded(derive_seed(config.seed, 4), device), eval_mode(model):
         for start in range(0, len(test), batch_size):
-            images = to_channels(test.images[start:start + batch_size], IMAGE_CHANNELS).to(device).float().div(255)
-            labels = test.labels[start:start + batch_size].to(device)
+            images = to_channels(test.images[start : start + batch_size], IMAGE_CHANNELS).to(device).float().div(255)
+            labels = test.labels[start : start + batch_size].to(device)
 
-            def loss_of(x: torch.Tensor) -> torch.Tensor:
+            def loss_of(x: torch.Tensor, labels: torch.Tensor = labels) -> torch.Tensor:
                 return F.cross_entropy(model(normalize(x), sample=sample), labels)
 
             attacked.append(attacker(loss_of, images).cpu())
     samples = (mc_samples or config.perturb.mc_samples) if sample else 1
-    probabilities = predict(model, torch.cat(attacked), samples=samples, channels=IMAGE_CHANNELS, device=device, dtype=torch.float32,
-                            seed=derive_seed(config.seed, 3), sample=sample)
+    probabilities = predict(
+        model,
+        torch.cat(attacked),
+        samples=samples,
+        channels=IMAGE_CHANNELS,
+        device=device,
+        dtype=torch.float32,
+        seed=derive_seed(config.seed, 3),
+        sample=sample,
+    )
     return (probabilities.argmax(1) == test.labels).double().mean().item()
-

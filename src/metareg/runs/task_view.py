@@ -33,9 +33,9 @@ class AdaptedTask:
         model, captured = self.learner.model, []
         target = model.get_submodule(module)
         if inputs:
-            handle = target.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+            handle = target.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
         else:
-            handle = target.register_forward_hook(lambda m, args, out: captured.append(out))
+            handle = target.register_forward_hook(lambda _m, _args, out: captured.append(out))
         try:
             with torch.no_grad():
                 functional_call(model, self.params, (x,), {"sample": sample})

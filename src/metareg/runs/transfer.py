@@ -77,16 +77,29 @@ def learning_rate(base: float, step: int, steps: int, milestones: list[float], g
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, *, samples: int, channels: int, device: torch.device, dtype: torch.dtype,
-            seed: int, sample: bool = True, batch_size: int = 250) -> Tensor:
-    """Class probabilities of ``images`` (uint8, or floating-point pixels in [0, 1]), the softmax averaged over ``samples`` forward
+def predict(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    samples: int,
+    channels: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    sample: bool = True,
+    batch_size: int = 250,
+) -> Tensor:
+    """Class probabilities of ``images`` (uint8, or floating-point pixels in [0, 1]), the softmax averaged over
+    ``samples`` forward
     passes (the perturbation's noise, when ``sample``), in eval mode; reproducible for a ``seed``
     (torch's generator is forked, so the caller's random state is untouched)."""
     out = []
     with seeded(seed, device), eval_mode(model):
         for start in range(0, len(images), batch_size):
-            x = normalize(to_channels(images[start:start + batch_size], channels), dtype).to(device)
-            out.append(torch.stack([F.softmax(model(x, sample=sample), dim=1) for _ in range(samples)]).mean(0).double().cpu())
+            x = normalize(to_channels(images[start : start + batch_size], channels), dtype).to(device)
+            out.append(
+                torch.stack([F.softmax(model(x, sample=sample), dim=1) for _ in range(samples)]).mean(0).double().cpu()
+            )
     return torch.cat(out)
 
 
@@ -104,7 +117,10 @@ def load_convolutions(model: nn.Module, source: dict[str, Tensor], prefix: str =
             if key.removeprefix(prefix) in perturbation:
                 continue
             if key not in source or source[key].shape != param.shape:
-                raise CheckpointError(f"the source network has no {key} of shape {tuple(param.shape)}: fine-tuning needs the same backbone")
+                raise CheckpointError(
+                    f"the source network has no {key} of shape {tuple(param.shape)}: fine-tuning needs the same "
+                    f"backbone"
+                )
             with torch.no_grad():
                 param.copy_(source[key])
             copied += 1
@@ -117,34 +133,75 @@ class TransferTrainer:
     """Trains ``model`` (its perturbation's parameters, if any, frozen) on ``train``; tests on ``test``.
     ``sample_at_test``: the perturbation samples at test time (predictions are MC averages)."""
 
-    def __init__(self, model: nn.Module, train: LabeledImages, test: LabeledImages, *, out: str | Path, device: torch.device,
-                 dtype: torch.dtype, steps: int, batch_size: int, lr: float, weight_decay: float, milestones: list[float], gamma: float,
-                 augment: bool, seed: int, sample_at_test: bool = False, channels: int = IMAGE_CHANNELS, eval_every: int | None = None,
-                 eval_mc_samples: int = 5, log_every: int = 50, checkpoint_every: int = 500, meta: dict[str, Any] | None = None,
-                 progress: bool = True, deadline: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        train: LabeledImages,
+        test: LabeledImages,
+        *,
+        out: str | Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        steps: int,
+        batch_size: int,
+        lr: float,
+        weight_decay: float,
+        milestones: list[float],
+        gamma: float,
+        augment: bool,
+        seed: int,
+        sample_at_test: bool = False,
+        channels: int = IMAGE_CHANNELS,
+        eval_every: int | None = None,
+        eval_mc_samples: int = 5,
+        log_every: int = 50,
+        checkpoint_every: int = 500,
+        meta: dict[str, Any] | None = None,
+        progress: bool = True,
+        deadline: float | None = None,
+    ):
         self.model, self.train, self.test, self.out = model, train, test, Path(out)
         self.deadline, self.finished = deadline, False
         self.device, self.dtype, self.channels, self.seed = device, dtype, channels, seed
         self.steps, self.batch_size, self.lr, self.milestones, self.gamma = steps, batch_size, lr, milestones, gamma
         self.augment, self.sample_at_test = augment, sample_at_test
         self.eval_every, self.eval_mc_samples = eval_every, eval_mc_samples
-        self.log_every, self.checkpoint_every, self.meta, self.progress = log_every, checkpoint_every, meta or {}, progress
+        self.log_every, self.checkpoint_every, self.meta, self.progress = (
+            log_every,
+            checkpoint_every,
+            meta or {},
+            progress,
+        )
         # A meta-learned function (MetaPerturb's phi) is fixed at meta-test time; a baseline's own
         # parameters (Information Dropout's and VIB's noise scales) train with the network, as in their papers.
         shared = getattr(model, "perturbation_function", None)
         if shared is not None and any(p.requires_grad for p in shared.parameters()):
-            raise ConfigError("MetaPerturb's phi must be frozen when transferring: load a meta-trained phi (perturb.phi: builtin or a run)")
-        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+            raise ConfigError(
+                "MetaPerturb's phi must be frozen when transferring: load a meta-trained phi (perturb.phi: "
+                "builtin or a run)"
+            )
+        self.optimizer = torch.optim.Adam(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+        )
         self.step, self.seconds = 0, 0.0
-        self.tail: list[Tensor] = []  # training-batch accuracies of the last 10% of the steps (the final training accuracy)
+        self.tail: list[
+            Tensor
+        ] = []  # training-batch accuracies of the last 10% of the steps (the final training accuracy)
 
     def train_step(self, step: int) -> dict[str, Tensor]:
         set_training_progress(self.model, step / max(self.steps, 1))  # MetaPerturb's annealed strength
         lr = learning_rate(self.lr, step, self.steps, self.milestones, self.gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = training_batch(self.train, self.batch_size, step, derive_seed(self.seed, 0), augment=self.augment,
-                              channels=self.channels, dtype=self.dtype)
+        x, y = training_batch(
+            self.train,
+            self.batch_size,
+            step,
+            derive_seed(self.seed, 0),
+            augment=self.augment,
+            channels=self.channels,
+            dtype=self.dtype,
+        )
         x, y = x.to(self.device), y.to(self.device)
         torch.manual_seed(derive_seed(self.seed, step, 2))  # the perturbation's noise
         self.model.train()
@@ -157,8 +214,12 @@ class TransferTrainer:
         accuracy = (out.argmax(1) == y).float().mean()
         if step >= self.steps - max(1, self.steps // 10):
             self.tail.append(accuracy)
-        return {"loss": loss.detach(), "accuracy": accuracy, "lr": torch.tensor(lr),
-                "strength": torch.tensor(perturbation_strength(self.model))} | record.metrics
+        return {
+            "loss": loss.detach(),
+            "accuracy": accuracy,
+            "lr": torch.tensor(lr),
+            "strength": torch.tensor(perturbation_strength(self.model)),
+        } | record.metrics
 
     def check(self) -> str | None:
         """None if the state about to be saved is good: every tensor finite, and a finite loss of
@@ -166,10 +227,19 @@ class TransferTrainer:
         bad = int(nonfinite_count(list(self.model.state_dict().values()) + optimizer_tensors(self.optimizer)))
         loss = float("nan")
         if not bad:
-            x, y = training_batch(self.train, self.batch_size, 0, derive_seed(self.seed, 0), augment=False, channels=self.channels,
-                                  dtype=self.dtype)
+            x, y = training_batch(
+                self.train,
+                self.batch_size,
+                0,
+                derive_seed(self.seed, 0),
+                augment=False,
+                channels=self.channels,
+                dtype=self.dtype,
+            )
             with torch.no_grad(), seeded(0, self.device), eval_mode(self.model):
-                loss = F.cross_entropy(self.model(x.to(self.device), sample=self.sample_at_test), y.to(self.device)).item()
+                loss = F.cross_entropy(
+                    self.model(x.to(self.device), sample=self.sample_at_test), y.to(self.device)
+                ).item()
         return checkpoint_problem(bad, loss)
 
     def samples(self, requested: int) -> int:
@@ -178,21 +248,44 @@ class TransferTrainer:
 
     def evaluate(self, samples: int) -> tuple[Tensor, Tensor]:
         """(probabilities [N, K], per-image correctness [N]) on the test set."""
-        probabilities = predict(self.model, self.test.images, samples=self.samples(samples), channels=self.channels, device=self.device,
-                                dtype=self.dtype, seed=derive_seed(self.seed, 3), sample=self.sample_at_test)
+        probabilities = predict(
+            self.model,
+            self.test.images,
+            samples=self.samples(samples),
+            channels=self.channels,
+            device=self.device,
+            dtype=self.dtype,
+            seed=derive_seed(self.seed, 3),
+            sample=self.sample_at_test,
+        )
         return probabilities, (probabilities.argmax(1) == self.test.labels).double()
 
     def run(self, resume_log: bool = False) -> None:
         def evaluate() -> dict[str, float]:
             return {"test_accuracy": self.evaluate(self.eval_mc_samples)[1].mean().item()}
 
-        # MetaPerturb's diagnostics: the mean noise z and scale s of every perturbed block (as the released code meters them)
+        # MetaPerturb's diagnostics: the mean noise z and scale s of every perturbed block (as the released code
+        # meters them)
         blocks = sorted(m.index for m in self.model.modules() if isinstance(m, MetaPerturb))
         columns = COLUMNS[:-2] + [f"z{i}" for i in blocks] + [f"s{i}" for i in blocks] + COLUMNS[-2:]
-        loop = StepLoop(self.out, self.steps, self.log_every, self.checkpoint_every, columns, eval_every=self.eval_every,
-                        shown=("loss", "accuracy", "test_accuracy"), per_step=self.batch_size, desc="train", progress=self.progress,
-                        hint="lower optim.lr", rate_column="images_per_s", deadline=self.deadline)
-        self.finished = loop.run(self.train_step, self, evaluate=evaluate if self.eval_every else None, resume_log=resume_log)
+        loop = StepLoop(
+            self.out,
+            self.steps,
+            self.log_every,
+            self.checkpoint_every,
+            columns,
+            eval_every=self.eval_every,
+            shown=("loss", "accuracy", "test_accuracy"),
+            per_step=self.batch_size,
+            desc="train",
+            progress=self.progress,
+            hint="lower optim.lr",
+            rate_column="images_per_s",
+            deadline=self.deadline,
+        )
+        self.finished = loop.run(
+            self.train_step, self, evaluate=evaluate if self.eval_every else None, resume_log=resume_log
+        )
 
     def final_test(self, samples: int, protocol: dict[str, Any]) -> tuple[EvalResult, dict[str, Any]]:
         """The test set's per-image correctness (an :class:`EvalResult`, paired across models tested
@@ -200,13 +293,18 @@ class TransferTrainer:
         set_training_progress(self.model, 1.0)
         probabilities, correct = self.evaluate(samples)
         if not torch.isfinite(probabilities).all():
-            raise DivergenceError("the network's test predictions are not finite: its weights have diverged; train again with a lower "
-                                  "optim.lr")
+            raise DivergenceError(
+                "the network's test predictions are not finite: its weights have diverged; train again with a lower "
+                "optim.lr"
+            )
         nll = F.nll_loss(probabilities.clamp_min(1e-12).log(), self.test.labels).item()
-        extra = {"nll": nll, "ece": expected_calibration_error(probabilities, self.test.labels),
-                 "reliability": reliability(probabilities, self.test.labels),
-                 # the perturbed training batches' accuracy over the last 10% of the steps (how well the network fits)
-                 "final_train_accuracy": torch.stack(self.tail).mean().item() if self.tail else None}
+        extra = {
+            "nll": nll,
+            "ece": expected_calibration_error(probabilities, self.test.labels),
+            "reliability": reliability(probabilities, self.test.labels),
+            # the perturbed training batches' accuracy over the last 10% of the steps (how well the network fits)
+            "final_train_accuracy": torch.stack(self.tail).mean().item() if self.tail else None,
+        }
         info = protocol | {"mc_samples": self.samples(samples), "test_images": len(self.test)}
         return EvalResult(correct, info), extra
 
@@ -214,17 +312,25 @@ class TransferTrainer:
     def save(self) -> Path:
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         optim = state_to_tensors("optim", self.optimizer.state_dict(), tensors)
-        if self.tail:  # the last steps' training accuracies so far, so that a resumed run reports the same final accuracy
+        if (
+            self.tail
+        ):  # the last steps' training accuracies so far, so that a resumed run reports the same final accuracy
             tensors["train.tail"] = torch.stack(self.tail).detach().cpu()
-        return save_checkpoint(self.out, CHECKPOINT, tensors, {"optimizer": optim, "seconds": self.seconds} | self.meta, self.step)
+        return save_checkpoint(
+            self.out, CHECKPOINT, tensors, {"optimizer": optim, "seconds": self.seconds} | self.meta, self.step
+        )
 
     def resume(self) -> None:
         tensors, meta = load_checkpoint(self.out, CHECKPOINT)
         try:
-            self.model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+            self.model.load_state_dict(
+                {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+            )
             self.optimizer.load_state_dict(tensors_to_state(meta["optimizer"], tensors))
         except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(f"checkpoint in {self.out} does not fit this run: {str(err).splitlines()[0]}") from None
+            raise CheckpointError(
+                f"checkpoint in {self.out} does not fit this run: {str(err).splitlines()[0]}"
+            ) from None
         self.step, self.seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
         self.tail = list(tensors["train.tail"].to(self.device).unbind()) if "train.tail" in tensors else []
 
@@ -239,8 +345,10 @@ def target_data(d: ImageDataConfig) -> tuple[LabeledImages, LabeledImages]:
     train = load_images(d, d.train_split)
     test = None if d.test_split == d.train_split else load_images(d, d.test_split)
     if test is not None and list(test.class_names) != list(train.class_names):
-        raise DataError(f"{d.name}: the {d.train_split} and {d.test_split} splits have different classes; use one split "
-                        "for both (data.test_split = data.train_split) and divide it with data.train_per_class")
+        raise DataError(
+            f"{d.name}: the {d.train_split} and {d.test_split} splits have different classes; use one split "
+            "for both (data.test_split = data.train_split) and divide it with data.train_per_class"
+        )
     if d.classes:
         chosen = choose_classes(train, d.classes, d.seed)
         train, test = keep_classes(train, chosen), (None if test is None else keep_classes(test, chosen))
@@ -256,7 +364,9 @@ def target_data(d: ImageDataConfig) -> tuple[LabeledImages, LabeledImages]:
 def _source_state(run: str | Path) -> tuple[dict[str, Tensor], str]:
     """A transfer run's network state and the key prefix of its backbone's tensors."""
     tensors, _ = load_checkpoint(run, CHECKPOINT)
-    prefix = "model.model." if any(k.startswith("model.model.") for k in tensors) else "model."  # runs from before the slots
+    prefix = (
+        "model.model." if any(k.startswith("model.model.") for k in tensors) else "model."
+    )  # runs from before the slots
     return tensors, prefix
 
 
@@ -270,8 +380,13 @@ def load_transfer_model(run: str | Path) -> tuple[TransferConfig, nn.Module]:
     config = config_of_run(run, "transfer")
     tensors, meta = load_checkpoint(run, CHECKPOINT)
     size = config.data.image_size
-    net = build_network(config.model.backbone, int(meta.get("num_classes", 0)) or 1, size, config.model.options,
-                        perturbation_factory(config.perturb))
+    net = build_network(
+        config.model.backbone,
+        int(meta.get("num_classes", 0)) or 1,
+        size,
+        config.model.options,
+        perturbation_factory(config.perturb),
+    )
     try:
         net.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
     except RuntimeError as err:
@@ -295,13 +410,21 @@ VALIDATION_FRACTION = 0.2  # of each class's training images, held out to choose
 def candidates(name: str) -> list[dict[str, Any]]:
     """Every combination of a perturbation's hyperparameter grid."""
     if name not in SELECTION_GRIDS:
-        raise ConfigError(f"no hyperparameters to select for perturbation {name!r} (grids exist for {', '.join(SELECTION_GRIDS)})")
+        raise ConfigError(
+            f"no hyperparameters to select for perturbation {name!r} (grids exist for {', '.join(SELECTION_GRIDS)})"
+        )
     grid = SELECTION_GRIDS[name]
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
-def transfer(config: TransferConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-             deadline: float | None = None) -> dict[str, Any] | None:
+def transfer(
+    config: TransferConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    deadline: float | None = None,
+) -> dict[str, Any] | None:
     """Train and test a network on a target data set (Algorithm 2); returns the ``test.json`` record,
     or None when it stopped at the ``deadline`` before the end (with checkpoints to resume).
 
@@ -318,27 +441,52 @@ def transfer(config: TransferConfig, out: str | Path, *, resume: bool = False, p
         if chosen is None:
             return None
         config.perturb.options = config.perturb.options | chosen
-    record = fit(config, train, test, out, resume=(out / CHECKPOINT_JSON).exists(), progress=progress, deadline=deadline)
+    record = fit(
+        config, train, test, out, resume=(out / CHECKPOINT_JSON).exists(), progress=progress, deadline=deadline
+    )
     if record is None or not config.against_base or config.perturb.name == "none":
         return record
     base = base_run(out)
     base_config = TransferConfig.from_dict(config.to_dict())
-    base_config.perturb.name, base_config.perturb.options, base_config.select, base_config.against_base = "none", {}, False, False
+    base_config.perturb.name, base_config.perturb.options, base_config.select, base_config.against_base = (
+        "none",
+        {},
+        False,
+        False,
+    )
     if not (base / "test.json").is_file():
         if not (base / CHECKPOINT_JSON).exists():
             prepare_run_folder(base, False, base_config)
-        if fit(base_config, train, test, base, resume=(base / CHECKPOINT_JSON).exists(), progress=progress, deadline=deadline) is None:
+        if (
+            fit(
+                base_config,
+                train,
+                test,
+                base,
+                resume=(base / CHECKPOINT_JSON).exists(),
+                progress=progress,
+                deadline=deadline,
+            )
+            is None
+        ):
             return None
     base_record = json.loads((base / "test.json").read_text())
     difference = paired_difference(record["scores"], base_record["scores"])
-    return record | {"base": base_record, "difference": {"mean": difference.mean, "ci95": difference.ci95, "n": difference.n}}
+    return record | {
+        "base": base_record,
+        "difference": {"mean": difference.mean, "ci95": difference.ci95, "n": difference.n},
+    }
 
 
 def stopped_at(out: str | Path) -> tuple[Path, int]:
     """Where a transfer that stopped at its time budget stands: the unfinished run folder (a
     ``--select`` candidate, the run itself, or its ``--against-base`` Base run) and its step."""
     out = Path(out)
-    for folder in [*sorted((out / "selection").glob("*"), key=lambda f: int(f.name) if f.name.isdigit() else -1), out, base_run(out)]:
+    for folder in [
+        *sorted((out / "selection").glob("*"), key=lambda f: int(f.name) if f.name.isdigit() else -1),
+        out,
+        base_run(out),
+    ]:
         if (folder / CHECKPOINT_JSON).is_file() and not (folder / "test.json").is_file():
             return folder, int(read_checkpoint_meta(folder, CHECKPOINT)[1]["step"])
     return out, 0
@@ -349,7 +497,9 @@ def base_run(out: str | Path) -> Path:
     return Path(f"{out}-base")
 
 
-def select_options(config: TransferConfig, out: Path, train: LabeledImages, *, progress: bool, deadline: float | None) -> dict[str, Any] | None:
+def select_options(
+    config: TransferConfig, out: Path, train: LabeledImages, *, progress: bool, deadline: float | None
+) -> dict[str, Any] | None:
     """The best of the perturbation's candidate options on a held-out validation split (None if the
     deadline came first; the finished candidates are kept)."""
     record_path = out / "selection.json"
@@ -365,18 +515,42 @@ def select_options(config: TransferConfig, out: Path, train: LabeledImages, *, p
             record = json.loads((folder / "test.json").read_text())
         else:
             folder.mkdir(parents=True, exist_ok=True)
-            record = fit(trial, rest, validation, folder, resume=(folder / CHECKPOINT_JSON).exists(), progress=progress, deadline=deadline)
+            record = fit(
+                trial,
+                rest,
+                validation,
+                folder,
+                resume=(folder / CHECKPOINT_JSON).exists(),
+                progress=progress,
+                deadline=deadline,
+            )
             if record is None:
                 return None
         results.append({"options": options, "validation_accuracy": record["mean"]})
     best = max(results, key=lambda r: r["validation_accuracy"])
-    write_json_atomic(record_path, {"perturbation": config.perturb.name, "validation_fraction": VALIDATION_FRACTION,
-                                    "validation_images": len(validation), "candidates": results, "chosen": best["options"]})
+    write_json_atomic(
+        record_path,
+        {
+            "perturbation": config.perturb.name,
+            "validation_fraction": VALIDATION_FRACTION,
+            "validation_images": len(validation),
+            "candidates": results,
+            "chosen": best["options"],
+        },
+    )
     return best["options"]
 
 
-def fit(config: TransferConfig, train: LabeledImages, test: LabeledImages, out: Path, *, resume: bool, progress: bool,
-        deadline: float | None) -> dict[str, Any] | None:
+def fit(
+    config: TransferConfig,
+    train: LabeledImages,
+    test: LabeledImages,
+    out: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    deadline: float | None,
+) -> dict[str, Any] | None:
     """Train a network on ``train`` and test it on ``test``, into run folder ``out``."""
     device, dtype = resolve_device(config.device), dtype_of(config)
     size = config.data.image_size
@@ -388,29 +562,72 @@ def fit(config: TransferConfig, train: LabeledImages, test: LabeledImages, out: 
         load_convolutions(net, source, prefix)
     phi_record = None
     if config.perturb.name == "metaperturb":
-        phi_record = {k: v for k, v in phi_info(config.perturb.phi).items() if k in ("path", "sha256", "source", "backbone", "steps")}
+        phi_record = {
+            k: v
+            for k, v in phi_info(config.perturb.phi).items()
+            if k in ("path", "sha256", "source", "backbone", "steps")
+        }
     model = net.to(device, dtype)
     o = config.optim
-    trainer = TransferTrainer(model, train, test, out=out, device=device, dtype=dtype, steps=o.steps, batch_size=o.batch_size, lr=o.lr,
-                              weight_decay=o.weight_decay, milestones=o.milestones, gamma=o.gamma, augment=o.augment, seed=config.seed,
-                              sample_at_test=getattr(factory, "sample_at_test", False), eval_every=config.eval_every,
-                              eval_mc_samples=config.eval_mc_samples, log_every=o.log_every, checkpoint_every=o.checkpoint_every,
-                              meta={"config": config.to_dict(), "kind": "transfer", "num_classes": train.num_classes}, progress=progress,
-                              deadline=deadline)
+    trainer = TransferTrainer(
+        model,
+        train,
+        test,
+        out=out,
+        device=device,
+        dtype=dtype,
+        steps=o.steps,
+        batch_size=o.batch_size,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        milestones=o.milestones,
+        gamma=o.gamma,
+        augment=o.augment,
+        seed=config.seed,
+        sample_at_test=getattr(factory, "sample_at_test", False),
+        eval_every=config.eval_every,
+        eval_mc_samples=config.eval_mc_samples,
+        log_every=o.log_every,
+        checkpoint_every=o.checkpoint_every,
+        meta={"config": config.to_dict(), "kind": "transfer", "num_classes": train.num_classes},
+        progress=progress,
+        deadline=deadline,
+    )
     if resume:
         trainer.resume()
     trainer.run(resume_log=resume)
     if not trainer.finished:
         return None
     d = config.data
-    protocol = {"kind": "transfer", "data": d.name, "train_split": d.train_split, "test_split": d.test_split, "image_size": size,
-                "classes": train.num_classes, "train_per_class": d.train_per_class, "test_per_class": d.test_per_class,
-                "data_seed": d.seed, "options": d.options, "test_images": len(test)}
+    protocol = {
+        "kind": "transfer",
+        "data": d.name,
+        "train_split": d.train_split,
+        "test_split": d.test_split,
+        "image_size": size,
+        "classes": train.num_classes,
+        "train_per_class": d.train_per_class,
+        "test_per_class": d.test_per_class,
+        "data_seed": d.seed,
+        "options": d.options,
+        "test_images": len(test),
+    }
     result, extra = trainer.final_test(config.perturb.mc_samples, protocol)
-    record = result.to_dict() | extra | {"backbone": config.model.backbone, "perturbation": config.perturb.name,
-                                         "perturbation_options": config.perturb.options, "phi": phi_record, "init_from": config.init_from,
-                                         "seed": config.seed, "steps": trainer.step, "train_images": len(train),
-                                         "training_seconds": round(trainer.seconds, 1)}
+    record = (
+        result.to_dict()
+        | extra
+        | {
+            "backbone": config.model.backbone,
+            "perturbation": config.perturb.name,
+            "perturbation_options": config.perturb.options,
+            "phi": phi_record,
+            "init_from": config.init_from,
+            "seed": config.seed,
+            "steps": trainer.step,
+            "train_images": len(train),
+            "training_seconds": round(trainer.seconds, 1),
+        }
+    )
     write_json_atomic(out / "test.json", record)
     return record
 
@@ -422,5 +639,8 @@ def run_scales(run: str | Path) -> tuple[str, list[str], list[Tensor]]:
     slots = [(name, m) for name, m in model.named_modules() if isinstance(m, MetaPerturb)]
     if not slots:
         raise ConfigError(f"{run} was trained without MetaPerturb: it has no scales to plot")
-    return (f"{Path(run).name}\n{config.data.name} / {config.model.backbone}", [name for name, _ in slots],
-            [m.running_scales().float() for _, m in slots])
+    return (
+        f"{Path(run).name}\n{config.data.name} / {config.model.backbone}",
+        [name for name, _ in slots],
+        [m.running_scales().float() for _, m in slots],
+    )

@@ -22,7 +22,9 @@ from ..errors import ConfigError
 from .backend import pyplot
 
 
-def boundary_coordinates(features: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+def boundary_coordinates(
+    features: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(x, y, x of the hyperplane) for ``features`` [n, D] and the two rows ``w`` [2, D], ``b`` [2]."""
     try:
         from sklearn.manifold import TSNE
@@ -33,7 +35,9 @@ def boundary_coordinates(features: torch.Tensor, w: torch.Tensor, b: torch.Tenso
     x = features @ normal
     rest = features - x[:, None] * normal[None, :]
     perplexity = min(30.0, max(2.0, (features.shape[0] - 1) / 3))
-    y = TSNE(n_components=1, perplexity=perplexity, init="random", random_state=seed).fit_transform(rest.double().cpu().numpy())
+    y = TSNE(n_components=1, perplexity=perplexity, init="random", random_state=seed).fit_transform(
+        rest.double().cpu().numpy()
+    )
     return x, torch.from_numpy(y[:, 0]), float(-(b[0] - b[1]) / diff.norm())
 
 
@@ -42,16 +46,20 @@ def plot_boundary(view, out: str | Path, *, classes: tuple[int, int] = (0, 1), s
     plt = pyplot()
     model = view.learner.model
     if not hasattr(model, "head") or getattr(model, "head_transform", None) is not None:
-        raise ConfigError("plot boundary needs a classifier whose last layer is one linear map (a conv backbone without T-net)")
+        raise ConfigError(
+            "plot boundary needs a classifier whose last layer is one linear map (a conv backbone without T-net)"
+        )
     way = view.config.data.way
     if len(set(classes)) != 2 or not all(0 <= c < way for c in classes):
         raise ConfigError(f"--classes must be two different labels in 0..{way - 1}")
     task = view.task
     groups: list[tuple[str, int, torch.Tensor]] = []  # (kind, class, features)
     torch.manual_seed(1)
-    for kind, x, y, sample, draws in (("support", task.support_x[0], task.support_y[0], False, 1),
-                                      ("perturbed support", task.support_x[0], task.support_y[0], True, samples),
-                                      ("query", task.query_x[0], task.query_y[0], False, 1)):
+    for kind, x, y, sample, draws in (
+        ("support", task.support_x[0], task.support_y[0], False, 1),
+        ("perturbed support", task.support_x[0], task.support_y[0], True, samples),
+        ("query", task.query_x[0], task.query_y[0], False, 1),
+    ):
         for _ in range(draws):
             h = view.capture(x, "head", sample=sample, inputs=True)  # h^(L), the classifier's input
             for c in classes:
@@ -63,15 +71,17 @@ def plot_boundary(view, out: str | Path, *, classes: tuple[int, int] = (0, 1), s
     xs, ys = xs.cpu().numpy(), ys.numpy()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     colors = {classes[0]: "tab:blue", classes[1]: "tab:red"}
-    styles = {"support": dict(marker="o", s=90, edgecolors="k", zorder=3),
-              "perturbed support": dict(marker="o", s=14, alpha=0.35, zorder=1),
-              "query": dict(marker="^", s=30, alpha=0.8, zorder=2)}
+    styles = {
+        "support": {"marker": "o", "s": 90, "edgecolors": "k", "zorder": 3},
+        "perturbed support": {"marker": "o", "s": 14, "alpha": 0.35, "zorder": 1},
+        "query": {"marker": "^", "s": 30, "alpha": 0.8, "zorder": 2},
+    }
     start, seen = 0, set()
     for kind, c, h in groups:
         n = h.shape[0]
         label = f"{kind}, class {c}" if (kind, c) not in seen else None
         seen.add((kind, c))
-        ax.scatter(xs[start:start + n], ys[start:start + n], color=colors[c], label=label, **styles[kind])
+        ax.scatter(xs[start : start + n], ys[start : start + n], color=colors[c], label=label, **styles[kind])
         start += n
     ax.axvline(x_db, color="k", linestyle="--", linewidth=1, label="decision boundary")
     ax.set_xlabel("projection on the boundary's normal (w_c1 - w_c2)")
@@ -82,4 +92,3 @@ def plot_boundary(view, out: str | Path, *, classes: tuple[int, int] = (0, 1), s
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)
-

@@ -22,10 +22,18 @@ def read_log(run: str | Path) -> dict[str, list[float]]:
 
 
 # (title, column, column of its 95% CI) per panel, for episodic logs and for ordinary training's logs
-PANELS = {"score": (("query loss (meta-training)", "loss", None), ("query score (meta-training)", "score", None),
-                    ("validation score +- 95% CI", "val_score", "val_ci95")),
-          "accuracy": (("training loss", "loss", None), ("training accuracy (perturbed batches)", "accuracy", None),
-                       ("test accuracy", "test_accuracy", None))}
+PANELS = {
+    "score": (
+        ("query loss (meta-training)", "loss", None),
+        ("query score (meta-training)", "score", None),
+        ("validation score +- 95% CI", "val_score", "val_ci95"),
+    ),
+    "accuracy": (
+        ("training loss", "loss", None),
+        ("training accuracy (perturbed batches)", "accuracy", None),
+        ("test accuracy", "test_accuracy", None),
+    ),
+}
 
 
 def block_diagnostics(log: dict[str, list[float]]) -> list[str]:
@@ -48,7 +56,11 @@ def plot_curves(runs: list[str | Path], out: str | Path) -> Path:
         panels = PANELS["score" if "score" in log else "accuracy"]
         titles = [title for title, _, _ in panels]
         for ax, (_, column, ci) in zip(axes, panels):
-            points = [(s, v, c) for s, v, c in zip(log["step"], log.get(column, []), log.get(ci, [0.0] * len(log["step"]))) if v == v]
+            points = [
+                (s, v, c)
+                for s, v, c in zip(log["step"], log.get(column, []), log.get(ci, [0.0] * len(log["step"])))
+                if v == v
+            ]
             if points:
                 steps, values, cis = zip(*points)
                 ax.errorbar(steps, values, yerr=cis if ci else None, capsize=2 if ci else 0, label=label)

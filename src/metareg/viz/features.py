@@ -17,8 +17,9 @@ from ..errors import ConfigError
 from .backend import pyplot
 
 
-def plot_features(view, out: str | Path, *, layer: int = 0, channel: int | None = None, images: int = 4,
-                  samples: int = 4) -> Path:
+def plot_features(
+    view, out: str | Path, *, layer: int = 0, channel: int | None = None, images: int = 4, samples: int = 4
+) -> Path:
     """``view``: one test episode of a trained run, adapted (:func:`metareg.runs.task_view.adapted_task`)."""
     plt = pyplot()
     blocks = getattr(view.learner.model, "blocks", None)
@@ -52,4 +53,3 @@ def plot_features(view, out: str | Path, *, layer: int = 0, channel: int | None 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)
-

@@ -17,8 +17,10 @@ def _result(run: str | Path) -> dict:
         result = json.loads(path.read_text())
         result["reliability"]["count"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"{path} is not a test result with calibration (metareg test of a classification run, or metareg perturb "
-                          "transfer)") from None
+        raise ConfigError(
+            f"{path} is not a test result with calibration (metareg test of a classification run, or metareg perturb "
+            "transfer)"
+        ) from None
     return result
 
 

@@ -19,20 +19,23 @@ def plot_scales(found: list[tuple[str, list[str], list[torch.Tensor]]], out: str
     """``found``: per run, (label, block names, s per block), e.g. from
     :func:`metareg.runs.transfer.run_scales`."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(found) + 1, figsize=(3.6 * len(found) + 4.5, 3.8), squeeze=False,
-                             layout="constrained")
-    for ax, (label, points, scales) in zip(axes[0], found):
+    fig, axes = plt.subplots(
+        1, len(found) + 1, figsize=(3.6 * len(found) + 4.5, 3.8), squeeze=False, layout="constrained"
+    )
+    for ax, (label, _points, scales) in zip(axes[0], found):
         rows = max(len(s) for s in scales)
         grid = torch.full((rows, len(scales)), float("nan"))
         for j, s in enumerate(scales):
             grid[: len(s), j] = s
-        image = ax.imshow(grid.numpy(), aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        image = ax.imshow(
+            grid.numpy(), aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis", interpolation="nearest"
+        )
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("block")
         ax.set_ylabel("channel")
     fig.colorbar(image, ax=axes[0][: len(found)].tolist(), label="scale s", shrink=0.9)
     summary = axes[0][-1]
-    for label, points, scales in found:
+    for label, _points, scales in found:
         means = torch.stack([s.mean() for s in scales])
         spread = torch.stack([s.std() if len(s) > 1 else s.new_zeros(()) for s in scales])
         x = torch.arange(len(scales))
