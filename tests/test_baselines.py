@@ -334,7 +334,7 @@ def test_episodic_test_results_hold_calibration_and_the_reliability_plot_takes_t
     from metareg.viz.reliability import plot_reliability
     from test_training import tiny
 
-    config = tiny("train.iterations=1")
+    config = tiny("train.steps=1")
     trainer = train(config, tmp_path / "run", progress=False)
     result = meta_test(config, trainer.learner, episodes=5, progress=False)
     c = result.calibration
@@ -350,7 +350,7 @@ def test_robust_accuracy_of_a_transfer_run_falls_with_epsilon_and_is_cached(tmp_
     from metareg.runs.robustness import robust_accuracy
     from metareg.runs.transfer import transfer
 
-    transfer(tiny_transfer("perturb.name=none", "optim.steps=30"), tmp_path / "base", progress=False)
+    transfer(tiny_transfer("perturb.name=none", "train.steps=30"), tmp_path / "base", progress=False)
     clean = robust_accuracy(tmp_path / "base", "pgd-linf", 0.0, steps=3)
     attacked = robust_accuracy(tmp_path / "base", "pgd-linf", 0.2, steps=3)
     assert attacked < clean
@@ -365,7 +365,7 @@ def test_attacks_on_the_command_line_and_the_robustness_plot(tmp_path, capsys):
     from metareg.runs.episodic import train
     from test_training import tiny
 
-    train(tiny("train.iterations=1"), tmp_path / "run", progress=False)
+    train(tiny("train.steps=1"), tmp_path / "run", progress=False)
     common = ["--no-progress", "test", "--checkpoint", str(tmp_path / "run"), "--episodes", "3"]
     assert (
         cli.main(
@@ -411,7 +411,7 @@ def test_attacks_on_the_command_line_and_the_robustness_plot(tmp_path, capsys):
 
 
 def test_auto_strategy_keeps_the_loop_for_what_vmap_cannot_batch():
-    from metareg.runs.common import resolve_strategy
+    from metareg.build import resolve_strategy
 
     cuda = torch.device("cuda")
     assert resolve_strategy("auto", cuda, "conv4") == "vmap"

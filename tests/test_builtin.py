@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from metareg import cli
+from metareg import builtin, cli
 from metareg.errors import CheckpointError
-from metareg.runs import builtin
 from metareg.runs.episodic import meta_test, save_result, train
+from metareg.runs.packing import pack
 from test_training import tiny
 
 SHARED = Path(os.environ.get("METAREG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -22,12 +22,12 @@ SHARED = Path(os.environ.get("METAREG_SHARED_DATA", Path(__file__).resolve().par
 def packed(tmp_path, monkeypatch):
     """A tiny trained and tested run, shipped into a temporary built-in folder."""
     run = tmp_path / "run"
-    config = tiny("train.iterations=2")
+    config = tiny("train.steps=2")
     trainer = train(config, run, progress=False)
     save_result(meta_test(config, trainer.learner, episodes=4, progress=False), run / "test.json")
     folder = tmp_path / "builtin"
     monkeypatch.setattr(builtin, "FOLDER", folder)
-    builtin.pack(
+    pack(
         run,
         "tiny",
         command="metareg train --preset quickstart ...",
@@ -106,7 +106,7 @@ def test_the_plan_of_a_chunked_reproduction(tmp_path):
     assert [r.name for r in experiment.runs[:2]] == ["omniglot-20w1s", "omniglot-20w1s-metadropout"]  # the pair first
     assert experiment.runs[0].paper == {1: "95.23 +- 0.17"} and experiment.runs[1].paper == {1: "96.63 +- 0.13"}
     run = tmp_path / "omniglot-20w1s"
-    train(tiny("train.iterations=2"), run, progress=False)
+    train(tiny("train.steps=2"), run, progress=False)
     text = plan("metadropout-table-1", tmp_path)
     assert "omniglot-20w1s " in text and "2 / 60000 iterations" in text and "min left" in text
     assert "--time-budget SECONDS" in text

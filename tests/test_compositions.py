@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metareg.build import build_learner
 from metareg.config import MetaTrainConfig, parse_assignment
 from metareg.errors import ConfigError
 from metareg.meta.joint import JointLearner
 from metareg.nets import create_model, perturbation_parameter_names
 from metareg.perturb import MetaPerturb, MultiplicativeNoise, build_perturbation
 from metareg.runs.common import resolve
-from metareg.runs.episodic import build_learner, meta_test, train
+from metareg.runs.episodic import meta_test, train
 from metareg.runs.metaperturb import meta_train
 from metareg.selection import select
 from test_training import tiny
@@ -22,8 +23,8 @@ REF_FAST = "model.options={channels: 4, init: truncated_normal, norm_scale: fals
 
 def maml_with_metaperturb(*extra: str):
     return tiny(
-        "model.perturbation=metaperturb",
-        "model.perturbation_options={phi: learned}",
+        "perturb.name=metaperturb",
+        "perturb.options={phi: learned}",
         REF_FAST,
         "inner.fast=[blocks.*.conv.*, head.weight, head.bias]",
         "inner.eval_mc_samples=2",
@@ -63,12 +64,12 @@ def test_metaperturb_phi_learns_through_mamls_inner_loop():
 
 
 def test_the_metaperturb_maml_preset_trains_and_tests(tmp_path):
-    config = maml_with_metaperturb("train.iterations=2")
+    config = maml_with_metaperturb("train.steps=2")
     trainer = train(config, tmp_path / "run", progress=False)
     result = meta_test(config, trainer.learner, episodes=3, progress=False)
     assert result.protocol["mc_samples"] == 2 and 0 <= result.estimate.mean <= 1
     preset = resolve("omniglot-20w1s-metaperturb")
-    assert preset.model.perturbation == "metaperturb" and preset.inner.eval_mc_samples == 30
+    assert preset.perturb.name == "metaperturb" and preset.inner.eval_mc_samples == 30
     assert preset.inner.fast == ["blocks.*.conv.*", "head.weight", "head.bias"]
 
 
@@ -129,9 +130,9 @@ def test_a_perturbation_without_parameters_cannot_be_meta_trained():
 
 def test_the_joint_meta_dropout_preset_runs_and_resumes(tmp_path):
     values = [
-        "optim.steps=4",
-        "optim.batch_size=4",
-        "optim.checkpoint_every=2",
+        "train.steps=4",
+        "train.batch_size=4",
+        "train.checkpoint_every=2",
         "data.classes=12",
         "data.options={num_classes: 12}",
         "tasks=3",
@@ -142,7 +143,7 @@ def test_the_joint_meta_dropout_preset_runs_and_resumes(tmp_path):
     def config(steps):
         return resolve(
             "perturb-quickstart-metadropout",
-            overrides=[parse_assignment(s) for s in [*values, f"optim.steps={steps}"]],
+            overrides=[parse_assignment(s) for s in [*values, f"train.steps={steps}"]],
             schema=MetaTrainConfig,
         )
 

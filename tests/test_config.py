@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from metareg.config import Config, parse_assignment
+from metareg.config import SCHEMAS, Config, parse_assignment
 from metareg.errors import ConfigError
-from metareg.runs.common import SCHEMAS, resolve
+from metareg.runs.common import resolve
 from metareg.runs.presets import PRESETS
 
 
@@ -28,7 +28,7 @@ def test_a_preset_of_another_kind_names_the_command_that_runs_it():
 def test_omniglot_preset_has_the_reference_readme_hyperparameters():
     c = resolve("omniglot-20w1s")
     assert (c.data.way, c.data.shot, c.data.query) == (20, 1, 15)
-    assert (c.inner.lr, c.inner.steps, c.train.meta_batch, c.train.meta_lr, c.train.iterations, c.train.clip) == (
+    assert (c.inner.lr, c.inner.steps, c.train.meta_batch, c.train.lr, c.train.steps, c.train.clip) == (
         0.1,
         5,
         4,
@@ -38,12 +38,12 @@ def test_omniglot_preset_has_the_reference_readme_hyperparameters():
     )
     assert c.data.train_split == "trainval"
     c = resolve("miniimagenet-5w5s-metasgd")
-    assert (c.inner.step, c.inner.lr, c.train.meta_lr, c.model.options["channels"]) == ("meta-sgd", 0.01, 1e-4, 32)
+    assert (c.inner.step, c.inner.lr, c.train.lr, c.model.options["channels"]) == ("meta-sgd", 0.01, 1e-4, 32)
 
 
 def test_sine_preset_follows_the_thesis():
     c = resolve("sine-10shot")
-    assert (c.data.shot, c.inner.lr, c.inner.steps, c.train.meta_batch, c.train.iterations, c.train.meta_lr) == (
+    assert (c.data.shot, c.inner.lr, c.inner.steps, c.train.meta_batch, c.train.steps, c.train.lr) == (
         10,
         0.01,
         1,
@@ -58,16 +58,16 @@ def test_file_and_overrides_merge_over_preset(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("inner:\n  lr: 0.2\ntrain:\n  iterations: 7\n")
     c = resolve(
-        "quickstart", path, [parse_assignment("train.iterations=9"), parse_assignment("model.options={channels: 8}")]
+        "quickstart", path, [parse_assignment("train.steps=9"), parse_assignment("model.options={channels: 8}")]
     )
-    assert c.inner.lr == 0.2 and c.train.iterations == 9 and c.model.options == {"channels": 8}
+    assert c.inner.lr == 0.2 and c.train.steps == 9 and c.model.options == {"channels": 8}
     assert c.data.name == "glyphs"
 
 
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"train": {"iteratons": 5}}, "unknown config key 'train.iteratons' (did you mean 'train.iterations'?)"),
+        ({"train": {"stesp": 5}}, "unknown config key 'train.stesp' (did you mean 'train.steps'?)"),
         ({"bogus": 1}, "unknown config key 'bogus'"),
         ({"inner": {"lr": "fast"}}, "'inner.lr' must be"),
         ({"train": {"meta_batch": 0}}, "train.meta_batch must be >= 1"),
@@ -107,10 +107,10 @@ def test_transfer_presets_of_paper_rows_use_the_released_schedule_and_say_their_
     for preset in rows:
         c = resolve(preset.name, schema=TransferConfig)
         assert (
-            c.optim.steps,
-            c.optim.batch_size,
-            c.optim.milestones,
-            c.optim.gamma,
+            c.train.steps,
+            c.train.batch_size,
+            c.train.milestones,
+            c.train.gamma,
             c.perturb.mc_samples,
             c.perturb.anneal,
         ) == (10000, 128, [0.4, 0.7, 0.9], 0.3, 100, 0.4), preset.name
@@ -124,7 +124,36 @@ def test_numbers_in_exponent_form_are_numbers_at_any_depth(tmp_path):
     assert parse_assignment("perturb.options={beta: 1e-05, p: 2E+1, name: 1e5x}") == {
         "perturb": {"options": {"beta": 1e-05, "p": 20.0, "name": "1e5x"}}
     }
-    assert parse_assignment("optim.lr=1e-3") == {"optim": {"lr": 1e-3}}
+    assert parse_assignment("train.lr=1e-3") == {"train": {"lr": 1e-3}}
     path = tmp_path / "c.yaml"
     path.write_text("perturb:\n  options: {beta: 1e-5}\noptim:\n  lr: -3e-4\n  steps: 10\n")
     assert load_file(path) == {"perturb": {"options": {"beta": 1e-5}}, "optim": {"lr": -3e-4, "steps": 10}}
+
+
+def test_keys_of_earlier_versions_are_read_under_their_new_names(tmp_path, capsys, monkeypatch):
+    """Old run folders and config files keep working: each renamed key is read as its new name with
+    a one-line notice; giving both names is refused. (Mutation: dropping a RENAMED entry fails here.)"""
+    from metareg import config as config_module
+    from metareg.config import MetaTrainConfig, TransferConfig, upgrade
+
+    monkeypatch.setattr(config_module, "_noticed", set())
+
+    old = {
+        "model": {"perturbation": "meta-dropout", "perturbation_options": {"init_std": 0.1}},
+        "train": {"iterations": 7, "meta_lr": 0.5},
+    }
+    c = Config.from_dict(upgrade(old, "bilevel"))
+    assert (c.perturb.name, c.perturb.options, c.train.steps, c.train.lr) == ("meta-dropout", {"init_std": 0.1}, 7, 0.5)
+    Config.from_dict(upgrade(old, "bilevel"))  # the notice is printed once per key and process
+    notes = capsys.readouterr().err.splitlines()
+    assert "metareg: note: config key 'train.iterations' is now 'train.steps' (read as such)" in notes
+    assert len(notes) == 4, notes
+    m = MetaTrainConfig.from_dict({"optim": {"steps": 3, "lr": 0.1}, "strategy": "loop"})
+    assert (m.train.steps, m.train.lr, m.train.strategy) == (3, 0.1, "loop")
+    t = TransferConfig.from_dict({"optim": {"batch_size": 16}})
+    assert t.train.batch_size == 16 and t.train.steps == TransferConfig().train.steps
+    with pytest.raises(ConfigError, match="same key"):
+        Config.from_dict({"train": {"iterations": 7, "steps": 8}})
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  iterations: 5\n")
+    assert resolve("quickstart", path, [parse_assignment("train.meta_lr=0.01")]).train.lr == 0.01

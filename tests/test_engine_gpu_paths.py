@@ -149,8 +149,8 @@ def test_batching_needs_the_episodic_batch_norm():
 def test_the_capturable_step_is_the_eager_step(tmp_path):
     """MetaTrainer.update (what a GPU captures, with the gather) gives bit for bit the update of a
     plain meta-iteration written out here; on the CPU there is no capture."""
-    trainer = train(tiny("train.iterations=0"), tmp_path / "run", progress=False)
-    reference = train(tiny("train.iterations=0"), tmp_path / "ref", progress=False)
+    trainer = train(tiny("train.steps=0"), tmp_path / "run", progress=False)
+    reference = train(tiny("train.steps=0"), tmp_path / "ref", progress=False)
     rows, turns = trainer.source.draw(2, torch.Generator().manual_seed(3))
     batch = reference.source.gather(rows, turns)
     torch.manual_seed(5)
@@ -208,7 +208,7 @@ def test_the_warm_up_state_is_restored_exactly():
 
 # ---------------------------------------------------------------------------- time budget
 def test_a_time_budget_stops_with_a_checkpoint_and_the_resumed_run_ends_identical(tmp_path):
-    config = tiny("train.iterations=6", "train.checkpoint_every=3")
+    config = tiny("train.steps=6", "train.checkpoint_every=3")
     train(config, tmp_path / "straight", progress=False)
     stopped = train(config, tmp_path / "budget", progress=False, deadline=time.monotonic())  # already out of time
     assert not stopped.finished and stopped.step == 1
@@ -237,7 +237,7 @@ def test_a_time_budget_during_hyperparameter_selection_says_where_it_stopped(tmp
         operator.iadd,
         (
             ["--set", s]
-            for s in ["optim.steps=40", "optim.checkpoint_every=5", "data.image_size=16", "model.options.channels=8"]
+            for s in ["train.steps=40", "train.checkpoint_every=5", "data.image_size=16", "model.options.channels=8"]
         ),
         [],
     )

@@ -200,18 +200,16 @@ def test_deterministic_meta_dropout_same_meta_gradient_batched_and_unbatched():
 
 def test_meta_dropout_run_resumes_exactly(tmp_path):
     extra = (
-        "model.perturbation=meta-dropout",
+        "perturb.name=meta-dropout",
         "inner.eval_mc_samples=2",
         "model.options={channels: 4, norm_scale: false}",
         "inner.fast=[blocks.*.conv.*, head.weight, head.bias]",
     )
     from metareg.runs.episodic import train
 
-    train(tiny("train.iterations=6", "train.checkpoint_every=3", *extra), tmp_path / "straight", progress=False)
-    train(tiny("train.iterations=3", "train.checkpoint_every=3", *extra), tmp_path / "split", progress=False)
-    train(
-        tiny("train.iterations=6", "train.checkpoint_every=3", *extra), tmp_path / "split", resume=True, progress=False
-    )
+    train(tiny("train.steps=6", "train.checkpoint_every=3", *extra), tmp_path / "straight", progress=False)
+    train(tiny("train.steps=3", "train.checkpoint_every=3", *extra), tmp_path / "split", progress=False)
+    train(tiny("train.steps=6", "train.checkpoint_every=3", *extra), tmp_path / "split", resume=True, progress=False)
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "split")
     assert any(k.startswith("param.") and ".phi." in k for k in a)
     assert_same_state(a, b)
@@ -239,7 +237,7 @@ def test_feature_and_boundary_plots_from_a_trained_run(tmp_path):
     from metareg.viz.features import plot_features
 
     run = tmp_path / "run"
-    train(tiny("train.iterations=2", "model.perturbation=meta-dropout", "inner.eval_mc_samples=2"), run, progress=False)
+    train(tiny("train.steps=2", "perturb.name=meta-dropout", "inner.eval_mc_samples=2"), run, progress=False)
     view = adapted_task(run)
     for path in (plot_features(view, tmp_path / "f.png", layer=1), plot_boundary(view, tmp_path / "b.png", samples=3)):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

@@ -22,29 +22,30 @@ from metareg.data import class_tasks, load_labeled, split_per_class
 from metareg.errors import ConfigError, DataError
 from metareg.meta.distributed import World
 from metareg.meta.joint_trainer import JointTrainer
+from metareg.meta.ordinary import TransferTrainer, predict
 from metareg.perturb.pretrained import save_phi
 from metareg.runs.common import resolve
 from metareg.runs.metaperturb import meta_train
-from metareg.runs.transfer import TransferTrainer, predict, transfer
+from metareg.runs.transfer import transfer
 from test_cli import assert_one_line_error, run
 
 TINY_META = [
     "data.options.num_classes=20",
     "data.classes=20",
     "data.image_size=16",
-    "optim.batch_size=4",
-    "optim.steps=4",
-    "optim.checkpoint_every=2",
-    "optim.log_every=1",
+    "train.batch_size=4",
+    "train.steps=4",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
     "model.options.channels=8",
     "tasks=4",
 ]
 TINY_TRANSFER = [
     "data.image_size=16",
-    "optim.batch_size=8",
-    "optim.steps=6",
-    "optim.checkpoint_every=3",
-    "optim.log_every=1",
+    "train.batch_size=8",
+    "train.steps=6",
+    "train.checkpoint_every=3",
+    "train.log_every=1",
     "model.options.channels=8",
     "perturb.mc_samples=3",
 ]
@@ -182,9 +183,9 @@ def test_two_processes_with_torchrun_give_the_same_phi_as_one(tmp_path):
         "--set",
         "dtype=float64",
         "--set",
-        "optim.steps=3",
+        "train.steps=3",
         "--set",
-        "optim.checkpoint_every=3",
+        "train.checkpoint_every=3",
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     one = subprocess.run(
@@ -272,9 +273,9 @@ def test_two_process_run_resumed_in_one_process_ends_like_an_uninterrupted_one(t
         "--set",
         "dtype=float64",
         "--set",
-        "optim.steps=4",
+        "train.steps=4",
         "--set",
-        "optim.checkpoint_every=2",
+        "train.checkpoint_every=2",
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "metareg.cli"]
@@ -352,7 +353,7 @@ def test_transfer_baselines_and_metaperturb_end_to_end(tmp_path, phi_dir):
     # Fine-tuning: the convolutions start from the Base run's trained ones, batch norm and head do not.
     # (One step at a negligible learning rate: the weights are still the ones they started from.)
     tuned_config = transfer_config(
-        phi_dir, "perturb.name=none", f"init_from={tmp_path / 'base'}", "optim.steps=1", "optim.lr=1e-12"
+        phi_dir, "perturb.name=none", f"init_from={tmp_path / 'base'}", "train.steps=1", "train.lr=1e-12"
     )
     transfer(tuned_config, tmp_path / "ft", progress=False)
     source, tuned = tensors_of(tmp_path / "base"), tensors_of(tmp_path / "ft")
@@ -373,7 +374,7 @@ def test_transfer_baselines_and_metaperturb_end_to_end(tmp_path, phi_dir):
 
 def test_monte_carlo_test_predictions_are_reproducible_and_average_the_noise(tmp_path, phi_dir):
     from metareg.data.augment import normalize, to_channels
-    from metareg.runs.transfer import load_transfer_model
+    from metareg.fewshot import load_transfer_model
 
     transfer(transfer_config(phi_dir), tmp_path / "mp", progress=False)
     _, model = load_transfer_model(tmp_path / "mp")
@@ -431,7 +432,7 @@ def test_transfer_resumes_exactly_after_an_interruption(tmp_path, phi_dir, monke
         ),
         (["perturb", "transfer", "--set", "data.train_per_class=25"], ["has 20 images", "taking 25"]),
         (["perturb", "transfer", "--phi", "/nonexistent/phi"], ["no meta-trained perturbation"]),
-        (["perturb", "transfer", "--set", "optim.bogus=1"], ["unknown config key 'optim.bogus'"]),
+        (["perturb", "transfer", "--set", "train.bogus=1"], ["unknown config key 'train.bogus'"]),
         (["perturb", "meta-train", "--tasks", "500"], ["cannot be divided class-wise into 500 tasks"]),
         (["perturb", "transfer", "--resume"], ["--resume needs --out"]),
         (["perturb", "transfer", "--set", "data.image_size=8", "--arch", "vgg9"], ["too small"]),

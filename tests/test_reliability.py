@@ -20,9 +20,10 @@ from metareg.checkpoint import load_checkpoint, save_checkpoint
 from metareg.config import parse_assignment
 from metareg.errors import CheckpointError, ConfigError, DataError, DivergenceError
 from metareg.evaluate import mean_ci, paired_difference
+from metareg.fewshot import load_learner
 from metareg.progress import Progress
 from metareg.runs.common import resolve
-from metareg.runs.episodic import load_learner, meta_test, train
+from metareg.runs.episodic import meta_test, train
 from test_training import TINY, final_params, tiny
 
 TINY_FLAGS = functools.reduce(operator.iadd, (["--set", s] for s in TINY), [])
@@ -52,8 +53,8 @@ def umask() -> int:
 @pytest.mark.parametrize("absolute", [False, True])
 def test_a_checkpoint_record_cannot_name_a_file_outside_its_run_folder(tmp_path, capsys, absolute):
     other, run = tmp_path / "other", tmp_path / "run"
-    train(tiny("train.iterations=2", "train.checkpoint_every=2"), other, progress=False)
-    train(tiny("train.iterations=2", "train.checkpoint_every=2"), run, progress=False)
+    train(tiny("train.steps=2", "train.checkpoint_every=2"), other, progress=False)
+    train(tiny("train.steps=2", "train.checkpoint_every=2"), run, progress=False)
     victim = other / json.loads((other / "checkpoint.json").read_text())["tensors"]
     record = json.loads((run / "checkpoint.json").read_text())
     record["tensors"] = str(victim) if absolute else f"../other/{victim.name}"
@@ -71,7 +72,7 @@ def test_a_checkpoint_record_cannot_name_a_file_outside_its_run_folder(tmp_path,
 
 def test_a_record_naming_another_file_of_the_run_does_not_delete_it(tmp_path):
     run = tmp_path / "run"
-    train(tiny("train.iterations=2", "train.checkpoint_every=2"), run, progress=False)
+    train(tiny("train.steps=2", "train.checkpoint_every=2"), run, progress=False)
     record = json.loads((run / "checkpoint.json").read_text())
     record["tensors"] = "log.csv"
     (run / "checkpoint.json").write_text(json.dumps(record))
@@ -94,14 +95,14 @@ def test_the_kept_checkpoint_always_evaluates_to_finite_numbers(tmp_path, capsys
         "6",
         *TINY_FLAGS,
         "--set",
-        "train.meta_lr=1e20",
+        "train.lr=1e20",
         "--set",
         "train.checkpoint_every=1",
     )
     assert_one_line(status, err, "no checkpoint was written")
     assert not (run / "checkpoint.json").exists()
     # With a good checkpoint first, the one kept is that one and it evaluates to finite numbers.
-    train(tiny("train.iterations=2", "train.checkpoint_every=2"), run, progress=False)
+    train(tiny("train.steps=2", "train.checkpoint_every=2"), run, progress=False)
     good = final_params(run)
     from metareg.meta.trainer import MetaTrainer
 
@@ -114,7 +115,7 @@ def test_the_kept_checkpoint_always_evaluates_to_finite_numbers(tmp_path, capsys
 
     monkeypatch.setattr(MetaTrainer, "resume", resume_with_a_huge_lr)
     with pytest.raises(DivergenceError, match="step 2\\) is kept"):
-        train(tiny("train.iterations=8", "train.checkpoint_every=1"), run, resume=True, progress=False)
+        train(tiny("train.steps=8", "train.checkpoint_every=1"), run, resume=True, progress=False)
     after = final_params(run)
     assert good.keys() == after.keys() and any(k.startswith("optim.") for k in good)
     assert all(torch.equal(good[k], after[k]) for k in good)
@@ -124,7 +125,7 @@ def test_the_kept_checkpoint_always_evaluates_to_finite_numbers(tmp_path, capsys
 
 def test_test_refuses_a_model_whose_outputs_are_not_finite(tmp_path, capsys):
     run = tmp_path / "run"
-    train(tiny("train.iterations=1"), run, progress=False)
+    train(tiny("train.steps=1"), run, progress=False)
     tensors, meta = load_checkpoint(run)
     tensors["param.model.head.weight"] = torch.full_like(tensors["param.model.head.weight"], float("nan"))
     save_checkpoint(
@@ -174,14 +175,14 @@ def test_adam_overflow_is_one_line(tmp_path, capsys):
         "3",
         *TINY_FLAGS,
         "--set",
-        "train.meta_lr=1e300",
+        "train.lr=1e300",
     )
     assert_one_line(status, err, "overflow", "no checkpoint was written")
 
 
 def test_nonfinite_weights_count_as_divergence(tmp_path):
     run = tmp_path / "run"
-    trainer = train(tiny("train.iterations=1"), run, progress=False)
+    trainer = train(tiny("train.steps=1"), run, progress=False)
     with torch.no_grad():
         next(trainer.learner.parameters()).fill_(float("inf"))
     assert "non-finite" in trainer.check()
@@ -194,10 +195,10 @@ def test_nonfinite_weights_count_as_divergence(tmp_path):
     "assignment",
     [
         "inner.lr=nan",
-        "train.meta_lr=inf",
+        "train.lr=inf",
         "train.clip=-inf",
         "train.clip=.nan",
-        "model.perturbation_options={init_std: .nan}",
+        "perturb.options={init_std: .nan}",
     ],
 )
 def test_config_numbers_must_be_finite(assignment):
@@ -214,7 +215,7 @@ def test_transfer_and_meta_train_numbers_must_be_finite():
     from metareg.config import MetaTrainConfig, TransferConfig
 
     with pytest.raises(ConfigError, match="finite"):
-        resolve("transfer-quickstart", None, [parse_assignment("optim.weight_decay=nan")], schema=TransferConfig)
+        resolve("transfer-quickstart", None, [parse_assignment("train.weight_decay=nan")], schema=TransferConfig)
     with pytest.raises(ConfigError, match="finite"):
         resolve("perturb-quickstart", None, [parse_assignment("train_fraction=nan")], schema=MetaTrainConfig)
 
@@ -222,7 +223,7 @@ def test_transfer_and_meta_train_numbers_must_be_finite():
 # ------------------------------------------------------------------------- 5. disk and permissions
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
-    train(tiny("train.iterations=2", "train.checkpoint_every=2"), run, progress=False)
+    train(tiny("train.steps=2", "train.checkpoint_every=2"), run, progress=False)
     before = final_params(run)
 
     def full(path, _data):
@@ -248,7 +249,7 @@ def test_an_unwritable_out_folder_is_one_line(tmp_path, capsys):
 
 def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
-    train(tiny("train.iterations=1"), run, progress=False)
+    train(tiny("train.steps=1"), run, progress=False)
     real = Path.read_bytes
 
     def denied(self):
@@ -274,7 +275,7 @@ def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
 )
 def test_bad_counts_are_one_line(tmp_path, capsys, args):
     run = tmp_path / "run"
-    train(tiny("train.iterations=1"), run, progress=False)
+    train(tiny("train.steps=1"), run, progress=False)
     with pytest.raises(SystemExit) as exit_info:
         cli.main([a.replace("RUN", str(run)) for a in args])
     err = capsys.readouterr().err.strip()
@@ -303,7 +304,7 @@ def test_a_permission_denied_image_is_not_called_corrupt(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------- 6. file modes
 def test_tensor_files_follow_the_umask_like_the_json(tmp_path):
     run = tmp_path / "run"
-    train(tiny("train.iterations=1"), run, progress=False)
+    train(tiny("train.steps=1"), run, progress=False)
     expected = 0o666 & ~umask()
     for path in [*run.glob("checkpoint-*.safetensors"), run / "checkpoint.json", run / "config.json"]:
         assert path.stat().st_mode & 0o777 == expected, path
@@ -394,7 +395,7 @@ def test_dropgrad_linear_schedule_follows_every_step_through_the_trainer(tmp_pat
 
     monkeypatch.setattr(DropGrad, "update", update)
     config = tiny(
-        "train.iterations=6",
+        "train.steps=6",
         "train.checkpoint_every=100",
         "train.val_every=100",
         "train.meta_batch=1",
@@ -422,7 +423,7 @@ def test_mean_ci_and_paired_difference_against_a_hand_calculation():
 
 def test_compare_refuses_fewer_than_two_episodes(tmp_path, capsys):
     run = tmp_path / "run"
-    train(tiny("train.iterations=1"), run, progress=False)
+    train(tiny("train.steps=1"), run, progress=False)
     status, err = main(capsys, "compare", str(run), str(run), "--episodes", "1")
     assert_one_line(status, err, "at least 2 episodes")
 

@@ -44,11 +44,11 @@ def test_metaperturb_grid_trains_phi_first_and_reports_seeds_with_paired_differe
         "data.options={num_classes: 20}",
         "data.classes=20",
         "data.image_size=16",
-        "optim.batch_size=4",
+        "train.batch_size=4",
         "tasks=4",
         "model.options={channels: 8}",
     )
-    tiny_transfer = ("data.image_size=16", "optim.batch_size=8", "model.options={channels: 8}", "perturb.mc_samples=2")
+    tiny_transfer = ("data.image_size=16", "train.batch_size=8", "model.options={channels: 8}", "perturb.mc_samples=2")
     runs = [Run("phi", "perturb-quickstart", tiny_meta, row="phi", command="meta-train", stage=0)]
     for seed in (0, 1):
         runs += [

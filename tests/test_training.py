@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from metareg.checkpoint import load_checkpoint
 from metareg.config import parse_assignment
 from metareg.errors import CheckpointError, ConfigError, DivergenceError
+from metareg.fewshot import load_learner
 from metareg.runs.common import resolve
-from metareg.runs.episodic import load_learner, meta_test, train
+from metareg.runs.episodic import meta_test, train
 
 TINY = [
     "data.options={num_classes: 30}",
@@ -55,9 +56,9 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 def test_resume_continues_exactly(tmp_path):
-    train(tiny("train.iterations=6", "train.checkpoint_every=3"), tmp_path / "straight", progress=False)
-    train(tiny("train.iterations=3", "train.checkpoint_every=3"), tmp_path / "split", progress=False)
-    config = tiny("train.iterations=6", "train.checkpoint_every=3")
+    train(tiny("train.steps=6", "train.checkpoint_every=3"), tmp_path / "straight", progress=False)
+    train(tiny("train.steps=3", "train.checkpoint_every=3"), tmp_path / "split", progress=False)
+    config = tiny("train.steps=6", "train.checkpoint_every=3")
     train(config, tmp_path / "split", resume=True, progress=False)
     assert_same_state(final_params(tmp_path / "straight"), final_params(tmp_path / "split"))
     rows = (tmp_path / "split" / "log.csv").read_text().splitlines()
@@ -96,7 +97,7 @@ def test_run_killed_mid_training_resumes_to_the_same_weights(tmp_path):
 
 
 def test_checkpoint_holds_no_pickles_and_roundtrips(tmp_path):
-    config = tiny("train.iterations=2")
+    config = tiny("train.steps=2")
     trainer = train(config, tmp_path, progress=False)
     meta = json.loads((tmp_path / "checkpoint.json").read_text())
     assert meta["step"] == 2 and meta["config"]["data"]["way"] == 3
@@ -109,13 +110,13 @@ def test_checkpoint_holds_no_pickles_and_roundtrips(tmp_path):
 
 
 def test_fresh_run_refuses_to_overwrite(tmp_path):
-    train(tiny("train.iterations=1"), tmp_path, progress=False)
+    train(tiny("train.steps=1"), tmp_path, progress=False)
     with pytest.raises(ConfigError, match="already holds a checkpoint"):
-        train(tiny("train.iterations=1"), tmp_path, progress=False)
+        train(tiny("train.steps=1"), tmp_path, progress=False)
 
 
 def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path):
-    train(tiny("train.iterations=1"), tmp_path / "run", progress=False)
+    train(tiny("train.steps=1"), tmp_path / "run", progress=False)
     run = tmp_path / "run"
     meta = json.loads((run / "checkpoint.json").read_text())
     tensor_file = run / meta["tensors"]
@@ -136,9 +137,9 @@ def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
-    train(tiny("train.iterations=2", "train.checkpoint_every=2"), run, progress=False)
+    train(tiny("train.steps=2", "train.checkpoint_every=2"), run, progress=False)
     good = final_params(run)
-    config = tiny("train.iterations=8", "train.checkpoint_every=2", "inner.lr=1e30", "train.clip=null")
+    config = tiny("train.steps=8", "train.checkpoint_every=2", "inner.lr=1e30", "train.clip=null")
     with pytest.raises(DivergenceError, match="last good checkpoint"):
         train(config, run, resume=True, progress=False)
     assert json.loads((run / "checkpoint.json").read_text())["step"] == 2
@@ -175,7 +176,7 @@ def record_test_episodes(learner) -> Callable[[], list[tuple[torch.Tensor, ...]]
 def test_same_test_episodes_for_every_model(tmp_path):
     """Two different models (other training seed and length) are tested on the very same episodes:
     the support and query sets each learner receives are identical, while their scores differ."""
-    configs = [tiny("train.iterations=1"), tiny("train.iterations=2", "seed=7")]
+    configs = [tiny("train.steps=1"), tiny("train.steps=2", "seed=7")]
     results, episodes = [], []
     for i, config in enumerate(configs):
         learner = train(config, tmp_path / str(i), progress=False).learner

@@ -14,7 +14,7 @@ from test_baselines import tiny_transfer
 
 
 def test_against_base_trains_both_on_the_same_data_and_reports_the_paired_difference(tmp_path, capsys, monkeypatch):
-    from metareg.runs import transfer as transfer_module
+    from metareg.meta import ordinary as transfer_module
 
     batches = {}  # (run folder, step) -> the labels of the training batch: the data order
     real = transfer_module.training_batch
@@ -39,9 +39,9 @@ def test_against_base_trains_both_on_the_same_data_and_reports_the_paired_differ
                 ["--set", s]
                 for s in [
                     "data.image_size=16",
-                    "optim.batch_size=8",
-                    "optim.steps=6",
-                    "optim.checkpoint_every=3",
+                    "train.batch_size=8",
+                    "train.steps=6",
+                    "train.checkpoint_every=3",
                     "model.options.channels=8",
                     "perturb.mc_samples=3",
                 ]
@@ -73,7 +73,7 @@ def test_metaperturbs_noise_and_scale_per_block_are_logged(tmp_path):
     from metareg.runs.transfer import transfer
 
     record = transfer(
-        tiny_transfer("optim.steps=4", "optim.log_every=2", "perturb.phi=builtin"), tmp_path / "run", progress=False
+        tiny_transfer("train.steps=4", "train.log_every=2", "perturb.phi=builtin"), tmp_path / "run", progress=False
     )
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     columns = [c for c in rows[0] if c[0] in "zs" and c[1:].isdigit()]

@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="meta-train (then meta-test) a config into a run folder")
     _config_flags(p, resume=True)
     p.add_argument("--out", help="run folder (default runs/<preset or data>)")
-    p.add_argument("--iterations", type=NONNEGATIVE, help="meta-training iterations")
+    p.add_argument(
+        "--steps", "--iterations", dest="steps", type=NONNEGATIVE, help="meta-training iterations (train.steps)"
+    )
     _eval_flags(p)
     p.add_argument("--no-test", action="store_true", help="skip the meta-test after training")
 
@@ -178,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--out", help="run folder (default runs/<preset or data>)")
         a.add_argument("--data", help="data set name (data.name; see the README for the layouts)")
         a.add_argument("--arch", help=f"backbone (model.backbone): {', '.join(backbones())}")
-        a.add_argument("--steps", type=NONNEGATIVE, help="training steps (optim.steps)")
+        a.add_argument("--steps", type=NONNEGATIVE, help="training steps (train.steps)")
         a.add_argument(
-            "--batch-size", type=POSITIVE, help="images per batch (per task when meta-training) (optim.batch_size)"
+            "--batch-size", type=POSITIVE, help="images per batch (per task when meta-training) (train.batch_size)"
         )
         a.add_argument(
             "--perturbation",
@@ -259,7 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run a paper's table or figure as a resumable grid of runs")
     p.add_argument("experiment", nargs="?", help="experiment name (omit to list them)")
     p.add_argument("--out", help="folder for the runs and <experiment>.md (default runs/<experiment>)")
-    p.add_argument("--iterations", type=POSITIVE, help="meta-iterations per run (default: the presets' full schedule)")
+    p.add_argument(
+        "--steps",
+        "--iterations",
+        dest="steps",
+        type=POSITIVE,
+        help="training steps per run (default: the presets' full schedule)",
+    )
     p.add_argument("--episodes", type=POSITIVE, default=1000, help="test tasks per number (default 1000)")
     p.add_argument("--jobs", type=POSITIVE, default=2, help="runs trained at once, one thread each (default 2)")
     p.add_argument(
@@ -395,8 +403,8 @@ def _stopped(args: argparse.Namespace, command: str, out: Path, step: int, total
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .build import resolve_device
     from .meta.distributed import session
-    from .runs.common import resolve_device
     from .runs.episodic import meta_test, save_result, train
 
     config = _run_config(args, "bilevel")
@@ -414,7 +422,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline, world=world
         )
         if not trainer.finished:
-            return _stopped(args, "metareg train", out, trainer.step, config.train.iterations) if main else None
+            return _stopped(args, "metareg train", out, trainer.step, config.train.steps) if main else None
         if main:
             print(
                 f"meta-trained {trainer.step} iterations in {trainer.seconds:.0f} s; checkpoint "
@@ -441,11 +449,12 @@ def _model_result(
 ) -> tuple[Any, Any]:
     """(result, config): a stored result file (config None), or a checkpoint tested now
     (on ``protocol_config``'s episodes if given)."""
+    from . import builtin
     from .config import validate
     from .evaluate import EvalResult
-    from .runs import builtin
-    from .runs.common import read_run
-    from .runs.episodic import load_learner, meta_test
+    from .fewshot import load_learner
+    from .runfolder import read_run
+    from .runs.episodic import meta_test
 
     path = str(builtin.resolve(path))
     p = Path(path)
@@ -512,14 +521,14 @@ def _attack(args: argparse.Namespace) -> Any:
 
 def _session(args: argparse.Namespace):
     """torchrun's process group for a meta-test (the processes share the episodes), or one process."""
+    from .build import resolve_device
     from .meta.distributed import session
-    from .runs.common import resolve_device
 
     return session(resolve_device(args.device or "auto"))
 
 
 def cmd_test(args: argparse.Namespace) -> None:
-    from .runs import builtin
+    from . import builtin
     from .runs.episodic import save_result
 
     with _session(args) as world:
@@ -573,26 +582,27 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_presets(args: argparse.Namespace) -> None:  # noqa: ARG001
-    from .runs.common import COMMANDS as RUNNERS
+    from .config import SCHEMAS
     from .runs.presets import PRESETS
 
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
         print(
-            f"{name:<{width}}  {preset.description}\n{'':<{width}}  run with `{RUNNERS[preset.kind]}`; "
+            f"{name:<{width}}  {preset.description}\n{'':<{width}}  run with `{SCHEMAS[preset.kind].command}`; "
             f"reproduces: {preset.paper}" + (f"\n{'':<{width}}  cost: {preset.cost}" if preset.cost else "")
         )
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> None:
+    from . import builtin
     from .checkpoint import read_checkpoint_meta
-    from .runs import builtin
+    from .runs.packing import pack
 
     if args.pack:
         if not args.name:
             raise ConfigError("--pack needs --name, the built-in checkpoint's name")
         command = args.train_command or read_checkpoint_meta(args.pack)[1].get("command") or ""
-        print(f"shipped as {builtin.pack(args.pack, args.name, command=command, machine=args.machine, note=args.note)}")
+        print(f"shipped as {pack(args.pack, args.name, command=command, machine=args.machine, note=args.note)}")
         return
     names = builtin.available()
     if not names:
@@ -695,7 +705,7 @@ def cmd_perturb(args: argparse.Namespace) -> None:
         out = Path(args.out or f"runs/{config.preset or 'perturb-' + config.data.name}")
         trainer = meta_train(config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline)
         if trainer.world.is_main and not trainer.finished:
-            return _stopped(args, "metareg perturb meta-train", out, trainer.step, config.optim.steps)
+            return _stopped(args, "metareg perturb meta-train", out, trainer.step, config.train.steps)
         if trainer.world.is_main:
             made = (
                 f"{out / 'phi.json'} (use it with: metareg perturb transfer --phi {out})"
@@ -712,7 +722,7 @@ def cmd_perturb(args: argparse.Namespace) -> None:
         folder, step = stopped_at(out)
         if folder != out:
             print(f"(in {folder})")
-        return _stopped(args, "metareg perturb transfer", out, step, config.optim.steps)
+        return _stopped(args, "metareg perturb transfer", out, step, config.train.steps)
     what = {"metaperturb": "MetaPerturb", "none": "no perturbation"}.get(config.perturb.name, config.perturb.name) + (
         " + fine-tuning" if config.init_from else ""
     )
@@ -765,7 +775,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     path = run_experiment(
         args.experiment,
         args.out or f"runs/{args.experiment}",
-        iterations=args.iterations,
+        iterations=args.steps,
         episodes=args.episodes,
         jobs=args.jobs,
         progress=not args.no_progress,

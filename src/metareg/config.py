@@ -2,12 +2,18 @@
 
 Three kinds of run, one dataclass each:
 
-* :class:`Config` (``metareg train``): episodic meta-learning, five sections (``data``, ``model``,
-  ``inner``, ``train``, ``eval``) plus run-wide fields;
+* :class:`Config` (``metareg train``): episodic meta-learning, six sections (``data``, ``model``,
+  ``perturb``, ``inner``, ``train``, ``eval``) plus run-wide fields;
 * :class:`MetaTrainConfig` (``metareg perturb meta-train``): MetaPerturb's joint meta-training of a
   perturbation over T source tasks;
 * :class:`TransferConfig` (``metareg perturb transfer``): ordinary training of a network on a target
   data set with a fixed perturbation (or none, or fine-tuned from a source network).
+
+Every kind names one idea one way: ``model`` is the network, ``perturb`` the feature perturbation in
+its slots (``name``, ``options``), ``train`` the outer optimization (``steps``, ``lr``,
+``log_every``, ``checkpoint_every``, ...). Keys of earlier versions (``train.iterations``,
+``train.meta_lr``, ``model.perturbation``, the ``optim`` section, ...) are read as their new names
+with a one-line notice (:data:`RENAMED`), so old run folders and config files keep working.
 
 Unknown keys are errors, never silently ignored: a typo must not run the wrong experiment.
 """
@@ -19,11 +25,12 @@ import difflib
 import json
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -61,10 +68,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "conv4"  # conv4 | conv6 | mlp
+    backbone: str = "conv4"  # conv4 | conv6 | mlp | ... (metareg.nets.available())
     options: dict[str, Any] = field(default_factory=dict)  # channels, strided, hidden
-    perturbation: str = "none"
-    perturbation_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PerturbSection:
+    """The feature perturbation in every slot of the network: any registered one
+    (``metareg.perturb.available()``) with its ``options``."""
+
+    name: str = "none"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,9 +98,9 @@ class InnerConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 2000
+    steps: int = 2000  # meta-iterations
     meta_batch: int = 4
-    meta_lr: float = 1e-3
+    lr: float = 1e-3  # Adam's learning rate of the meta-parameters (the outer loop)
     clip: float | None = 3.0  # gradient-value clipping to [-clip, clip]; null for none
     val_every: int = 500
     val_episodes: int = 200
@@ -104,20 +118,27 @@ class EvalConfig:
 
 
 class _RunConfig:
-    """A whole run's config: to and from plain dicts (unknown keys are errors)."""
+    """A whole run's config: to and from plain dicts (unknown keys are errors; keys of earlier
+    versions are read under their new names, see :data:`RENAMED`)."""
+
+    kind: ClassVar[str]  # the kind of run (``bilevel``, ``meta-train``, ``transfer``)
+    command: ClassVar[str]  # the command that runs it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Any:
-        return _build(cls, values, "")
+        return _build(cls, upgrade(values, cls.kind), "")
 
 
 @dataclass
 class Config(_RunConfig):
+    kind: ClassVar[str] = "bilevel"
+    command: ClassVar[str] = "metareg train"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    perturb: PerturbSection = field(default_factory=PerturbSection)
     inner: InnerConfig = field(default_factory=InnerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -159,6 +180,8 @@ class NetworkConfig:
 
 @dataclass
 class OptimConfig:
+    """Ordinary training (the ``train`` section of MetaPerturb's runs)."""
+
     steps: int = 10000
     batch_size: int = 128
     lr: float = 1e-3  # Adam
@@ -171,12 +194,20 @@ class OptimConfig:
 
 
 @dataclass
-class PerturbConfig:
-    """The perturbation in a network's slots: any registered one (``metareg.perturb.available()``)
-    with its ``options``; ``clip`` and ``anneal`` are MetaPerturb's settings."""
+class JointOptimConfig(OptimConfig):
+    """Joint meta-training (MetaPerturb's Algorithm 1): ordinary training of every task network and phi."""
+
+    steps: int = 750
+    milestones: list[float] = field(default_factory=list)
+    strategy: str = "auto"  # loop | vmap | auto (loop on CPU, vmap on CUDA)
+
+
+@dataclass
+class PerturbConfig(PerturbSection):
+    """The perturbation of MetaPerturb's runs: :class:`PerturbSection` plus MetaPerturb's ``clip``
+    and ``anneal``."""
 
     name: str = "metaperturb"  # meta-train: one with parameters (phi); transfer: any, or none (Base)
-    options: dict[str, Any] = field(default_factory=dict)
     clip: float | None = 100.0  # k: perturbed features are clipped from above at k
     anneal: float = 0.4  # the strength c rises linearly from 0 to 1 over this fraction of the steps (0: always 1)
 
@@ -189,13 +220,14 @@ class TransferPerturbConfig(PerturbConfig):
 
 @dataclass
 class MetaTrainConfig(_RunConfig):
+    kind: ClassVar[str] = "meta-train"
+    command: ClassVar[str] = "metareg perturb meta-train"
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     model: NetworkConfig = field(default_factory=NetworkConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(steps=750, milestones=[]))
+    train: JointOptimConfig = field(default_factory=JointOptimConfig)
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     tasks: int = 10  # T: the source split class-wise into T tasks
     train_fraction: float = 0.5  # of each class's images in its task's train split D_t^tr
-    strategy: str = "auto"  # loop | vmap | auto (loop on CPU, vmap on CUDA)
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
@@ -204,9 +236,11 @@ class MetaTrainConfig(_RunConfig):
 
 @dataclass
 class TransferConfig(_RunConfig):
+    kind: ClassVar[str] = "transfer"
+    command: ClassVar[str] = "metareg perturb transfer"
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     model: NetworkConfig = field(default_factory=NetworkConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
     perturb: TransferPerturbConfig = field(default_factory=TransferPerturbConfig)
     init_from: str | None = None  # fine-tuning: a transfer run (same backbone) whose convolutions start this one
     select: bool = False  # choose the perturbation's hyperparameters on a validation split of the training images first
@@ -219,6 +253,63 @@ class TransferConfig(_RunConfig):
     device: str = "auto"
     dtype: str = "float32"
     preset: str | None = None
+
+
+#: The three kinds of run by name.
+SCHEMAS: dict[str, type[_RunConfig]] = {schema.kind: schema for schema in (Config, MetaTrainConfig, TransferConfig)}
+
+# ------------------------------------------------------------------------------- renamed keys
+#: Keys of earlier versions, per kind of run: old dotted key (or section) -> its name now.
+RENAMED: dict[str, dict[str, str]] = {
+    "bilevel": {
+        "train.iterations": "train.steps",
+        "train.meta_lr": "train.lr",
+        "model.perturbation": "perturb.name",
+        "model.perturbation_options": "perturb.options",
+    },
+    "meta-train": {"optim": "train", "strategy": "train.strategy"},
+    "transfer": {"optim": "train"},
+}
+_noticed: set[str] = set()
+
+
+def upgrade(values: Any, kind: str) -> Any:
+    """``values`` (a partial config of ``kind``) with the keys of earlier versions moved to their
+    new names, each announced once per process in one line on stderr. Giving a key under both its
+    old and its new name is an error."""
+    if not isinstance(values, dict):
+        return values
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for old, new in RENAMED.get(kind, {}).items():
+        *old_sections, old_key = old.split(".")
+        holder = out
+        for section in old_sections:
+            holder = holder.get(section) if isinstance(holder.get(section), dict) else None
+            if holder is None:
+                break
+        if holder is None or old_key not in holder:
+            continue
+        value = holder.pop(old_key)
+        *new_sections, new_key = new.split(".")
+        target = out
+        for section in new_sections:
+            target.setdefault(section, {})
+            if not isinstance(target[section], dict):
+                raise ConfigError(f"config key {old!r} is now {new!r}, but {section!r} is not a section")
+            target = target[section]
+        if isinstance(value, dict) and isinstance(target.get(new_key), dict) and "." not in new:
+            clash = set(value) & set(target[new_key])
+            if clash:
+                raise ConfigError(f"config keys {old}.{min(clash)} and {new}.{min(clash)} are the same key: give one")
+            target[new_key] = target[new_key] | value
+        elif new_key in target:
+            raise ConfigError(f"config keys {old!r} and {new!r} are the same key (renamed): give only {new!r}")
+        else:
+            target[new_key] = value
+        if old not in _noticed:
+            _noticed.add(old)
+            print(f"metareg: note: config key {old!r} is now {new!r} (read as such)", file=sys.stderr)
+    return out
 
 
 # --------------------------------------------------------------------------------------- building
@@ -361,24 +452,24 @@ def _check_positive(values: dict[str, float]) -> None:
 
 def _validate_ordinary(config: MetaTrainConfig | TransferConfig) -> None:
     """Checks shared by the MetaPerturb runs."""
-    d, o, p = config.data, config.optim, config.perturb
+    d, o, p = config.data, config.train, config.perturb
     _check_positive(
         {
             "data.image_size": d.image_size,
             "data.classes": d.classes,
             "data.train_per_class": d.train_per_class,
             "data.test_per_class": d.test_per_class,
-            "optim.batch_size": o.batch_size,
-            "optim.log_every": o.log_every,
-            "optim.checkpoint_every": o.checkpoint_every,
+            "train.batch_size": o.batch_size,
+            "train.log_every": o.log_every,
+            "train.checkpoint_every": o.checkpoint_every,
         }
     )
     if o.steps < 0:
-        raise ConfigError(f"optim.steps must be >= 0, got {o.steps}")
+        raise ConfigError(f"train.steps must be >= 0, got {o.steps}")
     if o.lr <= 0 or o.weight_decay < 0 or not 0 < o.gamma <= 1:
-        raise ConfigError("optim.lr must be positive, optim.weight_decay >= 0 and optim.gamma in (0, 1]")
+        raise ConfigError("train.lr must be positive, train.weight_decay >= 0 and train.gamma in (0, 1]")
     if any(not 0 < m < 1 for m in o.milestones) or sorted(o.milestones) != list(o.milestones):
-        raise ConfigError(f"optim.milestones must be increasing fractions of the steps in (0, 1), got {o.milestones}")
+        raise ConfigError(f"train.milestones must be increasing fractions of the steps in (0, 1), got {o.milestones}")
     if not 0 <= p.anneal <= 1:
         raise ConfigError(f"perturb.anneal must be a fraction of the steps in [0, 1], got {p.anneal}")
     if p.clip is not None and p.clip <= 0:
@@ -395,8 +486,8 @@ def validate(config: Any) -> None:
         _check_positive({"tasks": config.tasks})
         if not 0 < config.train_fraction < 1:
             raise ConfigError(f"train_fraction must be in (0, 1), got {config.train_fraction}")
-        if config.strategy not in ("auto", "loop", "vmap"):
-            raise ConfigError(f"strategy must be auto, loop or vmap, got {config.strategy!r}")
+        if config.train.strategy not in ("auto", "loop", "vmap"):
+            raise ConfigError(f"train.strategy must be auto, loop or vmap, got {config.train.strategy!r}")
         return
     if isinstance(config, TransferConfig):
         _validate_ordinary(config)
@@ -430,15 +521,15 @@ def validate(config: Any) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    if config.train.iterations < 0:
-        raise ConfigError(f"train.iterations must be >= 0, got {config.train.iterations}")
+    if config.train.steps < 0:
+        raise ConfigError(f"train.steps must be >= 0, got {config.train.steps}")
     if config.train.strategy not in ("auto", "loop", "vmap"):
         raise ConfigError(f"train.strategy must be auto, loop or vmap, got {config.train.strategy!r}")
     if config.inner.mc_batch not in ("auto", "batched", "sequential"):
         raise ConfigError(f"inner.mc_batch must be auto, batched or sequential, got {config.inner.mc_batch!r}")
     if config.dtype not in ("float32", "float64"):
         raise ConfigError(f"dtype must be float32 or float64, got {config.dtype!r}")
-    if config.inner.lr <= 0 or config.train.meta_lr <= 0:
-        raise ConfigError("inner.lr and train.meta_lr must be positive")
+    if config.inner.lr <= 0 or config.train.lr <= 0:
+        raise ConfigError("inner.lr and train.lr must be positive")
     if config.train.clip is not None and config.train.clip <= 0:
         raise ConfigError(f"train.clip must be positive or null (no clipping), got {config.train.clip}")

@@ -5,7 +5,7 @@ from .base import Chain, GradientTransform, Grads, param_key
 # Transforms register themselves on import.
 from .dropgrad import DropGrad
 from .mask import SubspaceMask
-from .registry import available, build_inner_rule, register
+from .registry import InnerRule, available, build_inner_rule, register
 from .steps import SGD, MetaSGD, PerStepSGD
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "DropGrad",
     "GradientTransform",
     "Grads",
+    "InnerRule",
     "MetaSGD",
     "PerStepSGD",
     "SubspaceMask",

@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 Grads = dict[str, Tensor]
 
 
@@ -29,6 +31,14 @@ class GradientTransform(nn.Module):
 
     def update(self, grads: Grads, state: Any, step: int) -> tuple[Grads, Any]:  # noqa: ARG002
         return grads, state
+
+    #: The fast parameters the transform was built for (None: it works on any): a learner checks
+    #: them against its own fast weights, so a rule built for other weights is an error at once,
+    #: not a missing step size later.
+    fast_names: tuple[str, ...] | None = None
+
+    def built_for(self) -> set[str] | None:
+        return None if self.fast_names is None else set(self.fast_names)
 
 
 class Chain(GradientTransform):
@@ -47,6 +57,12 @@ class Chain(GradientTransform):
             grads, s = transform.update(grads, s, step)
             new_state.append(s)
         return grads, new_state
+
+    def built_for(self) -> set[str] | None:
+        found = [names for t in self.transforms if (names := t.built_for()) is not None]
+        if any(names != found[0] for names in found):
+            raise ConfigError("the transforms of this inner rule were built for different fast parameters")
+        return found[0] if found else None
 
 
 def param_key(name: str) -> str:

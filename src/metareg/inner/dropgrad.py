@@ -31,6 +31,13 @@ PAPER_GROUPS = {"fc": "head", "last-block+fc": "last-block+head"}
 
 
 class DropGrad(GradientTransform):
+    """DropGrad: each inner gradient element times ``Bernoulli(1 - p) / (1 - p)`` (``kind="binary"``)
+    or ``N(1, p / (1 - p))`` (``"gaussian"``) noise, fresh at every inner step, while meta-training
+    only; ``layers`` selects the parameters (patterns or layer groups such as ``fc``).
+
+    Example: ``metareg.MAML(net, transforms=[{"name": "dropgrad", "kind": "gaussian", "p": 0.1}])``.
+    """
+
     def __init__(
         self,
         fast_params: dict[str, Tensor],
@@ -45,6 +52,7 @@ class DropGrad(GradientTransform):
         if schedule not in ("constant", "linear"):
             raise ConfigError(f"DropGrad schedule must be constant or linear, got {schedule!r}")
         layers = [PAPER_GROUPS.get(item, item) for item in ([layers] if isinstance(layers, str) else layers)]
+        self.fast_names = tuple(fast_params)
         self.names = select(list(fast_params), layers, groups, what="fast parameter", role="DropGrad layer")
         self.p, self.kind, self.schedule = p, kind, schedule
         self.progress = 1.0

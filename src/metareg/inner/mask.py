@@ -35,6 +35,14 @@ def _gumbel(shape: torch.Size, like: Tensor) -> Tensor:
 
 
 class SubspaceMask(GradientTransform):
+    """MT-net's subspace mask (thesis Eq. 3.9): per task, a binary mask over the rows (``per="row"``)
+    or the weights (``per="weight"``, the "-full" variant) of the chosen layers is sampled from
+    meta-learned logits with the straight-through Gumbel-softmax at ``temperature``; the inner
+    gradients are multiplied by it, so only the masked subspace adapts.
+
+    Example: ``InnerRule("sgd", 0.01, transforms=[{"name": "subspace-mask", "per": "row"}])``.
+    """
+
     def __init__(
         self,
         fast_params: dict[str, Tensor],
@@ -49,6 +57,7 @@ class SubspaceMask(GradientTransform):
             raise ConfigError(f"subspace-mask per must be row or weight, got {per!r}")
         if temperature <= 0:
             raise ConfigError(f"subspace-mask temperature must be > 0, got {temperature}")
+        self.fast_names = tuple(fast_params)
         self.names = select(list(fast_params), list(layers), groups, what="fast parameter", role="subspace-mask layer")
         self.per, self.temperature = per, temperature
         # The bias of a masked row is masked with it (it feeds the same activation).

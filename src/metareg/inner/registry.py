@@ -7,7 +7,8 @@ the configured step (``sgd``, ``meta-sgd`` or ``per-step``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -66,3 +67,31 @@ def build_inner_rule(
         raise ConfigError(f"unknown inner step {step!r}; choose one of {', '.join(STEPS)}")
     chain.append(STEPS[step](fast_params, lr, steps))
     return Chain(*chain)
+
+
+@dataclass(frozen=True)
+class InnerRule:
+    """An inner update rule not built yet: its ``step`` (``sgd``, ``meta-sgd``, ``per-step``),
+    step size ``lr`` and ``transforms`` (``{"name": ..., **options}`` applied before the step). A
+    :class:`~metareg.meta.BilevelLearner` builds it for the fast weights it selects (one selection),
+    with the inner step count and the backbone's layer groups.
+
+    Example::
+
+        rule = InnerRule("meta-sgd", lr=0.01, transforms=[{"name": "dropgrad", "kind": "gaussian", "p": 0.1}])
+    """
+
+    step: str = "sgd"
+    lr: float = 0.4
+    transforms: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+
+    def build(self, fast_params: dict[str, Tensor], steps: int, groups: dict[str, list[str]] | None = None) -> Chain:
+        """The chain of transforms for ``fast_params`` (names -> tensors) and ``steps`` inner steps."""
+        return build_inner_rule(
+            fast_params,
+            step=self.step,
+            lr=self.lr,
+            steps=steps,
+            transforms=[dict(t) for t in self.transforms],
+            groups=groups,
+        )

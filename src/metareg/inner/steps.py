@@ -30,6 +30,7 @@ class MetaSGD(GradientTransform):
 
     def __init__(self, params: dict[str, Tensor], lr: float):
         super().__init__()
+        self.fast_names = tuple(params)
         self.lr = nn.ParameterDict(
             {param_key(name): nn.Parameter(torch.full_like(p, lr)) for name, p in params.items()}
         )
@@ -43,6 +44,7 @@ class PerStepSGD(GradientTransform):
 
     def __init__(self, params: dict[str, Tensor], lr: float, steps: int):
         super().__init__()
+        self.fast_names = tuple(params)
         self.lr = nn.ParameterDict(
             {param_key(name): nn.Parameter(torch.full((steps,), lr, dtype=p.dtype)) for name, p in params.items()}
         )

@@ -1,5 +1,5 @@
 """Meta-learning schemes (axis 3) and the meta-training loop."""
 
-from .bilevel import BilevelLearner, select_fast
+from .bilevel import MAML, BilevelLearner, MetaSGD, select_fast
 
-__all__ = ["BilevelLearner", "select_fast"]
+__all__ = ["MAML", "BilevelLearner", "MetaSGD", "select_fast"]

@@ -21,6 +21,7 @@ Execution strategies give the same numbers (tests check it):
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -31,12 +32,21 @@ from torch.func import functional_call
 from ..data.tasks import TaskBatch
 from ..errors import ConfigError
 from ..inner.base import GradientTransform
+from ..inner.registry import InnerRule
 from ..nets.layers import stacked_copies, use_vmap_safe_layers
 from ..nets.modes import set_training_progress
 from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
 from ..selection import select
 
 Params = dict[str, Tensor]
+Loss = Callable[[Tensor, Tensor], Tensor]
+
+
+def accepts_sample(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``sample=`` (the backbones and :func:`~metareg.perturb.attach`'s
+    wrapper do; a plain ``nn.Sequential`` does not and is called without it)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "sample" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def select_fast(model: nn.Module, spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -75,17 +85,41 @@ def _check_first_order(model: nn.Module) -> None:
 
 
 class BilevelLearner(nn.Module):
-    """MAML / Meta-SGD with pluggable feature perturbations and inner update rules.
+    """MAML / Meta-SGD with pluggable feature perturbations and inner update rules, around any model.
 
-    ``model`` is any ``nn.Module`` whose forward accepts ``sample=`` (see ``metareg.nets``);
-    ``inner`` the gradient-transform chain (``metareg.inner.build_inner_rule``).
+    Args:
+        model: any ``nn.Module``. ``sample=`` (draw the perturbations' noise, or use their mean) is
+            passed only if its ``forward`` takes it: the built-in backbones and a model wrapped by
+            :func:`metareg.perturb.attach` do.
+        inner: the inner update rule: an :class:`~metareg.inner.InnerRule` (built here for the fast
+            weights this learner selects, with the backbone's layer groups), or an already built
+            :class:`~metareg.inner.GradientTransform`, which must have been built for exactly those
+            fast weights.
+        loss: ``loss(outputs, targets)`` of the inner and outer loops (default: cross-entropy for
+            ``task="classification"``, mean squared error for ``"regression"``).
+        score: ``score(outputs, targets)`` reported per task (default: accuracy, or MSE).
+        task: what the outputs are; also decides whether meta-tests report calibration.
+        inner_steps / eval_inner_steps: inner steps while meta-training / at meta-test time.
+        first_order: drop the second-order terms (the inner gradients are constants).
+        fast: which parameters adapt in the inner loop (glob patterns or the backbone's layer
+            groups, :mod:`metareg.selection`); the others are meta-only.
+        mc_samples / eval_mc_samples: Monte-Carlo samples of the perturbations per inner step.
+        strategy: ``loop`` (tasks one after the other) or ``vmap`` (batched over tasks).
+        mc_batch: run the S Monte-Carlo samples as one stacked pass.
+
+    Example::
+
+        learner = BilevelLearner(my_cnn, InnerRule("sgd", lr=0.4), inner_steps=5)
+        learner.meta_backward(batch)  # second-order meta-gradient into .grad
     """
 
     def __init__(
         self,
         model: nn.Module,
-        inner: GradientTransform,
+        inner: GradientTransform | InnerRule,
         *,
+        loss: Loss | None = None,
+        score: Loss | None = None,
         task: Literal["classification", "regression"] = "classification",
         inner_steps: int = 5,
         eval_inner_steps: int | None = None,
@@ -101,13 +135,18 @@ class BilevelLearner(nn.Module):
             raise ConfigError(f"inner_steps must be >= 1, got {inner_steps}")
         if strategy not in ("loop", "vmap"):
             raise ConfigError(f"unknown execution strategy {strategy!r}; choose loop or vmap")
+        if task not in ("classification", "regression"):
+            raise ConfigError(f"task must be classification or regression, got {task!r}")
         self.model = model
-        self.inner = inner
         self.task = task
+        self.loss_fn: Loss = loss or (F.cross_entropy if task == "classification" else F.mse_loss)
+        self.score_fn: Loss = score or (_accuracy if task == "classification" else F.mse_loss)
+        self.takes_sample = accepts_sample(model)
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps or inner_steps
         self.first_order = first_order
         self.fast_names = select_fast(model, fast)
+        self.inner = self._inner_rule(inner)
         if first_order:
             _check_first_order(model)
         self.mc_samples = mc_samples
@@ -130,6 +169,32 @@ class BilevelLearner(nn.Module):
         if strategy == "loop" and "memory_format" in inspect.signature(model.forward).parameters:
             self.query_options = {"memory_format": torch.channels_last}
 
+    def _inner_rule(self, inner: GradientTransform | InnerRule) -> GradientTransform:
+        """The rule for this learner's fast weights: built here from a spec, or checked if built."""
+        params = dict(self.model.named_parameters())
+        if isinstance(inner, InnerRule):
+            groups = self.model.layer_groups() if hasattr(self.model, "layer_groups") else None
+            rule = inner.build({n: params[n] for n in self.fast_names}, self.inner_steps, groups)
+            reference = next(iter(params.values()), None)
+            return rule.to(reference.dtype) if reference is not None and reference.is_floating_point() else rule
+        if not isinstance(inner, GradientTransform):
+            raise ConfigError(f"inner must be an InnerRule or a GradientTransform, got {type(inner).__name__}")
+        built_for = inner.built_for()
+        if built_for is not None and built_for != set(self.fast_names):
+            extra, missing = sorted(built_for - set(self.fast_names)), sorted(set(self.fast_names) - built_for)
+            raise ConfigError(
+                "the inner rule was built for other fast weights than the learner adapts"
+                + (f"; not fast here: {', '.join(extra[:3])}" if extra else "")
+                + (f"; no rule for: {', '.join(missing[:3])}" if missing else "")
+                + ": pass an InnerRule and let the learner build it for its fast weights"
+            )
+        return inner
+
+    def forward_with(self, params: Params, x: Tensor, *, sample: bool, **options) -> Tensor:
+        """The model with ``params`` on ``x``; ``sample`` reaches it only if its forward takes it."""
+        kwargs = ({"sample": sample} if self.takes_sample else {}) | options
+        return functional_call(self.model, params, (x,), kwargs)
+
     def set_training_progress(self, fraction: float) -> None:
         """Tell scheduled parts (DropGrad's linear schedule) how far meta-training is, in [0, 1]."""
         set_training_progress(self.model, fraction)
@@ -137,20 +202,18 @@ class BilevelLearner(nn.Module):
 
     # ----------------------------------------------------------------------------------- losses
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(out, y) if self.task == "classification" else F.mse_loss(out, y)
+        return self.loss_fn(out, y)
 
     def score(self, out: Tensor, y: Tensor) -> Tensor:
-        """Accuracy (classification) or mean squared error (regression) of one task, no grad."""
-        if self.task == "classification":
-            return (out.argmax(-1) == y).float().mean()
-        return F.mse_loss(out, y)
+        """The task's score (accuracy or mean squared error by default) of one task's outputs."""
+        return self.score_fn(out, y)
 
     def initial_params(self) -> Params:
         return dict(self.model.named_parameters()) | dict(self.model.named_buffers())
 
     def query_forward(self, params: Params, x: Tensor) -> Tensor:
         """The adapted model on the query set, with the deterministic perturbation."""
-        return functional_call(self.model, params, (x,), {"sample": False} | self.query_options)
+        return self.forward_with(params, x, sample=False, **self.query_options)
 
     def inner_loss(self, params: Params, x: Tensor, y: Tensor, samples: int) -> Tensor:
         """Support loss with sampled perturbations, averaged over ``samples`` Monte-Carlo draws: one
@@ -161,18 +224,16 @@ class BilevelLearner(nn.Module):
         support images by their attacked versions first."""
         attack = getattr(self.model, "support_attack", None)
         if attack is not None:
-            x = attack(
-                lambda images: self.loss(functional_call(self.model, params, (images,), {"sample": False}), y), x
-            )
+            x = attack(lambda images: self.loss(self.forward_with(params, images, sample=False), y), x)
         if self.mc_batch and samples > 1:
             repeat = (samples,) + (1,) * (x.dim() - 1)
             with stacked_copies(samples), recording() as record:
-                out = functional_call(self.model, params, (x.repeat(repeat),), {"sample": True})
+                out = self.forward_with(params, x.repeat(repeat), sample=True)
             return perturbed_loss(self.loss, out, y.repeat((samples,) + (1,) * (y.dim() - 1)), record)
         total = 0.0
         for _ in range(samples):
             with recording() as record:
-                out = functional_call(self.model, params, (x,), {"sample": True})
+                out = self.forward_with(params, x, sample=True)
             total = total + perturbed_loss(self.loss, out, y, record)
         return total / samples
 
@@ -272,7 +333,7 @@ class BilevelLearner(nn.Module):
 
         def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
             params = self._adapt_functional(meta_params, sx, sy)
-            out = functional_call(self.model, params, (qx,), {"sample": False})
+            out = self.forward_with(params, qx, sample=False)
             return self.loss(out, qy), self.score(out, qy)
 
         return torch.func.vmap(one_task, randomness="different")(
@@ -342,3 +403,31 @@ class BilevelLearner(nn.Module):
     def extra_repr(self) -> str:
         order = "first" if self.first_order else "second"
         return f"task={self.task}, inner_steps={self.inner_steps}, {order}-order, strategy={self.strategy}"
+
+
+def _accuracy(out: Tensor, y: Tensor) -> Tensor:
+    return (out.argmax(-1) == y).float().mean()
+
+
+class MAML(BilevelLearner):
+    """MAML (Finn et al. 2017) around any model: ``steps`` inner SGD steps of size ``lr`` on the
+    support set, the query loss differentiated through them (second order unless ``first_order``).
+    ``transforms`` go before the step (e.g. DropGrad); ``options`` are :class:`BilevelLearner`'s.
+
+    Example::
+
+        learner = metareg.MAML(my_cnn, lr=0.4, steps=5)
+        learner.meta_backward(batch)
+        optimizer.step()
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.4, steps: int = 5, *, transforms=(), **options) -> None:
+        super().__init__(model, InnerRule("sgd", lr, tuple(transforms)), inner_steps=steps, **options)
+
+
+class MetaSGD(BilevelLearner):
+    """Meta-SGD (Li et al. 2017): MAML whose step size is a meta-learned tensor per fast weight,
+    starting at ``lr`` everywhere (the step sizes are parameters of the learner)."""
+
+    def __init__(self, model: nn.Module, lr: float = 0.01, steps: int = 1, *, transforms=(), **options) -> None:
+        super().__init__(model, InnerRule("meta-sgd", lr, tuple(transforms)), inner_steps=steps, **options)

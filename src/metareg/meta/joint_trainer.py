@@ -14,64 +14,44 @@ rank 0 gathers them all, so a run may resume with another number of processes.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..checkpoint import (
-    CHECKPOINT,
-    load_checkpoint,
-    save_checkpoint,
-    state_to_tensors,
-    tensors_to_state,
-)
+from ..checkpoint import state_to_tensors, tensors_to_state
+from ..config import OptimConfig
 from ..data.augment import training_batch
 from ..data.labeled import LabeledImages
-from ..errors import CheckpointError
 from ..nets.modes import perturbation_strength, set_training_progress
 from ..seeds import derive_seed, seeded
-from .distributed import World
 from .joint import TEST_PASS, TRAIN_PASS, JointLearner
-from .loop import StepLoop, checkpoint_problem, nonfinite_count, optimizer_tensors
+from .loop import CheckpointedTrainer, RunContext, optimizer_tensors
 
 COLUMNS = ["step", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "strength", "seconds", "images_per_s"]
 
 
-class JointTrainer:
-    """Meta-trains ``learner``'s phi; ``tasks[i]`` = (D^tr, D^te) of ``learner.task_ids[i]``."""
+class JointTrainer(CheckpointedTrainer):
+    """Meta-trains ``learner``'s phi with the ``train`` section of a
+    :class:`~metareg.config.MetaTrainConfig` (``settings``); ``tasks[i]`` = (D^tr, D^te) of
+    ``learner.task_ids[i]``."""
 
     def __init__(
         self,
         learner: JointLearner,
         tasks: list[tuple[LabeledImages, LabeledImages]],
+        settings: OptimConfig,
+        context: RunContext,
         *,
-        world: World,
-        out: str | Path,
-        steps: int,
-        batch_size: int,
-        lr: float,
-        weight_decay: float,
-        augment: bool,
-        seed: int,
-        dtype: torch.dtype,
         channels: int = 3,
-        log_every: int = 50,
-        checkpoint_every: int = 500,
-        meta: dict[str, Any] | None = None,
-        progress: bool = True,
-        deadline: float | None = None,
     ):
-        self.learner, self.tasks, self.world, self.out = learner, tasks, world, Path(out)
-        self.deadline, self.finished = deadline, False
-        self.steps, self.batch_size, self.augment = steps, batch_size, augment
-        self.seed, self.dtype, self.channels = seed, dtype, channels
-        self.log_every, self.checkpoint_every = log_every, checkpoint_every
-        self.meta, self.progress = meta or {}, progress
-        self.theta_optimizer = torch.optim.Adam(learner.theta_parameters(), lr=lr, weight_decay=weight_decay)
-        self.phi_optimizer = torch.optim.Adam(learner.phi_parameters(), lr=lr, weight_decay=weight_decay)
-        self.step, self.seconds = 0, 0.0
+        super().__init__(context, settings.steps, settings.log_every, settings.checkpoint_every)
+        self.learner, self.tasks = learner, tasks
+        self.steps, self.batch_size, self.augment = settings.steps, settings.batch_size, settings.augment
+        self.seed, self.dtype, self.channels = context.seed, context.dtype, channels
+        lr, decay = settings.lr, settings.weight_decay
+        self.theta_optimizer = torch.optim.Adam(learner.theta_parameters(), lr=lr, weight_decay=decay)
+        self.phi_optimizer = torch.optim.Adam(learner.phi_parameters(), lr=lr, weight_decay=decay)
 
     # ------------------------------------------------------------------------------------ step
     def batch(self, which: int, step: int) -> tuple[Tensor, Tensor]:
@@ -115,14 +95,15 @@ class JointTrainer:
             "strength": torch.tensor(perturbation_strength(self.learner))
         }
 
-    def check(self) -> str | None:
-        """None if the state about to be saved is good on every process: every tensor finite, and a
-        finite loss of every task network (eval mode) on its fixed first test batch. Collective."""
-        local = (
+    def checked_tensors(self) -> list[Tensor]:
+        return (
             list(self.learner.state_dict().values())
             + optimizer_tensors(self.theta_optimizer)
             + optimizer_tensors(self.phi_optimizer)
         )
+
+    def probe_loss(self) -> Tensor:
+        """The summed loss of this process's task networks (eval mode) on their fixed first test batches."""
         x, y = (
             torch.stack(parts)
             for parts in zip(
@@ -141,32 +122,16 @@ class JointTrainer:
             )
         )
         with seeded(0, self.world.device):
-            loss = self.learner.probe_losses(x.to(self.world.device), y.to(self.world.device)).sum()
-        both = self.world.all_reduce_sum(torch.stack([nonfinite_count(local).to(loss), loss]))
-        return checkpoint_problem(int(both[0].item()), both[1].item())
+            return self.learner.probe_losses(x.to(self.world.device), y.to(self.world.device)).sum()
 
     def run(self, resume_log: bool = False) -> None:
-        loop = StepLoop(
-            self.out,
-            self.steps,
-            self.log_every,
-            self.checkpoint_every,
+        loop = self.step_loop(
             COLUMNS,
             shown=("train_loss", "test_loss", "test_accuracy"),
             per_step=2 * self.batch_size * self.learner.num_tasks,
             desc="meta-train phi",
-            progress=self.progress and self.world.is_main,
-            record=self.world.is_main,
-            hint="lower optim.lr or set perturb.clip",
+            hint="lower train.lr or set perturb.clip",
             rate_column="images_per_s",
-            deadline=self.deadline,
-            agree=(
-                lambda late: bool(
-                    self.world.all_reduce_sum(torch.tensor([float(late)], device=self.world.device)).item()
-                )
-            )
-            if self.world.distributed
-            else None,
         )
         self.finished = loop.run(self.train_step, self, resume_log=resume_log)
 
@@ -189,43 +154,30 @@ class JointTrainer:
                 out[pattern.format(f"task{t}")] = gathered[t]
         return out
 
-    def save(self) -> Path | None:
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {f"phi.{k}": v for k, v in self.learner.phi_state().items()}
         optim = state_to_tensors("optim.phi", self.phi_optimizer.state_dict(), tensors)
         tensors |= self._task_tensors()  # collective: every process takes part
-        if not self.world.is_main:
-            return None
-        info = {"phi_optimizer": optim, "seconds": self.seconds, "processes": self.world.size} | self.meta
-        return save_checkpoint(self.out, CHECKPOINT, tensors, info, self.step)
+        return tensors, {"phi_optimizer": optim}
 
-    def resume(self) -> None:
-        tensors, meta = load_checkpoint(self.out, CHECKPOINT)
-        try:
-            phi = {k.removeprefix("phi."): v for k, v in tensors.items() if k.startswith("phi.")}
-            if set(phi) != set(self.learner.phi_names):
-                raise KeyError(f"phi holds {sorted(phi)}, this run's perturbation {self.learner.phi_names}")
-            with torch.no_grad():
-                for name, value in phi.items():
-                    self.learner.phi_state()[name].copy_(value)
-            self.phi_optimizer.load_state_dict(tensors_to_state(meta["phi_optimizer"], tensors))
-            state, index = {}, 0
-            for net, task in zip(self.learner.networks, self.learner.task_ids):
-                prefix = f"task{task}."
-                net.load_state_dict(
-                    {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-                    | self.learner.phi_state()
-                )
-                for name, _ in self.learner.task_parameters(net):
-                    head = f"optim.task{task}.{name}."
-                    state[index] = {k.removeprefix(head): v for k, v in tensors.items() if k.startswith(head)}
-                    index += 1
-            groups = self.theta_optimizer.state_dict()["param_groups"]
-            self.theta_optimizer.load_state_dict(
-                {"state": {i: s for i, s in state.items() if s}, "param_groups": groups}
+    def load_state(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        phi = {k.removeprefix("phi."): v for k, v in tensors.items() if k.startswith("phi.")}
+        if set(phi) != set(self.learner.phi_names):
+            raise KeyError(f"phi holds {sorted(phi)}, this run's perturbation {self.learner.phi_names}")
+        with torch.no_grad():
+            for name, value in phi.items():
+                self.learner.phi_state()[name].copy_(value)
+        self.phi_optimizer.load_state_dict(tensors_to_state(info["phi_optimizer"], tensors))
+        state, index = {}, 0
+        for net, task in zip(self.learner.networks, self.learner.task_ids):
+            prefix = f"task{task}."
+            net.load_state_dict(
+                {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+                | self.learner.phi_state()
             )
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(
-                f"checkpoint in {self.out} does not fit this run: {str(err).splitlines()[0]}"
-            ) from None
-        self.step = int(meta["step"])
-        self.seconds = float(meta.get("seconds", 0.0))
+            for name, _ in self.learner.task_parameters(net):
+                head = f"optim.task{task}.{name}."
+                state[index] = {k.removeprefix(head): v for k, v in tensors.items() if k.startswith(head)}
+                index += 1
+        groups = self.theta_optimizer.state_dict()["param_groups"]
+        self.theta_optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s}, "param_groups": groups})

@@ -17,15 +17,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 
-from ..checkpoint import describe_kept
-from ..errors import DivergenceError
+from ..checkpoint import CHECKPOINT, describe_kept, load_checkpoint, save_checkpoint
+from ..errors import CheckpointError, DivergenceError
 from ..progress import Progress
+from .distributed import World
 from .logging import MetricLog
 
 
@@ -158,3 +160,144 @@ class StepLoop:
             bar.close()
             if log is not None:
                 log.close()
+
+
+# ---------------------------------------------------------------------------------- trainers
+@dataclass
+class RunContext:
+    """Where and how a trainer runs, the same for every kind: the run folder, the run's seed, the
+    device and dtype, the processes (:class:`~metareg.meta.distributed.World`), the JSON stored in
+    every checkpoint (``meta``: the resolved config, the kind, the command), progress display and
+    the ``deadline`` (``time.monotonic()``) of a time-budgeted run."""
+
+    out: Path
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    world: World = None  # type: ignore[assignment]  # (__post_init__: one process on ``device``)
+    meta: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+    deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.world = self.world or World(device=self.device)
+
+
+class Trainer(Protocol):
+    """What :class:`StepLoop` drives: ``train_step(i)`` returns the step's metrics as tensors;
+    ``check()`` says what is wrong with the state about to be saved (or None); ``save()`` writes
+    the checkpoint (``step`` and ``seconds`` are brought up to date before); ``resume()`` reads it."""
+
+    step: int
+    seconds: float
+    finished: bool
+
+    def train_step(self, step: int) -> dict[str, Tensor]: ...
+
+    def check(self) -> str | None: ...
+
+    def save(self) -> Path | None: ...
+
+    def resume(self) -> None: ...
+
+
+class CheckpointedTrainer:
+    """The one checkpoint, resume and check implementation of every trainer.
+
+    A trainer says what its state is (:meth:`state_tensors`: tensors and JSON), how to load it back
+    (:meth:`load_state`), which tensors must be finite (:meth:`checked_tensors`) and which loss its
+    weights must give finitely on a fixed probe batch (:meth:`probe_loss`); this class writes and
+    reads the checkpoint (safetensors + JSON, atomically, only on the first process), refuses a
+    checkpoint that does not fit with one line, and agrees the check across processes."""
+
+    context: RunContext
+    total: int  # the steps of the whole run
+    log_every: int
+    checkpoint_every: int
+
+    def __init__(self, context: RunContext, total: int, log_every: int, checkpoint_every: int):
+        self.context, self.total, self.log_every, self.checkpoint_every = context, total, log_every, checkpoint_every
+        self.step, self.seconds, self.finished = 0, 0.0, False
+
+    @property
+    def out(self) -> Path:
+        return self.context.out
+
+    @property
+    def world(self) -> World:
+        return self.context.world
+
+    # What each trainer provides.
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The state to checkpoint: tensors, and JSON-able information (collective in a distributed run)."""
+        raise NotImplementedError
+
+    def load_state(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        """Load :meth:`state_tensors`' output back (raise KeyError/ValueError/RuntimeError if it does not fit)."""
+        raise NotImplementedError
+
+    def checked_tensors(self) -> list[Tensor]:
+        """Every tensor of the state that must be finite before it is saved (weights, buffers, optimizer state)."""
+        raise NotImplementedError
+
+    def probe_loss(self) -> Tensor:
+        """A loss of the current weights on a fixed batch, without changing any state (0-dim tensor)."""
+        raise NotImplementedError
+
+    # The shared implementation.
+    def save(self) -> Path | None:
+        tensors, info = self.state_tensors()
+        if not self.world.is_main:
+            return None
+        info = info | {"seconds": self.seconds, "processes": self.world.size} | self.context.meta
+        return save_checkpoint(self.out, CHECKPOINT, tensors, info, self.step)
+
+    def resume(self) -> None:
+        tensors, meta = load_checkpoint(self.out, CHECKPOINT)
+        try:
+            self.load_state(tensors, meta)
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(
+                f"checkpoint in {self.out} does not fit this run: {str(err).splitlines()[0]}"
+            ) from None
+        self.step, self.seconds = checked_step(meta, self.out), float(meta.get("seconds") or 0.0)
+
+    def check(self) -> str | None:
+        """None if the state about to be saved is good on every process: every tensor finite and a
+        finite probe loss (collective in a distributed run)."""
+        bad = nonfinite_count(self.checked_tensors()).to(self.context.device)
+        loss = self.probe_loss().detach().double() if not bad.item() else torch.tensor(math.nan, dtype=torch.float64)
+        both = self.world.all_reduce_sum(torch.stack([bad.double(), loss.to(bad.device)]))
+        return checkpoint_problem(int(both[0].item()), both[1].item())
+
+    def step_loop(self, columns: Sequence[str], **options: Any) -> StepLoop:
+        """The :class:`StepLoop` of this run (``options``: its display, throughput and evaluation settings)."""
+        world = self.world
+        return StepLoop(
+            self.out,
+            self.total,
+            self.log_every,
+            self.checkpoint_every,
+            columns,
+            progress=self.context.progress and world.is_main,
+            record=world.is_main,
+            deadline=self.context.deadline,
+            agree=(
+                (lambda late: bool(world.all_reduce_sum(torch.tensor([float(late)], device=world.device)).item()))
+                if world.distributed
+                else None
+            ),
+            **options,
+        )
+
+
+def checked_step(meta: dict[str, Any], out: Path) -> int:
+    """The step a checkpoint record holds: a whole number >= 0, else the record is damaged."""
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(
+            f"{out / (CHECKPOINT + '.json')} holds step {step!r}, not a whole number >= 0: the record is damaged or "
+            "was edited; restore it or start a new run"
+        )
+    return step

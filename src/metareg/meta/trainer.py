@@ -17,140 +17,91 @@ processes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import (
-    CHECKPOINT,
-    load_checkpoint,
-    restore_rng,
-    rng_tensors,
-    save_checkpoint,
-    state_to_tensors,
-    tensors_to_state,
-)
+from ..checkpoint import restore_rng, rng_tensors, state_to_tensors, tensors_to_state
+from ..config import TrainConfig
 from ..data.tasks import TaskBatch, TaskSource, on_device
-from ..errors import CheckpointError
 from ..nets.modes import eval_mode, scheduled
 from ..seeds import derive_seed, seeded
 from .bilevel import BilevelLearner
-from .distributed import World
 from .graphs import CapturedStep, capture_or_none
 from .logging import COLUMNS
-from .loop import StepLoop, checkpoint_problem, nonfinite_count, optimizer_tensors
+from .loop import CheckpointedTrainer, RunContext, optimizer_tensors
 
 
-class MetaTrainer:
-    """Meta-trains ``learner`` on tasks from ``source``, writing everything to ``out``.
+class MetaTrainer(CheckpointedTrainer):
+    """Meta-trains ``learner`` on tasks from ``source`` with the ``train`` section of a
+    :class:`~metareg.config.Config`, writing everything to ``context.out``.
 
-    ``validate(learner) -> (mean, ci95)`` is called every ``val_every`` steps if given.
-    ``meta`` is JSON-able run information stored in every checkpoint (the resolved config).
+    ``validate(learner) -> (mean, ci95)`` is called every ``train.val_every`` steps if given.
     """
 
     def __init__(
         self,
         learner: BilevelLearner,
         source: TaskSource,
+        train: TrainConfig,
+        context: RunContext,
         *,
-        out: str | Path,
-        iterations: int,
-        meta_batch: int,
-        meta_lr: float,
-        clip: float | None,
-        seed: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        log_every: int = 10,
-        checkpoint_every: int = 100,
-        val_every: int = 500,
         validate: Callable[[BilevelLearner], tuple[float, float]] | None = None,
-        meta: dict[str, Any] | None = None,
-        progress: bool = True,
-        cuda_graph: bool = True,
-        deadline: float | None = None,
-        world: World | None = None,
     ):
+        super().__init__(context, train.steps, train.log_every, train.checkpoint_every)
+        device = context.device
         self.learner = learner
-        self.world = world or World(device=device)
-        self.share = self.world.share(meta_batch)  # this process's tasks of every meta-batch
-        self.source = on_device(source, device)  # on a GPU, the images move there once and episodes are gathered there
-        self.out = Path(out)
-        self.iterations = iterations
-        self.meta_batch = meta_batch
-        self.clip = clip
+        self.share = self.world.share(train.meta_batch)  # this process's tasks of every meta-batch
+        # on a GPU, the images move there once and episodes are gathered there
+        self.source = on_device(source, device)
+        self.iterations = train.steps
+        self.meta_batch = train.meta_batch
+        self.clip = train.clip
         self.device = device
-        self.dtype = dtype
-        self.log_every = log_every
-        self.checkpoint_every = checkpoint_every
-        self.val_every = val_every
+        self.dtype = context.dtype
+        self.val_every = train.val_every
         self.validate = validate
-        self.meta = meta or {}
-        self.progress = progress
         # capturable: Adam's step counts stay on the device (no host sync per step; CUDA-graph safe)
-        self.optimizer = torch.optim.Adam(learner.parameters(), lr=meta_lr, capturable=device.type == "cuda")
+        self.optimizer = torch.optim.Adam(learner.parameters(), lr=train.lr, capturable=device.type == "cuda")
         self.cuda_graph = (
-            cuda_graph
+            train.cuda_graph
             and device.type == "cuda"
             and hasattr(self.source, "draw")
             and not scheduled(learner)
             and not self.world.distributed
         )
         self.graph: CapturedStep | None = None
-        self.deadline = deadline
-        self.finished = False
-        self.seed = seed
-        self.episodes = torch.Generator().manual_seed(seed)
+        self.seed = context.seed
+        self.episodes = torch.Generator().manual_seed(context.seed)
         self._probe: TaskBatch | None = None
-        self.step = 0
-        self.seconds = 0.0  # training time before this process (resumed runs)
         self.last_val: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------------------ persistence
-    def save(self) -> Path | None:
-        if not self.world.is_main:
-            return None
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"param.{n}": p for n, p in self.learner.state_dict().items()}
         tensors |= rng_tensors({"episodes": self.episodes})
         optim = state_to_tensors("optim", self.optimizer.state_dict(), tensors)
-        info = {
-            "optimizer": optim,
-            "seconds": self.seconds,
-            "last_val": self.last_val,
-            "processes": self.world.size,
-        } | self.meta
-        return save_checkpoint(self.out, CHECKPOINT, tensors, info, self.step)
+        return tensors, {"optimizer": optim, "last_val": self.last_val}
 
-    def resume(self) -> None:
-        tensors, meta = load_checkpoint(self.out, CHECKPOINT)
-        params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
-        try:
-            self.learner.load_state_dict(params)
-            self.optimizer.load_state_dict(tensors_to_state(meta["optimizer"], tensors))
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(
-                f"checkpoint in {self.out} does not fit this model: {str(err).splitlines()[0]}"
-            ) from None
+    def load_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        self.learner.load_state_dict(
+            {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+        )
+        self.optimizer.load_state_dict(tensors_to_state(info["optimizer"], tensors))
         restore_rng(tensors, {"episodes": self.episodes})
-        self.step = int(meta["step"])
-        self.seconds = float(meta.get("seconds", 0.0))
-        self.last_val = tuple(meta["last_val"]) if meta.get("last_val") else None
+        self.last_val = tuple(info["last_val"]) if info.get("last_val") else None
 
-    def check(self) -> str | None:
-        """None if the state about to be saved is good: every tensor finite, and a finite query loss
-        after adapting to a fixed probe task with these weights (one sample, no meta-graph)."""
-        bad = int(nonfinite_count(list(self.learner.state_dict().values()) + optimizer_tensors(self.optimizer)))
-        loss = float("nan")
-        if not bad:
-            if self._probe is None:
-                self._probe = self.source.sample(1, torch.Generator().manual_seed(derive_seed(self.seed, 7))).to(
-                    self.device, self.dtype
-                )
-            with seeded(0, self.device), eval_mode(self.learner):
-                out = self.learner.query_outputs(self._probe, steps=self.learner.inner_steps, samples=1)
-            loss = self.learner.loss(out.flatten(0, 1), self._probe.query_y.flatten(0, 1)).item()
-        return checkpoint_problem(bad, loss)
+    def checked_tensors(self) -> list[torch.Tensor]:
+        return list(self.learner.state_dict().values()) + optimizer_tensors(self.optimizer)
+
+    def probe_loss(self) -> torch.Tensor:
+        """The query loss after adapting to a fixed probe task with these weights (one sample, no meta-graph)."""
+        if self._probe is None:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, 7))
+            self._probe = self.source.sample(1, generator).to(self.device, self.dtype)
+        with seeded(0, self.device), eval_mode(self.learner):
+            out = self.learner.query_outputs(self._probe, steps=self.learner.inner_steps, samples=1)
+        return self.learner.loss(out.flatten(0, 1), self._probe.query_y.flatten(0, 1))
 
     # ------------------------------------------------------------------------------------ loop
     def update(self, batch: TaskBatch) -> dict[str, torch.Tensor]:
@@ -187,9 +138,8 @@ class MetaTrainer:
         """Meta-iteration ``step`` (0-based): sample tasks, meta-backward, clip, Adam step (replayed
         as a captured CUDA graph where that is possible)."""
         self.learner.set_training_progress(step / max(self.iterations, 1))
-        if (
-            not self.cuda_graph
-        ):  # (every process draws the whole meta-batch: the generator stays in step; it adapts its share)
+        if not self.cuda_graph:
+            # every process draws the whole meta-batch (the generator stays in step) and adapts its share
             return self.update(
                 self.source.sample(self.meta_batch, self.episodes).tasks(self.share).to(self.device, self.dtype)
             )
@@ -212,24 +162,14 @@ class MetaTrainer:
             self.last_val = self.validate(self.learner)
             return {"val_score": self.last_val[0], "val_ci95": self.last_val[1]}
 
-        loop = StepLoop(
-            self.out,
-            self.iterations,
-            self.log_every,
-            self.checkpoint_every,
+        loop = self.step_loop(
             COLUMNS,
             eval_every=self.val_every,
             shown=("loss", "score", "val_score"),
             per_step=self.meta_batch,
             desc="meta-train",
-            progress=self.progress,
-            hint="lower train.meta_lr or inner.lr, or set train.clip",
+            hint="lower train.lr or inner.lr, or set train.clip",
             rate_column="tasks_per_s",
-            deadline=self.deadline,
-            record=self.world.is_main,
-            agree=(lambda late: bool(self.world.all_reduce_sum(torch.tensor([float(late)], device=self.device)).item()))
-            if self.world.distributed
-            else None,
         )
         self.finished = loop.run(
             self.train_step, self, evaluate=validate if self.validate is not None else None, resume_log=resume_log

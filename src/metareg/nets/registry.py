@@ -42,6 +42,7 @@ def register_backbone(
 
 
 def available() -> list[str]:
+    """The names of the registered backbones (``metareg.list_models()``), sorted."""
     return sorted(_BACKBONES)
 
 

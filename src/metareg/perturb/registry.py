@@ -27,10 +27,19 @@ register("none")(lambda: identity_factory)
 
 
 def available() -> list[str]:
+    """The names of the registered perturbations (``metareg.list_perturbations()``), sorted."""
     return sorted(_REGISTRY)
 
 
 def build_perturbation(name: str, options: dict[str, Any] | None = None) -> PerturbationFactory:
+    """The slot factory of perturbation ``name`` with ``options`` (its keyword arguments): a
+    function ``LayerInfo -> nn.Module`` that every backbone's slots and :func:`metareg.attach` call.
+
+    Example::
+
+        factory = metareg.build_perturbation("meta-dropout")
+        model = metareg.create_model("conv4", 5, in_channels=1, image_size=28, perturbation=factory)
+    """
     if name not in _REGISTRY:
         raise ConfigError(f"unknown perturbation {name!r}; available: {', '.join(available())}")
     try:

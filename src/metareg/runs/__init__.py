@@ -45,8 +45,8 @@ _COMMON = {"data_root": "data.root", "seed": "seed", "device": "device"}
 _IMAGES = _COMMON | {
     "data": "data.name",
     "arch": "model.backbone",
-    "steps": "optim.steps",
-    "batch_size": "optim.batch_size",
+    "steps": "train.steps",
+    "batch_size": "train.batch_size",
 }
 
 KINDS: dict[str, RunKind] = {
@@ -55,9 +55,8 @@ KINDS: dict[str, RunKind] = {
         Config,
         "metareg train",
         episodic.train,
-        _COMMON
-        | {"iterations": "train.iterations", "episodes": "eval.episodes", "mc_samples": "inner.eval_mc_samples"},
-        {"iterations": "train.iterations", "episodes": "eval.episodes", "device": "device"},
+        _COMMON | {"steps": "train.steps", "episodes": "eval.episodes", "mc_samples": "inner.eval_mc_samples"},
+        {"steps": "train.steps", "episodes": "eval.episodes", "device": "device"},
         "quickstart",
     ),
     "meta-train": RunKind(
@@ -66,7 +65,7 @@ KINDS: dict[str, RunKind] = {
         "metareg perturb meta-train",
         metaperturb.meta_train,
         _IMAGES | {"tasks": "tasks", "perturbation": "perturb.name"},
-        {"steps": "optim.steps", "device": "device"},
+        {"steps": "train.steps", "device": "device"},
         "perturb-quickstart",
     ),
     "transfer": RunKind(
@@ -83,7 +82,7 @@ KINDS: dict[str, RunKind] = {
             "select": "select",
             "against_base": "against_base",
         },
-        {"steps": "optim.steps", "device": "device"},
+        {"steps": "train.steps", "device": "device"},
         "transfer-quickstart",
     ),
 }

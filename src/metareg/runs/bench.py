@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from ..build import build_network
 from ..data.tasks import TaskBatch
 from ..inner import build_inner_rule
 from ..meta import BilevelLearner
@@ -56,7 +57,6 @@ from ..meta.reference import conv_forward, reference_meta_gradient
 from ..nets import ConvNet
 from ..perturb import build_perturbation
 from ..runtime import keep_freed_memory
-from .common import build_network
 
 IMPLEMENTATIONS = ("reference", "reference+alloc", "engine", "engine-vmap", "engine-graph")
 SHAPES = {  # the presets' task shapes

@@ -9,87 +9,17 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_checkpoint, write_json_atomic
+from ..build import build_learner, build_source, dtype_of, is_regression, resolve_device
+from ..checkpoint import write_json_atomic
 from ..config import Config
-from ..data import build_task_source, get_episodic
-from ..data.tasks import TaskSource
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..evaluate import EvalResult, evaluate, paired_difference
-from ..inner import build_inner_rule
-from ..meta.bilevel import BilevelLearner, select_fast
+from ..meta.bilevel import BilevelLearner
 from ..meta.distributed import World
+from ..meta.loop import RunContext
 from ..meta.trainer import MetaTrainer
-from ..nets import create_model
-from ..perturb import build_perturbation
-from .common import (
-    command_line,
-    config_of_run,
-    dtype_of,
-    prepare_run_folder,
-    resolve_device,
-    resolve_mc_batch,
-    resolve_strategy,
-)
-
-
-def is_regression(config: Config) -> bool:
-    return get_episodic(config.data.name).regression
-
-
-def build_source(config: Config, split: str, *, shot: int | None = None) -> TaskSource:
-    """The task source of ``split``; ``shot`` overrides the configured shots (meta-test at K)."""
-    data = config.data
-    return build_task_source(
-        data.name,
-        split,
-        way=data.way,
-        shot=shot or data.shot,
-        query=data.query,
-        root=data.root,
-        image_size=data.image_size,
-        **data.options,
-    )
-
-
-def build_learner(config: Config) -> BilevelLearner:
-    """The model with its perturbation slots, the inner rule and the bilevel scheme of ``config``."""
-    dataset = get_episodic(config.data.name)
-    perturbation = build_perturbation(config.model.perturbation, config.model.perturbation_options)
-    model = create_model(
-        config.model.backbone,
-        1 if dataset.regression else config.data.way,
-        in_channels=dataset.channels,
-        image_size=config.data.image_size or dataset.image_size or 1,
-        perturbation=perturbation,
-        **config.model.options,
-    )
-    params = dict(model.named_parameters())
-    fast = {n: params[n] for n in select_fast(model, config.inner.fast)}
-    groups = model.layer_groups() if hasattr(model, "layer_groups") else None
-    device = resolve_device(config.device)
-    inner = build_inner_rule(
-        fast,
-        step=config.inner.step,
-        lr=config.inner.lr,
-        steps=config.inner.steps,
-        transforms=config.inner.transforms,
-        groups=groups,
-    )
-    return BilevelLearner(
-        model,
-        inner,
-        task="regression" if dataset.regression else "classification",
-        inner_steps=config.inner.steps,
-        eval_inner_steps=config.inner.eval_steps,
-        first_order=config.inner.first_order,
-        fast=config.inner.fast,
-        mc_samples=config.inner.mc_samples,
-        eval_mc_samples=config.inner.eval_mc_samples,
-        strategy=resolve_strategy(
-            config.train.strategy, device, config.model.backbone, getattr(perturbation, "vmap_safe", True)
-        ),
-        mc_batch=resolve_mc_batch(config.inner.mc_batch, device, model),
-    )
+from ..runfolder import prepare_run_folder
+from .common import command_line
 
 
 def _protocol(config: Config, split: str, shot: int) -> dict[str, Any]:
@@ -178,45 +108,13 @@ def train(
             ).estimate
             return e.mean, e.ci95
 
-    t = config.train
-    trainer = MetaTrainer(
-        learner,
-        source,
-        out=out,
-        iterations=t.iterations,
-        meta_batch=t.meta_batch,
-        meta_lr=t.meta_lr,
-        clip=t.clip,
-        seed=config.seed,
-        device=device,
-        dtype=dtype,
-        log_every=t.log_every,
-        checkpoint_every=t.checkpoint_every,
-        val_every=t.val_every,
-        validate=validate,
-        meta={"config": config.to_dict(), "kind": "bilevel", "command": command_line()},
-        progress=progress,
-        cuda_graph=t.cuda_graph,
-        deadline=deadline,
-        world=world,
-    )
+    meta = {"config": config.to_dict(), "kind": "bilevel", "command": command_line()}
+    context = RunContext(out, config.seed, device, dtype, world, meta, progress, deadline)
+    trainer = MetaTrainer(learner, source, config.train, context, validate=validate)
     if resume:
         trainer.resume()
     trainer.run(resume_log=resume)
     return trainer
-
-
-def load_learner(path: str | Path, config: Config | None = None) -> tuple[Config, BilevelLearner]:
-    """Rebuild the learner of a checkpoint (a run folder or its ``checkpoint.json``)."""
-    config = config or config_of_run(path, "bilevel")
-    tensors, _ = load_checkpoint(path)
-    learner = build_learner(config)
-    params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
-    try:
-        learner.load_state_dict(params)
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path} does not fit its model: {str(err).splitlines()[0]}") from None
-    return config, learner.to(device=resolve_device(config.device), dtype=dtype_of(config))
 
 
 def save_result(result: EvalResult, path: str | Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..build import IMAGE_CHANNELS, build_network, dtype_of, perturbation_factory, resolve_device, resolve_strategy
 from ..config import MetaTrainConfig
 from ..data.labeled import (
     LabeledImages,
@@ -26,18 +27,12 @@ from ..data.labeled import (
 from ..meta import distributed
 from ..meta.joint import JointLearner
 from ..meta.joint_trainer import JointTrainer
+from ..meta.loop import RunContext
 from ..perturb.pretrained import save_phi
+from ..runfolder import prepare_run_folder
 from ..seeds import derive_seed
-from .common import (
-    IMAGE_CHANNELS,
-    build_network,
-    command_line,
-    dtype_of,
-    prepare_run_folder,
-    resolve_device,
-    resolve_strategy,
-)
-from .transfer import load_images, perturbation_factory
+from .common import command_line
+from .transfer import load_images
 
 
 def source_tasks(config: MetaTrainConfig) -> list[tuple[LabeledImages, LabeledImages]]:
@@ -91,31 +86,22 @@ def meta_train(
             torch.manual_seed(derive_seed(config.seed, t, 11))  # theta_t's init depends on t only, not on the process
             return build_network(config.model.backbone, widest, size, config.model.options, factory)
 
-        strategy = resolve_strategy(config.strategy, world.device, config.model.backbone)
+        strategy = resolve_strategy(config.train.strategy, world.device, config.model.backbone)
         learner = JointLearner(
             build, share, config.tasks, input_shape=(IMAGE_CHANNELS, size, size), strategy=strategy, classes=classes
         ).to(world.device, dtype)
         world.broadcast(learner.phi_parameters())
-        o = config.optim
-        trainer = JointTrainer(
-            learner,
-            [tasks[t] for t in share],
-            world=world,
-            out=out,
-            steps=o.steps,
-            batch_size=o.batch_size,
-            lr=o.lr,
-            weight_decay=o.weight_decay,
-            augment=o.augment,
-            seed=config.seed,
-            dtype=dtype,
-            channels=IMAGE_CHANNELS,
-            log_every=o.log_every,
-            checkpoint_every=o.checkpoint_every,
+        context = RunContext(
+            out,
+            config.seed,
+            world.device,
+            dtype,
+            world,
             meta={"config": config.to_dict(), "kind": "meta-train"},
             progress=progress,
             deadline=deadline,
         )
+        trainer = JointTrainer(learner, [tasks[t] for t in share], config.train, context, channels=IMAGE_CHANNELS)
         if resume:
             trainer.resume()
         trainer.run(resume_log=resume)

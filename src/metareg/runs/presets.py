@@ -46,9 +46,9 @@ def _omniglot(way: int, shot: int, lr: float, meta_lr: float) -> dict[str, Any]:
         "model": {"backbone": "conv4", "options": {"channels": 64} | _REFERENCE_NET},
         "inner": {"step": "sgd", "lr": lr, "steps": 5, "fast": _REFERENCE_FAST},
         "train": {
-            "iterations": 60000,
+            "steps": 60000,
             "meta_batch": 4,
-            "meta_lr": meta_lr,
+            "lr": meta_lr,
             "clip": 3.0,
             "val_every": 2000,
             "checkpoint_every": 500,
@@ -62,9 +62,9 @@ def _miniimagenet(shot: int) -> dict[str, Any]:
         "model": {"backbone": "conv4", "options": {"channels": 32} | _REFERENCE_NET},
         "inner": {"step": "sgd", "lr": 0.01, "steps": 5, "fast": _REFERENCE_FAST},
         "train": {
-            "iterations": 60000,
+            "steps": 60000,
             "meta_batch": 4,
-            "meta_lr": 1e-4,
+            "lr": 1e-4,
             "clip": 3.0,
             "val_every": 2000,
             "checkpoint_every": 500,
@@ -79,9 +79,9 @@ def _sine(step: str) -> dict[str, Any]:
         "model": {"backbone": "mlp", "options": {"hidden": [40, 40], "init": "truncated_normal"}},
         "inner": {"step": step, "lr": 0.01, "steps": 1},
         "train": {
-            "iterations": 60000,
+            "steps": 60000,
             "meta_batch": 4,
-            "meta_lr": 1e-3,
+            "lr": 1e-3,
             "clip": None,
             "val_every": 5000,
             "val_episodes": 500,
@@ -111,9 +111,9 @@ PRESETS: dict[str, Preset] = {
                 "model": {"backbone": "conv4", "options": {"channels": 32}},
                 "inner": {"step": "sgd", "lr": 0.4, "steps": 3, "eval_steps": 5},
                 "train": {
-                    "iterations": 600,
+                    "steps": 600,
                     "meta_batch": 4,
-                    "meta_lr": 1e-3,
+                    "lr": 1e-3,
                     "val_every": 200,
                     "val_episodes": 100,
                     "checkpoint_every": 100,
@@ -258,7 +258,7 @@ for _table, _rows in (("Table 1", _TABLE_1), ("Table 3", _TABLE_3)):
                 f"Meta-Dropout {_table}, {_label}, {_setting}: {_numbers[_column]}",
                 _with(
                     _p.values,
-                    model={"perturbation": _perturbation},
+                    perturb={"name": _perturbation},
                     inner={"step": _step, "mc_samples": 1, "eval_mc_samples": 30 if _stochastic else 1},
                 ),
             )
@@ -334,7 +334,7 @@ for _suffix, (_label, _perturbation, _options, _numbers) in _TABLE_2.items():
             f"Meta-Dropout Table 2, {_label}, {_setting}: {_numbers[_column]}",
             _with(
                 _p.values,
-                model={"perturbation": _perturbation, "perturbation_options": _options},
+                perturb={"name": _perturbation, "options": _options},
                 inner={"mc_samples": 1, "eval_mc_samples": 30},
             ),
         )
@@ -347,7 +347,7 @@ for _base, (_column, _setting) in _BASES.items():
             _p.description.replace("MAML", f"MAML + inner-loop FGSM (epsilon {_epsilon:g})", 1),
             f"Meta-Dropout Figure 5, adversarial-learning baseline (epsilon {_epsilon:g}), {_setting}: "
             f"robustness curves only",
-            _with(_p.values, model={"perturbation": "adversarial", "perturbation_options": {"epsilon": _epsilon}}),
+            _with(_p.values, perturb={"name": "adversarial", "options": {"epsilon": _epsilon}}),
         )
 
 
@@ -362,7 +362,7 @@ for _base, (_column, _setting) in _BASES.items():
         "none (a composition of the design's axes: MetaPerturb's phi in the bilevel scheme)",
         _with(
             _p.values,
-            model={"perturbation": "metaperturb", "perturbation_options": {"phi": "learned"}},
+            perturb={"name": "metaperturb", "options": {"phi": "learned"}},
             inner={"mc_samples": 1, "eval_mc_samples": 30},
         ),
     )
@@ -378,7 +378,7 @@ def _meta_train(name: str, size: int = 32, steps: int = 750, batch: int = 128, *
     return {
         "data": {"name": name, "train_split": "train", "image_size": size} | data,
         "model": {"backbone": "resnet20"},
-        "optim": {"steps": steps, "batch_size": batch, "milestones": [], "log_every": 10, "checkpoint_every": 50},
+        "train": {"steps": steps, "batch_size": batch, "milestones": [], "log_every": 10, "checkpoint_every": 50},
         "tasks": 10,
     }
 
@@ -405,7 +405,7 @@ def _transfer(
     return {
         "data": {"name": name, "image_size": size} | data,
         "model": {"backbone": backbone},
-        "optim": {"steps": steps, "batch_size": batch, "log_every": 50, "checkpoint_every": 500},
+        "train": {"steps": steps, "batch_size": batch, "log_every": 50, "checkpoint_every": 500},
     }
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import upgrade
 from ..errors import ConfigError
 
 # What a run's log says when it stopped because it diverged (metareg.meta.loop's messages).
@@ -300,7 +301,7 @@ def _train(run: Run, folder: Path, iterations: int | None, log: Path, deadline: 
     finished = folder / {"train": "checkpoint.json", "meta-train": "phi.json", "transfer": "test.json"}[run.command]
     if checkpoint.exists():
         meta = json.loads(checkpoint.read_text())
-        target = iterations or (meta["config"]["train"]["iterations"] if episodic else meta["config"]["optim"]["steps"])
+        target = iterations or upgrade(meta["config"], meta.get("kind", "bilevel"))["train"]["steps"]
         if meta["step"] >= target and finished.exists():
             return "done"
         cmd += ["--resume"]
@@ -310,7 +311,7 @@ def _train(run: Run, folder: Path, iterations: int | None, log: Path, deadline: 
         if run.seed:
             cmd += ["--seed", str(run.seed)]
     if iterations:
-        cmd += ["--iterations" if episodic else "--steps", str(iterations)]
+        cmd += ["--steps", str(iterations)]
     if deadline is not None:
         remaining = int(deadline - time.monotonic())
         if remaining < 1:
@@ -329,7 +330,8 @@ def _train(run: Run, folder: Path, iterations: int | None, log: Path, deadline: 
 
 
 def _test(run: Run, folder: Path, shot: int, episodes: int) -> dict[str, Any]:
-    from .episodic import load_learner, meta_test, save_result
+    from ..fewshot import load_learner
+    from .episodic import meta_test, save_result
 
     if run.command == "transfer":  # tested on its target's test images when it finished
         return json.loads((folder / "test.json").read_text())
@@ -344,8 +346,8 @@ def _test(run: Run, folder: Path, shot: int, episodes: int) -> dict[str, Any]:
 
 
 def _fractions(folder: Path) -> dict[str, float]:
+    from ..fewshot import load_learner
     from ..inner.mask import SubspaceMask
-    from .episodic import load_learner
 
     _, learner = load_learner(folder)
     masks = [m for m in learner.modules() if isinstance(m, SubspaceMask)]
@@ -608,7 +610,7 @@ def plan(name: str, out: str | Path) -> str:
     lines, left = [f"{name}: {len(EXPERIMENTS[name].runs)} runs in {out}"], 0.0
     for run in EXPERIMENTS[name].runs:
         preset = get_preset(run.preset).values
-        total = preset["train"]["iterations"] if run.command == "train" else preset["optim"]["steps"]
+        total = preset["train"]["steps"]
         checkpoint, log = out / run.name / "checkpoint.json", out / run.name / "log.csv"
         done = json.loads(checkpoint.read_text())["step"] if checkpoint.exists() else 0
         rate = None

@@ -17,14 +17,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..build import IMAGE_CHANNELS, resolve_device
 from ..checkpoint import write_json_atomic
 from ..data.augment import normalize, to_channels
 from ..errors import ConfigError
 from ..evaluate.adversarial import QueryAttack, make_attack
+from ..fewshot import load_transfer_model
+from ..meta.ordinary import predict
 from ..nets.modes import eval_mode, set_training_progress
+from ..runfolder import read_run
 from ..seeds import derive_seed, seeded
-from .common import IMAGE_CHANNELS, read_run, resolve_device
-from .transfer import load_transfer_model, predict, samples_at_test, target_data
+from .transfer import samples_at_test, target_data
 
 
 def robust_accuracy(
@@ -50,7 +53,8 @@ def robust_accuracy(
     if key in cache:
         return cache[key]
     if kind == "bilevel":
-        from .episodic import load_learner, meta_test
+        from ..fewshot import load_learner
+        from .episodic import meta_test
 
         config, learner = load_learner(run)
         result = meta_test(

@@ -9,13 +9,13 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from ..build import build_source, is_regression, resolve_device
 from ..config import Config
 from ..data.tasks import TaskBatch
 from ..errors import ConfigError
 from ..evaluate.episodes import episode_stream
+from ..fewshot import load_learner
 from ..meta import BilevelLearner
-from .common import resolve_device
-from .episodic import build_source, is_regression, load_learner
 
 
 @dataclass

@@ -19,19 +19,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..build import IMAGE_CHANNELS, build_network, dtype_of, perturbation_factory, resolve_device
 from ..checkpoint import (
     CHECKPOINT,
     load_checkpoint,
     read_checkpoint_meta,
-    save_checkpoint,
-    state_to_tensors,
-    tensors_to_state,
     write_json_atomic,
 )
-from ..config import ImageDataConfig, PerturbConfig, TransferConfig
-from ..data.augment import normalize, to_channels, training_batch
+from ..config import ImageDataConfig, TransferConfig
 from ..data.labeled import (
     LabeledImages,
     choose_classes,
@@ -41,298 +38,20 @@ from ..data.labeled import (
     split_per_class,
     take_per_class,
 )
-from ..errors import CheckpointError, ConfigError, DataError, DivergenceError
+from ..errors import ConfigError, DataError, DivergenceError
 from ..evaluate.calibration import expected_calibration_error, reliability
 from ..evaluate.episodes import EvalResult
 from ..evaluate.stats import paired_difference
-from ..meta.loop import StepLoop, checkpoint_problem, nonfinite_count, optimizer_tensors
-from ..nets.modes import eval_mode, perturbation_strength, set_training_progress
-from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
-from ..perturb import MetaPerturb, build_perturbation
+from ..fewshot import load_transfer_model
+from ..meta.loop import RunContext
+from ..meta.ordinary import TransferTrainer, load_convolutions
+from ..nets.modes import set_training_progress
+from ..perturb import MetaPerturb
 from ..perturb.pretrained import phi_info
-from ..seeds import derive_seed, seeded
-from .common import (
-    IMAGE_CHANNELS,
-    build_network,
-    config_of_run,
-    dtype_of,
-    prepare_run_folder,
-    resolve_device,
-)
+from ..runfolder import prepare_run_folder
+from ..seeds import derive_seed
 
 CHECKPOINT_JSON = f"{CHECKPOINT}.json"
-COLUMNS = ["step", "loss", "accuracy", "lr", "strength", "test_accuracy", "seconds", "images_per_s"]
-
-
-def perturbation_factory(p: PerturbConfig, phi: str = "learned") -> Any:
-    """The slot factory of a run's perturbation config (MetaPerturb with its phi, clip and annealing)."""
-    if p.name == "metaperturb":
-        return build_perturbation("metaperturb", {"phi": phi, "clip": p.clip, "anneal": p.anneal} | p.options)
-    return build_perturbation(p.name, p.options)
-
-
-def learning_rate(base: float, step: int, steps: int, milestones: list[float], gamma: float) -> float:
-    """Step schedule: ``base * gamma^k`` after k of the milestones (fractions of ``steps``)."""
-    return base * gamma ** sum(step >= int(m * steps) for m in milestones)
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    images: Tensor,
-    *,
-    samples: int,
-    channels: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    seed: int,
-    sample: bool = True,
-    batch_size: int = 250,
-) -> Tensor:
-    """Class probabilities of ``images`` (uint8, or floating-point pixels in [0, 1]), the softmax averaged over
-    ``samples`` forward
-    passes (the perturbation's noise, when ``sample``), in eval mode; reproducible for a ``seed``
-    (torch's generator is forked, so the caller's random state is untouched)."""
-    out = []
-    with seeded(seed, device), eval_mode(model):
-        for start in range(0, len(images), batch_size):
-            x = normalize(to_channels(images[start : start + batch_size], channels), dtype).to(device)
-            out.append(
-                torch.stack([F.softmax(model(x, sample=sample), dim=1) for _ in range(samples)]).mean(0).double().cpu()
-            )
-    return torch.cat(out)
-
-
-def load_convolutions(model: nn.Module, source: dict[str, Tensor], prefix: str = "") -> int:
-    """Fine-tuning's start: copy every convolution's weights (and bias) from a source network's
-    state (keys ``prefix + name``); batch norm, the classifier and the perturbations keep their
-    fresh initialization. Returns the number of tensors copied."""
-    perturbation = set(perturbation_parameter_names(model))
-    copied = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Conv2d):
-            continue
-        for pname, param in module.named_parameters(recurse=False):
-            key = f"{prefix}{name}.{pname}"
-            if key.removeprefix(prefix) in perturbation:
-                continue
-            if key not in source or source[key].shape != param.shape:
-                raise CheckpointError(
-                    f"the source network has no {key} of shape {tuple(param.shape)}: fine-tuning needs the same "
-                    f"backbone"
-                )
-            with torch.no_grad():
-                param.copy_(source[key])
-            copied += 1
-    if not copied:
-        raise ConfigError("the network has no convolutions to fine-tune")
-    return copied
-
-
-class TransferTrainer:
-    """Trains ``model`` (its perturbation's parameters, if any, frozen) on ``train``; tests on ``test``.
-    ``sample_at_test``: the perturbation samples at test time (predictions are MC averages)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        train: LabeledImages,
-        test: LabeledImages,
-        *,
-        out: str | Path,
-        device: torch.device,
-        dtype: torch.dtype,
-        steps: int,
-        batch_size: int,
-        lr: float,
-        weight_decay: float,
-        milestones: list[float],
-        gamma: float,
-        augment: bool,
-        seed: int,
-        sample_at_test: bool = False,
-        channels: int = IMAGE_CHANNELS,
-        eval_every: int | None = None,
-        eval_mc_samples: int = 5,
-        log_every: int = 50,
-        checkpoint_every: int = 500,
-        meta: dict[str, Any] | None = None,
-        progress: bool = True,
-        deadline: float | None = None,
-    ):
-        self.model, self.train, self.test, self.out = model, train, test, Path(out)
-        self.deadline, self.finished = deadline, False
-        self.device, self.dtype, self.channels, self.seed = device, dtype, channels, seed
-        self.steps, self.batch_size, self.lr, self.milestones, self.gamma = steps, batch_size, lr, milestones, gamma
-        self.augment, self.sample_at_test = augment, sample_at_test
-        self.eval_every, self.eval_mc_samples = eval_every, eval_mc_samples
-        self.log_every, self.checkpoint_every, self.meta, self.progress = (
-            log_every,
-            checkpoint_every,
-            meta or {},
-            progress,
-        )
-        # A meta-learned function (MetaPerturb's phi) is fixed at meta-test time; a baseline's own
-        # parameters (Information Dropout's and VIB's noise scales) train with the network, as in their papers.
-        shared = getattr(model, "perturbation_function", None)
-        if shared is not None and any(p.requires_grad for p in shared.parameters()):
-            raise ConfigError(
-                "MetaPerturb's phi must be frozen when transferring: load a meta-trained phi (perturb.phi: "
-                "builtin or a run)"
-            )
-        self.optimizer = torch.optim.Adam(
-            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
-        )
-        self.step, self.seconds = 0, 0.0
-        self.tail: list[
-            Tensor
-        ] = []  # training-batch accuracies of the last 10% of the steps (the final training accuracy)
-
-    def train_step(self, step: int) -> dict[str, Tensor]:
-        set_training_progress(self.model, step / max(self.steps, 1))  # MetaPerturb's annealed strength
-        lr = learning_rate(self.lr, step, self.steps, self.milestones, self.gamma)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        x, y = training_batch(
-            self.train,
-            self.batch_size,
-            step,
-            derive_seed(self.seed, 0),
-            augment=self.augment,
-            channels=self.channels,
-            dtype=self.dtype,
-        )
-        x, y = x.to(self.device), y.to(self.device)
-        torch.manual_seed(derive_seed(self.seed, step, 2))  # the perturbation's noise
-        self.model.train()
-        with recording() as record:
-            out = self.model(x, sample=True)
-        loss = perturbed_loss(F.cross_entropy, out, y, record)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        accuracy = (out.argmax(1) == y).float().mean()
-        if step >= self.steps - max(1, self.steps // 10):
-            self.tail.append(accuracy)
-        return {
-            "loss": loss.detach(),
-            "accuracy": accuracy,
-            "lr": torch.tensor(lr),
-            "strength": torch.tensor(perturbation_strength(self.model)),
-        } | record.metrics
-
-    def check(self) -> str | None:
-        """None if the state about to be saved is good: every tensor finite, and a finite loss of
-        the network (eval mode, so no running statistic moves) on a fixed training batch."""
-        bad = int(nonfinite_count(list(self.model.state_dict().values()) + optimizer_tensors(self.optimizer)))
-        loss = float("nan")
-        if not bad:
-            x, y = training_batch(
-                self.train,
-                self.batch_size,
-                0,
-                derive_seed(self.seed, 0),
-                augment=False,
-                channels=self.channels,
-                dtype=self.dtype,
-            )
-            with torch.no_grad(), seeded(0, self.device), eval_mode(self.model):
-                loss = F.cross_entropy(
-                    self.model(x.to(self.device), sample=self.sample_at_test), y.to(self.device)
-                ).item()
-        return checkpoint_problem(bad, loss)
-
-    def samples(self, requested: int) -> int:
-        """Monte-Carlo samples: one when nothing is sampled at test time."""
-        return requested if self.sample_at_test else 1
-
-    def evaluate(self, samples: int) -> tuple[Tensor, Tensor]:
-        """(probabilities [N, K], per-image correctness [N]) on the test set."""
-        probabilities = predict(
-            self.model,
-            self.test.images,
-            samples=self.samples(samples),
-            channels=self.channels,
-            device=self.device,
-            dtype=self.dtype,
-            seed=derive_seed(self.seed, 3),
-            sample=self.sample_at_test,
-        )
-        return probabilities, (probabilities.argmax(1) == self.test.labels).double()
-
-    def run(self, resume_log: bool = False) -> None:
-        def evaluate() -> dict[str, float]:
-            return {"test_accuracy": self.evaluate(self.eval_mc_samples)[1].mean().item()}
-
-        # MetaPerturb's diagnostics: the mean noise z and scale s of every perturbed block (as the released code
-        # meters them)
-        blocks = sorted(m.index for m in self.model.modules() if isinstance(m, MetaPerturb))
-        columns = COLUMNS[:-2] + [f"z{i}" for i in blocks] + [f"s{i}" for i in blocks] + COLUMNS[-2:]
-        loop = StepLoop(
-            self.out,
-            self.steps,
-            self.log_every,
-            self.checkpoint_every,
-            columns,
-            eval_every=self.eval_every,
-            shown=("loss", "accuracy", "test_accuracy"),
-            per_step=self.batch_size,
-            desc="train",
-            progress=self.progress,
-            hint="lower optim.lr",
-            rate_column="images_per_s",
-            deadline=self.deadline,
-        )
-        self.finished = loop.run(
-            self.train_step, self, evaluate=evaluate if self.eval_every else None, resume_log=resume_log
-        )
-
-    def final_test(self, samples: int, protocol: dict[str, Any]) -> tuple[EvalResult, dict[str, Any]]:
-        """The test set's per-image correctness (an :class:`EvalResult`, paired across models tested
-        on the same images) and calibration: negative log-likelihood, ECE and the reliability bins."""
-        set_training_progress(self.model, 1.0)
-        probabilities, correct = self.evaluate(samples)
-        if not torch.isfinite(probabilities).all():
-            raise DivergenceError(
-                "the network's test predictions are not finite: its weights have diverged; train again with a lower "
-                "optim.lr"
-            )
-        nll = F.nll_loss(probabilities.clamp_min(1e-12).log(), self.test.labels).item()
-        extra = {
-            "nll": nll,
-            "ece": expected_calibration_error(probabilities, self.test.labels),
-            "reliability": reliability(probabilities, self.test.labels),
-            # the perturbed training batches' accuracy over the last 10% of the steps (how well the network fits)
-            "final_train_accuracy": torch.stack(self.tail).mean().item() if self.tail else None,
-        }
-        info = protocol | {"mc_samples": self.samples(samples), "test_images": len(self.test)}
-        return EvalResult(correct, info), extra
-
-    # ----------------------------------------------------------------------------- persistence
-    def save(self) -> Path:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        optim = state_to_tensors("optim", self.optimizer.state_dict(), tensors)
-        if (
-            self.tail
-        ):  # the last steps' training accuracies so far, so that a resumed run reports the same final accuracy
-            tensors["train.tail"] = torch.stack(self.tail).detach().cpu()
-        return save_checkpoint(
-            self.out, CHECKPOINT, tensors, {"optimizer": optim, "seconds": self.seconds} | self.meta, self.step
-        )
-
-    def resume(self) -> None:
-        tensors, meta = load_checkpoint(self.out, CHECKPOINT)
-        try:
-            self.model.load_state_dict(
-                {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-            )
-            self.optimizer.load_state_dict(tensors_to_state(meta["optimizer"], tensors))
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(
-                f"checkpoint in {self.out} does not fit this run: {str(err).splitlines()[0]}"
-            ) from None
-        self.step, self.seconds = int(meta["step"]), float(meta.get("seconds", 0.0))
-        self.tail = list(tensors["train.tail"].to(self.device).unbind()) if "train.tail" in tensors else []
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -361,6 +80,29 @@ def target_data(d: ImageDataConfig) -> tuple[LabeledImages, LabeledImages]:
     return train, test
 
 
+def final_test(trainer: TransferTrainer, samples: int, protocol: dict[str, Any]) -> tuple[EvalResult, dict[str, Any]]:
+    """A trained network's test: the test set's per-image correctness (an :class:`EvalResult`,
+    paired across models tested on the same images) and calibration: negative log-likelihood, ECE
+    and the reliability bins."""
+    set_training_progress(trainer.model, 1.0)
+    probabilities, correct = trainer.evaluate(samples)
+    if not torch.isfinite(probabilities).all():
+        raise DivergenceError(
+            "the network's test predictions are not finite: its weights have diverged; train again with a lower "
+            "train.lr"
+        )
+    nll = F.nll_loss(probabilities.clamp_min(1e-12).log(), trainer.test.labels).item()
+    extra = {
+        "nll": nll,
+        "ece": expected_calibration_error(probabilities, trainer.test.labels),
+        "reliability": reliability(probabilities, trainer.test.labels),
+        # the perturbed training batches' accuracy over the last 10% of the steps (how well the network fits)
+        "final_train_accuracy": torch.stack(trainer.tail).mean().item() if trainer.tail else None,
+    }
+    info = protocol | {"mc_samples": trainer.samples(samples), "test_images": len(trainer.test)}
+    return EvalResult(correct, info), extra
+
+
 def _source_state(run: str | Path) -> tuple[dict[str, Tensor], str]:
     """A transfer run's network state and the key prefix of its backbone's tensors."""
     tensors, _ = load_checkpoint(run, CHECKPOINT)
@@ -373,25 +115,6 @@ def _source_state(run: str | Path) -> tuple[dict[str, Tensor], str]:
 def samples_at_test(config: TransferConfig) -> bool:
     """Whether the run's perturbation samples at test time (its predictions are MC averages)."""
     return bool(getattr(perturbation_factory(config.perturb), "sample_at_test", False))
-
-
-def load_transfer_model(run: str | Path) -> tuple[TransferConfig, nn.Module]:
-    """The trained network of a transfer run (with its perturbation slots), on the CPU, in eval mode."""
-    config = config_of_run(run, "transfer")
-    tensors, meta = load_checkpoint(run, CHECKPOINT)
-    size = config.data.image_size
-    net = build_network(
-        config.model.backbone,
-        int(meta.get("num_classes", 0)) or 1,
-        size,
-        config.model.options,
-        perturbation_factory(config.perturb),
-    )
-    try:
-        net.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-    except RuntimeError as err:
-        raise CheckpointError(f"checkpoint in {run} does not fit its network: {str(err).splitlines()[0]}") from None
-    return config, net.eval()
 
 
 # Hyperparameter candidates of the baselines, chosen on a validation split (``--select``).
@@ -568,30 +291,25 @@ def fit(
             if k in ("path", "sha256", "source", "backbone", "steps")
         }
     model = net.to(device, dtype)
-    o = config.optim
+    context = RunContext(
+        out,
+        config.seed,
+        device,
+        dtype,
+        meta={"config": config.to_dict(), "kind": "transfer", "num_classes": train.num_classes},
+        progress=progress,
+        deadline=deadline,
+    )
     trainer = TransferTrainer(
         model,
         train,
         test,
-        out=out,
-        device=device,
-        dtype=dtype,
-        steps=o.steps,
-        batch_size=o.batch_size,
-        lr=o.lr,
-        weight_decay=o.weight_decay,
-        milestones=o.milestones,
-        gamma=o.gamma,
-        augment=o.augment,
-        seed=config.seed,
+        config.train,
+        context,
         sample_at_test=getattr(factory, "sample_at_test", False),
+        channels=IMAGE_CHANNELS,
         eval_every=config.eval_every,
         eval_mc_samples=config.eval_mc_samples,
-        log_every=o.log_every,
-        checkpoint_every=o.checkpoint_every,
-        meta={"config": config.to_dict(), "kind": "transfer", "num_classes": train.num_classes},
-        progress=progress,
-        deadline=deadline,
     )
     if resume:
         trainer.resume()
@@ -612,7 +330,7 @@ def fit(
         "options": d.options,
         "test_images": len(test),
     }
-    result, extra = trainer.final_test(config.perturb.mc_samples, protocol)
+    result, extra = final_test(trainer, config.perturb.mc_samples, protocol)
     record = (
         result.to_dict()
         | extra

@@ -48,7 +48,7 @@ def plot_features(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{view.name}: block {layer}, channel {channel} ({view.config.model.perturbation})", fontsize=10)
+    fig.suptitle(f"{view.name}: block {layer}, channel {channel} ({view.config.perturb.name})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
