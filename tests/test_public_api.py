@@ -159,5 +159,5 @@ def test_load_a_builtin_checkpoint_adapts_and_predicts_on_the_cpu():
     torch.testing.assert_close(model.adapt(support, labels).predict(support), probabilities)
     with pytest.raises(ConfigError, match=r"shape \[N, 1, 28, 28\]"):
         model.adapt(support[:, :, :20], labels)
-    with pytest.raises(ConfigError, match="labels 0..19"):
+    with pytest.raises(ConfigError, match=r"labels 0\.\.19"):
         model.adapt(support, labels + 1)
