@@ -9,14 +9,18 @@ from typing import Any
 
 import torch
 
-from .config import Config, PerturbConfig
+from .checkpoint import CHECKPOINT, load_checkpoint
+from .config import Config, MetaTrainConfig, PerturbConfig, TransferConfig
 from .data import build_task_source, get_episodic
 from .data.tasks import TaskSource
 from .errors import ConfigError
 from .inner import InnerRule
 from .meta.bilevel import BilevelLearner
+from .meta.joint import JointLearner
+from .meta.ordinary import load_convolutions
 from .nets import create_model
 from .perturb import build_perturbation
+from .seeds import derive_seed
 
 # Ordinary training takes RGB; grayscale data is repeated over 3 channels (as MetaPerturb's reference does).
 IMAGE_CHANNELS = 3
@@ -126,3 +130,45 @@ def build_learner(config: Config) -> BilevelLearner:
         ),
         mc_batch=resolve_mc_batch(config.inner.mc_batch, device, model),
     )
+
+
+def build_joint_learner(
+    config: MetaTrainConfig, classes: list[int], share: range, device: torch.device, dtype: torch.dtype
+) -> JointLearner:
+    """MetaPerturb's joint scheme (Algorithm 1) of a meta-training config: this process's task
+    networks (``share`` of the ``config.tasks``; ``classes[t]``: task t's number of classes; every
+    network has the widest head) with the perturbation's slots, phi tied across them. Each
+    theta_t's init depends on t only (not on the process), phi's on the run's seed."""
+    widest, size = max(classes), config.data.image_size
+    torch.manual_seed(derive_seed(config.seed, 12))  # phi's init (MetaPerturb's function is made with the factory)
+    factory = perturbation_factory(config.perturb)
+
+    def build(t: int) -> torch.nn.Module:
+        torch.manual_seed(derive_seed(config.seed, t, 11))
+        return build_network(config.model.backbone, widest, size, config.model.options, factory)
+
+    strategy = resolve_strategy(config.train.strategy, device, config.model.backbone)
+    learner = JointLearner(
+        build,
+        share,
+        config.tasks,
+        input_shape=(IMAGE_CHANNELS, size, size),
+        strategy=strategy,
+        classes=[classes[t] for t in share],
+    )
+    return learner.to(device, dtype)
+
+
+def build_transfer_network(config: TransferConfig, num_classes: int) -> tuple[torch.nn.Module, Any]:
+    """The network of a transfer config (MetaPerturb's Algorithm 2) and its perturbation factory:
+    the backbone with the perturbation (MetaPerturb with its stored, frozen phi; a baseline; or
+    none) in its slots, its convolutions copied from ``config.init_from`` when fine-tuning."""
+    factory = perturbation_factory(config.perturb, config.perturb.phi)
+    torch.manual_seed(derive_seed(config.seed, 21))
+    net = build_network(config.model.backbone, num_classes, config.data.image_size, config.model.options, factory)
+    if config.init_from:
+        tensors, _ = load_checkpoint(config.init_from, CHECKPOINT)
+        # runs from before the slots kept the backbone under model.model.
+        prefix = "model.model." if any(k.startswith("model.model.") for k in tensors) else "model."
+        load_convolutions(net, tensors, prefix)
+    return net, factory

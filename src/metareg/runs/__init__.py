@@ -10,8 +10,8 @@ kind           command                      config schema                 module
 ``transfer``   ``metareg perturb transfer``    :class:`~metareg.config.TransferConfig`   :mod:`.transfer`
 =============  ===========================  ============================  ==========================
 
-:mod:`.common` holds what they share (config resolution with presets, device, dtype, strategy, run
-folders, reading a stored run, resuming); :mod:`.presets`, :mod:`.reproduce`, :mod:`.bench` and
+:mod:`.common` holds what they share (config resolution with presets, resuming); building from a
+config is the library's (:mod:`metareg.build`); :mod:`.presets`, :mod:`.reproduce`, :mod:`.bench` and
 :mod:`.task_view` are the named experiments, paper grids, speed measurements and the episode
 views the plots draw. Library packages never import this package.
 """
@@ -22,23 +22,38 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..build import build_joint_learner, build_learner, build_transfer_network
 from ..config import Config, MetaTrainConfig, TransferConfig
+from ..meta.joint_trainer import JointTrainer
+from ..meta.ordinary import TransferTrainer
+from ..meta.trainer import MetaTrainer
 from . import episodic, metaperturb, transfer
 
 
 @dataclass(frozen=True)
 class RunKind:
-    """A kind of run: its config schema, the command that starts it, the function that runs it
-    (``run(config, out, resume=..., progress=...)``), the command-line flags that set config keys
-    (flag -> dotted key), those a resumed run may still change, and its built-in default preset."""
+    """A kind of run, in one row: its config ``schema`` (which names its command), the library
+    function that ``build``s its model from a config, its ``trainer`` class, the function that
+    ``test``s a trained model, the function that ``run``s it (``run(config, out, resume=...,
+    progress=..., deadline=...)``), the command-line flags that set config keys (flag -> dotted key),
+    those a resumed run may still change, and its built-in default preset."""
 
-    name: str
-    schema: type
-    command: str
+    schema: type[Config] | type[MetaTrainConfig] | type[TransferConfig]
+    build: Callable[..., Any]
+    trainer: type
+    test: Callable[..., Any] | None
     run: Callable[..., Any]
     flags: dict[str, str] = field(default_factory=dict)
     resume_flags: dict[str, str] = field(default_factory=dict)
     default_preset: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.schema.kind
+
+    @property
+    def command(self) -> str:
+        return self.schema.command
 
 
 _COMMON = {"data_root": "data.root", "seed": "seed", "device": "device"}
@@ -50,41 +65,47 @@ _IMAGES = _COMMON | {
 }
 
 KINDS: dict[str, RunKind] = {
-    "bilevel": RunKind(
-        "bilevel",
-        Config,
-        "metareg train",
-        episodic.train,
-        _COMMON | {"steps": "train.steps", "episodes": "eval.episodes", "mc_samples": "inner.eval_mc_samples"},
-        {"steps": "train.steps", "episodes": "eval.episodes", "device": "device"},
-        "quickstart",
-    ),
-    "meta-train": RunKind(
-        "meta-train",
-        MetaTrainConfig,
-        "metareg perturb meta-train",
-        metaperturb.meta_train,
-        _IMAGES | {"tasks": "tasks", "perturbation": "perturb.name"},
-        {"steps": "train.steps", "device": "device"},
-        "perturb-quickstart",
-    ),
-    "transfer": RunKind(
-        "transfer",
-        TransferConfig,
-        "metareg perturb transfer",
-        transfer.transfer,
-        _IMAGES
-        | {
-            "perturbation": "perturb.name",
-            "phi": "perturb.phi",
-            "init_from": "init_from",
-            "mc_samples": "perturb.mc_samples",
-            "select": "select",
-            "against_base": "against_base",
-        },
-        {"steps": "train.steps", "device": "device"},
-        "transfer-quickstart",
-    ),
+    kind.name: kind
+    for kind in (
+        RunKind(
+            Config,
+            build_learner,
+            MetaTrainer,
+            episodic.meta_test,
+            episodic.train,
+            _COMMON | {"steps": "train.steps", "episodes": "eval.episodes", "mc_samples": "inner.eval_mc_samples"},
+            {"steps": "train.steps", "episodes": "eval.episodes", "device": "device", "data_root": "data.root"},
+            "quickstart",
+        ),
+        RunKind(
+            MetaTrainConfig,
+            build_joint_learner,
+            JointTrainer,
+            None,  # a meta-trained phi is tested by transferring it
+            metaperturb.meta_train,
+            _IMAGES | {"tasks": "tasks", "perturbation": "perturb.name"},
+            {"steps": "train.steps", "device": "device", "data_root": "data.root"},
+            "perturb-quickstart",
+        ),
+        RunKind(
+            TransferConfig,
+            build_transfer_network,
+            TransferTrainer,
+            transfer.final_test,
+            transfer.transfer,
+            _IMAGES
+            | {
+                "perturbation": "perturb.name",
+                "phi": "perturb.phi",
+                "init_from": "init_from",
+                "mc_samples": "perturb.mc_samples",
+                "select": "select",
+                "against_base": "against_base",
+            },
+            {"steps": "train.steps", "device": "device", "data_root": "data.root"},
+            "transfer-quickstart",
+        ),
+    )
 }
 
 __all__ = ["KINDS", "RunKind"]

@@ -69,8 +69,8 @@ def check(config: Any) -> None:
 
 def resumed(out: str | Path, kind: str, changes: dict[str, Any]) -> Any:
     """The config to continue run ``out`` with: the stored one, with ``changes`` (dotted keys such
-    as ``train.steps``, ``device``: the only things a resumed run may change) applied and
-    validated again."""
+    as ``train.steps``, ``device``, ``data.root``: the only things a resumed run may change; the
+    data may have moved, the experiment may not) applied and validated again."""
     config = config_of_run(out, kind)
     for key, value in changes.items():
         if value is None:
@@ -80,5 +80,7 @@ def resumed(out: str | Path, kind: str, changes: dict[str, Any]) -> Any:
         for section in sections:
             target = getattr(target, section)
         setattr(target, field, value)
+    if changes.get("data.root") is not None:
+        config.data.root = str(Path(config.data.root).expanduser().resolve())
     validate(config)
     return config

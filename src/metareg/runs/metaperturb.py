@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import __version__
-from ..build import IMAGE_CHANNELS, build_network, dtype_of, perturbation_factory, resolve_device, resolve_strategy
+from ..build import IMAGE_CHANNELS, build_joint_learner, dtype_of, resolve_device
 from ..config import MetaTrainConfig
 from ..data.labeled import (
     LabeledImages,
@@ -25,12 +23,10 @@ from ..data.labeled import (
     take_per_class,
 )
 from ..meta import distributed
-from ..meta.joint import JointLearner
 from ..meta.joint_trainer import JointTrainer
 from ..meta.loop import RunContext
 from ..perturb.pretrained import save_phi
 from ..runfolder import prepare_run_folder
-from ..seeds import derive_seed
 from .common import command_line
 from .transfer import load_images
 
@@ -75,21 +71,7 @@ def meta_train(
         dtype = dtype_of(config)
         tasks = source_tasks(config)
         share = world.share(config.tasks)
-        classes = [tasks[t][0].num_classes for t in share]
-        widest = max(train.num_classes for train, _ in tasks)
-        size = config.data.image_size
-
-        torch.manual_seed(derive_seed(config.seed, 12))  # phi's init (MetaPerturb's function is made with the factory)
-        factory = perturbation_factory(config.perturb)
-
-        def build(t: int) -> torch.nn.Module:
-            torch.manual_seed(derive_seed(config.seed, t, 11))  # theta_t's init depends on t only, not on the process
-            return build_network(config.model.backbone, widest, size, config.model.options, factory)
-
-        strategy = resolve_strategy(config.train.strategy, world.device, config.model.backbone)
-        learner = JointLearner(
-            build, share, config.tasks, input_shape=(IMAGE_CHANNELS, size, size), strategy=strategy, classes=classes
-        ).to(world.device, dtype)
+        learner = build_joint_learner(config, [train.num_classes for train, _ in tasks], share, world.device, dtype)
         world.broadcast(learner.phi_parameters())
         context = RunContext(
             out,
@@ -109,7 +91,7 @@ def meta_train(
             source = {
                 "data": config.data.name,
                 "split": config.data.train_split,
-                "image_size": size,
+                "image_size": config.data.image_size,
                 "tasks": config.tasks,
                 "classes": sum(t[0].num_classes for t in tasks),
                 "train_images": sum(len(t[0]) for t in tasks),

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..build import IMAGE_CHANNELS, build_network, dtype_of, perturbation_factory, resolve_device
+from ..build import IMAGE_CHANNELS, build_transfer_network, dtype_of, perturbation_factory, resolve_device
 from ..checkpoint import (
     CHECKPOINT,
-    load_checkpoint,
     read_checkpoint_meta,
     write_json_atomic,
 )
@@ -44,12 +43,11 @@ from ..evaluate.episodes import EvalResult
 from ..evaluate.stats import paired_difference
 from ..fewshot import load_transfer_model
 from ..meta.loop import RunContext
-from ..meta.ordinary import TransferTrainer, load_convolutions
+from ..meta.ordinary import TransferTrainer
 from ..nets.modes import set_training_progress
 from ..perturb import MetaPerturb
 from ..perturb.pretrained import phi_info
 from ..runfolder import prepare_run_folder
-from ..seeds import derive_seed
 
 CHECKPOINT_JSON = f"{CHECKPOINT}.json"
 
@@ -101,15 +99,6 @@ def final_test(trainer: TransferTrainer, samples: int, protocol: dict[str, Any])
     }
     info = protocol | {"mc_samples": trainer.samples(samples), "test_images": len(trainer.test)}
     return EvalResult(correct, info), extra
-
-
-def _source_state(run: str | Path) -> tuple[dict[str, Tensor], str]:
-    """A transfer run's network state and the key prefix of its backbone's tensors."""
-    tensors, _ = load_checkpoint(run, CHECKPOINT)
-    prefix = (
-        "model.model." if any(k.startswith("model.model.") for k in tensors) else "model."
-    )  # runs from before the slots
-    return tensors, prefix
 
 
 def samples_at_test(config: TransferConfig) -> bool:
@@ -277,12 +266,7 @@ def fit(
     """Train a network on ``train`` and test it on ``test``, into run folder ``out``."""
     device, dtype = resolve_device(config.device), dtype_of(config)
     size = config.data.image_size
-    factory = perturbation_factory(config.perturb, config.perturb.phi)
-    torch.manual_seed(derive_seed(config.seed, 21))
-    net = build_network(config.model.backbone, train.num_classes, size, config.model.options, factory)
-    if config.init_from:
-        source, prefix = _source_state(config.init_from)
-        load_convolutions(net, source, prefix)
+    net, factory = build_transfer_network(config, train.num_classes)
     phi_record = None
     if config.perturb.name == "metaperturb":
         phi_record = {
