@@ -8,7 +8,8 @@ With sybil's parsers:
   not shipped or minutes of compute;
 * every ``metareg ...`` command of a ```` ```bash ```` block (also ``torchrun ... -m metareg.cli``)
   must parse with the real argument parser, ``metareg.cli.build_parser()``: a renamed or removed
-  flag fails here;
+  flag fails here; every ```` ```yaml ```` block must be a valid config of ``metareg train`` in
+  today's key names (no unknown key, no renamed one);
 * every ```` ```python ```` block in a docstring of ``src/metareg`` runs (the examples of the
   Python API page), one namespace per source file.
 
@@ -68,8 +69,28 @@ def check_commands(example: Example) -> None:
                 ) from None
 
 
+def check_config(example: Example) -> None:
+    """A YAML block is a valid (partial) config of ``metareg train``, in today's key names."""
+    from metareg.config import Config, load_yaml
+    from metareg.errors import ConfigError
+
+    notices = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(notices):
+            Config.from_dict(load_yaml(example.parsed))
+    except ConfigError as err:
+        raise AssertionError(f"{example.path}, line {example.line}: not a valid config: {err}") from None
+    if notices.getvalue():
+        raise AssertionError(f"{example.path}, line {example.line}: {notices.getvalue().strip()}")
+
+
 MARKDOWN = Sybil(
-    parsers=[PythonCodeBlockParser(), SkipParser(), CodeBlockParser("bash", check_commands)],
+    parsers=[
+        PythonCodeBlockParser(),
+        SkipParser(),
+        CodeBlockParser("bash", check_commands),
+        CodeBlockParser("yaml", check_config),
+    ],
     patterns=["README.md", "docs/*.md", "docs/*/*.md"],
     name="docs",
 )
@@ -111,7 +132,7 @@ class PageExamples(pytest.Item):
         if skipped and not ran:
             pytest.skip("; ".join(skipped))
 
-    def repr_failure(self, excinfo, style=None) -> str:
+    def repr_failure(self, excinfo, style=None) -> str:  # noqa: ARG002 (pytest's signature)
         """The block's place and the traceback inside the block and metareg (not sybil's or pytest's)."""
         example = self.current
         where = f"{Path(example.path).relative_to(ROOT)}, the block at line {example.line}"
@@ -134,4 +155,3 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Page | Non
         if sybil.should_parse(file_path):
             return Page.from_parent(parent, path=file_path, sybil=sybil)
     return None
-

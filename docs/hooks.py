@@ -26,7 +26,9 @@ MARKER = re.compile(r"^<!-- generated: (\w+) -->$", re.MULTILINE)
 
 # ------------------------------------------------------------------------------------- the CLI
 def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """One table cell: one line, ``|`` escaped, ``<`` and ``>`` escaped outside code spans."""
+    parts = " ".join(str(text).split()).replace("|", "\\|").split("`")
+    return "`".join(part if i % 2 else part.replace("<", "&lt;").replace(">", "&gt;") for i, part in enumerate(parts))
 
 
 def _flags(action: argparse.Action) -> str:
@@ -49,22 +51,21 @@ def _flags(action: argparse.Action) -> str:
 
 
 def _help(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
-    text = parser._get_formatter()._expand_help(action) if action.help else ""  # noqa: SLF001 (%(default)s)
+    text = parser._get_formatter()._expand_help(action) if action.help else ""
     extra = []
     if action.choices is not None and len(str(action.choices)) > 40:
         extra.append("one of " + ", ".join(f"`{c}`" for c in action.choices))
-    if action.default not in (None, False, [], argparse.SUPPRESS) and action.nargs != 0:
-        if "default" not in text:
-            extra.append(f"default `{action.default}`")
+    if action.default not in (None, False, [], argparse.SUPPRESS) and action.nargs != 0 and "default" not in text:
+        extra.append(f"default `{action.default}`")
     if action.required and action.option_strings:
         extra.append("required")
     return _cell("; ".join([text, *extra]) if text else "; ".join(extra))
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
-    for action in parser._actions:  # noqa: SLF001 (argparse has no public walk)
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
-            helps = {a.dest: a.help or "" for a in action._choices_actions}  # noqa: SLF001
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help or "" for a in action._choices_actions}
             return [(name, helps.get(name, ""), sub) for name, sub in action.choices.items()]
     return []
 
@@ -78,8 +79,8 @@ def _command(name: str, text: str, parser: argparse.ArgumentParser, depth: int) 
     out += ["```text", " ".join(usage.split()), "```", ""]
     rows = [
         f"| {_flags(a)} | {_help(parser, a)} |"
-        for a in parser._actions  # noqa: SLF001
-        if not isinstance(a, argparse._SubParsersAction | argparse._HelpAction)  # noqa: SLF001
+        for a in parser._actions
+        if not isinstance(a, argparse._SubParsersAction | argparse._HelpAction)
     ]
     if rows:
         out += ["| argument | meaning |", "|---|---|", *rows, ""]
@@ -100,8 +101,8 @@ def cli_reference() -> str:
     out += ["| argument | meaning |", "|---|---|"]
     out += [
         f"| {_flags(a)} | {_help(parser, a)} |"
-        for a in parser._actions  # noqa: SLF001
-        if not isinstance(a, argparse._SubParsersAction | argparse._HelpAction)  # noqa: SLF001
+        for a in parser._actions
+        if not isinstance(a, argparse._SubParsersAction | argparse._HelpAction)
     ]
     out.append("")
     for name, text, sub in _subcommands(parser):
@@ -123,7 +124,11 @@ def presets_table() -> str:
     """Every preset with the paper row it reproduces and the command that runs it."""
     from metareg.runs.presets import PRESETS
 
-    command = {"bilevel": "metareg train", "meta-train": "metareg perturb meta-train", "transfer": "metareg perturb transfer"}
+    command = {
+        "bilevel": "metareg train",
+        "meta-train": "metareg perturb meta-train",
+        "transfer": "metareg perturb transfer",
+    }
     rows = ["| preset | what | reproduces (paper's number) | run with |", "|---|---|---|---|"]
     for preset in PRESETS.values():
         cost = f" ({preset.cost})" if preset.cost else ""

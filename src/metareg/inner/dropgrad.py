@@ -54,7 +54,8 @@ class DropGrad(GradientTransform):
         import metareg
 
         net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
-        learner = metareg.MAML(net, transforms=[{"name": "dropgrad", "kind": "binary", "p": 0.5, "layers": ["1.weight"]}])
+        dropgrad = {"name": "dropgrad", "kind": "binary", "p": 0.5, "layers": ["1.weight"]}
+        learner = metareg.MAML(net, transforms=[dropgrad])
         dropgrad = learner.inner.transforms[0]
         grads = {"1.weight": torch.ones(3, 4), "1.bias": torch.ones(3)}
         noisy, _ = dropgrad.update(grads, None, step=0)
