@@ -88,7 +88,29 @@ def is_regression(config: Config) -> bool:
 
 
 def build_source(config: Config, split: str, *, shot: int | None = None) -> TaskSource:
-    """The task source of ``split``; ``shot`` overrides the configured shots (meta-test at K)."""
+    """The episodes of one split of the config's data set (what ``metareg train`` samples from).
+
+    Args:
+        config: the run's config (its ``data`` section: name, way, shot, query, root, options).
+        split: ``train``, ``val``, ``test`` (or another split the data set names, e.g. ``trainval``).
+        shot: shots per class, overriding ``data.shot`` (meta-test at another K).
+
+    Returns:
+        A task source: ``sample(num_tasks, generator)`` returns a :class:`~metareg.TaskBatch`.
+
+    Raises:
+        metareg.errors.ConfigError: impossible way/shot/query for the split, or data not found (one line).
+
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        config = metareg.Config.from_dict({"data": {"name": "glyphs", "way": 5, "shot": 1, "query": 15}})
+        batch = metareg.build_source(config, "train").sample(4, torch.Generator().manual_seed(0))
+        print(batch.support_x.shape, batch.query_x.shape)   # [4, 5, 1, 28, 28], [4, 75, 1, 28, 28]
+        ```
+    """
     data = config.data
     return build_task_source(
         data.name,
@@ -103,7 +125,29 @@ def build_source(config: Config, split: str, *, shot: int | None = None) -> Task
 
 
 def build_learner(config: Config) -> BilevelLearner:
-    """The model with its perturbation slots, the inner rule and the bilevel scheme of ``config``."""
+    """The learner ``metareg train`` meta-trains: the backbone of ``config.model`` with the
+    perturbation of ``config.perturb`` in its slots, the inner rule of ``config.inner``, in the
+    bilevel scheme.
+
+    Args:
+        config: the run's config.
+
+    Returns:
+        The learner (an ``nn.Module``), on the CPU.
+
+    Raises:
+        metareg.errors.ConfigError: an unknown backbone, perturbation or transform, or options
+            they do not take (one line).
+
+    Examples:
+        ```python
+        import metareg
+
+        config = metareg.Config.from_dict({"model": {"options": {"channels": 8}}, "perturb": {"name": "meta-dropout"}})
+        learner = metareg.build_learner(config)
+        print(learner)
+        ```
+    """
     dataset = get_episodic(config.data.name)
     perturbation = build_perturbation(config.perturb.name, config.perturb.options)
     model = create_model(

@@ -136,6 +136,39 @@ class _RunConfig:
 
 @dataclass
 class Config(_RunConfig):
+    """The config of a meta-learning run (``metareg train``): what ``config.json`` of a run folder
+    holds, what presets, ``--config`` files and ``--set KEY=VALUE`` fill in. Every field has a
+    default; ``Config.from_dict`` reads a nested dict (unknown keys are errors, with a suggestion
+    for typos; keys of earlier versions are read under their new names with a one-line notice).
+
+    Args:
+        data: the data set and the episodes: ``name`` (``glyphs``, ``omniglot``,
+            ``miniimagenet``, ``sine``, ``polynomial``), ``root``, ``way``, ``shot``, ``query``,
+            ``eval_shot``, ``image_size``, ``options``, the splits.
+        model: the network: ``backbone`` (:func:`metareg.list_models`) and its ``options``.
+        perturb: the feature perturbation in every slot: ``name``
+            (:func:`metareg.list_perturbations`) and its ``options``.
+        inner: the inner loop: ``step`` (``sgd``, ``meta-sgd``, ``per-step``), ``lr``, ``steps``,
+            ``eval_steps``, ``first_order``, ``fast``, ``transforms``, ``mc_samples``,
+            ``eval_mc_samples``, ``mc_batch``.
+        train: the outer loop: ``steps``, ``meta_batch``, ``lr``, ``clip``, ``val_every``,
+            ``val_episodes``, ``log_every``, ``checkpoint_every``, ``strategy``, ``cuda_graph``.
+        eval: the meta-test: ``episodes`` (1000), ``seed`` (fixes the episodes), ``tasks_per_batch``.
+        seed: the training seed.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        dtype: ``float32`` or ``float64``.
+        preset: the preset it started from, if any.
+
+    Examples:
+        ```python
+        import metareg
+
+        config = metareg.Config.from_dict({"data": {"name": "glyphs", "way": 5, "shot": 1},
+                                           "inner": {"lr": 0.4, "steps": 5}, "train": {"steps": 600}})
+        print(config.data.way, config.inner.steps, config.train.lr)
+        ```
+    """
+
     kind: ClassVar[str] = "bilevel"
     command: ClassVar[str] = "metareg train"
     data: DataConfig = field(default_factory=DataConfig)

@@ -88,15 +88,34 @@ def _images(x: Tensor, shape: tuple[int, ...], what: str, device: torch.device, 
 
 
 class Predictor:
-    """A model adapted to one task: ``predict(query_x)`` -> class probabilities ``[N, way]`` (or,
-    for regression, the outputs). ``samples=S`` averages S passes with the perturbation's noise
-    drawn (the papers' query pass is deterministic: the default)."""
+    """A model adapted to one task, as :meth:`FewShotModel.adapt` returns it:
+    ``predict(query_x)`` -> class probabilities ``[N, way]`` (or, for regression, the outputs).
+
+    Args:
+        learner: the meta-trained learner.
+        params: the adapted parameters.
+        input_shape: the shape of one input.
+        seed: fixes the noise of ``predict(..., samples=S)``.
+    """
 
     def __init__(self, learner: BilevelLearner, params: Params, input_shape: tuple[int, ...], seed: int):
         self.learner, self.params, self.input_shape, self.seed = learner, params, input_shape, seed
 
     @torch.no_grad()
     def predict(self, query_x: Tensor, *, samples: int | None = None) -> Tensor:
+        """Class probabilities (or regression outputs) of the adapted model.
+
+        Args:
+            query_x: ``[N, C, H, W]`` images, floats in [0, 1] or ``uint8`` (regression: ``[N, 1]``).
+            samples: average S passes with the perturbation's noise drawn (default: one
+                deterministic pass, the papers' query pass).
+
+        Returns:
+            ``[N, way]`` probabilities (rows sum to 1), or ``[N, 1]`` regression outputs.
+
+        Raises:
+            metareg.errors.ConfigError: inputs of the wrong shape, type or range (one line).
+        """
         device, dtype = self.learner_device()
         x = _images(query_x, self.input_shape, "query_x", device, dtype)
         if samples is not None and samples < 1:
@@ -120,7 +139,22 @@ class Predictor:
 
 
 class FewShotModel:
-    """A meta-trained learner and its config: ``adapt(support_x, support_y)`` -> :class:`Predictor`."""
+    """A meta-trained learner and its config, as :func:`metareg.load` returns it for a
+    meta-training run: ``adapt(support_x, support_y)`` -> :class:`Predictor`.
+
+    Args:
+        learner: the meta-trained learner.
+        config: the config it was trained with (its data set fixes ``way`` and ``input_shape``).
+
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        model = metareg.load("builtin:omniglot-20w1s-cpu", device="cpu")
+        print(model, model.way, model.input_shape)
+        ```
+    """
 
     def __init__(self, learner: BilevelLearner, config: Config):
         self.learner, self.config = learner.eval(), config
@@ -143,10 +177,23 @@ class FewShotModel:
         samples: int | None = None,
         seed: int = 0,
     ) -> Predictor:
-        """Adapt to a support set (``[N, C, H, W]`` images and labels ``0..way-1``, or regression
-        inputs ``[N, 1]`` and targets ``[N, 1]``) with the meta-test inner loop: ``steps`` inner
-        steps and ``samples`` noise samples per step (defaults: the run's ``inner.eval_steps`` and
-        ``inner.eval_mc_samples``); ``seed`` fixes the noise."""
+        """Adapt to a support set with the meta-test inner loop.
+
+        Args:
+            support_x: ``[N, C, H, W]`` images (floats in [0, 1] or ``uint8``) at the model's
+                ``input_shape``, or regression inputs ``[N, 1]``.
+            support_y: labels ``0..way-1`` (``[N]``), or regression targets ``[N, 1]``.
+            steps: inner steps (default: the run's ``inner.eval_steps``).
+            samples: noise samples per inner step (default: the run's ``inner.eval_mc_samples``).
+            seed: fixes the noise.
+
+        Returns:
+            The adapted model; its ``predict(query_x)`` gives probabilities.
+
+        Raises:
+            metareg.errors.ConfigError: inputs of the wrong shape, type or range, or labels
+                outside ``0..way-1`` (one line).
+        """
         reference = next(self.learner.parameters())
         device, dtype = reference.device, reference.dtype
         x = _images(support_x, self.input_shape, "support_x", device, dtype)
@@ -175,9 +222,16 @@ class FewShotModel:
 
 
 class Classifier:
-    """A network trained ordinarily on a target data set (a transfer run): ``predict(images)`` ->
-    class probabilities, averaged over ``samples`` noise draws where its perturbation samples at
-    test time (MetaPerturb), with batch norm on its running statistics."""
+    """A network trained ordinarily on a target data set, as :func:`metareg.load` returns it for a
+    transfer run (``metareg perturb transfer``, MetaPerturb's Algorithm 2): ``predict(images)`` ->
+    class probabilities, averaged over noise draws where its perturbation samples at test time
+    (MetaPerturb), with batch norm on its running statistics.
+
+    Args:
+        model: the trained network with its perturbation slots.
+        config: the run's config.
+        device: where to predict.
+    """
 
     def __init__(self, model: nn.Module, config: TransferConfig, device: torch.device):
         self.model, self.config, self.device = model.to(device), config, device
@@ -186,6 +240,17 @@ class Classifier:
         self.input_shape = (3, size, size)
 
     def predict(self, images: Tensor, *, samples: int | None = None, seed: int = 0) -> Tensor:
+        """Class probabilities of ``images``.
+
+        Args:
+            images: ``[N, 1 or 3, H, W]`` at the run's image size, floats in [0, 1].
+            samples: Monte-Carlo samples where the perturbation samples at test time (default:
+                the run's ``perturb.mc_samples``).
+            seed: fixes the noise.
+
+        Returns:
+            ``[N, classes]`` probabilities.
+        """
         samples = samples or (self.config.perturb.mc_samples if self.sample_at_test else 1)
         if images.dim() != 4 or images.shape[2:] != self.input_shape[1:] or images.shape[1] not in (1, 3):
             raise ConfigError(f"images must have shape [N, 1 or 3, {self.input_shape[1]}, {self.input_shape[2]}]")
@@ -204,10 +269,33 @@ class Classifier:
 
 
 def load(spec: str | Path, *, device: str | torch.device | None = None) -> FewShotModel | Classifier:
-    """A trained model from a run folder (or its ``checkpoint.json``) or a built-in checkpoint
-    (``"builtin:NAME"``, see ``metareg checkpoints``), on ``device`` (default: a GPU if there is one).
+    """A trained model from a run folder (or its ``checkpoint.json``) or a built-in checkpoint.
 
-    A meta-training run gives a :class:`FewShotModel`; a transfer run a :class:`Classifier`."""
+    Args:
+        spec: a run folder of ``metareg train`` or ``metareg perturb transfer``, its
+            ``checkpoint.json``, or ``"builtin:NAME"`` (see ``metareg checkpoints``).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (default: a GPU if there is one).
+
+    Returns:
+        A :class:`FewShotModel` for a meta-training run, a :class:`Classifier` for a transfer run.
+
+    Raises:
+        metareg.errors.ConfigError: a run of another kind (a meta-trained perturbation: load it
+            with :func:`metareg.load_phi`), or no run at ``spec``.
+        metareg.errors.CheckpointError: a corrupt, foreign or tampered checkpoint.
+
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        model = metareg.load("builtin:omniglot-20w1s-cpu", device="cpu")   # 20-way 1-shot Omniglot
+        support_x = torch.rand(20, 1, 28, 28)            # one image of each of 20 new characters
+        predictor = model.adapt(support_x, torch.arange(20))
+        probabilities = predictor.predict(torch.rand(5, 1, 28, 28))
+        print(probabilities.shape, probabilities.argmax(1))
+        ```
+    """
     path = resolve_builtin(spec)
     kind, config = read_run(path)
     target = resolve_device(str(device) if device is not None else "auto")

@@ -11,11 +11,28 @@ from torch import Tensor
 
 @dataclass
 class TaskBatch:
-    """B tasks stacked on a leading dimension.
+    """B tasks stacked on a leading dimension: what :meth:`~metareg.BilevelLearner.meta_backward`
+    consumes and what the data sets' ``sample(num_tasks, generator)`` returns.
 
     Classification: ``support_x`` is ``[B, way*shot, C, H, W]`` float in [0, 1], ``support_y`` is
-    ``[B, way*shot]`` long in ``0..way-1`` (labels shuffled per task). Regression: ``x`` is
-    ``[B, n, 1]`` and ``y`` is ``[B, n, 1]`` float.
+    ``[B, way*shot]`` long in ``0..way-1`` (labels shuffled per task); the query set likewise.
+    Regression: ``x`` is ``[B, n, 1]`` and ``y`` is ``[B, n, 1]`` float.
+
+    Args:
+        support_x: the support (inner-loop training) inputs.
+        support_y: their labels or targets.
+        query_x: the query (outer-loop test) inputs.
+        query_y: their labels or targets.
+
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        x = torch.linspace(-5, 5, 20).reshape(2, 10, 1)            # 2 regression tasks of 10 points
+        batch = metareg.TaskBatch(x[:, :5], x[:, :5].sin(), x[:, 5:], x[:, 5:].sin())
+        assert batch.num_tasks == 2
+        ```
     """
 
     support_x: Tensor

@@ -25,11 +25,25 @@ if TYPE_CHECKING:
 
 @dataclass
 class EvalResult:
-    """Per-episode scores on a described protocol; two results compare only when measured on the
-    same episodes under the same test conditions (see ``metareg.runs.episodic.compare``).
-    ``calibration`` (classification): ``nll`` (mean over episodes of the query predictions' mean
-    negative log-likelihood), ``episode_nll`` (per episode), ``ece`` and ``reliability`` (15 bins,
-    over all query predictions)."""
+    """Per-episode scores on a described protocol, as :func:`~metareg.evaluate` returns them; two
+    results compare only when measured on the same episodes under the same test conditions.
+
+    Args:
+        scores: ``[episodes]``, accuracy in [0, 1] or MSE.
+        protocol: how they were measured (data set, split, way, shot, episodes, seed, samples...).
+        calibration: classification only: ``nll`` (mean over episodes of the query predictions'
+            mean negative log-likelihood), ``episode_nll`` (per episode), ``ece`` and
+            ``reliability`` (15 bins, over all query predictions).
+
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        result = metareg.EvalResult(torch.tensor([0.8, 0.9, 1.0]), {"episodes": 3})
+        print(result.estimate.format(100), result.to_dict()["mean"])
+        ```
+    """
 
     scores: Tensor  # [episodes], accuracy in [0, 1] or MSE
     protocol: dict[str, Any] = field(default_factory=dict)
@@ -99,13 +113,48 @@ def evaluate(
     attack: Any = None,
     world: World | None = None,
 ) -> EvalResult:
-    """Adapt to each episode's support set and score its query set. Perturbation noise is drawn
-    from torch's global generator seeded by (``seed``, the episode's index) inside a forked RNG scope,
-    so evaluation is reproducible, an episode's score does not depend on the others, and the
-    caller's random state is untouched. Under torchrun (``world``) each process scores its block of
-    episodes and the scores are gathered: the same per-episode scores as one process. A model whose
-    outputs are not finite (diverged weights) is refused with a
-    :class:`~metareg.errors.DivergenceError` rather than scored."""
+    """Meta-test: adapt to each episode's support set and score its query set.
+
+    Perturbation noise is drawn from torch's global generator seeded by (``seed``, the episode's
+    index) inside a forked RNG scope, so evaluation is reproducible, an episode's score does not
+    depend on the others, and the caller's random state is untouched. Under torchrun (``world``)
+    each process scores its block of episodes and the scores are gathered: the same per-episode
+    scores as one process.
+
+    Args:
+        learner: the meta-trained learner.
+        source: the test task source (e.g. ``metareg.build_source(config, "test")``).
+        episodes: how many episodes (the papers: 1000).
+        seed: fixes the episode stream: episode i is the same for every model tested with it.
+        tasks_per_batch: episodes adapted per batch (does not change the episodes).
+        device: where to run.
+        dtype: the floating-point type of the images.
+        steps: inner steps (default: the learner's ``eval_inner_steps``).
+        samples: noise samples per inner step (default: the learner's ``eval_mc_samples``).
+        progress: show a progress bar.
+        desc: the progress bar's label.
+        protocol: extra entries for the result's protocol.
+        attack: score attacked query images (``metareg.evaluate.adversarial``).
+        world: the torchrun process group (default: one process).
+
+    Returns:
+        The per-episode scores with their protocol and, for classification, calibration.
+
+    Raises:
+        metareg.errors.DivergenceError: the model's outputs are not finite (diverged weights).
+
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        config = metareg.Config.from_dict({"data": {"way": 5, "shot": 1, "query": 5}})   # built-in glyphs
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 5))
+        learner = metareg.MAML(net, lr=0.4, steps=1)
+        result = metareg.evaluate(learner, metareg.build_source(config, "test"), episodes=20, seed=1234, progress=False)
+        print(result.estimate.format(100), "% (mean +- 95% CI over 20 episodes)")
+        ```
+    """
     source = on_device(source, device)  # on a GPU the images move there once
     world = world or World(device=torch.device(device))
     mine = world.block(episodes)

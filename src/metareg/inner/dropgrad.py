@@ -31,11 +31,37 @@ PAPER_GROUPS = {"fc": "head", "last-block+fc": "last-block+head"}
 
 
 class DropGrad(GradientTransform):
-    """DropGrad: each inner gradient element times ``Bernoulli(1 - p) / (1 - p)`` (``kind="binary"``)
-    or ``N(1, p / (1 - p))`` (``"gaussian"``) noise, fresh at every inner step, while meta-training
-    only; ``layers`` selects the parameters (patterns or layer groups such as ``fc``).
+    """DropGrad (Eq. 4-6): each inner gradient element times ``Bernoulli(1 - p) / (1 - p)``
+    (``kind="binary"``) or ``N(1, p / (1 - p))`` (``"gaussian"``) noise, fresh at every inner step,
+    while meta-training only (in eval mode the gradients pass unchanged).
 
-    Example: ``metareg.MAML(net, transforms=[{"name": "dropgrad", "kind": "gaussian", "p": 0.1}])``.
+    Usually built by name inside an inner rule, as ``{"name": "dropgrad", **options}``; the
+    learner passes ``fast_params`` and ``groups``.
+
+    Args:
+        fast_params: the fast weights (name -> tensor) the rule is built for.
+        p: the drop rate; both noises have mean 1 and variance p / (1 - p).
+        kind: ``binary`` (Eq. 5) or ``gaussian`` (Eq. 6).
+        schedule: ``constant`` (the paper) or ``linear`` (p ramps up from 0 over meta-training; an
+            extension).
+        layers: the parameters it touches: glob patterns or the backbone's layer groups (``fc`` is
+            ``head``, ``last-block+fc``, ``first-block``, ``full``).
+        groups: the backbone's layer groups (given by the learner).
+
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        dropgrad = {"name": "dropgrad", "kind": "binary", "p": 0.5, "layers": ["1.weight"]}
+        learner = metareg.MAML(net, transforms=[dropgrad])
+        dropgrad = learner.inner.transforms[0]
+        grads = {"1.weight": torch.ones(3, 4), "1.bias": torch.ones(3)}
+        noisy, _ = dropgrad.update(grads, None, step=0)
+        assert set(noisy["1.weight"].unique().tolist()) <= {0.0, 2.0}   # dropped, or kept and scaled by 1 / (1 - p)
+        assert torch.equal(noisy["1.bias"], grads["1.bias"])              # not selected: unchanged
+        ```
     """
 
     def __init__(

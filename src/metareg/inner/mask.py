@@ -35,12 +35,34 @@ def _gumbel(shape: torch.Size, like: Tensor) -> Tensor:
 
 
 class SubspaceMask(GradientTransform):
-    """MT-net's subspace mask (thesis Eq. 3.9): per task, a binary mask over the rows (``per="row"``)
-    or the weights (``per="weight"``, the "-full" variant) of the chosen layers is sampled from
-    meta-learned logits with the straight-through Gumbel-softmax at ``temperature``; the inner
-    gradients are multiplied by it, so only the masked subspace adapts.
+    """MT-net's subspace mask (thesis Eq. 3.6-3.9): per task, a binary mask over the rows
+    (``per="row"``) or the weights (``per="weight"``, the "-full" variant) of the chosen layers is
+    sampled from meta-learned logits zeta with the straight-through Gumbel-softmax at
+    ``temperature``; the inner gradients are multiplied by it, so only the masked subspace adapts.
 
-    Example: ``InnerRule("sgd", 0.01, transforms=[{"name": "subspace-mask", "per": "row"}])``.
+    Usually built by name inside an inner rule, as ``{"name": "subspace-mask", **options}``.
+
+    Args:
+        fast_params: the fast weights (name -> tensor) the rule is built for.
+        layers: the masked parameters (glob patterns or layer groups); a masked row's bias shares
+            its mask.
+        per: ``row`` (one logit per output unit: M-net / MT-net) or ``weight`` (one per weight:
+            "-full").
+        temperature: the Gumbel-softmax temperature c of Eq. 3.9.
+        init: the logits' initial value (0: every row is updated with probability 1/2).
+        groups: the backbone's layer groups (given by the learner).
+
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        net = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 1))
+        learner = metareg.MAML(net, lr=0.01, steps=1, task="regression",
+                               transforms=[{"name": "subspace-mask", "per": "row"}])
+        mask = learner.inner.transforms[0]
+        print(mask.update_fractions())   # per layer: the probability that a row is updated
+        ```
     """
 
     def __init__(

@@ -71,14 +71,29 @@ def build_inner_rule(
 
 @dataclass(frozen=True)
 class InnerRule:
-    """An inner update rule not built yet: its ``step`` (``sgd``, ``meta-sgd``, ``per-step``),
-    step size ``lr`` and ``transforms`` (``{"name": ..., **options}`` applied before the step). A
-    :class:`~metareg.meta.BilevelLearner` builds it for the fast weights it selects (one selection),
-    with the inner step count and the backbone's layer groups.
+    """An inner update rule not built yet: the step that turns gradients into updates, its step
+    size and the gradient transforms applied before it. A :class:`~metareg.BilevelLearner` builds
+    it for the fast weights it selects (one selection), with the inner step count and the
+    backbone's layer groups.
 
-    Example::
+    Args:
+        step: ``sgd`` (MAML: ``-lr * g``), ``meta-sgd`` (a meta-learned step size per weight,
+            starting at ``lr``) or ``per-step`` (MAML++'s meta-learned step size per inner step
+            and parameter tensor).
+        lr: the step size (the initial one for the learned steps).
+        transforms: ``{"name": ..., **options}`` applied in order before the step: ``dropgrad``
+            (:class:`~metareg.DropGrad`), ``subspace-mask`` (:class:`~metareg.SubspaceMask`).
 
-        rule = InnerRule("meta-sgd", lr=0.01, transforms=[{"name": "dropgrad", "kind": "gaussian", "p": 0.1}])
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        rule = metareg.InnerRule("meta-sgd", lr=0.01, transforms=[{"name": "dropgrad", "kind": "gaussian", "p": 0.1}])
+        net = torch.nn.Linear(3, 2)
+        learner = metareg.BilevelLearner(net, rule, inner_steps=1)   # built for net's fast weights
+        print(learner.inner)
+        ```
     """
 
     step: str = "sgd"

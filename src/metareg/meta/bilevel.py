@@ -87,30 +87,48 @@ def _check_first_order(model: nn.Module) -> None:
 class BilevelLearner(nn.Module):
     """MAML / Meta-SGD with pluggable feature perturbations and inner update rules, around any model.
 
+    For each task of a :class:`~metareg.TaskBatch`: ``inner_steps`` steps of the inner rule on the
+    support set (the perturbations sampling), then the query loss of the adapted weights (the
+    perturbations at their mean), differentiated with respect to every meta-parameter.
+
     Args:
         model: any ``nn.Module``. ``sample=`` (draw the perturbations' noise, or use their mean) is
             passed only if its ``forward`` takes it: the built-in backbones and a model wrapped by
-            :func:`metareg.perturb.attach` do.
-        inner: the inner update rule: an :class:`~metareg.inner.InnerRule` (built here for the fast
+            :func:`metareg.attach` do.
+        inner: the inner update rule: an :class:`~metareg.InnerRule` (built here for the fast
             weights this learner selects, with the backbone's layer groups), or an already built
-            :class:`~metareg.inner.GradientTransform`, which must have been built for exactly those
-            fast weights.
+            ``GradientTransform``, which must have been built for exactly those fast weights.
         loss: ``loss(outputs, targets)`` of the inner and outer loops (default: cross-entropy for
             ``task="classification"``, mean squared error for ``"regression"``).
         score: ``score(outputs, targets)`` reported per task (default: accuracy, or MSE).
         task: what the outputs are; also decides whether meta-tests report calibration.
-        inner_steps / eval_inner_steps: inner steps while meta-training / at meta-test time.
+        inner_steps: inner steps while meta-training.
+        eval_inner_steps: inner steps at meta-test time (default: ``inner_steps``).
         first_order: drop the second-order terms (the inner gradients are constants).
         fast: which parameters adapt in the inner loop (glob patterns or the backbone's layer
             groups, :mod:`metareg.selection`); the others are meta-only.
-        mc_samples / eval_mc_samples: Monte-Carlo samples of the perturbations per inner step.
+        mc_samples: Monte-Carlo samples of the perturbations per inner step while meta-training.
+        eval_mc_samples: the same at meta-test time (Meta-Dropout's S = 30).
         strategy: ``loop`` (tasks one after the other) or ``vmap`` (batched over tasks).
         mc_batch: run the S Monte-Carlo samples as one stacked pass.
 
-    Example::
+    Raises:
+        metareg.errors.ConfigError: an impossible setting (in one line), e.g. an inner rule built
+            for other fast weights, or first order with a perturbation that has parameters.
 
-        learner = BilevelLearner(my_cnn, InnerRule("sgd", lr=0.4), inner_steps=5)
-        learner.meta_backward(batch)  # second-order meta-gradient into .grad
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        learner = metareg.BilevelLearner(net, metareg.InnerRule("sgd", lr=0.4), inner_steps=2)
+        support, query = torch.rand(2, 6, 1, 2, 2), torch.rand(2, 9, 1, 2, 2)
+        labels = torch.arange(3).repeat(2, 2)
+        batch = metareg.TaskBatch(support, labels, query, labels.repeat(1, 3)[:, :9])
+        metrics = learner.meta_backward(batch)  # second-order meta-gradient into .grad
+        assert net[1].weight.grad is not None and set(metrics) == {"loss", "score"}
+        ```
     """
 
     def __init__(
@@ -412,13 +430,29 @@ def _accuracy(out: Tensor, y: Tensor) -> Tensor:
 class MAML(BilevelLearner):
     """MAML (Finn et al. 2017) around any model: ``steps`` inner SGD steps of size ``lr`` on the
     support set, the query loss differentiated through them (second order unless ``first_order``).
-    ``transforms`` go before the step (e.g. DropGrad); ``options`` are :class:`BilevelLearner`'s.
 
-    Example::
+    Args:
+        model: any ``nn.Module`` (see :class:`BilevelLearner`).
+        lr: the inner step size alpha.
+        steps: inner steps K while meta-training.
+        transforms (list[dict]): gradient transforms applied before the step, each
+            ``{"name": ..., **options}`` (e.g. DropGrad, the MT-net mask; see :class:`~metareg.InnerRule`).
+        **options (Any): the keyword arguments of :class:`BilevelLearner` (``fast``, ``first_order``,
+            ``loss``, ``mc_samples``, ...).
 
-        learner = metareg.MAML(my_cnn, lr=0.4, steps=5)
-        learner.meta_backward(batch)
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 5))   # any nn.Module
+        learner = metareg.MAML(net, lr=0.4, steps=5, transforms=[{"name": "dropgrad", "p": 0.1}])
+        optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+        tasks = metareg.build_source(metareg.Config(), "train")       # 5-way 1-shot built-in glyphs
+        metrics = learner.meta_backward(tasks.sample(4, torch.Generator().manual_seed(0)))
         optimizer.step()
+        print(f"query loss {metrics['loss']:.2f}, accuracy {metrics['score']:.2f}")
+        ```
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.4, steps: int = 5, *, transforms=(), **options) -> None:
@@ -427,7 +461,26 @@ class MAML(BilevelLearner):
 
 class MetaSGD(BilevelLearner):
     """Meta-SGD (Li et al. 2017): MAML whose step size is a meta-learned tensor per fast weight,
-    starting at ``lr`` everywhere (the step sizes are parameters of the learner)."""
+    starting at ``lr`` everywhere (the step sizes are parameters of the learner).
+
+    Args:
+        model: any ``nn.Module`` (see :class:`BilevelLearner`).
+        lr: the initial value of every step size.
+        steps: inner steps K while meta-training.
+        transforms (list[dict]): gradient transforms applied before the step (see :class:`MAML`).
+        **options (Any): the keyword arguments of :class:`BilevelLearner`.
+
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        net = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 1))
+        learner = metareg.MetaSGD(net, lr=0.01, steps=1, task="regression")
+        step_sizes = sum(p.numel() for p in learner.inner.parameters())   # meta-learned, one per weight
+        assert step_sizes == sum(p.numel() for p in net.parameters())
+        ```
+    """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, steps: int = 1, *, transforms=(), **options) -> None:
         super().__init__(model, InnerRule("meta-sgd", lr, tuple(transforms)), inner_steps=steps, **options)

@@ -80,17 +80,47 @@ def tie_parameters(network: nn.Module, reference: nn.Module, names: Sequence[str
 
 
 class JointLearner(nn.Module):
-    """The task networks of ``task_ids`` (out of ``num_tasks``) and the perturbation phi they share.
+    """MetaPerturb's joint scheme (Algorithm 1, Eq. 3): the task networks of ``task_ids`` (out of
+    ``num_tasks``) and the perturbation phi they share.
 
-    ``build(t)`` returns task t's network, freshly initialized with its perturbation slots (the
-    caller seeds it by t, so every process builds the same theta_t); the perturbation parameters of
-    networks 2..T are then tied to those of the first, so phi is one set of parameters that every
-    task trains. Batches are ``x [T_local, B, C, H, W]`` and ``y [T_local, B]``, task-major in the
-    order of ``task_ids``. ``sample=False`` uses the perturbation's deterministic mean (gradient checks).
+    The perturbation parameters of networks 2..T are tied to those of the first, so phi is one set
+    of parameters that every task trains. Batches are ``x [T_local, B, C, H, W]`` and
+    ``y [T_local, B]``, task-major in the order of ``task_ids``. Tasks may have different numbers of
+    classes (64 classes in 10 tasks): every network then outputs the largest number, and
+    ``classes[i]`` (task ``task_ids[i]``'s count) masks the others to -inf, which is exactly a
+    ``classes[i]``-way softmax, and lets ``vmap`` stack the networks.
 
-    Tasks may have different numbers of classes (64 classes in 10 tasks): every network then
-    outputs the largest number, and ``classes[i]`` (task ``task_ids[i]``'s count) masks the others
-    to -inf, which is exactly a ``classes[i]``-way softmax, and lets ``vmap`` stack the networks.
+    Args:
+        build: ``build(t)`` returns task t's network, freshly initialized with its perturbation
+            slots (the caller seeds it by t, so every process builds the same theta_t).
+        task_ids: the tasks this process trains (all of them in one process).
+        num_tasks: T, the number of source tasks.
+        input_shape: the shape of one image.
+        strategy: ``loop`` (tasks one after the other) or ``vmap`` (batched).
+        classes: each local task's number of classes (default: all the same).
+        sample: draw the perturbation's noise (``False``: its deterministic mean, for gradient
+            checks).
+
+    Raises:
+        metareg.errors.ConfigError: a perturbation without parameters, or bad task ids (one line).
+
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        def build(t):
+            torch.manual_seed(t)
+            phi = metareg.build_perturbation("metaperturb", {"phi": "learned"})
+            return metareg.create_model("conv4", 5, in_channels=3, image_size=16, channels=8, standard=True,
+                                        perturbation=phi)
+
+        joint = metareg.JointLearner(build, task_ids=[0, 1], num_tasks=2, input_shape=(3, 16, 16))
+        x, y = torch.rand(2, 8, 3, 16, 16), torch.randint(0, 5, (2, 8))
+        joint.theta_backward(x, y, seed=0, step=0)      # Eq. 3, second term: theta_t's gradients
+        joint.phi_backward(x, y, seed=0, step=0)        # first term: phi's gradient (pass test-split images)
+        print(sum(p.numel() for p in joint.phi_parameters()))   # 82, shared by both networks
+        ```
     """
 
     def __init__(

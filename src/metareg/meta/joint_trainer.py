@@ -125,15 +125,15 @@ class JointTrainer(CheckpointedTrainer):
             return self.learner.probe_losses(x.to(self.world.device), y.to(self.world.device)).sum()
 
     def run(self, resume_log: bool = False) -> None:
-        loop = self.step_loop(
+        self.run_steps(
             COLUMNS,
+            resume_log=resume_log,
             shown=("train_loss", "test_loss", "test_accuracy"),
             per_step=2 * self.batch_size * self.learner.num_tasks,
             desc="meta-train phi",
             hint="lower train.lr or set perturb.clip",
             rate_column="images_per_s",
         )
-        self.finished = loop.run(self.train_step, self, resume_log=resume_log)
 
     # ----------------------------------------------------------------------------- persistence
     def _task_tensors(self) -> dict[str, Tensor]:

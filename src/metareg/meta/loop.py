@@ -271,10 +271,18 @@ class CheckpointedTrainer:
         both = self.world.all_reduce_sum(torch.stack([bad.double(), loss.to(bad.device)]))
         return checkpoint_problem(int(both[0].item()), both[1].item())
 
-    def step_loop(self, columns: Sequence[str], **options: Any) -> StepLoop:
-        """The :class:`StepLoop` of this run (``options``: its display, throughput and evaluation settings)."""
+    def run_steps(
+        self,
+        columns: Sequence[str],
+        *,
+        evaluate: Callable[[], dict[str, float]] | None = None,
+        resume_log: bool = False,
+        **options: Any,
+    ) -> bool:
+        """Run the :class:`StepLoop` of this run from :attr:`step` to :attr:`total` (``options``: its
+        display, throughput and evaluation settings); sets and returns :attr:`finished`."""
         world = self.world
-        return StepLoop(
+        loop = StepLoop(
             self.out,
             self.total,
             self.log_every,
@@ -290,6 +298,11 @@ class CheckpointedTrainer:
             ),
             **options,
         )
+        self.finished = loop.run(self.train_step, self, evaluate=evaluate, resume_log=resume_log)
+        return self.finished
+
+    def train_step(self, step: int) -> dict[str, Tensor]:
+        raise NotImplementedError
 
 
 def checked_step(meta: dict[str, Any], out: Path) -> int:

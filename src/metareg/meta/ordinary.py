@@ -205,17 +205,16 @@ class TransferTrainer(CheckpointedTrainer):
         # meters them)
         blocks = sorted(m.index for m in self.model.modules() if isinstance(m, MetaPerturb))
         columns = COLUMNS[:-2] + [f"z{i}" for i in blocks] + [f"s{i}" for i in blocks] + COLUMNS[-2:]
-        loop = self.step_loop(
+        self.run_steps(
             columns,
+            evaluate=evaluate if self.eval_every else None,
+            resume_log=resume_log,
             eval_every=self.eval_every,
             shown=("loss", "accuracy", "test_accuracy"),
             per_step=self.batch_size,
             desc="train",
             hint="lower train.lr",
             rate_column="images_per_s",
-        )
-        self.finished = loop.run(
-            self.train_step, self, evaluate=evaluate if self.eval_every else None, resume_log=resume_log
         )
 
     # ----------------------------------------------------------------------------- persistence

@@ -162,16 +162,15 @@ class MetaTrainer(CheckpointedTrainer):
             self.last_val = self.validate(self.learner)
             return {"val_score": self.last_val[0], "val_ci95": self.last_val[1]}
 
-        loop = self.step_loop(
+        self.run_steps(
             COLUMNS,
+            evaluate=validate if self.validate is not None else None,
+            resume_log=resume_log,
             eval_every=self.val_every,
             shown=("loss", "score", "val_score"),
             per_step=self.meta_batch,
             desc="meta-train",
             hint="lower train.lr or inner.lr, or set train.clip",
             rate_column="tasks_per_s",
-        )
-        self.finished = loop.run(
-            self.train_step, self, evaluate=validate if self.validate is not None else None, resume_log=resume_log
         )
         return {"step": self.step, "seconds": self.seconds, "last_val": self.last_val}

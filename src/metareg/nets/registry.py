@@ -42,7 +42,18 @@ def register_backbone(
 
 
 def available() -> list[str]:
-    """The names of the registered backbones (``metareg.list_models()``), sorted."""
+    """The names of the registered backbones, sorted.
+
+    Returns:
+        The names :func:`create_model` takes (``conv4``, ``resnet20``, ...).
+
+    Examples:
+        ```python
+        import metareg
+
+        print(metareg.list_models())
+        ```
+    """
     return sorted(_BACKBONES)
 
 
@@ -62,11 +73,39 @@ def create_model(
     standard: bool = False,
     **options: Any,
 ) -> nn.Module:
-    """Build backbone ``name`` with ``perturbation`` in its slots. ``standard=True``: its ordinarily
-    trained form (running batch-norm statistics...), the options given still win. ``options`` go to
-    its constructor (``channels``, ``strided``, ``pool``, ``running_stats``, ``init`` for the conv
-    nets; ``hidden`` for the MLP; ``blocks``, ``widths``, ``stem``, ``shortcut`` for the ResNets;
-    ``depth``, ``widen`` for the WRN)."""
+    """Build a backbone with a perturbation in its slots (every conv or residual block and the
+    output layer has one).
+
+    Args:
+        name: one of :func:`list_models` (``conv4``, ``conv6``, ``vgg9``, ``mlp``,
+            ``resnet20/32/44/56``, ``resnet18``, ``wrn-28-2``).
+        num_outputs: classes (or regression outputs).
+        in_channels: image channels.
+        image_size: image side in pixels.
+        perturbation: a factory from :func:`build_perturbation` (default: none).
+        standard: the ordinarily trained form (running batch-norm statistics, He init) instead
+            of the episodic one; options given still win.
+        **options: the backbone's own: ``channels``, ``strided``, ``pool``, ``running_stats``,
+            ``init`` for the conv nets; ``hidden`` for the MLP; ``blocks``, ``widths``, ``stem``,
+            ``shortcut`` for the ResNets; ``depth``, ``widen`` for the WRN.
+
+    Returns:
+        The network: ``forward(x, sample=...)``, ``layer_groups()`` (``first-block``,
+        ``last-block``, ``head``) and ``perturbation_points`` (for :func:`attach`).
+
+    Raises:
+        metareg.errors.ConfigError: an unknown backbone or options it does not take (one line).
+
+    Examples:
+        ```python
+        import torch
+        import metareg
+
+        net = metareg.create_model("conv4", 5, in_channels=1, image_size=28, channels=32,
+                                   perturbation=metareg.build_perturbation("meta-dropout"))
+        print(net(torch.rand(2, 1, 28, 28), sample=True).shape)   # [2, 5]
+        ```
+    """
     backbone = get_backbone(name)
     options = (backbone.standard if standard else {}) | options
     if "hidden" in options:

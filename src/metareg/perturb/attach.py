@@ -183,11 +183,47 @@ def attach(
     running_stats: bool = True,
     own: bool = True,
 ) -> Perturbed:
-    """Perturb the output of every module matched by ``at`` (default: the model's
-    ``perturbation_points``) with slots from ``perturbation`` (a factory from
-    :func:`metareg.perturb.build_perturbation`). ``running_stats``: the model is trained ordinarily
-    (its perturbations may keep running statistics for eval mode). ``own=False``: the factory's
-    shared function is owned elsewhere (not saved with this wrapper)."""
+    """Put a registered perturbation into your own network: the output of every module matched
+    by ``at`` is replaced by ``slot(output, module_input, sample=...)`` through a forward hook.
+
+    Your model is untouched; the slots (one per matched module) and the factory's shared function
+    are submodules of the returned wrapper, so ``state_dict``, ``.to()`` and
+    ``torch.func.functional_call`` see them; ``wrapper.detach()`` gives the bare model back.
+
+    Args:
+        model: any ``nn.Module`` whose chosen modules output feature maps ``[B, C, H, W]`` (or
+            features ``[B, F]``).
+        perturbation: a factory from :func:`metareg.build_perturbation`.
+        at: module names or glob patterns (``"layer*.*.bn2"``); default: the model's
+            ``perturbation_points``.
+        input_shape: the shape of one input: a forward pass of zeros measures each layer.
+        running_stats: the model is trained ordinarily (its perturbations may keep running
+            statistics for eval mode); ``False`` for episodic (MAML-style) training.
+        own: ``False``: the factory's shared function is owned elsewhere (not saved with this
+            wrapper).
+
+    Returns:
+        The wrapper, called as ``wrapper(x, sample=True|False)`` (left out: sample while
+        training, the mean in eval mode, except perturbations that sample at test time too).
+
+    Raises:
+        metareg.errors.ConfigError: ``at`` matches no module, or a module whose output the
+            perturbation cannot take (one line).
+
+    Examples:
+        ```python
+        import torch
+        from torch import nn
+        import metareg
+
+        cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(8 * 28 * 28, 5))
+        net = metareg.attach(cnn, metareg.build_perturbation("meta-dropout"), at=["0", "2"], input_shape=(1, 28, 28),
+                             running_stats=False)
+        x = torch.rand(4, 1, 28, 28)
+        assert not torch.equal(net(x, sample=True), net(x, sample=False))   # noise drawn vs its mean
+        ```
+    """
     if isinstance(model, Perturbed):
         raise ConfigError("the model already has perturbations attached; detach() them first")
     if len(input_shape) != 3:
@@ -214,12 +250,56 @@ def attach_metaperturb(
     *,
     own: bool = True,
 ) -> Perturbed:
-    """MetaPerturb with phi ``function`` after the modules ``at``: one slot per layer, all sharing phi."""
+    """MetaPerturb in your own network: one slot after each module of ``at``, all sharing phi.
+
+    Args:
+        model: any ``nn.Module`` whose chosen modules output feature maps ``[B, C, H, W]``.
+        function: phi, e.g. :func:`metareg.load_phi` ``("builtin")`` (frozen) or a fresh
+            ``MetaPerturbFunction`` to meta-learn.
+        at: module names or glob patterns (MetaPerturb perturbs every block's output).
+        input_shape: the shape of one input.
+        own: ``False``: phi is owned elsewhere (not saved with this wrapper).
+
+    Returns:
+        The wrapper (see :func:`attach`).
+
+    Examples:
+        ```python
+        import torch
+        from torch import nn
+        import metareg
+
+        cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        phi = metareg.load_phi("builtin")                          # the shipped 82 parameters, frozen
+        net = metareg.attach_metaperturb(cnn, phi, at=["1"], input_shape=(3, 32, 32))
+        print(net(torch.rand(8, 3, 32, 32), sample=True).shape)   # [8, 10]
+        ```
+    """
     return attach(model, metaperturb_slots(function), at, input_shape, own=own)
 
 
 def set_strength(function: MetaPerturbFunction, strength: float) -> None:
-    """The annealing coefficient c in [0, 1]: h * ((s o z - 1) c + 1)."""
+    """Set MetaPerturb's strength c: every slot computes h * ((s o z - 1) c + 1), so c = 0 is the
+    identity and c = 1 is the paper's Eq. 2; annealed from 0 to 1 over the first 40% of training.
+
+    Args:
+        function: phi.
+        strength: c in [0, 1].
+
+    Raises:
+        metareg.errors.ConfigError: ``strength`` outside [0, 1].
+
+    Examples:
+        ```python
+        import metareg
+
+        phi = metareg.load_phi("builtin")
+        total = 1000
+        for step in (0, 200, 400, 999):
+            metareg.set_strength(phi, min(1.0, step / (0.4 * total)))
+        ```
+    """
     if not 0.0 <= strength <= 1.0:
         raise ConfigError(f"perturbation strength must be in [0, 1], got {strength}")
     function.strength = float(strength)

@@ -68,7 +68,28 @@ def phi_info(spec: str | Path) -> dict[str, Any]:
 
 
 def load_phi(spec: str | Path = "builtin", *, clip: float | None = 100.0) -> MetaPerturbFunction:
-    """The stored phi ``spec`` as a frozen :class:`MetaPerturbFunction` (``requires_grad=False``)."""
+    """A stored MetaPerturb phi, frozen (``requires_grad=False``), verified against its checksums.
+
+    Args:
+        spec: ``"builtin"`` (the phi that ships with metareg), a ``metareg perturb meta-train``
+            run folder, or its ``phi.json``.
+        clip: the upper bound k on the perturbed features (the paper's k = 100; ``None``: none).
+
+    Returns:
+        phi, a ``MetaPerturbFunction`` (82 parameters) for :func:`metareg.attach_metaperturb` or
+        ``build_perturbation("metaperturb", {"phi": spec})``.
+
+    Raises:
+        metareg.errors.CheckpointError: a missing, corrupt or tampered phi.
+
+    Examples:
+        ```python
+        import metareg
+
+        phi = metareg.load_phi("builtin")
+        print(sum(p.numel() for p in phi.parameters()))   # 82
+        ```
+    """
     record = phi_info(spec)
     json_path = Path(record["path"])
     state = verified_tensors(json_path, record)

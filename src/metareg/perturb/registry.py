@@ -27,18 +27,49 @@ register("none")(lambda: identity_factory)
 
 
 def available() -> list[str]:
-    """The names of the registered perturbations (``metareg.list_perturbations()``), sorted."""
+    """The names of the registered perturbations, sorted.
+
+    Returns:
+        The names :func:`build_perturbation` takes (``meta-dropout``, ``metaperturb``, ``none``, ...).
+
+    Examples:
+        ```python
+        import metareg
+
+        print(metareg.list_perturbations())
+        ```
+    """
     return sorted(_REGISTRY)
 
 
 def build_perturbation(name: str, options: dict[str, Any] | None = None) -> PerturbationFactory:
-    """The slot factory of perturbation ``name`` with ``options`` (its keyword arguments): a
-    function ``LayerInfo -> nn.Module`` that every backbone's slots and :func:`metareg.attach` call.
+    """The slot factory of a registered perturbation: a function ``LayerInfo -> nn.Module`` that
+    every backbone's slots and :func:`metareg.attach` call, once per perturbed layer.
 
-    Example::
+    Args:
+        name: one of :func:`list_perturbations`: ``none``, ``meta-dropout`` and its Table 3
+            ablations (``fixed-gaussian``, ``independent-gaussian``, ``weight-gaussian``,
+            ``meta-dropout-deterministic``, ``meta-dropout-learned-variance``), ``metaperturb``,
+            the baselines (``mixup``, ``manifold-mixup``, ``vib``, ``information-dropout``,
+            ``adversarial``, ``dropblock``, ``dropout``, ``spatial-dropout``), ...
+        options: the perturbation's keyword arguments (e.g. ``{"phi": "builtin"}`` for
+            ``metaperturb``, ``{"p": 0.1}`` for ``dropout``).
+
+    Returns:
+        The factory. A factory whose slots share one function (MetaPerturb's phi) holds it in
+        ``factory.shared``.
+
+    Raises:
+        metareg.errors.ConfigError: an unknown name or options it does not take (one line).
+
+    Examples:
+        ```python
+        import metareg
 
         factory = metareg.build_perturbation("meta-dropout")
         model = metareg.create_model("conv4", 5, in_channels=1, image_size=28, perturbation=factory)
+        print(model.perturbation_points)
+        ```
     """
     if name not in _REGISTRY:
         raise ConfigError(f"unknown perturbation {name!r}; available: {', '.join(available())}")

@@ -1,13 +1,8 @@
-"""Transfer runs (``metareg perturb transfer``): ordinary training of any backbone on a target data
-set with a fixed perturbation in its slots (MetaPerturb's Algorithm 2, the meta-test of a phi), or
-none (Base), or fine-tuned from a source network; then the test with Monte-Carlo predictions.
-
-Training follows the released MetaPerturb code: Adam (lr 1e-3, weight decay 5e-4), the learning
-rate times 0.3 at 40%, 70% and 90% of the steps, the perturbation's strength rising linearly from
-0 to 1 over the first 40% (``perturb.anneal``), random crops and flips. Test predictions average
-the softmax over S noise samples (S = 100 at the end, as in the released code) for perturbations
-that sample at test time (MetaPerturb), with batch norm and the perturbation's scale on their
-running statistics; one deterministic pass otherwise.
+"""Transfer runs (``metareg perturb transfer``): a target data set's training and test images, the
+network trained on them with a fixed perturbation in its slots (MetaPerturb's Algorithm 2, the
+meta-test of a phi; the training itself is :mod:`metareg.meta.ordinary`), or none (Base), or
+fine-tuned from a source network; the test with Monte-Carlo predictions, hyperparameter selection
+on a validation split (``--select``) and the paired comparison with Base (``--against-base``).
 """
 
 from __future__ import annotations
