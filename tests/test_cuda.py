@@ -116,7 +116,7 @@ def test_episodes_gathered_on_the_gpu_are_the_cpus():
     from metareg.data import EpisodeSampler
     from test_engine_gpu_paths import rotated_classes
 
-    sampler = EpisodeSampler(rotated_classes(), way=4, shot=2, query=3)
+    sampler = EpisodeSampler(rotated_classes(), way=4, shot=1, query=2)
     on_cpu = sampler.sample(5, torch.Generator().manual_seed(11))
     on_gpu = sampler.to(DEVICE).sample(5, torch.Generator().manual_seed(11))
     assert on_gpu.support_x.device.type == DEVICE
