@@ -79,6 +79,13 @@ def perturbation_factory(p: PerturbConfig, phi: str = "learned") -> Any:
     return build_perturbation(p.name, p.options)
 
 
+def input_size(config: Config) -> int:
+    """The number of values of one input of an episodic config (channels x image side^2; features)."""
+    dataset = get_episodic(config.data.name)
+    side = 1 if dataset.regression else config.data.image_size or dataset.image_size or 1
+    return dataset.channels * side * side
+
+
 def is_regression(config: Config) -> bool:
     return get_episodic(config.data.name).regression
 
@@ -98,10 +105,11 @@ def build_source(config: Config, split: str, *, shot: int | None = None) -> Task
     )
 
 
-def build_learner(config: Config) -> BilevelLearner:
-    """The model with its perturbation slots, the inner rule and the bilevel scheme of ``config``."""
+def build_learner(config: Config, perturbation: Any = None) -> BilevelLearner:
+    """The model with its perturbation slots, the inner rule and the bilevel scheme of ``config``
+    (``perturbation``: the slot factory of ``config.perturb``, if it is built already)."""
     dataset = get_episodic(config.data.name)
-    perturbation = build_perturbation(config.perturb.name, config.perturb.options)
+    perturbation = perturbation or build_perturbation(config.perturb.name, config.perturb.options)
     model = create_model(
         config.model.backbone,
         1 if dataset.regression else config.data.way,
