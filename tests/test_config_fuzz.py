@@ -40,7 +40,9 @@ def _keys(schema: type, where: str = "") -> list[str]:
 
 
 KEYS = sorted({k for schema in SCHEMAS.values() for k in _keys(schema)})
-SETTINGS = settings(derandomize=True, max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    derandomize=True, database=None, max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 leaves = (
     st.none()

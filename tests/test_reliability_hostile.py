@@ -28,7 +28,7 @@ from PIL import Image
 from metareg import builtin, cli, files
 from metareg.checkpoint import load_checkpoint, save_checkpoint
 from metareg.config import TransferConfig, parse_assignment
-from metareg.errors import CheckpointError, DataError
+from metareg.errors import CheckpointError, ConfigError, DataError
 from metareg.runs.common import resolve
 from metareg.runs.episodic import meta_test, save_result, train
 from test_reliability import TINY_FLAGS, assert_one_line, main
@@ -121,6 +121,29 @@ def transferred(tmp_path_factory) -> Path:
         (["--steps", "100000000000000000000"], ["must be <= 9223372036854775807"]),
         (["--set", "data.options={when: 2001-01-01}"], ["date"]),
     ],
+    ids=[
+        "seed-flag-huge",
+        "seed-negative",
+        "eval-seed-negative",
+        "val-episodes-0",
+        "val-episodes-negative",
+        "eval-steps-negative",
+        "eval-shot-0",
+        "channels-negative",
+        "channels-float",
+        "perturb-option-type",
+        "perturb-option-literal",
+        "transform-option-type",
+        "section-scalar",
+        "section-null",
+        "memory-meta-batch",
+        "memory-mc-samples",
+        "memory-channels",
+        "memory-classes",
+        "count-beyond-int64",
+        "steps-flag-beyond-int64",
+        "date-value",
+    ],
 )
 def test_config_numbers_and_counts_are_checked_against_their_meaning(tmp_path, capsys, extra, fragments):
     """Before the fix: tracebacks (ValueError, AttributeError, RuntimeError, the allocator) or runs
@@ -202,7 +225,7 @@ def _step(value):
 def test_edited_checkpoints_with_a_recomputed_checksum_are_one_line(run, capsys, edit, fragment):
     """Before the fix: Adam's step -5 made a complex bias correction (RuntimeError traceback), step
     -7 resumed and logged steps -6 ... 4. Mutations caught: ``optimizer_problem`` not called in
-    ``resume``, ``record_step`` not called in ``read_checkpoint_meta``."""
+    ``resume`` (or accepting negative or fractional counts), ``record_step`` accepting any integer."""
     tensors, meta = load_checkpoint(run)
     step = edit(tensors, meta)
     info = {k: v for k, v in meta.items() if k not in ("format", "version", "step", "tensors", "sha256")}
@@ -224,7 +247,7 @@ def test_compare_refuses_nan_scores_and_damaged_results_in_one_line(tmp_path, ca
     nan = tmp_path / "nan.json"
     nan.write_text(json.dumps(good | {"scores": [float("nan"), *good["scores"][1:]]}))
     status, err = status_of(capsys, "compare", str(nan), str(trained / "test.json"))
-    assert_one_line(status, err, "not all finite numbers")
+    assert_one_line(status, err, str(nan), "holds scores that are not all finite numbers")
     cut = tmp_path / "cut.json"
     cut.write_text((trained / "test.json").read_text()[:50])
     status, err = status_of(capsys, "compare", str(cut), str(trained / "test.json"))
@@ -233,6 +256,17 @@ def test_compare_refuses_nan_scores_and_damaged_results_in_one_line(tmp_path, ca
         capsys, "compare", str(trained / "test.json"), str(trained / "test.json"), "--episodes", "9"
     )
     assert_one_line(status, err, "--episodes applies to checkpoints tested now")  # never ignored silently
+
+
+def test_compare_itself_refuses_nan_scores():
+    """(The library's ``compare``, for results made in memory.) Mutation caught: its finite check removed."""
+    from metareg.evaluate import EvalResult
+    from metareg.runs.episodic import compare
+
+    a = EvalResult(torch.tensor([0.5, float("nan")], dtype=torch.float64), {"episodes": 2})
+    b = EvalResult(torch.tensor([0.5, 0.25], dtype=torch.float64), {"episodes": 2})
+    with pytest.raises(ConfigError, match="A's scores are not all finite"):
+        compare(a, b)
 
 
 def test_the_robustness_cache_is_keyed_by_the_checkpoint_and_recomputed_when_damaged(run):
@@ -347,7 +381,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
 def test_a_second_writer_of_a_run_folder_is_refused_and_a_killed_one_frees_it(run, capsys):
     """Before the fix: two `metareg train` with the same --out both ran and both claimed the
     checkpoint. The lock dies with its process (SIGKILL), and its file left behind is harmless.
-    Mutation caught: ``run_lock`` not taken by ``train`` (or taken with a blocking flock: a hang)."""
+    Mutations caught: ``run_lock`` acquiring nothing (the second writer runs), a blocking flock (a hang)."""
     holder = _hold_lock(run)
     try:
         before = snapshot(run)
@@ -446,7 +480,7 @@ def test_attack_sizes_outside_the_image_cube_and_contradictions_are_one_line(run
     """Before the fix: inf accepted, 1e308 blamed on "diverged weights", --fgsm silently winning.
     L-infinity balls hold [0, 1]^d from radius 1, L2 from sqrt(d), L1 from d (d = 1 x 28 x 28 here).
     Mutations caught: the finiteness or L-infinity check of ``PGD.__post_init__`` removed;
-    ``check_size`` not called before testing; the contradiction check of ``_attack`` removed."""
+    ``check_size`` accepting any size; the contradiction check of ``_attack`` removed."""
     before = snapshot(run)
     status, err = status_of(capsys, "test", "--checkpoint", str(run), "--episodes", "2", *flags)
     assert_one_line(status, err, fragment)
@@ -570,12 +604,12 @@ def test_an_oversized_download_is_refused_as_soon_as_it_exceeds_the_expected_siz
 
     read = []
 
-    class Endless:  # a server that never stops (and announces nothing)
+    class Endless:  # a server that sends 50 MB (and announces nothing)
         headers = None
 
         def read(self, n):
-            read.append(n)
-            return b"x" * n
+            read.append(n if len(read) < 50 else 0)
+            return b"x" * read[-1]
 
         def __enter__(self):
             return self

@@ -610,7 +610,12 @@ def cmd_test(args: argparse.Namespace) -> None:
     from .runs.episodic import result_path, save_result
 
     spec = args.checkpoint
-    if not builtin.is_builtin(spec) and not (Path(spec).is_file() and Path(spec).name != "checkpoint.json"):
+    if not builtin.is_builtin(spec) and Path(spec).is_file() and Path(spec).name != "checkpoint.json":
+        raise ConfigError(
+            f"--checkpoint takes a run folder, its checkpoint.json or builtin:NAME; {spec} is neither (a stored "
+            "result is compared with `metareg compare`)"
+        )
+    if not builtin.is_builtin(spec):
         kind, _ = read_run(spec)
         if kind != "bilevel":  # its test.json belongs to the command that trained it
             raise ConfigError(

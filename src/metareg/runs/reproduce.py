@@ -28,6 +28,7 @@ from typing import Any
 
 from ..checkpoint import read_checkpoint_meta
 from ..errors import ConfigError
+from ..memory import require
 from ..runfolder import read_result, read_run
 from ..runlock import run_lock
 
@@ -370,6 +371,7 @@ def run_experiment(
     unfinished: running the experiment again continues them."""
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    require(16 * episodes, f"--episodes {episodes} (a score and an NLL per test episode)")
     out = Path(out)
     with run_lock(out):  # one grid per folder (each run's own folder is locked by the run itself)
         return _run_experiment(EXPERIMENTS[name], out, iterations, episodes, jobs, progress, deadline)
