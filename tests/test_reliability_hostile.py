@@ -119,7 +119,7 @@ def transferred(tmp_path_factory) -> Path:
         (["--set", "data.options={num_classes: 1000000000}"], ["1000000000 classes", "needs at least"]),
         (["--set", "eval.episodes=100000000000000000000"], ["eval.episodes", "2**63"]),
         (["--steps", "100000000000000000000"], ["must be <= 9223372036854775807"]),
-        (["--set", "data.options={when: 2001-01-01}"], ["date"]),
+        (["--set", "data.options={when: !!set {a}}"], ["holds a set"]),
     ],
     ids=[
         "seed-flag-huge",
@@ -485,6 +485,17 @@ def test_attack_sizes_outside_the_image_cube_and_contradictions_are_one_line(run
     status, err = status_of(capsys, "test", "--checkpoint", str(run), "--episodes", "2", *flags)
     assert_one_line(status, err, fragment)
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(("name", "epsilon"), [("fgsm", 2.0), ("pgd-linf", 1.5), ("pgd-l2", float("inf"))])
+def test_an_attack_is_refused_when_it_is_made_not_when_it_first_runs(name, epsilon):
+    """The library refuses a size that fits no image before any image is seen (the ``adversarial``
+    perturbation's epsilon is checked when the run is configured). Mutation caught: the L-infinity or
+    finiteness check of ``PGD.__post_init__`` removed."""
+    from metareg.evaluate.adversarial import make_attack
+
+    with pytest.raises(ConfigError, match=r"pixel range|finite"):
+        make_attack(name, epsilon)
 
 
 # ----------------------------------------------------------------------------------- 9. messages

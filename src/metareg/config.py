@@ -42,9 +42,14 @@ from .errors import ConfigError
 
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader (no tags, nothing executed) that also reads ``1e-5`` as a number: YAML 1.1
-    wants a dot in a float (``1.0e-5``), so ``beta: 1e-5`` would silently become a string."""
+    wants a dot in a float (``1.0e-5``), so ``beta: 1e-5`` would silently become a string; and
+    reads ``2001-01-01`` as the text it is, not as a date (a config holds JSON's values only)."""
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
@@ -574,9 +579,6 @@ def _check_finite(values: Any, where: str = "") -> None:
     while stack:
         value, at = stack.pop()
         if isinstance(value, dict):
-            named = [k for k in value if not isinstance(k, str)]
-            if named:
-                raise ConfigError(f"config keys are words, got {named[0]!r} in {at[:-1] or 'the config'!r}")
             stack.extend((v, f"{at}{k}.") for k, v in value.items())
         elif isinstance(value, (list, tuple)):
             stack.extend((v, f"{at}{i}.") for i, v in enumerate(value))
