@@ -31,6 +31,8 @@ def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
 
 
 def _type_name(hint: Any) -> str:
+    if hint is bool:
+        return "true or false"
     if typing.get_origin(hint) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
