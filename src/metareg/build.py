@@ -83,6 +83,13 @@ def perturbation_factory(p: PerturbConfig, phi: str = "learned") -> Any:
     return build_perturbation(p.name, p.options)
 
 
+def input_size(config: Config) -> int:
+    """The number of values of one input of an episodic config (channels x image side^2; features)."""
+    dataset = get_episodic(config.data.name)
+    side = 1 if dataset.regression else config.data.image_size or dataset.image_size or 1
+    return dataset.channels * side * side
+
+
 def is_regression(config: Config) -> bool:
     return get_episodic(config.data.name).regression
 
@@ -124,13 +131,14 @@ def build_source(config: Config, split: str, *, shot: int | None = None) -> Task
     )
 
 
-def build_learner(config: Config) -> BilevelLearner:
+def build_learner(config: Config, perturbation: Any = None) -> BilevelLearner:
     """The learner ``metareg train`` meta-trains: the backbone of ``config.model`` with the
     perturbation of ``config.perturb`` in its slots, the inner rule of ``config.inner``, in the
     bilevel scheme.
 
     Args:
         config: the run's config.
+        perturbation: the slot factory of ``config.perturb``, if it is built already.
 
     Returns:
         The learner (an ``nn.Module``), on the CPU.
@@ -149,7 +157,7 @@ def build_learner(config: Config) -> BilevelLearner:
         ```
     """
     dataset = get_episodic(config.data.name)
-    perturbation = build_perturbation(config.perturb.name, config.perturb.options)
+    perturbation = perturbation or build_perturbation(config.perturb.name, config.perturb.options)
     model = create_model(
         config.model.backbone,
         1 if dataset.regression else config.data.way,

@@ -24,8 +24,8 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import Tensor
 
-from .errors import CheckpointError, ConfigError
-from .files import write_bytes_atomic, write_json_atomic
+from .errors import CheckpointError, ConfigError, MetaregError
+from .files import read_json, write_bytes_atomic, write_json_atomic
 
 CHECKPOINT = "checkpoint"  # the name of every run's checkpoint (checkpoint.json + checkpoint-<step>.safetensors)
 FORMAT = "metareg-checkpoint"
@@ -121,10 +121,12 @@ def save_checkpoint(folder: str | Path, name: str, tensors: dict[str, Tensor], m
 def describe_kept(folder: Path, name: str = "checkpoint") -> str:
     """Which checkpoint ``folder`` holds now, for messages about a run that stopped."""
     path = Path(folder) / f"{name}.json"
-    try:
-        step = json.loads(path.read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError):
+    if not path.exists():
         return "no checkpoint was written"
+    try:
+        step = read_checkpoint_meta(path, name)[1]["step"]
+    except MetaregError:
+        return f"{path} is damaged"
     return f"the last good checkpoint ({path}, step {step}) is kept"
 
 
@@ -151,13 +153,21 @@ def resolve_checkpoint(path: str | Path, name: str = "checkpoint") -> Path:
 
 def read_record(path: Path, form: str, what: str) -> dict[str, Any]:
     """A JSON record of format ``form`` (a checkpoint, a stored phi), or a CheckpointError naming ``what``."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not a readable {what} ({type(err).__name__})") from None
-    if not isinstance(record, dict) or record.get("format") != form:
+    record = read_json(path, what)
+    if record.get("format") != form:
         raise CheckpointError(f"{path} is not a metareg {what}")
     return record
+
+
+def record_step(meta: dict[str, Any], json_path: Path) -> int:
+    """The step a checkpoint record holds: a whole number >= 0, else the record is damaged."""
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(
+            f"{json_path} holds step {step!r}, not a whole number >= 0: the record is damaged or was edited; restore "
+            "it or start a new run"
+        )
+    return step
 
 
 def read_checkpoint_meta(path: str | Path, name: str = "checkpoint") -> tuple[Path, dict[str, Any]]:
@@ -168,6 +178,7 @@ def read_checkpoint_meta(path: str | Path, name: str = "checkpoint") -> tuple[Pa
         raise CheckpointError(
             f"{json_path} has checkpoint version {meta.get('version')}; this metareg reads version {VERSION}"
         )
+    record_step(meta, json_path)
     return json_path, meta
 
 

@@ -23,8 +23,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _count(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
+def _count(minimum: int, maximum: int = 2**63 - 1):
+    """An argparse type: an integer in ``minimum`` .. ``maximum`` (by default any count, step or
+    seed torch can hold: 64 bits)."""
 
     def parse(text: str) -> int:
         try:
@@ -33,6 +34,8 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum} (2**63 - 1), got {value}")
         return value
 
     return parse
@@ -393,23 +396,65 @@ def _report(label: str, result: Any) -> None:
         )
 
 
-def _stopped(args: argparse.Namespace, command: str, out: Path, step: int, total: int) -> None:
+def _stopped(args: argparse.Namespace, step: int, total: int) -> None:
     """The one line of a run that stopped at its time budget: how far it got and how to go on."""
     print(
         f"time budget of {args.time_budget} s reached: stopped at step {step} of {total} with a checkpoint; "
-        f"continue with: "
-        f"{command} --out {out} --resume --time-budget {args.time_budget}"
+        f"continue with: {how_to_continue(args)} --time-budget {args.time_budget}"
     )
 
 
+# ------------------------------------------------------------------------ stopped before the end
+def _resume_run(command: str) -> Any:
+    """How a run of ``command`` goes on: ``--resume`` once it has started (a checkpoint, or a
+    transfer's ``--select`` candidates), the same command again before."""
+
+    def hint(args: argparse.Namespace) -> str:
+        out = getattr(args, "run_folder", None)
+        if out is None:
+            return "run the same command again"
+        if (out / "checkpoint.json").exists() or (out / "selection").is_dir():
+            return f"{command} --out {out} --resume"
+        return f"run the same command again (no checkpoint was written yet in {out})"
+
+    return hint
+
+
+#: What continues each command after it stopped early (Ctrl-C, a time budget): one table, so that
+#: every command names its own way on (a test is simply run again: it writes only at its end).
+CONTINUE: dict[str, Any] = {
+    "train": _resume_run("metareg train"),
+    "perturb meta-train": _resume_run("metareg perturb meta-train"),
+    "perturb transfer": _resume_run("metareg perturb transfer"),
+    "reproduce": lambda args: (
+        f"metareg reproduce {args.experiment} --out {args.out or f'runs/{args.experiment}'} (run it again: finished "
+        "runs are kept, the others resume from their checkpoints)"
+    ),
+    "test": lambda _args: "run the same command again (nothing was written)",
+    "compare": lambda _args: "run the same command again (nothing was written)",
+    "plot": lambda _args: "run the same command again (robust accuracies already measured are cached)",
+    "download": lambda _args: "run the same command again (archives already verified are kept)",
+}
+
+
+def how_to_continue(args: argparse.Namespace) -> str:
+    command = f"{args.command} {args.action}" if args.command == "perturb" else args.command
+    return CONTINUE.get(command, lambda _args: "run the same command again")(args)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    from .build import resolve_device
+    from .build import input_size, resolve_device
     from .meta.distributed import session
+    from .runlock import run_lock
     from .runs.episodic import meta_test, save_result, train
 
     config = _run_config(args, "bilevel")
-    out = Path(args.out or f"runs/{config.preset or config.data.name}")
-    with session(resolve_device(config.device)) as world:
+    out = args.run_folder = Path(args.out or f"runs/{config.preset or config.data.name}")
+    attack = None if args.no_test else _attack(args)  # refused now, not after the training
+    if attack is not None:
+        attack.attack.check_size(input_size(config))
+    # the run folder is this command's until it ends: training, then the test that writes test.json
+    with session(resolve_device(config.device)) as world, run_lock(out, world):
         main = world.is_main
         if main:
             processes = (
@@ -422,7 +467,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline, world=world
         )
         if not trainer.finished:
-            return _stopped(args, "metareg train", out, trainer.step, config.train.steps) if main else None
+            return _stopped(args, trainer.step, config.train.steps) if main else None
         if main:
             print(
                 f"meta-trained {trainer.step} iterations in {trainer.seconds:.0f} s; checkpoint "
@@ -436,7 +481,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 seed=args.test_seed,
                 shot=args.shot,
                 progress=not args.no_progress,
-                attack=_attack(args),
+                attack=attack,
                 world=world,
             )
             if main:
@@ -450,10 +495,11 @@ def _model_result(
     """(result, config): a stored result file (config None), or a checkpoint tested now
     (on ``protocol_config``'s episodes if given)."""
     from . import builtin
-    from .config import validate
+    from .build import input_size
     from .evaluate import EvalResult
     from .fewshot import load_learner
-    from .runfolder import read_run
+    from .runfolder import read_result, read_run
+    from .runs.common import check
     from .runs.episodic import meta_test
 
     path = str(builtin.resolve(path))
@@ -473,11 +519,13 @@ def _model_result(
                     f"{path} --resume`"
                 )
     if p.is_file() and p.name != "checkpoint.json" and p.suffix == ".json":
-        try:
-            values = json.loads(p.read_text())
-            return EvalResult.from_dict(values), None
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"{p} is neither a checkpoint nor a result file written by `metareg test`") from None
+        given = [flag for flag, value in _episode_flags(args).items() if value is not None]
+        if given:  # a stored result was measured as it was: these flags would be silently ignored
+            raise ConfigError(
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to checkpoints tested now, but {path} "
+                f"is a stored result ({p}), measured when it was written"
+            )
+        return EvalResult.from_dict(read_result(p)), None
     if args.data_root:
         config.data.root = args.data_root
     if args.device:
@@ -487,7 +535,12 @@ def _model_result(
         config.eval = protocol_config.eval
     if getattr(args, "mc_samples", None) is not None:
         config.inner.eval_mc_samples = args.mc_samples
-        validate(config)
+    if args.episodes is not None:
+        config.eval.episodes = args.episodes
+    check(config)
+    attack = _attack(args)
+    if attack is not None:  # before anything is tested (and on every process alike)
+        attack.attack.check_size(input_size(config))
     _, learner = load_learner(path, config)
     if world is not None:
         learner = learner.to(world.device)
@@ -498,9 +551,22 @@ def _model_result(
         seed=args.test_seed,
         shot=args.shot,
         progress=not args.no_progress,
-        attack=_attack(args),
+        attack=attack,
         world=world,
     ), config
+
+
+def _episode_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that say how checkpoints are tested now (None where not given)."""
+    return {
+        "--episodes": args.episodes,
+        "--shot": args.shot,
+        "--test-seed": args.test_seed,
+        "--mc-samples": args.mc_samples,
+        "--attack": args.attack,
+        "--epsilon": args.epsilon,
+        "--fgsm": args.fgsm,
+    }
 
 
 def _attack(args: argparse.Namespace) -> Any:
@@ -509,6 +575,14 @@ def _attack(args: argparse.Namespace) -> Any:
 
     name, epsilon = getattr(args, "attack", None), getattr(args, "epsilon", None)
     if getattr(args, "fgsm", None) is not None:
+        if name not in (None, "fgsm") or epsilon not in (None, args.fgsm):
+            others = " ".join(
+                [f"--attack {name}"] * (name is not None) + [f"--epsilon {epsilon:g}"] * (epsilon is not None)
+            )
+            raise ConfigError(
+                f"--fgsm {args.fgsm:g} is short for --attack fgsm --epsilon {args.fgsm:g} and contradicts {others}: "
+                "give one attack"
+            )
         name, epsilon = "fgsm", args.fgsm
     if name is None:
         if epsilon is not None:
@@ -528,24 +602,54 @@ def _session(args: argparse.Namespace):
 
 
 def cmd_test(args: argparse.Namespace) -> None:
-    from . import builtin
-    from .runs.episodic import save_result
+    from contextlib import nullcontext
 
-    with _session(args) as world:
-        result, _ = _model_result(args.checkpoint, args, world=world)
-    if not world.is_main:
-        return
+    from . import builtin
+    from .runfolder import read_run
+    from .runlock import run_lock
+    from .runs.episodic import result_path, save_result
+
+    spec = args.checkpoint
+    if not builtin.is_builtin(spec) and Path(spec).is_file() and Path(spec).name != "checkpoint.json":
+        raise ConfigError(
+            f"--checkpoint takes a run folder, its checkpoint.json or builtin:NAME; {spec} is neither (a stored "
+            "result is compared with `metareg compare`)"
+        )
+    if not builtin.is_builtin(spec):
+        kind, _ = read_run(spec)
+        if kind != "bilevel":  # its test.json belongs to the command that trained it
+            raise ConfigError(
+                f"{spec} is a {kind} run: `metareg test` meta-tests episodic (metareg train) runs; "
+                + (
+                    f"a transfer run was tested when it finished ({_folder(spec) / 'test.json'}; `metareg compare` "
+                    "pairs two)"
+                    if kind == "transfer"
+                    else "a meta-training run has no test of its own (transfer its phi)"
+                )
+            )
     if args.out:
         target = Path(args.out)
-    elif builtin.is_builtin(args.checkpoint):  # the package folder is not the user's: write here
-        target = Path(f"test-{args.checkpoint[len(builtin.PREFIX) :]}.json")
+    elif builtin.is_builtin(spec):  # the package folder is not the user's: write here
+        target = Path(f"test-{spec[len(builtin.PREFIX) :]}.json")
     else:
-        target = (
-            Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
-        ) / "test.json"
-    save_result(result, target)
+        target = _folder(spec) / "test.json"
+    in_run = not args.out and not builtin.is_builtin(spec)
+    with _session(args) as world, run_lock(target.parent, world) if in_run else nullcontext():
+        result, _ = _model_result(spec, args, world=world)
+        if not world.is_main:
+            return
+        default = target
+        if not args.out:  # a result on other episodes (or under attack) never replaces the one there
+            target = result_path(target, result)
+        save_result(result, target)
     _report("test", result)
-    print(f"per-episode scores written to {target}")
+    kept = f" ({default} holds a result on other episodes or conditions and is kept)" if target != default else ""
+    print(f"per-episode scores written to {target}{kept}")
+
+
+def _folder(spec: str) -> Path:
+    """The run folder of a run folder or of its checkpoint.json."""
+    return Path(spec) if Path(spec).is_dir() else Path(spec).parent
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -692,6 +796,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_perturb(args: argparse.Namespace) -> None:
+    from .evaluate import mean_ci
     from .runs.metaperturb import meta_train
     from .runs.transfer import transfer
 
@@ -702,10 +807,10 @@ def cmd_perturb(args: argparse.Namespace) -> None:
         return
     config = _run_config(args, args.action)
     if args.action == "meta-train":
-        out = Path(args.out or f"runs/{config.preset or 'perturb-' + config.data.name}")
+        out = args.run_folder = Path(args.out or f"runs/{config.preset or 'perturb-' + config.data.name}")
         trainer = meta_train(config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline)
         if trainer.world.is_main and not trainer.finished:
-            return _stopped(args, "metareg perturb meta-train", out, trainer.step, config.train.steps)
+            return _stopped(args, trainer.step, config.train.steps)
         if trainer.world.is_main:
             made = (
                 f"{out / 'phi.json'} (use it with: metareg perturb transfer --phi {out})"
@@ -714,7 +819,7 @@ def cmd_perturb(args: argparse.Namespace) -> None:
             )
             print(f"meta-trained {config.perturb.name} for {trainer.step} steps in {trainer.seconds:.0f} s; {made}")
         return
-    out = Path(args.out or f"runs/{config.preset or 'transfer-' + config.data.name}")
+    out = args.run_folder = Path(args.out or f"runs/{config.preset or 'transfer-' + config.data.name}")
     record = transfer(config, out, resume=args.resume, progress=not args.no_progress, deadline=args.deadline)
     if record is None:
         from .runs.transfer import stopped_at
@@ -722,17 +827,21 @@ def cmd_perturb(args: argparse.Namespace) -> None:
         folder, step = stopped_at(out)
         if folder != out:
             print(f"(in {folder})")
-        return _stopped(args, "metareg perturb transfer", out, step, config.train.steps)
+        return _stopped(args, step, config.train.steps)
     what = {"metaperturb": "MetaPerturb", "none": "no perturbation"}.get(config.perturb.name, config.perturb.name) + (
         " + fine-tuning" if config.init_from else ""
     )
 
     def line(label: str, r: dict, name: str) -> str:
+        e = mean_ci(r["scores"])  # (a record read back is checked: metareg.runfolder.read_result)
         return (
-            f"{label}: {100 * r['mean']:.2f} +- {100 * r['ci95']:.2f} % (mean +- 95% CI over {r['episodes']} "
-            f"test images; "
-            f"{config.model.backbone}, {name}, {r['protocol']['mc_samples']} MC samples); NLL {r['nll']:.3f}, "
-            f"ECE {r['ece']:.3f}"
+            f"{label}: {100 * e.mean:.2f} +- {100 * e.ci95:.2f} % (mean +- 95% CI over {e.n} test images; "
+            f"{config.model.backbone}, {name}, {r['protocol'].get('mc_samples', '?')} MC samples)"
+            + (
+                f"; NLL {r['nll']:.3f}, ECE {r['ece']:.3f}"
+                if r.get("nll") is not None and r.get("ece") is not None
+                else ""
+            )
             + (
                 f", final training accuracy {100 * r['final_train_accuracy']:.1f} %"
                 if r.get("final_train_accuracy") is not None
@@ -829,10 +938,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print(
-            f"\nmetareg {args.command}: interrupted; a run continues with `metareg train --out RUN --resume`",
-            file=sys.stderr,
-        )
+        print(f"\nmetareg {command}: interrupted; continue with: {how_to_continue(args)}", file=sys.stderr)
         return 130
     return 0
 

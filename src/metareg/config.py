@@ -15,7 +15,10 @@ its slots (``name``, ``options``), ``train`` the outer optimization (``steps``, 
 ``train.meta_lr``, ``model.perturbation``, the ``optim`` section, ...) are read as their new names
 with a one-line notice (:data:`RENAMED`), so old run folders and config files keep working.
 
-Unknown keys are errors, never silently ignored: a typo must not run the wrong experiment.
+Unknown keys are errors, never silently ignored: a typo must not run the wrong experiment. Every
+number has a meaning and its range (:data:`RANGES`: seeds, counts, rates), a section can only be
+given as a mapping of its keys (``train=5`` or ``train=null`` is refused, never read as "the
+defaults"), and values nest at most :data:`MAX_DEPTH` levels.
 """
 
 from __future__ import annotations
@@ -39,9 +42,14 @@ from .errors import ConfigError
 
 class _Loader(yaml.SafeLoader):
     """YAML's safe loader (no tags, nothing executed) that also reads ``1e-5`` as a number: YAML 1.1
-    wants a dot in a float (``1.0e-5``), so ``beta: 1e-5`` would silently become a string."""
+    wants a dot in a float (``1.0e-5``), so ``beta: 1e-5`` would silently become a string; and
+    reads ``2001-01-01`` as the text it is, not as a date (a config holds JSON's values only)."""
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
@@ -131,7 +139,7 @@ class _RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Any:
-        return _build(cls, upgrade(values, cls.kind), "")
+        return _build(cls, upgrade(check_depth(values, "the config"), cls.kind), "")
 
 
 @dataclass
@@ -348,9 +356,18 @@ def upgrade(values: Any, kind: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------- building
+def coerce(value: Any, hint: Any) -> Any:
+    """Check (and gently coerce: int -> float) ``value`` against a type hint; raise TypeError. Hints
+    it does not know (a callable, a class of the caller's) accept anything."""
+    return _type_ok(value, hint)
+
+
 def _type_ok(value: Any, hint: Any) -> Any:
-    """Check (and gently coerce: int -> float) ``value`` against a type hint; raise TypeError."""
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        if value in typing.get_args(hint) and type(value) in {type(a) for a in typing.get_args(hint)}:
+            return value
+        raise TypeError
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
             try:
@@ -362,16 +379,22 @@ def _type_ok(value: Any, hint: Any) -> Any:
         if value is None:
             return None
         raise TypeError
-    if origin is list:
+    if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise TypeError
-        (item,) = typing.get_args(hint)
-        return [_type_ok(v, item) for v in value]
+        items = typing.get_args(hint)
+        if origin is tuple and (len(items) != 2 or items[1] is not Ellipsis):
+            return list(value)
+        return [_type_ok(v, items[0]) for v in value] if items else list(value)
     if origin is dict:
         if not isinstance(value, dict):
             raise TypeError
         return dict(value)
-    if hint is Any:
+    if hint is Any or not isinstance(hint, type):
+        return value
+    if hint in (list, tuple):  # YAML and JSON have lists only
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -394,6 +417,8 @@ def _build(cls: type, values: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config keys are names, got {key!r} in section {where[:-1] or 'top level'!r}")
         path = f"{where}{key}"
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
@@ -414,19 +439,45 @@ def _hint_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``override`` into ``base`` (dataclass sections merge key by key)."""
+def merge(base: dict[str, Any], override: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Deep-merge ``override`` into ``base`` (dataclass sections merge key by key). A mapping in
+    ``base`` (a section, or options) is never replaced by something that is not a mapping:
+    ``train=5`` or ``train=null`` would otherwise reset the whole section to its defaults."""
     out = dict(base)
     for key, value in override.items():
+        if isinstance(out.get(key), dict) and not isinstance(value, dict):
+            raise ConfigError(
+                f"config section {where + str(key)!r} must be a mapping of its keys, got {value!r} (set one key, "
+                f"e.g. {where + str(key)}.KEY=VALUE)"
+            )
         if (
             isinstance(value, dict)
             and isinstance(out.get(key), dict)
             and key not in ("options", "perturbation_options")
         ):
-            out[key] = merge(out[key], value)
+            out[key] = merge(out[key], value, f"{where}{key}.")
         else:
             out[key] = value
     return out
+
+
+#: How deep config values may nest (sections, options and their lists and mappings).
+MAX_DEPTH = 32
+
+
+def check_depth(values: Any, what: str) -> Any:
+    """``values`` if it nests at most :data:`MAX_DEPTH` levels, else a one-line ConfigError (walked
+    without recursion, so a value nested thousands of levels deep is refused, not a RecursionError)."""
+    stack = [(values, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{what} nests deeper than {MAX_DEPTH} levels (a config is sections of plain values)")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
+    return values
 
 
 def parse_assignment(text: str) -> dict[str, Any]:
@@ -434,13 +485,18 @@ def parse_assignment(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     path, raw = text.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(key.strip() for key in keys):
+        raise ConfigError(f"override {text!r} must look like section.key=value (a key is empty)")
     try:
         value = load_yaml(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError, TypeError):  # (a date YAML cannot build, say)
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {text[:60]!r}... nests deeper than {MAX_DEPTH} levels") from None
+    check_depth(value, f"override {path.strip()!r}")
     out: dict[str, Any] = {}
     node = out
-    keys = path.strip().split(".")
     for key in keys[:-1]:
         node = node.setdefault(key, {})
     node[keys[-1]] = value
@@ -450,121 +506,169 @@ def parse_assignment(text: str) -> dict[str, Any]:
 def load_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
         text = path.read_text()
         values = json.loads(text) if path.suffix == ".json" else load_yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(
-            f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-            f"{str(err).splitlines()[0]}"
-        ) from None
+        raise ConfigError(f"config file {path} is not valid {kind}: {str(err).splitlines()[0]}") from None
+    except (ValueError, OverflowError, TypeError) as err:  # a value YAML cannot build (a date that does not exist)
+        raise ConfigError(f"config file {path} is not valid {kind}: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests deeper than {MAX_DEPTH} levels") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return values
+    return check_depth(values, f"config file {path}")
+
+
+# ---------------------------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class Range:
+    """The values a config number may take: ``low`` .. ``high`` (None: unbounded), each end
+    included unless ``open`` says otherwise; ``whole``: an integer."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    whole: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.whole and (isinstance(value, float) and not value.is_integer()):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.open_high else value > self.high))
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            if self.whole:
+                return f"a whole number in {self.low:g}..{self.high}"
+            return f"in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"{'<' if self.open_high else '<='} {self.high:g}"
+
+
+SEED = Range(0, 2**63 - 1, whole=True)  # what torch.manual_seed takes (a 64-bit seed)
+COUNT = Range(1)  # a number of things (>= 1)
+STEPS = Range(0)  # a number of steps (0: nothing to do)
+RATE = Range(0, open_low=True)  # a learning rate, a clipping threshold (> 0)
+FRACTION = Range(0, 1, open_low=True, open_high=True)
+#: Integers beyond this cannot be a count, a step or a seed (torch stores them in 64 bits).
+LARGEST_INT = 2**63 - 1
+
+#: What every number of a config means: its dotted key (in any kind of run that has it) -> its range.
+#: ``null`` (where the type allows it) means "the default" and is not checked.
+RANGES: dict[str, Range] = {
+    "seed": SEED,
+    "eval.seed": SEED,
+    "data.seed": SEED,
+    # episodic tasks
+    "data.way": COUNT,
+    "data.shot": COUNT,
+    "data.query": COUNT,
+    "data.eval_shot": COUNT,
+    "data.image_size": COUNT,
+    "inner.lr": RATE,
+    "inner.steps": COUNT,
+    "inner.eval_steps": COUNT,
+    "inner.mc_samples": COUNT,
+    "inner.eval_mc_samples": COUNT,
+    "train.steps": STEPS,
+    "train.meta_batch": COUNT,
+    "train.lr": RATE,
+    "train.clip": RATE,
+    "train.val_every": COUNT,
+    "train.val_episodes": COUNT,
+    "train.log_every": COUNT,
+    "train.checkpoint_every": COUNT,
+    "eval.episodes": COUNT,
+    "eval.tasks_per_batch": COUNT,
+    # ordinary training (MetaPerturb's runs)
+    "data.classes": COUNT,
+    "data.train_per_class": COUNT,
+    "data.test_per_class": COUNT,
+    "train.batch_size": COUNT,
+    "train.weight_decay": Range(0),
+    "train.gamma": Range(0, 1, open_low=True),
+    "perturb.clip": RATE,
+    "perturb.anneal": Range(0, 1),
+    "perturb.mc_samples": COUNT,
+    "tasks": COUNT,
+    "train_fraction": FRACTION,
+    "eval_every": COUNT,
+    "eval_mc_samples": COUNT,
+}
 
 
 def _check_finite(values: Any, where: str = "") -> None:
-    """Every number in a config (options included) is finite: ``nan <= 0`` is False, so a NaN
-    would slip through every range check after this one."""
-    if isinstance(values, dict):
-        for key, value in values.items():
-            _check_finite(value, f"{where}{key}.")
-    elif isinstance(values, (list, tuple)):
-        for i, value in enumerate(values):
-            _check_finite(value, f"{where}{i}.")
-    elif isinstance(values, float) and not math.isfinite(values):
-        raise ConfigError(f"config key {where[:-1]!r} must be a finite number, got {values}")
+    """Every value in a config (options included) is plain (JSON: the config is stored with the run)
+    and every number finite: ``nan <= 0`` is False, so a NaN would slip through every range check
+    after this one."""
+    stack = [(values, where)]
+    while stack:
+        value, at = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((v, f"{at}{k}.") for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, f"{at}{i}.") for i, v in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {at[:-1]!r} must be a finite number, got {value}")
+        elif value is not None and not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(
+                f"config key {at[:-1]!r} holds a {type(value).__name__} ({value!r}), not a plain number, word or list"
+            )
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST_INT:
+            raise ConfigError(f"config key {at[:-1]!r} is {value}, beyond any count, step or seed (2**63 - 1)")
 
 
-def _check_positive(values: dict[str, float]) -> None:
-    for key, value in values.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
+def numbers(config: Any, where: str = "") -> dict[str, float]:
+    """Every number of a config (``int`` or ``float`` fields, not options), by dotted key."""
+    out: dict[str, float] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= numbers(value, f"{where}{f.name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{where}{f.name}"] = value
+    return out
+
+
+def _check_ranges(config: Any) -> None:
+    for key, value in numbers(config).items():
+        allowed = RANGES.get(key)
+        if allowed is not None and not allowed.holds(value):
+            raise ConfigError(f"{key} must be {allowed.describe()}, got {value}")
 
 
 def _validate_ordinary(config: MetaTrainConfig | TransferConfig) -> None:
     """Checks shared by the MetaPerturb runs."""
-    d, o, p = config.data, config.train, config.perturb
-    _check_positive(
-        {
-            "data.image_size": d.image_size,
-            "data.classes": d.classes,
-            "data.train_per_class": d.train_per_class,
-            "data.test_per_class": d.test_per_class,
-            "train.batch_size": o.batch_size,
-            "train.log_every": o.log_every,
-            "train.checkpoint_every": o.checkpoint_every,
-        }
-    )
-    if o.steps < 0:
-        raise ConfigError(f"train.steps must be >= 0, got {o.steps}")
-    if o.lr <= 0 or o.weight_decay < 0 or not 0 < o.gamma <= 1:
-        raise ConfigError("train.lr must be positive, train.weight_decay >= 0 and train.gamma in (0, 1]")
+    o = config.train
     if any(not 0 < m < 1 for m in o.milestones) or sorted(o.milestones) != list(o.milestones):
         raise ConfigError(f"train.milestones must be increasing fractions of the steps in (0, 1), got {o.milestones}")
-    if not 0 <= p.anneal <= 1:
-        raise ConfigError(f"perturb.anneal must be a fraction of the steps in [0, 1], got {p.anneal}")
-    if p.clip is not None and p.clip <= 0:
-        raise ConfigError(f"perturb.clip must be positive or null, got {p.clip}")
-    if config.dtype not in ("float32", "float64"):
-        raise ConfigError(f"dtype must be float32 or float64, got {config.dtype!r}")
 
 
 def validate(config: Any) -> None:
-    """Checks that span fields (single fields are type-checked while building)."""
+    """Check ``config``: every number finite and within its range (:data:`RANGES`), and the checks
+    that span fields (single fields are type-checked while building)."""
     _check_finite(config.to_dict())
-    if isinstance(config, MetaTrainConfig):
-        _validate_ordinary(config)
-        _check_positive({"tasks": config.tasks})
-        if not 0 < config.train_fraction < 1:
-            raise ConfigError(f"train_fraction must be in (0, 1), got {config.train_fraction}")
-        if config.train.strategy not in ("auto", "loop", "vmap"):
-            raise ConfigError(f"train.strategy must be auto, loop or vmap, got {config.train.strategy!r}")
-        return
-    if isinstance(config, TransferConfig):
-        _validate_ordinary(config)
-        _check_positive(
-            {
-                "perturb.mc_samples": config.perturb.mc_samples,
-                "eval_mc_samples": config.eval_mc_samples,
-                "eval_every": config.eval_every,
-            }
-        )
-        if config.data.train_split == config.data.test_split and config.data.train_per_class is None:
-            raise ConfigError(
-                f"train and test images both come from split {config.data.train_split!r}: set data.train_per_class "
-                "(images of each class for training; the rest are for testing)"
-            )
-        return
-    positive = {
-        "data.way": config.data.way,
-        "data.shot": config.data.shot,
-        "data.query": config.data.query,
-        "inner.steps": config.inner.steps,
-        "inner.mc_samples": config.inner.mc_samples,
-        "inner.eval_mc_samples": config.inner.eval_mc_samples,
-        "train.meta_batch": config.train.meta_batch,
-        "train.log_every": config.train.log_every,
-        "train.checkpoint_every": config.train.checkpoint_every,
-        "train.val_every": config.train.val_every,
-        "eval.episodes": config.eval.episodes,
-        "eval.tasks_per_batch": config.eval.tasks_per_batch,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    if config.train.steps < 0:
-        raise ConfigError(f"train.steps must be >= 0, got {config.train.steps}")
-    if config.train.strategy not in ("auto", "loop", "vmap"):
-        raise ConfigError(f"train.strategy must be auto, loop or vmap, got {config.train.strategy!r}")
-    if config.inner.mc_batch not in ("auto", "batched", "sequential"):
-        raise ConfigError(f"inner.mc_batch must be auto, batched or sequential, got {config.inner.mc_batch!r}")
+    _check_ranges(config)
     if config.dtype not in ("float32", "float64"):
         raise ConfigError(f"dtype must be float32 or float64, got {config.dtype!r}")
-    if config.inner.lr <= 0 or config.train.lr <= 0:
-        raise ConfigError("inner.lr and train.lr must be positive")
-    if config.train.clip is not None and config.train.clip <= 0:
-        raise ConfigError(f"train.clip must be positive or null (no clipping), got {config.train.clip}")
+    if isinstance(config, (MetaTrainConfig, TransferConfig)):
+        _validate_ordinary(config)
+    if isinstance(config, (MetaTrainConfig, Config)) and config.train.strategy not in ("auto", "loop", "vmap"):
+        raise ConfigError(f"train.strategy must be auto, loop or vmap, got {config.train.strategy!r}")
+    d = config.data
+    if isinstance(config, TransferConfig) and d.train_split == d.test_split and d.train_per_class is None:
+        raise ConfigError(
+            f"train and test images both come from split {d.train_split!r}: set data.train_per_class "
+            "(images of each class for training; the rest are for testing)"
+        )
+    if isinstance(config, Config) and config.inner.mc_batch not in ("auto", "batched", "sequential"):
+        raise ConfigError(f"inner.mc_batch must be auto, batched or sequential, got {config.inner.mc_batch!r}")

@@ -28,3 +28,11 @@ class DivergenceError(MetaregError):
 
 class DistributedError(MetaregError):
     """A process of a torchrun run stopped, or a collective timed out: the others stop too."""
+
+
+def one_line(error: BaseException | str, limit: int = 400) -> str:
+    """An error's whole message on one line (torch's state-dict mismatches span several lines: the
+    first alone says only "Error(s) in loading state_dict for BilevelLearner:"), cut at ``limit``
+    characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

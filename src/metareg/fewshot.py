@@ -29,7 +29,7 @@ from .builtin import resolve as resolve_builtin
 from .checkpoint import CHECKPOINT, load_checkpoint
 from .config import Config, TransferConfig
 from .data import get_episodic
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, one_line
 from .meta.bilevel import BilevelLearner, Params
 from .meta.ordinary import predict as predict_images
 from .nets.modes import eval_mode
@@ -46,7 +46,7 @@ def load_learner(path: str | Path, config: Config | None = None) -> tuple[Config
     try:
         learner.load_state_dict(params)
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path} does not fit its model: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path} does not fit its model: {one_line(err)}") from None
     return config, learner.to(device=resolve_device(config.device), dtype=dtype_of(config))
 
 
@@ -65,7 +65,7 @@ def load_transfer_model(run: str | Path) -> tuple[TransferConfig, nn.Module]:
     try:
         net.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint in {run} does not fit its network: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint in {run} does not fit its network: {one_line(err)}") from None
     return config, net.eval()
 
 

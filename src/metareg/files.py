@@ -1,4 +1,5 @@
-"""Durable, atomic file writes and checksums: the one way metareg puts bytes on disk.
+"""Durable, atomic file writes and checksums: the one way metareg puts bytes on disk (and reads its
+JSON records back: :func:`read_json`, damage in one line naming the file).
 
 A file is written under a temporary name in its destination folder, flushed and ``fsync``-ed,
 renamed over its final name with ``os.replace`` (atomic on POSIX), and the folder is ``fsync``-ed
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +50,58 @@ def temporary_name(path: Path, suffix: str = ".tmp") -> Path:
     """A hidden name beside ``path``, unique to this process and call (concurrent writers of the same
     file, such as two runs filling one data cache, never share a temporary file)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+#: The names :func:`temporary_name` makes (and nothing else): ``.<name>.<pid>.<8 hex digits>.tmp`` or ``.part``.
+TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.(?:tmp|part)")
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files a killed writer left in ``folder`` (only names :func:`temporary_name`
+    makes, only plain files directly in it). Call it only while no other process writes there (with the
+    folder's lock, :mod:`metareg.runlock`); returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        if TEMPORARY.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            removed.append(path)
+    return removed
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON record metareg wrote (a checkpoint record, a run folder's ``test.json``,
+    ``config.json``, ``selection.json``, ``robustness.json``, a provenance record), as a mapping.
+    Any damage (missing, unreadable, cut off, not JSON, nested absurdly deep, not a mapping) is one
+    :class:`~metareg.errors.CheckpointError` naming the file and ``what`` it should be (``"checkpoint"``)."""
+    from .errors import CheckpointError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing (a {what} was expected there)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise CheckpointError(f"{path} is not a readable {what} ({reason})") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{path} is not a readable {what} (damaged: {err.msg} at line {err.lineno}, column {err.colno}; cut off "
+            "or edited): restore it, or remove it and run the command that wrote it again"
+        ) from None
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path} is not a readable {what} (damaged: not plain JSON)") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} is not a {what} (it holds a JSON {type(values).__name__})")
+    return values
 
 
 @contextmanager

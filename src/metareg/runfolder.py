@@ -1,15 +1,18 @@
 """A run folder: its resolved config (``config.json``, and the config every checkpoint records),
-its kind, and the checks a new or resumed run makes on it."""
+its kind, the checks a new or resumed run makes on it, and the one way its side files are read
+(:func:`read_result` for ``test.json`` and every result file, :func:`metareg.files.read_json` for
+the others): a damaged file is one line naming it, never a traceback or a wrong number."""
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHECKPOINT, check_run_folder, read_checkpoint_meta, write_json_atomic
-from .config import SCHEMAS
+from .config import SCHEMAS, validate
 from .errors import CheckpointError, ConfigError, MetaregError
+from .files import read_json
 
 
 def prepare_run_folder(out: Path, resume: bool, config: Any, main: bool = True, started: bool | None = None) -> None:
@@ -38,27 +41,67 @@ def read_run(path: str | Path) -> tuple[str, Any]:
         kind = stored.pop("kind", "bilevel")
         if kind not in SCHEMAS:
             raise CheckpointError(f"{folder / 'config.json'} is a run of unknown kind {kind!r}")
-        try:
-            return kind, SCHEMAS[kind].from_dict(stored)
-        except (KeyError, TypeError, MetaregError) as err:
-            raise CheckpointError(f"{folder / 'config.json'} holds no valid {kind} config ({err})") from None
+        return kind, _stored_config(kind, stored, folder / "config.json")
     json_path, meta = read_checkpoint_meta(path, CHECKPOINT)
     kind = meta.get("kind", "bilevel")
     if kind not in SCHEMAS:
         raise CheckpointError(f"{json_path} is a run of unknown kind {kind!r}")
+    return kind, _stored_config(kind, meta.get("config"), json_path)
+
+
+def _stored_config(kind: str, values: Any, path: Path) -> Any:
+    """The config a run stored (its checkpoint record or config.json), checked like a new one."""
     try:
-        return kind, SCHEMAS[kind].from_dict(meta["config"])
+        config = SCHEMAS[kind].from_dict(values)
+        validate(config)
     except (KeyError, TypeError, MetaregError) as err:
-        raise CheckpointError(f"{json_path} holds no valid {kind} config ({err})") from None
+        raise CheckpointError(f"{path} holds no valid {kind} config ({err})") from None
+    return config
 
 
 def read_record_json(path: Path) -> dict[str, Any]:
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__})") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{path} is not a run's config")
+    return read_json(path, "run config")
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    )
+
+
+def read_result(path: str | Path) -> dict[str, Any]:
+    """A test result metareg wrote (a run's ``test.json``, ``metareg test --out FILE``): a mapping
+    with the ``protocol`` it was measured on and one finite score per episode (or test image), and
+    finite calibration numbers where it has them. Anything else is one CheckpointError naming the
+    file: a result that is not one is never compared, printed or reused."""
+    path = Path(path)
+    values = read_json(path, "test result written by metareg")
+    scores = values.get("scores")
+    if not isinstance(values.get("protocol"), dict) or not isinstance(scores, list) or not scores:
+        raise CheckpointError(
+            f"{path} is not a test result written by metareg (it needs its 'protocol' and the list of 'scores')"
+        )
+    if not _numbers(scores):
+        raise CheckpointError(
+            f"{path} holds scores that are not all finite numbers (NaN, infinite or text): it is damaged or was "
+            "edited; test the model again"
+        )
+    bad = [
+        k
+        for k in ("mean", "nll", "ece", "final_train_accuracy")
+        if values.get(k) is not None and not _numbers([values[k]])
+    ]
+    if "ci95" in values and not (isinstance(values["ci95"], (int, float)) and not isinstance(values["ci95"], bool)):
+        bad.append("ci95")  # (NaN for a single episode: no interval)
+    if "episode_nll" in values and not (_numbers(values["episode_nll"]) and len(values["episode_nll"]) == len(scores)):
+        bad.append("episode_nll")
+    reliability = values.get("reliability")
+    if reliability is not None and not (
+        isinstance(reliability, dict) and all(isinstance(reliability.get(k), list) for k in ("count", "confidence"))
+    ):
+        bad.append("reliability")
+    if bad:
+        raise CheckpointError(f"{path} holds a damaged {', '.join(bad)}: it is damaged or was edited; test again")
     return values
 
 

@@ -65,8 +65,13 @@ def _load(tensor_path: Path, meta_path: Path) -> tuple[Tensor, dict[str, Any]] |
     except Exception as exc:  # any unreadable entry is simply rebuilt
         warnings.warn(f"ignoring unreadable cache entry {tensor_path} ({exc}); decoding again", stacklevel=3)
         return None
-    if images.dtype != torch.uint8 or meta.get("format") != CACHE_FORMAT:
-        return None
+    if (
+        images.dtype != torch.uint8
+        or not isinstance(meta, dict)
+        or meta.get("format") != CACHE_FORMAT
+        or not isinstance(meta.get("meta"), dict)
+    ):
+        return None  # (damaged or foreign: rebuilt)
     return images, meta["meta"]
 
 

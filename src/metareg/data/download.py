@@ -58,6 +58,13 @@ def _network_error(url: str, target: Path, exc: BaseException) -> DataError:
     )
 
 
+def _wrong_size(url: str, problem: str) -> DataError:
+    return DataError(
+        f"{url}: {problem}; the download was discarded (a wrong mirror or a changed file): try again or fetch it by "
+        "hand"
+    )
+
+
 def _fetch(url: str, target: Path, info: dict[str, Any], progress: bool, timeout: float) -> None:
     """Stream ``url`` to a temporary file next to ``target``, verify it, then rename it to ``target``."""
     digest, done, total = hashlib.sha256(), 0, int(info["size"])
@@ -68,14 +75,21 @@ def _fetch(url: str, target: Path, info: dict[str, Any], progress: bool, timeout
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 raise _network_error(url, target, exc) from None
             with response:
+                announced = response.headers.get("Content-Length") if getattr(response, "headers", None) else None
+                if announced is not None and announced.isdigit() and int(announced) > total:
+                    raise _wrong_size(
+                        url, f"the server announces {int(announced)} bytes, more than the official file's {total}"
+                    )
                 bar = Progress(total, desc=f"  {target.name}", unit="B", enabled=progress)
                 while True:
-                    try:
-                        block = response.read(_CHUNK)
+                    try:  # never more than the expected size (plus one byte, to see that it is more)
+                        block = response.read(min(_CHUNK, total - done + 1))
                     except (OSError, http.client.HTTPException) as exc:
                         raise _network_error(url, target, exc) from None
                     if not block:
                         break
+                    if done + len(block) > total:  # refused at once: an endless or swapped stream is not read on
+                        raise _wrong_size(url, f"the server sent more than the official file's {total} bytes")
                     out.write(block)
                     digest.update(block)
                     done += len(block)

@@ -7,13 +7,13 @@ config validation and the command line learn about a new data set from its regis
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..options import check_options
 from .classes import ClassImages, EpisodeSampler
 from .roots import default_root
 from .tasks import TaskSource
@@ -56,13 +56,7 @@ def get_episodic(name: str) -> EpisodicDataset:
 
 
 def _check_options(entry: EpisodicDataset, kwargs: dict[str, Any]) -> None:
-    allowed = [p for p in inspect.signature(entry.load).parameters if p not in entry.handled]
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise DataError(
-            f"unknown option(s) {', '.join(unknown)} for data set {entry.name!r}; valid options: "
-            f"{', '.join(allowed) or 'none'}"
-        )
+    check_options(entry.load, kwargs, f"data set {entry.name!r}", fixed=entry.handled, error=DataError)
 
 
 def build_task_source(

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..memory import require
 from .classes import ClassImages
 from .episodic import EpisodicDataset, register_episodic
 
@@ -210,6 +211,13 @@ def load_glyphs(
     counts = [GLYPH_SPLITS[p] for p in parts]
     if num_classes is not None:
         counts[0] = _positive(num_classes, "num_classes")
+    count = sum(counts) * instances_per_class
+    require(  # the uint8 images alone (their strokes' control points take more)
+        count * image_size * image_size,
+        f"glyphs {split} ({sum(counts)} classes x {instances_per_class} instances_per_class: {count} images of "
+        f"{image_size}x{image_size} pixels)",
+        fix="lower num_classes or instances_per_class (data.options)",
+    )
 
     images = torch.cat([_generate(p, n, instances_per_class, image_size, seed) for p, n in zip(parts, counts)])
     total = sum(counts)

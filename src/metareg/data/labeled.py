@@ -19,7 +19,6 @@ folders, npz files) are in :mod:`metareg.data.targets`.
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from ..options import check_options
 from .classes import ClassImages, ImageSet
 from .roots import default_root
 
@@ -271,14 +271,7 @@ def load_labeled(
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
     load = _LOADERS[name]
-    fixed = {"root", "split", "image_size"}
-    allowed = [p for p in inspect.signature(load).parameters if p not in fixed]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise DataError(
-            f"unknown option(s) {', '.join(unknown)} for data set {name!r}; valid options: "
-            f"{', '.join(allowed) or 'none'}"
-        )
+    check_options(load, options, f"data set {name!r}", fixed=("root", "split", "image_size"), error=DataError)
     if not _NEEDS_ROOT[name]:
         return load(split, image_size, **options)
     if root is None:

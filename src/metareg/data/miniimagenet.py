@@ -30,6 +30,7 @@ from .cache import cache_key, cached_images, file_signature
 from .classes import ClassImages
 from .episodic import EpisodicDataset, register_episodic
 from .images import decode_image
+from .roots import check_root
 
 __all__ = ["MINIIMAGENET_SPLITS", "load_miniimagenet"]
 
@@ -84,8 +85,7 @@ def load_miniimagenet(root: str | Path, split: str, image_size: int = 84, *, cac
         raise DataError(f"unknown miniImageNet split {split!r}; use one of {', '.join(MINIIMAGENET_SPLITS)}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         raise DataError(f"miniImageNet image_size must be a positive integer, got {image_size!r}")
-    if not root.is_dir():
-        raise DataError(f"miniImageNet root {root} does not exist; point it at a folder with {_LAYOUT}")
+    check_root(root, "miniImageNet", f"point it at a folder with {_LAYOUT}")
     csv_path, image_dir = root / f"{split}.csv", root / "images"
     if not csv_path.is_file():
         raise DataError(f"miniImageNet split file {csv_path} is missing; the root must hold {_LAYOUT}")

@@ -49,6 +49,7 @@ from .cache import cache_key, cached_images, file_signature
 from .classes import ClassImages
 from .episodic import EpisodicDataset, register_episodic
 from .images import decode_image
+from .roots import check_root
 
 __all__ = ["ALPHABET_SPLITS", "OMNIGLOT_ARCHIVES", "OMNIGLOT_HOME", "VINYALS_SPLITS", "load_omniglot"]
 
@@ -85,7 +86,7 @@ class _Archive:
 
 def _decode(data: bytes | Path, image_size: int, label: str) -> np.ndarray:
     try:
-        pixels = decode_image(data, "L", image_size)
+        pixels = decode_image(data, "L", image_size, name=label)
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(
             f"cannot decode Omniglot image {label} ({exc}); the file is corrupt: download the data again"
@@ -111,9 +112,13 @@ def _load_archive(root: Path, name: str, image_size: int, cache: bool) -> _Archi
     if zip_path.is_file():
         try:
             zf = zipfile.ZipFile(zip_path)
-        except (zipfile.BadZipFile, OSError) as exc:
+        except zipfile.BadZipFile as exc:
             raise DataError(
-                f"{zip_path} is not a readable zip archive ({exc}); delete it and {_how_to_get(root)}"
+                f"{zip_path} is not a zip archive ({exc}: a damaged download?); delete it and {_how_to_get(root)}"
+            ) from None
+        except OSError as exc:  # the archive may be fine: it cannot be read (permissions, a folder, a disk fault)
+            raise DataError(
+                f"cannot read {zip_path} ({exc.strerror or exc}); check its permissions (chmod a+r) and the disk"
             ) from None
         with zf:
             files = []
@@ -229,8 +234,7 @@ def load_omniglot(
         archives = (ALPHABET_SPLITS[split],)
     else:
         raise DataError(f"unknown Omniglot class_split {class_split!r}; use 'vinyals' or 'alphabets'")
-    if not root.is_dir():
-        raise DataError(f"Omniglot root {root} does not exist; {_how_to_get(root)}")
+    check_root(root, "Omniglot", _how_to_get(root))
 
     loaded = [_load_archive(root, name, image_size, cache) for name in archives]
     images = torch.cat([a.images for a in loaded]) if len(loaded) > 1 else loaded[0].images

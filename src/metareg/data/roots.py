@@ -9,6 +9,18 @@ from pathlib import Path
 _ROOT_NAMES = {"omniglot": ("omniglot",), "miniimagenet": ("miniimagenet", "miniimagenet-100")}
 
 
+def check_root(root: Path, title: str, advice: str) -> Path:
+    """``root`` if it is a folder; else a one-line DataError that says whether it is missing or a
+    file (``advice``: how to get the data)."""
+    if root.is_dir():
+        return root
+    from ..errors import DataError
+
+    if root.exists():
+        raise DataError(f"{title} root {root} is a file, not a folder; point it at the data set's folder ({advice})")
+    raise DataError(f"{title} root {root} does not exist; {advice}")
+
+
 def default_root(name: str) -> Path | None:
     """``$METAREG_DATA_ROOT/<name>`` if the variable is set (for miniImageNet, ``miniimagenet-100``
     is tried when ``miniimagenet`` does not exist), else ``None``."""

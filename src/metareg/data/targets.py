@@ -80,8 +80,9 @@ from torch import Tensor
 
 from ..errors import DataError
 from .cache import cache_key, cached_images
-from .images import decode_image
+from .images import decode_image, too_large
 from .labeled import LabeledImages, register_labeled
+from .roots import check_root
 
 __all__ = ["IMAGE_EXTENSIONS", "TARGET_DATASETS"]
 
@@ -165,8 +166,7 @@ def _locate(root: Path, spec: _Layout) -> Path:
     """The data set's folder: ``root`` or ``root/<one of spec.folders>``, whichever holds a marker."""
     root = Path(root).expanduser()
     expected = f"expected {spec.layout}, or the folder containing {spec.folders[0]}/"
-    if not root.is_dir():
-        raise DataError(f"{spec.title} root {root} does not exist; {expected}")
+    check_root(root, spec.title, expected)
     for candidate in (root, *(root / f for f in spec.folders)):
         if any((candidate / m).exists() for m in spec.markers):
             return candidate
@@ -362,6 +362,8 @@ def _decode_rgb(
             im = im.resize((image_size, image_size), resample=Image.Resampling.LANCZOS)
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     except _DECODE_ERRORS as exc:
+        if isinstance(exc, Image.DecompressionBombError):
+            raise too_large(path, exc) from None
         raise DataError(
             f"cannot decode {spec.title} image {path} ({_one_line(exc, path)}); the file is corrupt: replace it"
         ) from None

@@ -14,7 +14,7 @@ from ..meta.distributed import World
 from ..nets.modes import eval_mode
 from ..progress import Progress
 from ..seeds import derive_seed, seeded
-from .calibration import bin_totals, ece_from_totals, reliability_from_totals
+from .calibration import BINS, bin_totals, ece_from_totals, reliability_from_totals
 from .stats import Estimate, mean_ci
 
 CALIBRATION = ("nll", "episode_nll", "ece", "reliability")
@@ -160,7 +160,9 @@ def evaluate(
     mine = world.block(episodes)
     scores, episode_nll = [], []
     classification = learner.task == "classification"
-    totals = 0
+    # zeros, not 0: a process with no episode of its own (fewer episodes than processes) still
+    # contributes its (empty) totals to the all-reduce as a tensor
+    totals = torch.zeros(3, BINS, dtype=torch.float64, device=device)
     nonfinite = torch.zeros((), dtype=torch.long, device=device)
     bar = Progress(len(mine), desc=desc, unit="ep", enabled=progress and world.is_main, leave=False, every=0.25)
     with seeded(seed, device), eval_mode(learner), bar:

@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
+from ..options import check_options
 from .base import Chain, GradientTransform
 from .steps import SGD, MetaSGD, PerStepSGD
 
@@ -59,10 +60,11 @@ def build_inner_rule(
         name = spec.pop("name", None)
         if name not in _TRANSFORMS:
             raise ConfigError(f"unknown gradient transform {name!r}; available: {', '.join(available()) or 'none'}")
+        check_options(_TRANSFORMS[name], spec, f"gradient transform {name!r}", fixed=("self", "fast_params", "groups"))
         try:
             chain.append(_TRANSFORMS[name](fast_params, groups=groups, **spec))
-        except TypeError as err:
-            raise ConfigError(f"bad options for gradient transform {name!r}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"bad options for gradient transform {name!r}: {one_line(err)}") from None
     if step not in STEPS:
         raise ConfigError(f"unknown inner step {step!r}; choose one of {', '.join(STEPS)}")
     chain.append(STEPS[step](fast_params, lr, steps))

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import ConfigError, DistributedError
+from ..errors import ConfigError, DistributedError, one_line
 
 TIMEOUT = float(os.environ.get("METAREG_DIST_TIMEOUT", "600"))
 
@@ -35,7 +35,7 @@ def _collective(op, *args):
         return op(*args)
     except (RuntimeError, ValueError) as err:
         raise DistributedError(
-            f"a process of this distributed run stopped or did not answer ({str(err).splitlines()[0][:200]}); "
+            f"a process of this distributed run stopped or did not answer ({one_line(err, 200)}); "
             "every process stops: continue from the last checkpoint with --resume (any number of processes)"
         ) from None
 

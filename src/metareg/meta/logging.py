@@ -6,6 +6,9 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointError
+from ..files import atomic_open
+
 COLUMNS = ["step", "loss", "score", "val_score", "val_ci95", "seconds", "tasks_per_s"]
 
 
@@ -20,13 +23,16 @@ class MetricLog:
         if resume_step is None or not path.exists():
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(columns)
-        else:
-            with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, columns)
+        else:  # the rows up to the checkpoint (rows that cannot be read are not steps), rewritten atomically
+            try:
+                with path.open(newline="", encoding="utf-8", errors="replace") as f:
+                    rows = [r for r in csv.DictReader(f) if str(r.get("step") or "").isdigit()]
+            except csv.Error as err:
+                raise CheckpointError(f"{path} is damaged ({err}): move it away to continue the run") from None
+            with atomic_open(path, "w") as f:
+                writer = csv.DictWriter(f, columns, extrasaction="ignore")
                 writer.writeheader()
-                writer.writerows({k: r.get(k, "") for k in columns} for r in rows)
+                writer.writerows({k: r.get(k) or "" for k in columns} for r in rows if int(r["step"]) <= resume_step)
         self.writer = None
         if tensorboard:
             try:

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..checkpoint import CHECKPOINT, describe_kept, load_checkpoint, save_checkpoint
-from ..errors import CheckpointError, DivergenceError
+from ..checkpoint import CHECKPOINT, describe_kept, load_checkpoint, record_step, save_checkpoint
+from ..errors import CheckpointError, DivergenceError, one_line
 from ..progress import Progress
 from .distributed import World
 from .logging import MetricLog
@@ -43,6 +43,31 @@ def nonfinite_count(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Every tensor of an optimizer's state (Adam's moments and step counts)."""
     return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def optimizer_problem(optimizer: torch.optim.Optimizer) -> str | None:
+    """What is wrong with an optimizer's state as loaded from a checkpoint (None if nothing): a
+    moment whose shape is not its parameter's, a non-finite value, a negative second moment, or a
+    step count that is not a whole number >= 0 (Adam's bias correction would turn it into a complex
+    number or a division by zero)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if key == "step":
+                    count = value.detach().double().flatten()
+                    if count.numel() != 1 or not math.isfinite(count.item()) or count.item() < 0:
+                        return f"an optimizer step count is {count.tolist()}, not a whole number >= 0"
+                    if count.item() != round(count.item()):
+                        return f"an optimizer step count is {count.item()}, not a whole number"
+                elif value.shape != param.shape:
+                    return f"optimizer state {key!r} has shape {list(value.shape)}, its parameter {list(param.shape)}"
+                elif value.is_floating_point() and not torch.isfinite(value).all():
+                    return f"optimizer state {key!r} holds non-finite values"
+                elif key in ("exp_avg_sq", "max_exp_avg_sq") and (value < 0).any():
+                    return f"optimizer state {key!r} holds negative second moments"
+    return None
 
 
 def checkpoint_problem(nonfinite: int, loss: float) -> str | None:
@@ -254,14 +279,28 @@ class CheckpointedTrainer:
         return save_checkpoint(self.out, CHECKPOINT, tensors, info, self.step)
 
     def resume(self) -> None:
+        """Load the run folder's checkpoint; a checkpoint that does not fit this run, or whose state
+        is damaged (a checksum recomputed over edited tensors: non-finite weights, an optimizer
+        state no optimizer could have written, RNG states of the wrong size), is one line."""
         tensors, meta = load_checkpoint(self.out, CHECKPOINT)
+        step = checked_step(meta, self.out)
         try:
             self.load_state(tensors, meta)
         except (RuntimeError, KeyError, ValueError, TypeError) as err:
-            raise CheckpointError(
-                f"checkpoint in {self.out} does not fit this run: {str(err).splitlines()[0]}"
-            ) from None
-        self.step, self.seconds = checked_step(meta, self.out), float(meta.get("seconds") or 0.0)
+            raise CheckpointError(f"checkpoint in {self.out} does not fit this run: {one_line(err)}") from None
+        optimizers = [v for v in vars(self).values() if isinstance(v, torch.optim.Optimizer)]
+        problem = next((found for o in optimizers if (found := optimizer_problem(o))), None)
+        if problem is None and nonfinite_count(self.checked_tensors()).item():
+            problem = "its weights or optimizer state hold non-finite values"
+        if problem is not None:
+            raise CheckpointError(f"checkpoint in {self.out} is damaged: {problem}; restore it or start a new run")
+        try:
+            seconds = float(meta.get("seconds") or 0.0)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0:
+            raise CheckpointError(f"checkpoint in {self.out} is damaged: its training time is {meta.get('seconds')!r}")
+        self.step, self.seconds = step, seconds
 
     def check(self) -> str | None:
         """None if the state about to be saved is good on every process: every tensor finite and a
@@ -307,10 +346,4 @@ class CheckpointedTrainer:
 
 def checked_step(meta: dict[str, Any], out: Path) -> int:
     """The step a checkpoint record holds: a whole number >= 0, else the record is damaged."""
-    step = meta.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(
-            f"{out / (CHECKPOINT + '.json')} holds step {step!r}, not a whole number >= 0: the record is damaged or "
-            "was edited; restore it or start a new run"
-        )
-    return step
+    return record_step(meta, out / f"{CHECKPOINT}.json")

@@ -189,6 +189,7 @@ def _convnet(**defaults):
     def make(num_outputs, in_channels, image_size, perturbation, **options):
         return ConvNet(num_outputs, in_channels, image_size, perturbation=perturbation, **(defaults | options))
 
+    make.__wrapped__ = ConvNet  # its options are ConvNet's (checked against its signature)
     return make
 
 

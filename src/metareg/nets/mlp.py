@@ -68,10 +68,14 @@ class MLP(nn.Module):
         return self.head_perturb(out, x, sample=sample)
 
 
+def _make_mlp(num_outputs, in_channels, image_size, perturbation, **options):  # noqa: ARG001
+    return MLP(in_channels, num_outputs, perturbation=perturbation, **options)
+
+
+_make_mlp.__wrapped__ = MLP  # its options are MLP's (checked against its signature)
+
 register_backbone(
     "mlp",
-    lambda num_outputs, in_channels, image_size, perturbation, **options: (  # noqa: ARG005
-        MLP(in_channels, num_outputs, perturbation=perturbation, **options)
-    ),
+    _make_mlp,
     description="the 1-40-40-1 sine regressor",
 )

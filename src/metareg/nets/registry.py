@@ -18,7 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
+from ..options import check_options
 from .slots import PerturbationFactory, identity_factory
 
 
@@ -31,6 +32,13 @@ class Backbone:
 
 
 _BACKBONES: dict[str, Backbone] = {}
+#: The parameters of a backbone's constructor that :func:`create_model` fills (never options); a
+#: ``make`` whose options are its class's sets ``make.__wrapped__ = cls``, so that they are checked
+#: against the class's signature (:func:`metareg.options.check_options`).
+BUILDER_FILLS = (
+    *("num_classes", "num_outputs", "in_channels", "image_size", "perturbation"),
+    *("in_features", "out_features"),  # the MLP's
+)
 
 
 def register_backbone(
@@ -107,13 +115,16 @@ def create_model(
         ```
     """
     backbone = get_backbone(name)
+    check_options(backbone.make, options, f"backbone {name!r}", fixed=BUILDER_FILLS)
     options = (backbone.standard if standard else {}) | options
     if "hidden" in options:
         options["hidden"] = tuple(options["hidden"])
     try:
         model = backbone.make(num_outputs, in_channels, image_size, perturbation, **options)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"bad options for backbone {name!r}: {err}") from None
+    except NotImplementedError:  # an operation the device (torch's meta device, say) lacks: not the options
+        raise
+    except (TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a negative width, say
+        raise ConfigError(f"bad options for backbone {name!r}: {one_line(err)}") from None
     shared = getattr(perturbation, "shared", None)
     if shared is not None:  # one function shared by every slot (MetaPerturb's phi): owned by the network
         model.perturbation_function = shared

@@ -261,6 +261,7 @@ def _resnet(cls: type, **defaults):
     def make(num_outputs, in_channels, image_size, perturbation, **options):
         return cls(num_outputs, in_channels, image_size, perturbation=perturbation, **(defaults | options))
 
+    make.__wrapped__ = cls  # its options are the class's (checked against its signature)
     return make
 
 

@@ -18,6 +18,7 @@ pixel range [0, 1] (images are in [0, 1] as the data sets deliver them):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -113,10 +114,30 @@ class PGD:
             or (self.step_size is not None and not self.step_size > 0)
         ):
             raise ConfigError(f"attack needs epsilon >= 0, steps >= 1, draws >= 1 and a positive step size, got {self}")
+        if not math.isfinite(self.epsilon) or (self.step_size is not None and not math.isfinite(self.step_size)):
+            raise ConfigError(f"an attack's epsilon and step size must be finite numbers, got {self.epsilon}")
+        if self.norm == "linf" and self.epsilon > 1:
+            raise ConfigError(
+                f"an L-infinity attack of size {self.epsilon:g} is larger than the pixel range: images are in [0, 1], "
+                "so epsilon must be in [0, 1]"
+            )
+
+    def check_size(self, pixels: int) -> None:
+        """Refuse a ball larger than the image cube [0, 1]^pixels it attacks: its diameter is 1 in
+        L-infinity, sqrt(pixels) in L2 and ``pixels`` in L1; a larger epsilon would be the same attack
+        (or overflow the step to inf)."""
+        largest = {"linf": 1.0, "l2": math.sqrt(pixels), "l1": float(pixels)}[self.norm]
+        if self.epsilon > largest:
+            raise ConfigError(
+                f"a pgd-{self.norm} attack of size {self.epsilon:g} is larger than the distance between any two images "
+                f"of {pixels} values in [0, 1] ({largest:g}): epsilon must be in [0, {largest:g}]"
+            )
 
     def __call__(self, loss_of: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """The adversarial version of ``x`` (detached)."""
         x = x.detach()
+        if x.dim() > 1:
+            self.check_size(x[0].numel())
         if self.epsilon == 0:
             return x
         step = self.step_size if self.step_size is not None else 2.5 * self.epsilon / self.steps

@@ -23,7 +23,7 @@ from ..checkpoint import (
     write_json_atomic,
     write_safetensors_atomic,
 )
-from ..errors import CheckpointError
+from ..errors import CheckpointError, one_line
 from ..nets.slots import PerturbationFactory
 from .metaperturb import MetaPerturbFunction, metaperturb_slots
 from .registry import register
@@ -97,7 +97,7 @@ def load_phi(spec: str | Path = "builtin", *, clip: float | None = 100.0) -> Met
     try:
         phi.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"{json_path} does not describe a MetaPerturb phi: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"{json_path} does not describe a MetaPerturb phi: {one_line(err)}") from None
     if not all(torch.isfinite(p).all() for p in phi.parameters()):
         raise CheckpointError(f"{json_path}'s tensors hold non-finite values")
     return phi.requires_grad_(False)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from ..nets.slots import LayerInfo, PerturbationFactory, identity_factory
+from ..options import check_options
 
 _REGISTRY: dict[str, Callable[..., PerturbationFactory]] = {}
 
@@ -73,10 +74,11 @@ def build_perturbation(name: str, options: dict[str, Any] | None = None) -> Pert
     """
     if name not in _REGISTRY:
         raise ConfigError(f"unknown perturbation {name!r}; available: {', '.join(available())}")
+    check_options(_REGISTRY[name], options or {}, f"perturbation {name!r}")
     try:
         return _REGISTRY[name](**(options or {}))
-    except TypeError as err:
-        raise ConfigError(f"bad options for perturbation {name!r}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bad options for perturbation {name!r}: {one_line(err)}") from None
 
 
 __all__ = ["LayerInfo", "available", "build_perturbation", "register"]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import preflight
 from ..config import SCHEMAS, Config, load_file, merge, upgrade, validate
 from ..data import get_episodic, labeled_datasets
 from ..errors import ConfigError
@@ -54,8 +55,9 @@ def resolve(
 
 
 def check(config: Any) -> None:
-    """Validate ``config``: its own ranges, and its names against the registries (data set,
-    backbone, perturbation), so a typo fails before anything runs."""
+    """Validate ``config``: its own ranges, its names against the registries (data set, backbone,
+    perturbation), so a typo fails before anything runs, and what it would build and the memory
+    that needs (:mod:`metareg.preflight`)."""
     validate(config)
     get_backbone(config.model.backbone)
     if isinstance(config, Config):
@@ -65,6 +67,7 @@ def check(config: Any) -> None:
     name = config.perturb.name
     if name not in perturbations():
         raise ConfigError(f"unknown perturbation {name!r}; available: {', '.join(perturbations())}")
+    preflight.check(config)
 
 
 def resumed(out: str | Path, kind: str, changes: dict[str, Any]) -> Any:
@@ -82,5 +85,5 @@ def resumed(out: str | Path, kind: str, changes: dict[str, Any]) -> Any:
         setattr(target, field, value)
     if changes.get("data.root") is not None:
         config.data.root = str(Path(config.data.root).expanduser().resolve())
-    validate(config)
+    check(config)
     return config

@@ -4,6 +4,9 @@ checkpoint on the fixed episode stream, compare two models on the same episodes.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +15,14 @@ import torch
 from ..build import build_learner, build_source, dtype_of, is_regression, resolve_device
 from ..checkpoint import write_json_atomic
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, MetaregError
 from ..evaluate import EvalResult, evaluate, paired_difference
 from ..meta.bilevel import BilevelLearner
 from ..meta.distributed import World
 from ..meta.loop import RunContext
 from ..meta.trainer import MetaTrainer
-from ..runfolder import prepare_run_folder
+from ..runfolder import prepare_run_folder, read_result
+from ..runlock import run_lock
 from .common import command_line
 
 
@@ -84,6 +88,13 @@ def train(
     meta-batch; the first one writes the log and checkpoints."""
     out = Path(out)
     world = world or World(device=resolve_device(config.device))
+    with run_lock(out, world):  # one writer per run folder (the first process of a distributed run)
+        return _train(config, out, resume=resume, progress=progress, deadline=deadline, world=world)
+
+
+def _train(
+    config: Config, out: Path, *, resume: bool, progress: bool, deadline: float | None, world: World
+) -> MetaTrainer:
     prepare_run_folder(out, resume, config, main=world.is_main)
     device = world.device
     dtype = dtype_of(config)
@@ -121,6 +132,22 @@ def save_result(result: EvalResult, path: str | Path) -> None:
     write_json_atomic(Path(path), result.to_dict())
 
 
+def result_path(path: Path, result: EvalResult) -> Path:
+    """Where a result measured now goes by default: ``path``, unless that holds a result measured
+    on other episodes or under other test conditions (another shot, seed, attack...), which is kept:
+    then ``<stem>-<digest of the protocol>.json`` beside it."""
+    protocol = json.loads(json.dumps(result.protocol))
+    if path.exists():
+        try:
+            if read_result(path)["protocol"] == protocol:
+                return path
+        except MetaregError:  # a damaged file is not replaced either
+            pass
+        digest = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:8]
+        return path.with_name(f"{path.stem}-{digest}.json")
+    return path
+
+
 def compare(a: EvalResult, b: EvalResult) -> dict[str, Any]:
     """Paired difference a - b on the same episodes; refuses results measured on different
     episodes or under different test conditions (an attack). How each model adapts (its inner
@@ -130,6 +157,9 @@ def compare(a: EvalResult, b: EvalResult) -> dict[str, Any]:
     diff = {k: (a.protocol.get(k), b.protocol.get(k)) for k in keys if a.protocol.get(k) != b.protocol.get(k)}
     if diff:
         raise ConfigError(f"the two results were not measured on the same episodes: {diff}")
+    for name, result in (("A", a), ("B", b)):
+        if not all(math.isfinite(s) for s in result.scores.tolist()):
+            raise ConfigError(f"{name}'s scores are not all finite numbers (NaN or infinite): nothing to compare")
     if a.scores.numel() < 2:
         raise ConfigError(
             f"a paired comparison needs at least 2 episodes (its confidence interval comes from their spread), "

@@ -27,6 +27,7 @@ from ..meta.joint_trainer import JointTrainer
 from ..meta.loop import RunContext
 from ..perturb.pretrained import save_phi
 from ..runfolder import prepare_run_folder
+from ..runlock import run_lock
 from .common import command_line
 from .transfer import load_images
 
@@ -67,41 +68,54 @@ def meta_train(
     out = Path(out)
     world = distributed.setup(resolve_device(config.device))
     try:
-        prepare_run_folder(out, resume, config, world.is_main)
-        dtype = dtype_of(config)
-        tasks = source_tasks(config)
-        share = world.share(config.tasks)
-        learner = build_joint_learner(config, [train.num_classes for train, _ in tasks], share, world.device, dtype)
-        world.broadcast(learner.phi_parameters())
-        context = RunContext(
-            out,
-            config.seed,
-            world.device,
-            dtype,
-            world,
-            meta={"config": config.to_dict(), "kind": "meta-train"},
-            progress=progress,
-            deadline=deadline,
-        )
-        trainer = JointTrainer(learner, [tasks[t] for t in share], config.train, context, channels=IMAGE_CHANNELS)
-        if resume:
-            trainer.resume()
-        trainer.run(resume_log=resume)
-        if world.is_main and trainer.finished and config.perturb.name == "metaperturb":
-            source = {
-                "data": config.data.name,
-                "split": config.data.train_split,
-                "image_size": config.data.image_size,
-                "tasks": config.tasks,
-                "classes": sum(t[0].num_classes for t in tasks),
-                "train_images": sum(len(t[0]) for t in tasks),
-            }
-            save_phi(
-                out,
-                learner.networks[0].perturbation_function,
-                {"source": source, "backbone": config.model.backbone, "steps": trainer.step}
-                | provenance(config, trainer.seconds, world.size),
-            )
-        return trainer
+        with run_lock(out, world):  # one writer per run folder (the first process of a distributed run)
+            return _meta_train(config, out, world, resume=resume, progress=progress, deadline=deadline)
     finally:
         distributed.teardown(world)
+
+
+def _meta_train(
+    config: MetaTrainConfig,
+    out: Path,
+    world: distributed.World,
+    *,
+    resume: bool,
+    progress: bool,
+    deadline: float | None,
+) -> JointTrainer:
+    prepare_run_folder(out, resume, config, world.is_main)
+    dtype = dtype_of(config)
+    tasks = source_tasks(config)
+    share = world.share(config.tasks)
+    learner = build_joint_learner(config, [train.num_classes for train, _ in tasks], share, world.device, dtype)
+    world.broadcast(learner.phi_parameters())
+    context = RunContext(
+        out,
+        config.seed,
+        world.device,
+        dtype,
+        world,
+        meta={"config": config.to_dict(), "kind": "meta-train"},
+        progress=progress,
+        deadline=deadline,
+    )
+    trainer = JointTrainer(learner, [tasks[t] for t in share], config.train, context, channels=IMAGE_CHANNELS)
+    if resume:
+        trainer.resume()
+    trainer.run(resume_log=resume)
+    if world.is_main and trainer.finished and config.perturb.name == "metaperturb":
+        source = {
+            "data": config.data.name,
+            "split": config.data.train_split,
+            "image_size": config.data.image_size,
+            "tasks": config.tasks,
+            "classes": sum(t[0].num_classes for t in tasks),
+            "train_images": sum(len(t[0]) for t in tasks),
+        }
+        save_phi(
+            out,
+            learner.networks[0].perturbation_function,
+            {"source": source, "backbone": config.model.backbone, "steps": trainer.step}
+            | provenance(config, trainer.seconds, world.size),
+        )
+    return trainer

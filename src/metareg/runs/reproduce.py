@@ -14,7 +14,6 @@ loss became NaN/Inf is reported as diverged, not hidden.
 from __future__ import annotations
 
 import functools
-import json
 import operator
 import os
 import re
@@ -27,8 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import upgrade
+from ..checkpoint import read_checkpoint_meta
 from ..errors import ConfigError
+from ..memory import require
+from ..runfolder import read_result, read_run
+from ..runlock import run_lock
 
 # What a run's log says when it stopped because it diverged (metareg.meta.loop's messages).
 DIVERGED = re.compile(r"became (nan|inf|-inf)|non-finite values|the loss on the new weights|update overflowed")
@@ -300,8 +302,8 @@ def _train(run: Run, folder: Path, iterations: int | None, log: Path, deadline: 
     cmd = [sys.executable, "-m", "metareg.cli", "--no-progress", *command, "--out", str(folder)]
     finished = folder / {"train": "checkpoint.json", "meta-train": "phi.json", "transfer": "test.json"}[run.command]
     if checkpoint.exists():
-        meta = json.loads(checkpoint.read_text())
-        target = iterations or upgrade(meta["config"], meta.get("kind", "bilevel"))["train"]["steps"]
+        meta = read_checkpoint_meta(checkpoint)[1]
+        target = iterations or read_run(folder)[1].train.steps
         if meta["step"] >= target and finished.exists():
             return "done"
         cmd += ["--resume"]
@@ -334,11 +336,11 @@ def _test(run: Run, folder: Path, shot: int, episodes: int) -> dict[str, Any]:
     from .episodic import meta_test, save_result
 
     if run.command == "transfer":  # tested on its target's test images when it finished
-        return json.loads((folder / "test.json").read_text())
+        return read_result(folder / "test.json")
 
     path = folder / f"test-{shot}shot-{episodes}ep.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return read_result(path)
     config, learner = load_learner(folder)
     result = meta_test(config, learner, episodes=episodes, shot=shot, progress=False)
     save_result(result, path)
@@ -369,9 +371,22 @@ def run_experiment(
     unfinished: running the experiment again continues them."""
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
-    experiment = EXPERIMENTS[name]
+    require(16 * episodes, f"--episodes {episodes} (a score and an NLL per test episode)")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):  # one grid per folder (each run's own folder is locked by the run itself)
+        return _run_experiment(EXPERIMENTS[name], out, iterations, episodes, jobs, progress, deadline)
+
+
+def _run_experiment(
+    experiment: Experiment,
+    out: Path,
+    iterations: int | None,
+    episodes: int,
+    jobs: int,
+    progress: bool,
+    deadline: float | None,
+) -> Path:
+    name = experiment.name
     start = time.perf_counter()
 
     def one(run: Run) -> tuple[str, str]:
@@ -612,7 +627,7 @@ def plan(name: str, out: str | Path) -> str:
         preset = get_preset(run.preset).values
         total = preset["train"]["steps"]
         checkpoint, log = out / run.name / "checkpoint.json", out / run.name / "log.csv"
-        done = json.loads(checkpoint.read_text())["step"] if checkpoint.exists() else 0
+        done = read_checkpoint_meta(checkpoint)[1]["step"] if checkpoint.exists() else 0
         rate = None
         if log.exists():
             rows = [r for r in log.read_text().splitlines()[1:] if r]

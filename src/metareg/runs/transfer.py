@@ -8,7 +8,6 @@ on a validation split (``--select``) and the paired comparison with Base (``--ag
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +31,19 @@ from ..data.labeled import (
     split_per_class,
     take_per_class,
 )
-from ..errors import ConfigError, DataError, DivergenceError
+from ..errors import CheckpointError, ConfigError, DataError, DivergenceError
 from ..evaluate.calibration import expected_calibration_error, reliability
 from ..evaluate.episodes import EvalResult
-from ..evaluate.stats import paired_difference
 from ..fewshot import load_transfer_model
+from ..files import read_json
 from ..meta.loop import RunContext
 from ..meta.ordinary import TransferTrainer
 from ..nets.modes import set_training_progress
 from ..perturb import MetaPerturb
 from ..perturb.pretrained import phi_info
-from ..runfolder import prepare_run_folder
+from ..runfolder import prepare_run_folder, read_result, read_run
+from ..runlock import run_lock
+from .episodic import compare
 
 CHECKPOINT_JSON = f"{CHECKPOINT}.json"
 
@@ -141,7 +142,18 @@ def transfer(
     ``out/selection/<i>/`` (each resumable); the best validation accuracy wins (``selection.json``),
     then the network is trained on all the training images with it and tested."""
     out = Path(out)
+    with run_lock(out):  # one writer per run folder
+        return _transfer(config, out, resume=resume, progress=progress, deadline=deadline)
+
+
+def _transfer(
+    config: TransferConfig, out: Path, *, resume: bool, progress: bool, deadline: float | None
+) -> dict[str, Any] | None:
     prepare_run_folder(out, resume, config, started=(out / CHECKPOINT_JSON).exists() or (out / "selection").is_dir())
+    base = base_run(out) if config.against_base and config.perturb.name != "none" else None
+    base_config = base_settings(config)
+    if base is not None:  # a Base run of other settings is refused now, before anything trains
+        check_base(base, base_config)
     train, test = target_data(config.data)
     if config.select:
         chosen = select_options(config, out, train, progress=progress, deadline=deadline)
@@ -151,38 +163,77 @@ def transfer(
     record = fit(
         config, train, test, out, resume=(out / CHECKPOINT_JSON).exists(), progress=progress, deadline=deadline
     )
-    if record is None or not config.against_base or config.perturb.name == "none":
+    if record is None or base is None:
         return record
-    base = base_run(out)
-    base_config = TransferConfig.from_dict(config.to_dict())
-    base_config.perturb.name, base_config.perturb.options, base_config.select, base_config.against_base = (
-        "none",
-        {},
-        False,
-        False,
-    )
-    if not (base / "test.json").is_file():
-        if not (base / CHECKPOINT_JSON).exists():
-            prepare_run_folder(base, False, base_config)
-        if (
-            fit(
-                base_config,
-                train,
-                test,
-                base,
-                resume=(base / CHECKPOINT_JSON).exists(),
-                progress=progress,
-                deadline=deadline,
-            )
-            is None
-        ):
-            return None
-    base_record = json.loads((base / "test.json").read_text())
-    difference = paired_difference(record["scores"], base_record["scores"])
+    with run_lock(base):
+        if not (base / "test.json").is_file():
+            if not (base / CHECKPOINT_JSON).exists():
+                prepare_run_folder(base, False, base_config)
+            resume_base = (base / CHECKPOINT_JSON).exists()
+            if fit(base_config, train, test, base, resume=resume_base, progress=progress, deadline=deadline) is None:
+                return None
+        base_record = read_result(base / "test.json")
+    # paired only if measured on the same test images (`metareg compare` refuses the same pairs)
+    difference = compare(EvalResult.from_dict(record), EvalResult.from_dict(base_record))["difference"]
     return record | {
         "base": base_record,
         "difference": {"mean": difference.mean, "ci95": difference.ci95, "n": difference.n},
     }
+
+
+def base_settings(config: TransferConfig) -> TransferConfig:
+    """The Base run of ``--against-base``: ``config`` without its perturbation (same data, seed,
+    schedule and test images)."""
+    base = TransferConfig.from_dict(config.to_dict())
+    base.perturb.name, base.perturb.options, base.select, base.against_base = "none", {}, False, False
+    return base
+
+
+#: Settings that do not change a transfer run's result (where it runs, how often it logs, checkpoints
+#: or measures test accuracy on the way, where its data lies, the preset's name).
+INCIDENTAL = (
+    *("device", "preset", "data.root"),
+    *("train.log_every", "train.checkpoint_every", "eval_every", "eval_mc_samples"),
+)
+
+
+def _matters_to_base(key: str) -> bool:
+    """Of the perturbation section only its name and options act on a Base run (phi, clip, annealing
+    and Monte-Carlo samples belong to perturbations that sample)."""
+    return not key.startswith("perturb.") or key in ("perturb.name", "perturb.options")
+
+
+def _flat(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "options":
+            out |= _flat(value, f"{where}{key}.")
+        else:
+            out[f"{where}{key}"] = value
+    return out
+
+
+def check_base(base: Path, expected: TransferConfig) -> None:
+    """Refuse (one line) a started Base run in ``base`` made with other settings than ``expected``
+    (another data seed, schedule, seed, test images...): its result would not pair with this run's,
+    and continuing it under the new settings would mix two runs in one."""
+    if not ((base / CHECKPOINT_JSON).exists() or (base / "config.json").exists()):
+        return
+    kind, stored = read_run(base)
+    if kind != "transfer":
+        raise ConfigError(f"{base} holds a {kind} run, not this run's Base run: remove it or choose another --out")
+    theirs, ours = _flat(stored.to_dict()), _flat(expected.to_dict())
+    differ = [
+        k
+        for k in sorted(set(theirs) | set(ours))
+        if k not in INCIDENTAL and _matters_to_base(k) and theirs.get(k) != ours.get(k)
+    ]
+    if differ:
+        shown = ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ[:3])
+        raise ConfigError(
+            f"{base} holds a Base run of other settings ({shown}{', ...' if len(differ) > 3 else ''}), which would not "
+            f"pair with this run: remove it (or move it away) to train the Base run again, or choose another --out"
+        )
 
 
 def stopped_at(out: str | Path) -> tuple[Path, int]:
@@ -211,7 +262,10 @@ def select_options(
     deadline came first; the finished candidates are kept)."""
     record_path = out / "selection.json"
     if record_path.is_file():
-        return json.loads(record_path.read_text())["chosen"]
+        chosen = read_json(record_path, "record of the options --select chose").get("chosen")
+        if not isinstance(chosen, dict) or not all(isinstance(k, str) for k in chosen):
+            raise CheckpointError(f"{record_path} is damaged (no 'chosen' options): remove it to choose them again")
+        return chosen
     rest, validation = hold_out(train, VALIDATION_FRACTION, config.data.seed)
     results = []
     for i, options in enumerate(candidates(config.perturb.name)):
@@ -219,7 +273,7 @@ def select_options(
         trial.select, trial.perturb.options = False, config.perturb.options | options
         folder = out / "selection" / str(i)
         if (folder / "test.json").is_file():
-            record = json.loads((folder / "test.json").read_text())
+            record = read_result(folder / "test.json")
         else:
             folder.mkdir(parents=True, exist_ok=True)
             record = fit(
@@ -259,6 +313,20 @@ def fit(
     deadline: float | None,
 ) -> dict[str, Any] | None:
     """Train a network on ``train`` and test it on ``test``, into run folder ``out``."""
+    with run_lock(out):  # (re-entered where transfer() holds it already)
+        return _fit(config, train, test, out, resume=resume, progress=progress, deadline=deadline)
+
+
+def _fit(
+    config: TransferConfig,
+    train: LabeledImages,
+    test: LabeledImages,
+    out: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    deadline: float | None,
+) -> dict[str, Any] | None:
     device, dtype = resolve_device(config.device), dtype_of(config)
     size = config.data.image_size
     net, factory = build_transfer_network(config, train.num_classes)

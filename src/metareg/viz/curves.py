@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError, one_line
 from .backend import pyplot
 
 
@@ -14,10 +14,15 @@ def read_log(run: str | Path) -> dict[str, list[float]]:
     if not path.is_file():
         raise ConfigError(f"no training log at {path}")
     columns: dict[str, list[float]] = {}
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                columns.setdefault(key, []).append(float(value) if value not in ("", None) else float("nan"))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                for key, value in row.items():
+                    if not isinstance(key, str) or not isinstance(value, (str, type(None))):
+                        raise ValueError("a row has more fields than the header")
+                    columns.setdefault(key, []).append(float(value) if value not in ("", None) else float("nan"))
+    except (ValueError, csv.Error, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is damaged ({one_line(err, 120)}): not a training log metareg wrote") from None
     return columns
 
 

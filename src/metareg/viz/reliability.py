@@ -4,23 +4,21 @@ diagonal being perfect calibration; the legend gives ECE."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..runfolder import read_result
 from .backend import pyplot
 
 
 def _result(run: str | Path) -> dict:
     path = Path(run) / "test.json" if Path(run).is_dir() else Path(run)
-    try:
-        result = json.loads(path.read_text())
-        result["reliability"]["count"]
-    except (OSError, ValueError, KeyError, TypeError):
+    result = read_result(path)
+    if not isinstance(result.get("reliability"), dict) or result.get("ece") is None:
         raise ConfigError(
             f"{path} is not a test result with calibration (metareg test of a classification run, or metareg perturb "
             "transfer)"
-        ) from None
+        )
     return result
 
 
