@@ -71,17 +71,18 @@ def check_commands(example: Example) -> None:
 
 def check_config(example: Example) -> None:
     """A YAML block is a valid (partial) config of ``metareg train``, in today's key names."""
-    from metareg.config import Config, load_yaml
+    from metareg.config import Config, load_yaml, moved_keys
     from metareg.errors import ConfigError
 
-    notices = io.StringIO()
     try:
-        with contextlib.redirect_stderr(notices):
-            Config.from_dict(load_yaml(example.parsed))
+        values = load_yaml(example.parsed)
+        _, renamed = moved_keys(values, Config.kind)
+        Config.from_dict(values)
     except ConfigError as err:
         raise AssertionError(f"{example.path}, line {example.line}: not a valid config: {err}") from None
-    if notices.getvalue():
-        raise AssertionError(f"{example.path}, line {example.line}: {notices.getvalue().strip()}")
+    if renamed:
+        stale = "; ".join(f"config key {old!r} is now {new!r}" for old, new in renamed)
+        raise AssertionError(f"{example.path}, line {example.line}: {stale}")
 
 
 MARKDOWN = Sybil(

@@ -320,8 +320,20 @@ def upgrade(values: Any, kind: str) -> Any:
     """``values`` (a partial config of ``kind``) with the keys of earlier versions moved to their
     new names, each announced once per process in one line on stderr. Giving a key under both its
     old and its new name is an error."""
+    out, renamed = moved_keys(values, kind)
+    for old, new in renamed:
+        if old not in _noticed:
+            _noticed.add(old)
+            print(f"metareg: note: config key {old!r} is now {new!r} (read as such)", file=sys.stderr)
+    return out
+
+
+def moved_keys(values: Any, kind: str) -> tuple[Any, list[tuple[str, str]]]:
+    """``values`` with the keys of earlier versions moved to their new names, and the (old, new)
+    pairs it moved, silently (``upgrade`` announces them)."""
+    renamed: list[tuple[str, str]] = []
     if not isinstance(values, dict):
-        return values
+        return values, renamed
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
     for old, new in RENAMED.get(kind, {}).items():
         *old_sections, old_key = old.split(".")
@@ -349,10 +361,8 @@ def upgrade(values: Any, kind: str) -> Any:
             raise ConfigError(f"config keys {old!r} and {new!r} are the same key (renamed): give only {new!r}")
         else:
             target[new_key] = value
-        if old not in _noticed:
-            _noticed.add(old)
-            print(f"metareg: note: config key {old!r} is now {new!r} (read as such)", file=sys.stderr)
-    return out
+        renamed.append((old, new))
+    return out, renamed
 
 
 # --------------------------------------------------------------------------------------- building
