@@ -4,18 +4,14 @@ chunked plan of a long reproduction."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
+from helpers import SHARED, tiny
 from metareg import cli
 from metareg.errors import CheckpointError
 from metareg.runs import builtin
 from metareg.runs.episodic import meta_test, save_result, train
-from test_training import tiny
-
-SHARED = Path(os.environ.get("METAREG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture

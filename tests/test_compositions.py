@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import tiny
 from metareg.config import MetaTrainConfig, parse_assignment
 from metareg.errors import ConfigError
 from metareg.meta.joint import JointLearner
@@ -15,7 +16,6 @@ from metareg.runs.common import resolve
 from metareg.runs.episodic import build_learner, meta_test, train
 from metareg.runs.metaperturb import meta_train
 from metareg.selection import select
-from test_training import tiny
 
 REF_FAST = "model.options={channels: 4, init: truncated_normal, norm_scale: false}"
 

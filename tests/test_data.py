@@ -28,6 +28,7 @@ try:
 except ImportError:  # not installed: test the source tree
     sys.path.insert(0, str(REPO / "src"))
 
+from helpers import SHARED, write_tiny_mini  # noqa: E402
 from metareg.data import (  # noqa: E402
     ClassImages,
     EpisodeSampler,
@@ -46,13 +47,6 @@ from metareg.data import omniglot as omniglot_module  # noqa: E402
 from metareg.data.download import expected_files  # noqa: E402
 from metareg.errors import DataError  # noqa: E402
 
-
-def _shared_data() -> Path:
-    env = os.environ.get("METAREG_SHARED_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
-
-
-SHARED = _shared_data()
 OMNIGLOT = SHARED / "omniglot"
 MINI = SHARED / "miniimagenet-100"
 OMNIGLOT_ZIPS = [OMNIGLOT / "images_background.zip", OMNIGLOT / "images_evaluation.zip"]
@@ -561,22 +555,6 @@ def test_miniimagenet_shared(mini: dict) -> None:
     t0 = time.perf_counter()
     assert load_miniimagenet(MINI, "test").num_classes == 20
     assert time.perf_counter() - t0 < 10.0
-
-
-def write_tiny_mini(root: Path, counts: dict[str, int], size: tuple[int, int] = (84, 84)) -> Path:
-    """Ravi & Larochelle layout: images/<label><index>.jpg and train/val/test csvs (all classes in train)."""
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    lines = ["filename,label"]
-    for label, n in counts.items():
-        for i in range(n):
-            name = f"{label}{i + 1:08d}.jpg"
-            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "images" / name, quality=90)
-            lines.append(f"{name},{label}")
-    for split in ("train", "val", "test"):
-        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def test_tiny_miniimagenet_unequal_600_per_class_counts(tmp_path: Path) -> None:

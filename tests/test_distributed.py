@@ -3,26 +3,17 @@ meta-parameters and per-episode scores as one process, resumable with any number
 
 from __future__ import annotations
 
-import functools
 import json
-import operator
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
+from helpers import TINY, assert_same_tensors, final_params, flags
 from metareg.meta.distributed import World
-from test_training import TINY, final_params
 
-FLAGS = [
-    *functools.reduce(
-        operator.iadd,
-        (["--set", s] for s in [*TINY, "dtype=float64", "train.checkpoint_every=1", "train.val_every=1000"]),
-        [],
-    )
-]
+FLAGS = flags([*TINY, "dtype=float64", "train.checkpoint_every=1", "train.val_every=1000"])
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
@@ -39,12 +30,6 @@ def metareg(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
     return done
 
 
-def assert_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and any(k.startswith("param.") for k in a) and any(".exp_avg" in k for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), (key, (a[key] - b[key]).abs().max())
-
-
 def test_two_processes_train_and_test_like_one(tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"
@@ -52,7 +37,7 @@ def test_two_processes_train_and_test_like_one(tmp_path):
     done = metareg("train", "--preset", "quickstart", *FLAGS, "--iterations", "3", "--out", str(two), processes=2)
     assert "(2 processes, gloo)" in done.stderr
     assert json.loads((two / "checkpoint.json").read_text())["processes"] == 2
-    assert_identical(final_params(one), final_params(two))  # float64, summed in task order: bit for bit
+    assert_same_tensors(final_params(one), final_params(two))  # float64, summed in task order: bit for bit
     # The meta-test is shared between the processes and gathered: the same per-episode scores.
     a, b = json.loads((one / "test.json").read_text()), json.loads((two / "test.json").read_text())
     assert len(a["scores"]) == 6 and a["scores"] == b["scores"] and a["episode_nll"] == b["episode_nll"]
@@ -71,7 +56,7 @@ def test_a_run_resumes_with_another_number_of_processes(tmp_path, first, then):
     )
     metareg("train", "--out", str(cut), "--resume", "--iterations", "4", "--no-test", processes=then)
     assert json.loads((cut / "checkpoint.json").read_text())["processes"] == then
-    assert_identical(final_params(straight), final_params(cut))
+    assert_same_tensors(final_params(straight), final_params(cut))
 
 
 def test_a_meta_batch_the_processes_do_not_divide_is_one_line(tmp_path):
@@ -166,7 +151,7 @@ def test_a_dead_process_stops_the_run_and_it_resumes_from_the_last_checkpoint(tm
     step = json.loads(checkpoint.read_text())["step"]
     assert 3 <= step < 30, "the run was not stopped mid-way"
     metareg("train", "--out", str(killed), "--resume", "--no-test", processes=2)
-    assert_identical(final_params(straight), final_params(killed))
+    assert_same_tensors(final_params(straight), final_params(killed))
 
 
 def test_a_failed_collective_is_one_clear_error():

@@ -4,17 +4,16 @@ durability order, schedules, statistics on too few episodes, logs that are not t
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
-import operator
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import TINY, assert_one_line, final_params, flags, tiny, write_tiny_mini
 from metareg import cli, files
 from metareg.checkpoint import load_checkpoint, save_checkpoint
 from metareg.config import parse_assignment
@@ -23,9 +22,8 @@ from metareg.evaluate import mean_ci, paired_difference
 from metareg.progress import Progress
 from metareg.runs.common import resolve
 from metareg.runs.episodic import load_learner, meta_test, train
-from test_training import TINY, final_params, tiny
 
-TINY_FLAGS = functools.reduce(operator.iadd, (["--set", s] for s in TINY), [])
+TINY_FLAGS = flags(TINY)
 
 
 def main(capsys, *args: str) -> tuple[int, str]:
@@ -33,13 +31,6 @@ def main(capsys, *args: str) -> tuple[int, str]:
     status = cli.main(["--no-progress", *args])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("run folder")]
     return status, "\n".join(err)
-
-
-def assert_one_line(status: int, err: str, *fragments: str) -> None:
-    assert status == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def umask() -> int:
@@ -284,7 +275,6 @@ def test_bad_counts_are_one_line(tmp_path, capsys, args):
 
 def test_a_permission_denied_image_is_not_called_corrupt(tmp_path, monkeypatch):
     from metareg.data import load_miniimagenet
-    from test_data import write_tiny_mini
 
     root = write_tiny_mini(tmp_path / "mini", {"a": 3, "b": 3}, size=(8, 8))
     real = Path.read_bytes

@@ -4,13 +4,11 @@ with the paired difference a user needs; MetaPerturb's diagnostics in the traini
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import math
-import operator
 
+from helpers import flags, tiny_transfer
 from metareg import cli
-from test_baselines import tiny_transfer
 
 
 def test_against_base_trains_both_on_the_same_data_and_reports_the_paired_difference(tmp_path, capsys, monkeypatch):
@@ -33,20 +31,15 @@ def test_against_base_trains_both_on_the_same_data_and_reports_the_paired_differ
         "transfer",
         "--out",
         str(out),
-        *functools.reduce(
-            operator.iadd,
-            (
-                ["--set", s]
-                for s in [
-                    "data.image_size=16",
-                    "optim.batch_size=8",
-                    "optim.steps=6",
-                    "optim.checkpoint_every=3",
-                    "model.options.channels=8",
-                    "perturb.mc_samples=3",
-                ]
-            ),
-            [],
+        *flags(
+            [
+                "data.image_size=16",
+                "optim.batch_size=8",
+                "optim.steps=6",
+                "optim.checkpoint_every=3",
+                "model.options.channels=8",
+                "perturb.mc_samples=3",
+            ]
         ),
     ]
     assert cli.main(args) == 0  # the quickstart: against the Base network by default
