@@ -432,14 +432,32 @@ def assert_scores_and_calibration_follow_from_the_predictions(run, record) -> No
 
 
 def test_episodic_test_results_hold_calibration_and_the_reliability_plot_takes_them(tmp_path):
+    """The meta-test's per-episode accuracy and NLL and its ECE recomputed from the query outputs the
+    learner produced (recorded): NLL = mean -log p(true label) per episode, ECE by hand over every
+    query prediction. Catches the NLL of the top class (checked) and calibration of other outputs."""
     from metareg.runs.episodic import meta_test, save_result, train
     from metareg.viz.reliability import plot_reliability
 
     config = tiny("train.iterations=1")
     trainer = train(config, tmp_path / "run", progress=False)
-    result = meta_test(config, trainer.learner, episodes=5, progress=False)
+    learner, seen = trainer.learner, []
+    query_outputs = learner.query_outputs
+
+    def recorded(batch, **kw):
+        seen.append((query_outputs(batch, **kw).double(), batch.query_y))
+        return seen[-1][0]
+
+    learner.query_outputs = recorded
+    result = meta_test(config, learner, episodes=5, progress=False)
     c = result.calibration
     assert len(c["episode_nll"]) == 5 and c["nll"] == pytest.approx(sum(c["episode_nll"]) / 5) and 0 <= c["ece"] <= 1
+    outputs, labels = torch.cat([o for o, _ in seen]), torch.cat([y for _, y in seen])
+    assert outputs.shape[:2] == (5, 6)
+    nll = torch.stack([F.cross_entropy(o, y) for o, y in zip(outputs, labels)])
+    torch.testing.assert_close(torch.tensor(c["episode_nll"], dtype=torch.float64), nll, rtol=1e-6, atol=0)
+    accuracy = (outputs.argmax(-1) == labels).double().mean(1)
+    torch.testing.assert_close(result.scores, accuracy, rtol=1e-6, atol=0)
+    assert c["ece"] == pytest.approx(hand_ece(outputs.softmax(-1).flatten(0, 1), labels.flatten()), rel=1e-6)
     assert sum(c["reliability"]["count"]) == 5 * 6  # every query prediction: 3 classes x 2 queries per episode
     save_result(result, tmp_path / "run" / "test.json")
     assert plot_reliability([tmp_path / "run"], tmp_path / "r.png").stat().st_size > 5000

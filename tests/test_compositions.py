@@ -62,7 +62,11 @@ def test_metaperturb_phi_learns_through_mamls_inner_loop():
     assert not torch.equal(model(x, sample=True), model(x, sample=True))
 
 
-def test_the_metaperturb_maml_preset_trains_and_tests(tmp_path):
+def test_the_metaperturb_maml_preset_trains_and_tests_smoke(tmp_path):
+    """Smoke test: MAML + MetaPerturb trains 2 iterations and meta-tests with the configured noise
+    samples without error (the accuracy is only checked to be a probability); the preset's settings
+    are checked exactly. The numbers are checked by test_metaperturb_phi_learns_through_mamls_inner_loop
+    and the engine's reference tests."""
     config = maml_with_metaperturb("train.iterations=2")
     trainer = train(config, tmp_path / "run", progress=False)
     result = meta_test(config, trainer.learner, episodes=3, progress=False)
