@@ -177,14 +177,19 @@ def assert_same_tensors(
 
 
 # -------------------------------------------------------------------------------- command line
-def cli_subprocess(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    """``metareg --no-progress ARGS`` in a fresh process (one thread), output captured."""
+def cli_subprocess(*args: str, cwd=None, processes: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``metareg --no-progress ARGS`` in a fresh process (one thread each), output captured; with
+    ``processes`` > 1 under ``torchrun --standalone`` (gloo on the CPU)."""
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+    )
     return subprocess.run(
-        [sys.executable, "-m", "metareg.cli", "--no-progress", *args],
+        [sys.executable, *launcher, "-m", "metareg.cli", "--no-progress", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}),
+        timeout=300,
     )
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import TINY, assert_same_tensors, final_params, flags
+from helpers import TINY, assert_same_tensors, cli_subprocess, final_params, flags
 from metareg.meta.distributed import World
 
 FLAGS = flags([*TINY, "dtype=float64", "train.checkpoint_every=1", "train.val_every=1000"])
@@ -18,14 +18,7 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
 def metareg(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m"]
-        if processes > 1
-        else [sys.executable, "-m"]
-    )
-    done = subprocess.run(
-        [*launcher, "metareg.cli", "--no-progress", *args], capture_output=True, text=True, env=ENV, timeout=300
-    )
+    done = cli_subprocess(*args, processes=processes)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

@@ -5,6 +5,7 @@ in every scheme (bilevel, joint meta-training, transfer, hyperparameter selectio
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -13,8 +14,10 @@ import pytest
 from helpers import (
     META_TRAIN_KEYS,
     TINY,
+    TINY_TRANSFER,
     TRANSFER_KEYS,
     assert_same_tensors,
+    cli_subprocess,
     final_params,
     flags,
     meta_config,
@@ -96,3 +99,57 @@ def test_a_time_budget_stops_ordinary_training_and_the_resumed_run_ends_identica
     start(config, tmp_path / "budget", resume=True, progress=False)
     assert (tmp_path / "budget" / result).exists()
     assert_same_tensors(tensors_of(tmp_path / "whole"), tensors_of(tmp_path / "budget"), keys)
+
+
+def test_a_time_budget_stops_both_torchrun_processes_together_and_the_run_resumes_exactly(tmp_path):
+    """`torchrun --nproc_per_node 2 metareg train --time-budget 1`: the budget counts from the
+    command's start, so it is spent by the end of the first steps (starting torch takes about that);
+    both processes stop at the same step with one checkpoint (of 2 processes) and one message, and
+    the run resumed with 2 processes ends bit-identical to an uninterrupted one-process run (float64,
+    loop strategy). Under 30 s on 2 cores."""
+    common = [*flags([*TINY, "dtype=float64", "train.checkpoint_every=1", "train.val_every=1000"]), "--no-test"]
+    done = cli_subprocess("train", *common, "--iterations", "4", "--out", str(tmp_path / "straight"))
+    assert done.returncode == 0, done.stderr
+    budget = tmp_path / "budget"
+    cut = [*common, "--iterations", "4", "--out", str(budget), "--time-budget", "1"]
+    done = cli_subprocess("train", *cut, processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stop = json.loads((budget / "checkpoint.json").read_text())
+    assert stop["processes"] == 2 and 1 <= stop["step"] < 4
+    assert done.stdout.count(f"stopped at step {stop['step']} of 4") == 1  # said once, by the first process
+    done = cli_subprocess("train", "--out", str(budget), "--resume", "--iterations", "4", "--no-test", processes=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((budget / "checkpoint.json").read_text())["step"] == 4
+    assert_same_tensors(final_params(tmp_path / "straight"), final_params(budget))
+
+
+def test_a_time_budget_inside_the_base_run_of_against_base_says_where_and_resumes(tmp_path, capsys, monkeypatch):
+    """`metareg perturb transfer --against-base --time-budget S` whose budget runs out in the Base
+    run (after the perturbed run finished): one line names the Base run's folder and step, no
+    comparison is printed; `--resume` finishes the Base run, bit-identical to an uninterrupted one,
+    and prints the paired difference of the uninterrupted pair."""
+    from metareg.runs import transfer as transfer_module
+
+    real_fit = transfer_module.fit
+    out = tmp_path / "mp"
+
+    def fit(config, train, test, folder, **kw):  # the budget is spent when the Base run starts
+        if folder == transfer_module.base_run(out):
+            kw["deadline"] = time.monotonic()
+        return real_fit(config, train, test, folder, **kw)
+
+    args = ["--no-progress", "perturb", "transfer", *flags(TINY_TRANSFER), "--against-base"]
+    assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = capsys.readouterr().out
+    monkeypatch.setattr(transfer_module, "fit", fit)
+    assert cli.main([*args, "--out", str(out), "--time-budget", "3600"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "test.json").is_file() and not (tmp_path / "mp-base" / "test.json").exists()
+    assert f"(in {tmp_path / 'mp-base'})" in printed and "stopped at step 1 of 6" in printed
+    assert "continue with: metareg perturb transfer --out" in printed and "paired" not in printed
+    monkeypatch.setattr(transfer_module, "fit", real_fit)
+    assert cli.main(["--no-progress", "perturb", "transfer", "--out", str(out), "--resume"]) == 0
+    resumed = capsys.readouterr().out
+    assert_same_tensors(tensors_of(tmp_path / "whole-base"), tensors_of(tmp_path / "mp-base"), TRANSFER_KEYS)
+    paired = [line.split(" (paired")[1] for text in (whole, resumed) for line in text.splitlines() if "(paired" in line]
+    assert len(paired) == 2 and paired[0].replace("whole", "mp") == paired[1]
