@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import SHARED, TINY, assert_one_line, cli_subprocess, flags
+from helpers import SHARED, TINY, assert_one_line, cli_in_process, cli_subprocess, flags, meta_config, tiny
 
 TINY_FLAGS = flags(TINY)
 
@@ -99,3 +99,40 @@ def test_plot_curves_from_a_log(tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     done = cli_subprocess("plot", "curves", str(tmp_path / "nothing"))
     assert_one_line(done.returncode, done.stderr, "no training log")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny tested episodic run and a MetaPerturb meta-training run (one step)."""
+    from metareg.runs.episodic import train
+    from metareg.runs.metaperturb import meta_train
+
+    folder = tmp_path_factory.mktemp("cli")
+    train(tiny("train.iterations=1"), folder / "run", progress=False)
+    meta_train(meta_config("optim.steps=1"), folder / "phi", progress=False)
+    return folder
+
+
+def test_flag_combinations_that_make_no_sense_get_one_line(trained, tmp_path, capsys):
+    """Each in one line, exit status 2, before any work: --epsilon without --attack (and --attack
+    without --epsilon) in test and train (train used to train the whole run first, then refuse),
+    `plot robustness` without --attack, `plot features` of two runs, `compare` of a meta-training
+    run or of a JSON file that is not a result."""
+    run = str(trained / "run")
+    cases = [
+        (["test", "--checkpoint", run, "--epsilon", "0.1"], ["--epsilon needs --attack"]),
+        (["test", "--checkpoint", run, "--attack", "pgd-l2"], ["--attack pgd-l2 needs --epsilon"]),
+        (["plot", "robustness", run, "--out", str(tmp_path / "r.png")], ["plot robustness needs --attack"]),
+        (["plot", "robustness", run, "--attack", "fgsm"], ["needs --attack and --epsilons"]),
+        (["plot", "features", run, run, "--out", str(tmp_path / "f.png")], ["takes one run folder, got 2"]),
+        (["compare", str(trained / "phi"), run], ["MetaPerturb meta-training run", "no test result"]),
+        (["compare", run, str(trained / "phi")], ["MetaPerturb meta-training run"]),
+        (["compare", str(trained / "run" / "config.json"), run], ["neither a checkpoint nor a result file"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line(*cli_in_process(capsys, *args), *fragments)
+    for flag in (["--epsilon", "0.1"], ["--attack", "fgsm"]):
+        out = tmp_path / f"train{len(flag[0])}"
+        assert_one_line(*cli_in_process(capsys, "train", *TINY_FLAGS, "--out", str(out), *flag), flag[0])
+        assert not (out / "checkpoint.json").exists()  # refused before training
+    assert not list(tmp_path.glob("*.png"))

@@ -400,6 +400,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .runs.episodic import meta_test, save_result, train
 
     config = _run_config(args, "bilevel")
+    attack = _attack(args)  # bad attack flags fail before training, not after it
     out = Path(args.out or f"runs/{config.preset or config.data.name}")
     with session(resolve_device(config.device)) as world:
         main = world.is_main
@@ -428,7 +429,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 seed=args.test_seed,
                 shot=args.shot,
                 progress=not args.no_progress,
-                attack=_attack(args),
+                attack=attack,
                 world=world,
             )
             if main:
