@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from helpers import SHARED, tiny
+from helpers import SHARED, assert_one_line, cli_in_process, tiny, tiny_transfer
 from metareg import cli
 from metareg.errors import CheckpointError
 from metareg.runs import builtin
@@ -123,3 +123,27 @@ def test_the_table_reports_paired_differences_on_the_same_episodes():
     row = next(line for line in text.splitlines() if line.startswith("| MAML + Meta-dropout - MAML (paired)"))
     assert f"+{100 * d.mean:.2f} +- {100 * d.ci95:.2f}" in row and row.count("| -") == 3
     assert "| MAML | 90.00 +- 3.00 [95.23 +- 0.17] | unfinished" in text
+
+
+def test_packing_refuses_what_it_cannot_ship_in_one_line(tmp_path, capsys):
+    """`metareg checkpoints --pack RUN`: without --name, a folder without a checkpoint, a run not yet
+    tested, a transfer run, a name that is already shipped: each one line (exit 2), nothing written
+    to the built-in folder."""
+    from metareg.runs.transfer import transfer
+
+    run, config = tmp_path / "run", tiny("train.iterations=1")
+    learner = train(config, run, progress=False).learner
+    transfer(tiny_transfer("perturb.name=none", "optim.steps=1", "against_base=false"), tmp_path / "tr", progress=False)
+    shipped = sorted(p.name for p in builtin.FOLDER.iterdir())
+    cases = [
+        ([str(run)], ["--pack needs --name"]),
+        ([str(tmp_path / "nothing"), "--name", "x"], ["no checkpoint"]),
+        ([str(run), "--name", "x"], ["has no test.json", "test it before shipping"]),
+        ([str(tmp_path / "tr"), "--name", "x"], ["only episodic"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line(*cli_in_process(capsys, "checkpoints", "--pack", *args), *fragments)
+    save_result(meta_test(config, learner, episodes=2, progress=False), run / "test.json")
+    name = builtin.available()[0]
+    assert_one_line(*cli_in_process(capsys, "checkpoints", "--pack", str(run), "--name", name), "exists", "remove it")
+    assert sorted(p.name for p in builtin.FOLDER.iterdir()) == shipped
