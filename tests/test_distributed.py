@@ -9,8 +9,19 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from helpers import TINY, assert_same_tensors, cli_subprocess, final_params, flags
+from helpers import (
+    TINY,
+    assert_same_tensors,
+    cli_subprocess,
+    final_params,
+    flags,
+    learner_for,
+    random_image_batch,
+    tiny_conv,
+)
+from metareg.data.tasks import TaskBatch
 from metareg.meta.distributed import World
 
 FLAGS = flags([*TINY, "dtype=float64", "train.checkpoint_every=1", "train.val_every=1000"])
@@ -156,3 +167,43 @@ def test_a_failed_collective_is_one_clear_error():
 
     with pytest.raises(DistributedError, match=r"stopped or did not answer .*Connection closed by peer.*--resume"):
         _collective(broken, None)
+
+
+def test_task_gradients_of_vmap_and_loop_agree_and_add_up_to_the_meta_gradient():
+    """``task_gradients`` (what each process sends to the gather), float64, 4 tasks shared by 2
+    "processes" (tasks 0-1 and 2-3): the loop strategy's rows (one per task) and the vmap strategy's
+    row (one per share) sum to the same vector, which is, bit for bit for the loop, the ``.grad``
+    that ``meta_backward`` accumulates over the whole meta-batch; losses, scores and the parameters
+    that get a gradient agree. Catches a share divided by its own size instead of the meta-batch's
+    (checked, in either strategy: the rows double) and rows in the wrong parameter order."""
+    batch = random_image_batch(tasks=4)
+    shares = [
+        TaskBatch(*(t[i : i + 2] for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+        for i in (0, 2)
+    ]
+    summed, metrics, used = {}, {}, {}
+    for strategy in ("loop", "vmap"):
+        learner = learner_for(tiny_conv(), strategy=strategy, step="meta-sgd")
+        parts = [learner.task_gradients(share, total=4) for share in shares]
+        assert [rows.shape[0] for rows, _, _ in parts] == ([2, 2] if strategy == "loop" else [1, 1])
+        rows = torch.cat([rows for rows, _, _ in parts])  # what the gather gives, in task order
+        summed[strategy] = rows[0].clone()
+        for row in rows[1:]:  # summed as the distributed trainer sums them
+            summed[strategy] += row
+        used[strategy] = parts[0][1]
+        assert parts[0][1] == parts[1][1]
+        metrics[strategy] = {k: torch.cat([m[k] for _, _, m in parts]) for k in ("loss", "score")}
+        learner.zero_grad()
+        learner.meta_backward(batch)
+        params = [p for p in learner.parameters() if p.requires_grad]
+        assert used[strategy] == [p.grad is not None for p in params]
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        if strategy == "loop":
+            assert torch.equal(summed[strategy], grad)
+        else:
+            torch.testing.assert_close(summed[strategy], grad, rtol=1e-12, atol=1e-15)
+    assert used["loop"] == used["vmap"] and any(used["loop"])
+    assert summed["loop"].abs().max() > 0
+    torch.testing.assert_close(summed["vmap"], summed["loop"], rtol=1e-10, atol=1e-13)
+    for key in ("loss", "score"):
+        torch.testing.assert_close(metrics["vmap"][key], metrics["loop"][key], rtol=1e-10, atol=0)
