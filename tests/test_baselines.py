@@ -375,6 +375,7 @@ def test_ece_sums_the_gaps_of_bins_miscalibrated_in_opposite_directions():
 
 
 # ------------------------------------------------------------------------- transfer and reports
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["information-dropout", "dropblock", "manifold-mixup", "mixup", "vib"])
 def test_transfer_baselines_train_and_test_in_any_backbone(tmp_path, name):
     from metareg.runs.transfer import transfer
@@ -431,6 +432,7 @@ def assert_scores_and_calibration_follow_from_the_predictions(run, record) -> No
     assert record["ece"] == pytest.approx(hand_ece(probabilities, test.labels), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_episodic_test_results_hold_calibration_and_the_reliability_plot_takes_them(tmp_path):
     """The meta-test's per-episode accuracy and NLL and its ECE recomputed from the query outputs the
     learner produced (recorded): NLL = mean -log p(true label) per episode, ECE by hand over every
@@ -463,6 +465,7 @@ def test_episodic_test_results_hold_calibration_and_the_reliability_plot_takes_t
     assert plot_reliability([tmp_path / "run"], tmp_path / "r.png").stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_robust_accuracy_of_a_transfer_run_falls_with_epsilon_below_random_noise_and_is_cached(tmp_path):
     """A Base network that fits its 5 glyph classes (about 80% test accuracy): PGD in the L-inf and
     L2 balls lowers its accuracy far below what random noise of the same size does (a corner of the
@@ -507,6 +510,7 @@ def test_robust_accuracy_of_a_transfer_run_falls_with_epsilon_below_random_noise
         assert pgd < noisy - 0.3, (norm, pgd, noisy)
 
 
+@pytest.mark.slow
 def test_attacks_on_the_command_line_and_the_robustness_plot(tmp_path, capsys):
     import json
 
@@ -558,6 +562,7 @@ def test_attacks_on_the_command_line_and_the_robustness_plot(tmp_path, capsys):
     assert "eps 0.2:" in capsys.readouterr().out and (tmp_path / "rob.png").stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_attacked_episodes_score_at_most_their_clean_scores_on_the_command_line(tmp_path, capsys):
     """`metareg test --attack` on the episodes of the clean `metareg test`: every attack lowers or
     keeps every episode's accuracy, lowers it somewhere, and raises the mean query NLL (the attacks'

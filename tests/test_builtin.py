@@ -35,6 +35,7 @@ def packed(tmp_path, monkeypatch):
     return folder / "tiny"
 
 
+@pytest.mark.slow
 def test_a_packed_checkpoint_lists_its_provenance_and_tests_like_its_run(packed, capsys, tmp_path, monkeypatch):
     assert builtin.available() == ["tiny"]
     record = builtin.provenance("tiny")
@@ -53,6 +54,7 @@ def test_a_packed_checkpoint_lists_its_provenance_and_tests_like_its_run(packed,
     assert result["scores"] == json.loads((tmp_path / "run" / "test.json").read_text())["scores"]  # the same model
 
 
+@pytest.mark.slow
 def test_a_tampered_builtin_checkpoint_is_refused(packed, capsys):
     tensors = packed / builtin.provenance("tiny")["tensors"]
     data = bytearray(tensors.read_bytes())
@@ -69,6 +71,7 @@ def test_a_tampered_builtin_checkpoint_is_refused(packed, capsys):
         builtin.resolve("builtin:nothing")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", builtin.available())
 def test_every_shipped_checkpoint_reproduces_its_recorded_accuracy_on_50_episodes(name, tmp_path, monkeypatch, capsys):
     """`metareg test --checkpoint builtin:NAME` on the first 50 episodes of the recorded protocol (its
@@ -94,6 +97,7 @@ def test_every_shipped_checkpoint_reproduces_its_recorded_accuracy_on_50_episode
     assert abs(result["mean"] - recorded["mean"]) < 4 * spread / math.sqrt(episodes), (result["mean"], recorded)
 
 
+@pytest.mark.slow
 def test_the_plan_of_a_chunked_reproduction(tmp_path):
     from metareg.runs.reproduce import EXPERIMENTS, plan
 
@@ -125,6 +129,7 @@ def test_the_table_reports_paired_differences_on_the_same_episodes():
     assert "| MAML | 90.00 +- 3.00 [95.23 +- 0.17] | unfinished" in text
 
 
+@pytest.mark.slow
 def test_packing_refuses_what_it_cannot_ship_in_one_line(tmp_path, capsys):
     """`metareg checkpoints --pack RUN`: without --name, a folder without a checkpoint, a run not yet
     tested, a transfer run, a name that is already shipped: each one line (exit 2), nothing written

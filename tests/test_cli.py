@@ -6,6 +6,8 @@ import pytest
 
 from helpers import SHARED, TINY, assert_one_line, cli_in_process, cli_subprocess, flags, meta_config, tiny
 
+pytestmark = pytest.mark.slow  # every test here trains or tests runs, or starts processes
+
 TINY_FLAGS = flags(TINY)
 
 

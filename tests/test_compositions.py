@@ -62,6 +62,7 @@ def test_metaperturb_phi_learns_through_mamls_inner_loop():
     assert not torch.equal(model(x, sample=True), model(x, sample=True))
 
 
+@pytest.mark.slow
 def test_the_metaperturb_maml_preset_trains_and_tests_smoke(tmp_path):
     """Smoke test: MAML + MetaPerturb trains 2 iterations and meta-tests with the configured noise
     samples without error (the accuracy is only checked to be a probability); the preset's settings
@@ -131,6 +132,7 @@ def test_a_perturbation_without_parameters_cannot_be_meta_trained():
         JointLearner(build, [0, 1], 2, input_shape=(3, 16, 16))
 
 
+@pytest.mark.slow
 def test_the_joint_meta_dropout_preset_runs_and_resumes(tmp_path):
     values = [
         "optim.steps=4",

@@ -348,6 +348,7 @@ def characters(classes: ClassImages) -> set[str]:
     return {name.rsplit("/", 1)[0] for name in classes.class_names}
 
 
+@pytest.mark.slow
 def test_omniglot_vinyals_splits(omniglot: dict) -> None:
     counts = {s: omniglot[s].num_classes for s in ("train", "val", "trainval", "test")}
     assert counts == {"train": 4112, "val": 688, "trainval": 4800, "test": 1692}
@@ -366,6 +367,7 @@ def test_omniglot_vinyals_splits(omniglot: dict) -> None:
         EpisodeSampler(omniglot["test"], way=5, shot=10, query=11)
 
 
+@pytest.mark.slow
 def test_omniglot_alphabet_split(omniglot: dict) -> None:
     train, test = omniglot["alphabets-train"], omniglot["alphabets-test"]
     assert len(characters(train)) == 964 and len(characters(test)) == 659
@@ -374,6 +376,7 @@ def test_omniglot_alphabet_split(omniglot: dict) -> None:
     assert torch.equal(torch.bincount(train.class_sizes), torch.bincount(torch.full((3856,), 20)))
 
 
+@pytest.mark.slow
 def test_omniglot_second_load_uses_cache(omniglot: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     entries = sorted(p.name for p in cache_dir().glob("omniglot-*"))
     assert len(entries) == 4, entries  # two archives x (safetensors + json)
@@ -391,6 +394,7 @@ def test_omniglot_second_load_uses_cache(omniglot: dict, monkeypatch: pytest.Mon
     assert again.class_names == omniglot["trainval"].class_names
 
 
+@pytest.mark.slow
 def test_packaged_vinyals_splits_match_shared_and_are_used_as_fallback(omniglot: dict, tmp_path: Path) -> None:
     shared_splits = OMNIGLOT / "splits" / "vinyals"
     if not shared_splits.is_dir():
@@ -543,6 +547,7 @@ def mini(module_cache: Path) -> dict:
     return loaded
 
 
+@pytest.mark.slow
 def test_miniimagenet_shared(mini: dict) -> None:
     assert {s: c.num_classes for s, c in mini.items()} == {"train": 64, "val": 16, "test": 20}
     for c in mini.values():

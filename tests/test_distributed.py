@@ -34,6 +34,7 @@ def metareg(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_test_like_one(tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"
@@ -51,6 +52,7 @@ def test_two_processes_train_and_test_like_one(tmp_path):
     assert three["scores"] == single["scores"] and len(single["scores"]) == 5  # 5 episodes: blocks of 3 and 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_a_run_resumes_with_another_number_of_processes(tmp_path, first, then):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
@@ -63,6 +65,7 @@ def test_a_run_resumes_with_another_number_of_processes(tmp_path, first, then):
     assert_same_tensors(final_params(straight), final_params(cut))
 
 
+@pytest.mark.slow
 def test_a_meta_batch_the_processes_do_not_divide_is_one_line(tmp_path):
     done = subprocess.run(
         [
@@ -108,6 +111,7 @@ def test_blocks_cover_every_item_once_in_order():
     assert World(1, 2).share(4) == range(2, 4)
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_run_and_it_resumes_from_the_last_checkpoint(tmp_path):
     import signal
     import time

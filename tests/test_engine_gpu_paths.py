@@ -139,6 +139,7 @@ def test_batching_needs_the_episodic_batch_norm():
 
 
 # ------------------------------------------------------------------------ the captured step
+@pytest.mark.slow
 def test_the_capturable_step_is_the_eager_step(tmp_path):
     """MetaTrainer.update (what a GPU captures, with the gather) gives bit for bit the update of a
     plain meta-iteration written out here; on the CPU there is no capture."""

@@ -197,6 +197,7 @@ def test_deterministic_meta_dropout_same_meta_gradient_batched_and_unbatched():
         assert torch.allclose(g, grads["vmap"][name], rtol=1e-6, atol=1e-10), name
 
 
+@pytest.mark.slow
 def test_meta_dropout_run_resumes_exactly(tmp_path):
     extra = (
         "model.perturbation=meta-dropout",
@@ -231,6 +232,7 @@ def test_boundary_coordinates_put_the_classifier_decision_on_the_vertical_line()
     assert y.shape == (40,)
 
 
+@pytest.mark.slow
 def test_feature_and_boundary_plots_from_a_trained_run(tmp_path):
     from metareg.runs.episodic import train
     from metareg.runs.task_view import adapted_task

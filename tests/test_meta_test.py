@@ -14,6 +14,8 @@ from metareg.evaluate import episodes as episodes_module
 from metareg.meta import BilevelLearner
 from metareg.runs.episodic import load_learner, meta_test, train
 
+pytestmark = pytest.mark.slow  # every test here trains or tests runs, or starts processes
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

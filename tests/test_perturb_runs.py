@@ -129,6 +129,7 @@ def test_meta_training_resumes_exactly_after_an_interruption(tmp_path, monkeypat
     assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3", "4"]
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun_give_the_same_phi_as_one(tmp_path):
     """Algorithm 1 across processes (gloo): each of 2 processes trains 2 of the 4 tasks and phi's
     gradient is all-reduced; float64, so the only difference is the order of the sums."""
@@ -216,6 +217,7 @@ sys.exit(0 if stop < 0 else 1)  # a run told to stop must have stopped
 """
 
 
+@pytest.mark.slow
 def test_two_process_run_resumed_in_one_process_ends_like_an_uninterrupted_one(tmp_path):
     """joint_trainer's claim: rank 0 gathers every task into the checkpoint, so a run started by
     torchrun with 2 processes, interrupted after its step-2 checkpoint and resumed in 1 process, ends
@@ -296,6 +298,7 @@ def transfer_config(phi_dir: Path, *extra: str) -> TransferConfig:
     )
 
 
+@pytest.mark.slow
 def test_transfer_baselines_and_metaperturb_end_to_end(tmp_path, phi_dir):
     base = transfer(transfer_config(phi_dir, "perturb.name=none"), tmp_path / "base", progress=False)
     perturbed = transfer(transfer_config(phi_dir), tmp_path / "mp", progress=False)
@@ -330,6 +333,7 @@ def test_transfer_baselines_and_metaperturb_end_to_end(tmp_path, phi_dir):
     assert done.returncode == 0 and (tmp_path / "rel.png").stat().st_size > 1000, done.stderr
 
 
+@pytest.mark.slow
 def test_monte_carlo_test_predictions_are_reproducible_and_average_the_noise(tmp_path, phi_dir):
     from metareg.data.augment import normalize, to_channels
     from metareg.runs.transfer import load_transfer_model
@@ -363,6 +367,7 @@ def test_monte_carlo_test_predictions_are_reproducible_and_average_the_noise(tmp
     assert (many - draws[-1]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_transfer_resumes_exactly_after_an_interruption(tmp_path, phi_dir, monkeypatch):
     assert_exact_resume(
         tmp_path, monkeypatch, TransferTrainer, transfer, transfer_config(phi_dir), stop=4, prefixes=TRANSFER_KEYS
@@ -378,6 +383,7 @@ def test_transfer_resumes_exactly_after_an_interruption(tmp_path, phi_dir, monke
 
 
 # ----------------------------------------------------------------------------- command line
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [

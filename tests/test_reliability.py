@@ -40,6 +40,7 @@ def umask() -> int:
 
 
 # ---------------------------------------------------------------------------- 1. tampered records
+@pytest.mark.slow
 @pytest.mark.parametrize("absolute", [False, True])
 def test_a_checkpoint_record_cannot_name_a_file_outside_its_run_folder(tmp_path, capsys, absolute):
     other, run = tmp_path / "other", tmp_path / "run"
@@ -60,6 +61,7 @@ def test_a_checkpoint_record_cannot_name_a_file_outside_its_run_folder(tmp_path,
     assert victim.is_file()
 
 
+@pytest.mark.slow
 def test_a_record_naming_another_file_of_the_run_does_not_delete_it(tmp_path):
     run = tmp_path / "run"
     train(tiny("train.iterations=2", "train.checkpoint_every=2"), run, progress=False)
@@ -71,6 +73,7 @@ def test_a_record_naming_another_file_of_the_run_does_not_delete_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------- 2-3. divergence
+@pytest.mark.slow
 def test_the_kept_checkpoint_always_evaluates_to_finite_numbers(tmp_path, capsys, monkeypatch):
     """A meta learning rate so large that step 2's loss is NaN: the checkpoint of step 1 held the
     exploding update (and was kept as 'good'); now it is never written."""
@@ -113,6 +116,7 @@ def test_the_kept_checkpoint_always_evaluates_to_finite_numbers(tmp_path, capsys
     assert math.isfinite(meta_test(config, learner, episodes=4, progress=False).estimate.mean)
 
 
+@pytest.mark.slow
 def test_test_refuses_a_model_whose_outputs_are_not_finite(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny("train.iterations=1"), run, progress=False)
@@ -170,6 +174,7 @@ def test_adam_overflow_is_one_line(tmp_path, capsys):
     assert_one_line(status, err, "overflow", "no checkpoint was written")
 
 
+@pytest.mark.slow
 def test_nonfinite_weights_count_as_divergence(tmp_path):
     run = tmp_path / "run"
     trainer = train(tiny("train.iterations=1"), run, progress=False)
@@ -211,6 +216,7 @@ def test_transfer_and_meta_train_numbers_must_be_finite():
 
 
 # ------------------------------------------------------------------------- 5. disk and permissions
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     train(tiny("train.iterations=2", "train.checkpoint_every=2"), run, progress=False)
@@ -237,6 +243,7 @@ def test_an_unwritable_out_folder_is_one_line(tmp_path, capsys):
     assert_one_line(status, err, "cannot access", str(blocker))
 
 
+@pytest.mark.slow
 def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     train(tiny("train.iterations=1"), run, progress=False)
@@ -252,6 +259,7 @@ def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
     assert_one_line(status, err, "cannot read", "Permission denied")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
@@ -291,6 +299,7 @@ def test_a_permission_denied_image_is_not_called_corrupt(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- 6. file modes
+@pytest.mark.slow
 def test_tensor_files_follow_the_umask_like_the_json(tmp_path):
     run = tmp_path / "run"
     train(tiny("train.iterations=1"), run, progress=False)
@@ -371,6 +380,7 @@ def test_checkpoint_writes_are_durable_in_the_right_order(tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- 8. DropGrad schedule
+@pytest.mark.slow
 def test_dropgrad_linear_schedule_follows_every_step_through_the_trainer(tmp_path, monkeypatch):
     from metareg.inner.dropgrad import DropGrad
 
@@ -410,6 +420,7 @@ def test_mean_ci_and_paired_difference_against_a_hand_calculation():
     assert "n/a" in mean_ci([0.5]).format()
 
 
+@pytest.mark.slow
 def test_compare_refuses_fewer_than_two_episodes(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny("train.iterations=1"), run, progress=False)
@@ -432,6 +443,7 @@ def test_progress_to_a_file_is_a_few_plain_lines():
     assert lines[-1].startswith("meta-train: 1000/1000 it (100%)")
 
 
+@pytest.mark.slow
 def test_a_training_log_file_is_short(tmp_path):
     import subprocess
     import sys

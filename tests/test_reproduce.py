@@ -5,8 +5,12 @@ import math
 import re
 import statistics
 
+import pytest
+
 from metareg.runs import reproduce
 from metareg.runs.reproduce import EXPERIMENTS, Experiment, Run, run_experiment
+
+pytestmark = pytest.mark.slow  # every test here trains or tests runs, or starts processes
 
 
 def test_tiny_figure_run_writes_table_fractions_and_png(tmp_path):

@@ -13,6 +13,8 @@ from metareg import cli
 from metareg.data.labeled import hold_out
 from metareg.runs.transfer import SELECTION_GRIDS, VALIDATION_FRACTION, target_data, transfer
 
+pytestmark = pytest.mark.slow  # every test here trains or tests runs, or starts processes
+
 
 def test_transfer_chooses_its_hyperparameters_on_a_held_out_validation_split(tmp_path):
     out = tmp_path / "run"

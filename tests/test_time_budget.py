@@ -30,6 +30,8 @@ from metareg.runs.episodic import train
 from metareg.runs.metaperturb import meta_train
 from metareg.runs.transfer import transfer
 
+pytestmark = pytest.mark.slow  # every test here trains or tests runs, or starts processes
+
 
 def test_a_time_budget_stops_with_a_checkpoint_and_the_resumed_run_ends_identical(tmp_path):
     config = tiny("train.iterations=6", "train.checkpoint_every=3")

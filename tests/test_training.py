@@ -17,6 +17,8 @@ from metareg.checkpoint import load_checkpoint
 from metareg.errors import CheckpointError, ConfigError, DivergenceError
 from metareg.runs.episodic import load_learner, meta_test, train
 
+pytestmark = pytest.mark.slow  # every test here trains or tests runs, or starts processes
+
 
 def test_resume_continues_exactly(tmp_path):
     train(tiny("train.iterations=6", "train.checkpoint_every=3"), tmp_path / "straight", progress=False)

@@ -7,8 +7,12 @@ import csv
 import json
 import math
 
+import pytest
+
 from helpers import flags, tiny_transfer
 from metareg import cli
+
+pytestmark = pytest.mark.slow  # every test here trains or tests runs, or starts processes
 
 
 def test_against_base_trains_both_on_the_same_data_and_reports_the_paired_difference(tmp_path, capsys, monkeypatch):
