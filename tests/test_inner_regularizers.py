@@ -36,6 +36,35 @@ def test_dropgrad_noise_has_mean_one_and_variance_p_over_1_minus_p(kind):
         assert set(torch.unique(noise).tolist()) == {0.0, 1 / (1 - p)}
 
 
+def test_dropout_rates_outside_0_1_and_unknown_kinds_are_refused_by_name():
+    """DropGrad and the feature dropouts share ``metareg.noise``: p in [0, 1) (p = 1 would divide by
+    zero), kind binary or gaussian, each refusal naming what and the bad value. Found by mutation
+    testing (mutmut: ``p <= 1.0``, ``p < 2.0`` and empty messages survived)."""
+    from metareg.errors import ConfigError
+    from metareg.noise import check_dropout
+
+    for p in (1.0, 1.5, -0.1, math.nan):
+        with pytest.raises(ConfigError, match=rf"DropGrad rate p must be in \[0, 1\), got {p}"):
+            DropGrad({"w": torch.zeros(1)}, p=p)
+    with pytest.raises(ConfigError, match="dropout kind must be binary or gaussian, got 'uniform'"):
+        check_dropout("dropout", 0.1, "uniform")
+    check_dropout("dropout", 0.0, "binary")  # the edges that are fine
+    check_dropout("dropout", 0.999, "gaussian")
+
+
+@pytest.mark.parametrize("kind", ["binary", "gaussian"])
+def test_dropout_noise_has_the_dtype_of_what_it_multiplies(kind):
+    """float64 gradients get float64 noise (not float32 noise promoted: its values would carry
+    float32 rounding). Found by mutation testing (``dtype=None`` survived)."""
+    from metareg.noise import dropout_noise
+
+    like = torch.zeros(3, dtype=torch.float64)
+    noise = dropout_noise((1000,), 0.3, kind, like)
+    assert noise.dtype == torch.float64 and noise.device == like.device
+    if kind == "gaussian":  # float32 values would be exactly representable in float32
+        assert not torch.equal(noise, noise.float().double())
+
+
 def test_dropgrad_is_off_at_evaluation_and_respects_layers_and_schedule():
     params = {"layers.0.weight": torch.zeros(3), "head.weight": torch.zeros(3)}
     drop = DropGrad(params, p=0.5, kind="binary", layers=["head.*"], schedule="linear")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, assert_one_line, final_params, flags, tiny, write_tiny_mini
+from helpers import TINY, assert_one_line, cli_in_process, final_params, flags, tiny, write_tiny_mini
 from metareg import cli, files
 from metareg.checkpoint import load_checkpoint, save_checkpoint
 from metareg.config import parse_assignment
@@ -24,13 +24,6 @@ from metareg.runs.common import resolve
 from metareg.runs.episodic import load_learner, meta_test, train
 
 TINY_FLAGS = flags(TINY)
-
-
-def main(capsys, *args: str) -> tuple[int, str]:
-    """Run the CLI in this process; (exit status, stderr lines that are not empty)."""
-    status = cli.main(["--no-progress", *args])
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("run folder")]
-    return status, "\n".join(err)
 
 
 def umask() -> int:
@@ -51,7 +44,7 @@ def test_a_checkpoint_record_cannot_name_a_file_outside_its_run_folder(tmp_path,
     record["tensors"] = str(victim) if absolute else f"../other/{victim.name}"
     record["sha256"] = files.sha256_file(victim)  # even a matching checksum does not make it ours
     (run / "checkpoint.json").write_text(json.dumps(record))
-    status, err = main(capsys, "train", "--out", str(run), "--resume", "--iterations", "4", "--no-test")
+    status, err = cli_in_process(capsys, "train", "--out", str(run), "--resume", "--iterations", "4", "--no-test")
     assert_one_line(status, err, "not a plain .safetensors file name")
     assert victim.is_file()
     with pytest.raises(CheckpointError, match="plain"):
@@ -78,7 +71,7 @@ def test_the_kept_checkpoint_always_evaluates_to_finite_numbers(tmp_path, capsys
     """A meta learning rate so large that step 2's loss is NaN: the checkpoint of step 1 held the
     exploding update (and was kept as 'good'); now it is never written."""
     run = tmp_path / "run"
-    status, err = main(
+    status, err = cli_in_process(
         capsys,
         "train",
         "--out",
@@ -129,7 +122,7 @@ def test_test_refuses_a_model_whose_outputs_are_not_finite(tmp_path, capsys):
         {k: v for k, v in meta.items() if k not in ("format", "version", "step", "tensors", "sha256")},
         step=meta["step"],
     )
-    status, err = main(capsys, "test", "--checkpoint", str(run), "--episodes", "3")
+    status, err = cli_in_process(capsys, "test", "--checkpoint", str(run), "--episodes", "3")
     assert_one_line(status, err, "not finite", "diverged")
     assert not (run / "test.json").exists()
 
@@ -137,7 +130,7 @@ def test_test_refuses_a_model_whose_outputs_are_not_finite(tmp_path, capsys):
 @pytest.mark.parametrize("value", ["nan", "1e30"])
 def test_divergence_before_the_first_checkpoint_says_none_was_written(tmp_path, capsys, value):
     run = tmp_path / "run"
-    status, err = main(
+    status, err = cli_in_process(
         capsys,
         "train",
         "--out",
@@ -159,7 +152,7 @@ def test_divergence_before_the_first_checkpoint_says_none_was_written(tmp_path, 
 
 
 def test_adam_overflow_is_one_line(tmp_path, capsys):
-    status, err = main(
+    status, err = cli_in_process(
         capsys,
         "train",
         "--out",
@@ -226,7 +219,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr("metareg.checkpoint.write_bytes_atomic", full)
-    status, err = main(capsys, "train", "--out", str(run), "--resume", "--iterations", "4", "--no-test")
+    status, err = cli_in_process(capsys, "train", "--out", str(run), "--resume", "--iterations", "4", "--no-test")
     assert_one_line(status, err, "No space left on device", "step 2) is kept")
     after = final_params(run)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -239,7 +232,9 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
 def test_an_unwritable_out_folder_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    status, err = main(capsys, "train", "--out", str(blocker / "run"), "--no-test", "--iterations", "1", *TINY_FLAGS)
+    status, err = cli_in_process(
+        capsys, "train", "--out", str(blocker / "run"), "--no-test", "--iterations", "1", *TINY_FLAGS
+    )
     assert_one_line(status, err, "cannot access", str(blocker))
 
 
@@ -255,7 +250,7 @@ def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(Path, "read_bytes", denied)
-    status, err = main(capsys, "test", "--checkpoint", str(run), "--episodes", "2")
+    status, err = cli_in_process(capsys, "test", "--checkpoint", str(run), "--episodes", "2")
     assert_one_line(status, err, "cannot read", "Permission denied")
 
 
@@ -424,7 +419,7 @@ def test_mean_ci_and_paired_difference_against_a_hand_calculation():
 def test_compare_refuses_fewer_than_two_episodes(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny("train.iterations=1"), run, progress=False)
-    status, err = main(capsys, "compare", str(run), str(run), "--episodes", "1")
+    status, err = cli_in_process(capsys, "compare", str(run), str(run), "--episodes", "1")
     assert_one_line(status, err, "at least 2 episodes")
 
 
