@@ -374,9 +374,10 @@ def test_meta_dropout_meta_gradient_equals_a_hand_unrolled_reference_on_the_reco
     """The meta-gradient of every meta-parameter (theta, batch norm's shift, phi of every layer) after
     2 inner steps with S = 2 noise samples each, against the same bilevel problem unrolled by hand with
     plain autograd on the engine's recorded draws of eps (float64). Catches a noise generator that
-    does not see the gradient through its input, ``phi(h.detach())`` (checked: the first block's
-    theta then misses its path through the second block's mu(h) and the test fails), a missing
-    softplus, noise added after batch norm, and a query pass that samples."""
+    does not see the gradient through its input, ``phi(h.detach())`` (the first block's theta then
+    misses its path through the second block's mu(h)), the same at the output layer's sigma, a
+    missing softplus, noise placed after batch norm, and a query pass that samples (each checked:
+    the test fails)."""
     draws = []
     real = torch.randn_like
 
