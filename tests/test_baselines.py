@@ -326,6 +326,55 @@ def test_eot_follows_the_averaged_gradient_of_a_stochastic_loss():
     assert ((single - x).sign() != mu.sign()).double().mean() > 0.2  # one draw alone is not enough
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_pgd_random_starts_follow_their_laws(norm):
+    """PGD's random start (float64, 4000 examples of 16 pixels): L-inf uniform in [-eps, eps] per
+    pixel (mean 0, variance eps^2 / 3); L2 and L1 a radius uniform in [0, eps] per example (its norm:
+    mean eps / 2, variance eps^2 / 12) times a direction from the norm's own law, centred: Gaussian for
+    L2 (the sample kurtosis of d = 16 normal pixels, which no normalization changes, has mean
+    3 (d - 1) / (d + 1) = 2.65) and Laplace for L1 (heavier tails: above 3.5). Kills the random-start mutants that survived mutmut: one-sided or
+    shifted L-inf intervals, the other norm's direction law or normalization, one radius for the
+    whole batch, a radius multiplied by the norm, a start left unprojected or projected on the
+    wrong ball."""
+    from metareg.perturb.adversarial import random_start
+
+    n, d, eps = 4000, 16, 0.3
+    x = torch.zeros(n, 1, 4, 4, dtype=torch.float64)
+    torch.manual_seed(0)
+    start = random_start(x, norm, eps)
+    assert start.dtype == torch.float64 and start.shape == x.shape
+    flat = start.flatten(1)
+    assert abs(flat.mean().item()) < 5 * flat.std().item() / math.sqrt(n * d)  # centred
+    if norm == "linf":
+        assert flat.abs().max() <= eps and flat.min() < -0.99 * eps and flat.max() > 0.99 * eps
+        assert flat.var().item() == pytest.approx(eps**2 / 3, rel=0.03)
+        return
+    size = flat.norm(p=2 if norm == "l2" else 1, dim=1)
+    assert size.max() <= eps * (1 + 1e-12)
+    assert abs(size.mean().item() - eps / 2) < 5 * eps / math.sqrt(12 * n)  # U(0, eps): sd eps / sqrt(12)
+    assert size.var().item() == pytest.approx(eps**2 / 12, rel=0.1)
+    unit = flat / size[:, None]  # the directions, on the unit sphere of the norm
+    kurtosis = ((unit - unit.mean(1, keepdim=True)) ** 4).mean(1) / unit.var(1, unbiased=False) ** 2
+    expected = {"l2": 3 * (d - 1) / (d + 1), "l1": None}[norm]
+    if expected is not None:
+        assert kurtosis.mean().item() == pytest.approx(expected, rel=0.05)
+    else:  # a Laplace direction: heavier-tailed than a Gaussian one on the same sphere
+        assert kurtosis.mean().item() > 3.5
+
+
+def test_attack_descriptions_name_fgsm_only_for_fgsm():
+    """``describe()`` (what the protocol records) says "fgsm" only for one L-inf step of size epsilon
+    from x, and names EoT from 2 draws on. Kills the description mutants that survived mutmut."""
+    assert fgsm(0.1).describe() == "fgsm eps=0.1" and fgsm(0.0).describe() == "fgsm eps=0"
+    assert fgsm(0.1, draws=2).describe() == "fgsm eps=0.1, EoT 2"
+    assert PGD("linf", 0.1, steps=1, random_start=True, step_size=0.1).describe() == "pgd-linf eps=0.1, 1 steps"
+    assert PGD("l2", 0.1, steps=1, random_start=False, step_size=0.1).describe() == "pgd-l2 eps=0.1, 1 steps"
+    assert PGD("linf", 0.1, steps=5, random_start=False, step_size=0.1).describe() == "pgd-linf eps=0.1, 5 steps"
+    assert PGD("linf", 0.1, steps=1, random_start=False, step_size=0.05).describe() == "pgd-linf eps=0.1, 1 steps"
+    assert PGD("linf", 0.2, draws=2).describe() == "pgd-linf eps=0.2, 10 steps, EoT 2"
+    assert build_perturbation("adversarial").support_attack == fgsm(0.1)  # the paper's Omniglot size by default
+
+
 def test_the_l1_projection_is_the_closest_point_of_the_ball():
     torch.manual_seed(0)
     v = torch.randn(5, 12, dtype=torch.float64) * 2
@@ -372,6 +421,31 @@ def test_ece_sums_the_gaps_of_bins_miscalibrated_in_opposite_directions():
     assert used == [8, 13] and [bins["count"][i] for i in used] == [n, n]  # [0.533, 0.6) and [0.867, 0.933)
     assert [bins["accuracy"][i] for i in used] == pytest.approx([0.95, 0.5])
     assert [bins["confidence"][i] for i in used] == pytest.approx([0.55, 0.9])
+
+
+def test_calibration_bins_edge_cases_found_by_mutation_testing():
+    """Confidence 1.0 falls in the last bin (and 14/15 <= c < 1 too), a confidence below 1/15 in the
+    first (20-way uniform predictions), a bin holding a single prediction counts, float32 and
+    batched ``[..., K]`` probabilities give the float64 flat totals, and ``bins`` is honoured. Each
+    assertion kills a mutant that survived mutmut (evaluate/calibration.py)."""
+    from metareg.evaluate.calibration import bin_totals
+
+    sure = torch.tensor([[1.0, 0.0], [0.95, 0.05]], dtype=torch.float64)
+    assert reliability(sure, torch.tensor([0, 1]))["count"][14] == 2
+    uniform = torch.full((4, 20), 0.05, dtype=torch.float64)
+    assert reliability(uniform, torch.zeros(4, dtype=torch.long))["count"][0] == 4
+    one = torch.tensor([[0.9, 0.1]], dtype=torch.float64)
+    assert expected_calibration_error(one, torch.tensor([1])) == pytest.approx(0.9)  # one wrong prediction
+    g = torch.Generator().manual_seed(0)
+    probabilities = torch.softmax(3 * torch.randn(2, 6, 5, generator=g, dtype=torch.float64), -1)
+    labels = torch.randint(0, 5, (2, 6), generator=g)
+    flat = bin_totals(probabilities.view(12, 5), labels.view(12))
+    assert torch.equal(bin_totals(probabilities, labels), flat)  # [episodes, query, K] as the meta-test passes
+    torch.testing.assert_close(bin_totals(probabilities.float(), labels), flat, rtol=1e-6, atol=1e-6)
+    assert len(reliability(probabilities.view(12, 5), labels.view(12), bins=10)["count"]) == 10
+    coarse = torch.tensor([[0.4, 0.3, 0.3], [0.95, 0.05, 0.0]], dtype=torch.float64)  # right at 0.4, wrong at 0.95
+    assert expected_calibration_error(coarse, torch.tensor([0, 1]), bins=1) == pytest.approx(abs(0.675 - 0.5))
+    assert expected_calibration_error(coarse, torch.tensor([0, 1]), bins=2) == pytest.approx(0.6 / 2 + 0.95 / 2)
 
 
 # ------------------------------------------------------------------------- transfer and reports

@@ -78,6 +78,8 @@ def test_dropgrad_is_off_at_evaluation_and_respects_layers_and_schedule():
     assert not torch.equal(out["head.weight"], grads["head.weight"])
     drop.eval()
     assert torch.equal(drop.update(grads, None, 0)[0]["head.weight"], grads["head.weight"])
+    drop.set_training_progress(1.7)  # past the end of training (a longer resumed run): the full rate, not more
+    assert drop.rate == 0.5
 
 
 def test_tnet_with_identity_t_gives_exactly_maml():

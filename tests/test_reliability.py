@@ -415,6 +415,29 @@ def test_mean_ci_and_paired_difference_against_a_hand_calculation():
     assert "n/a" in mean_ci([0.5]).format()
 
 
+def test_statistics_edge_cases_found_by_mutation_testing():
+    """Two values already have an interval; values are summed in float64 (a float32 sum would lose
+    a 1e-9 difference); errors say what is wrong; ``format`` scales mean and interval alike, with two
+    digits by default, and calls only a single value "one value". Each assertion kills a mutant that
+    survived mutmut (evaluate/stats.py)."""
+    from metareg.evaluate import Estimate
+
+    two = mean_ci([0.0, 1.0])
+    assert two.ci95 == pytest.approx(1.96 * math.sqrt(0.5) / math.sqrt(2)) and two.n == 2
+    assert mean_ci([1.0, 1.0 + 1e-9]).ci95 > 0
+    assert paired_difference([1.0 + 1e-9, 1.0], [1.0, 1.0]).mean == pytest.approx(5e-10, rel=1e-6)
+    assert paired_difference([1.0, 1.0], [1.0 + 1e-9, 1.0]).mean == pytest.approx(-5e-10, rel=1e-6)
+    with pytest.raises(ValueError, match="no values"):
+        mean_ci([])
+    with pytest.raises(ValueError, match="needs the same episodes: 3 vs 2 values"):
+        paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
+    assert Estimate(0.5, 0.125, 10).format() == "0.50 +- 0.12"
+    assert Estimate(0.5, 0.125, 10).format(100, 1) == "50.0 +- 12.5"
+    assert Estimate(0.5, math.nan, 1).format(100) == "50.00 +- n/a (one value: no interval)"
+    assert Estimate(0.5, 0.1, 2).format() == "0.50 +- 0.10"
+    assert Estimate(0.5, math.nan, 3).format() == "0.50 +- nan"  # NaN scores are not "one value"
+
+
 @pytest.mark.slow
 def test_compare_refuses_fewer_than_two_episodes(tmp_path, capsys):
     run = tmp_path / "run"
