@@ -332,10 +332,10 @@ def test_pgd_random_starts_follow_their_laws(norm):
     pixel (mean 0, variance eps^2 / 3); L2 and L1 a radius uniform in [0, eps] per example (its norm:
     mean eps / 2, variance eps^2 / 12) times a direction from the norm's own law, centred: Gaussian for
     L2 (the sample kurtosis of d = 16 normal pixels, which no normalization changes, has mean
-    3 (d - 1) / (d + 1) = 2.65) and Laplace for L1 (heavier tails: above 3.5). Kills the random-start mutants that survived mutmut: one-sided or
-    shifted L-inf intervals, the other norm's direction law or normalization, one radius for the
-    whole batch, a radius multiplied by the norm, a start left unprojected or projected on the
-    wrong ball."""
+    3 (d - 1) / (d + 1) = 2.65) and Laplace for L1 (heavier tails: above 3.5). Kills the random-start
+    mutants that survived mutmut: one-sided or shifted L-inf intervals, the other norm's direction
+    law or normalization, one radius for the whole batch, a radius multiplied by the norm, a start
+    projected on the wrong ball."""
     from metareg.perturb.adversarial import random_start
 
     n, d, eps = 4000, 16, 0.3
