@@ -75,6 +75,7 @@ def meta_train(
     share of the tasks. Returns the trainer (``learner.phi_state()`` is the result)."""
     out = Path(out)
     world = distributed.setup(resolve_device(config.device))
+    ended = False
     try:
         prepare_run_folder(out, resume, config, world.is_main)
         dtype = dtype_of(config)
@@ -134,6 +135,7 @@ def meta_train(
                 {"source": source, "backbone": config.model.backbone, "steps": trainer.step}
                 | provenance(config, trainer.seconds, world.size),
             )
+        ended = True
         return trainer
     finally:
-        distributed.teardown(world)
+        distributed.teardown(world, together=ended)
