@@ -149,3 +149,34 @@ def test_evaluate_does_not_touch_meta_parameters_and_matches_manual_adaptation()
             .mean()
         )
         assert scores[i].item() == pytest.approx(acc.item(), abs=1e-7)
+
+
+def test_evaluate_scores_the_query_outputs_of_the_steps_samples_and_attack_it_is_given(monkeypatch):
+    """``BilevelLearner.evaluate`` (what `metareg bench` times): per-task MSE of the adapted model's
+    query outputs, with the step count, noise samples and attack passed through to the inner loop
+    and the query pass. Kills the mutants that survived mutmut by dropping one of them."""
+    batch = random_regression_batch(tasks=2)
+    learner = learner_for(tiny_mlp(), task="regression", steps=2)
+    seen = []
+    query_outputs = learner.query_outputs
+
+    def recorded(b, **kw):
+        seen.append(kw)
+        return query_outputs(b, **kw)
+
+    monkeypatch.setattr(learner, "query_outputs", recorded)
+    attacked = []
+
+    def attack(_learner, _params, x, _y):  # leaves the query images as they are, says it was called
+        attacked.append(x)
+        return x
+
+    learner.evaluate(batch, steps=3, samples=2, attack=attack)
+    assert seen == [{"steps": 3, "samples": 2, "attack": attack}] and len(attacked) == batch.num_tasks
+    monkeypatch.undo()
+    for steps in (1, 4):
+        scores = learner.evaluate(batch, steps=steps)
+        outputs = learner.query_outputs(batch, steps=steps)
+        expected = torch.stack([F.mse_loss(o, y) for o, y in zip(outputs, batch.query_y)])
+        torch.testing.assert_close(scores, expected, rtol=1e-12, atol=0)
+    assert not torch.equal(learner.evaluate(batch, steps=1), learner.evaluate(batch, steps=4))
