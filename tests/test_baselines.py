@@ -362,6 +362,19 @@ def test_pgd_random_starts_follow_their_laws(norm):
         assert kurtosis.mean().item() > 3.5
 
 
+def test_attacks_on_a_regression_learner_are_refused_by_name():
+    """The attacks raise the cross-entropy of classifiers: a regression learner is refused in one
+    line (kills the message mutants that survived mutmut)."""
+    from helpers import random_regression_batch, tiny_mlp
+    from metareg.errors import ConfigError
+    from metareg.evaluate.adversarial import FGSM
+
+    learner = learner_for(tiny_mlp(), task="regression")
+    batch = random_regression_batch(tasks=1)
+    with pytest.raises(ConfigError, match="the attacks target classifiers; this is a regression run"):
+        FGSM(0.1)(learner, learner.initial_params(), batch.query_x[0], batch.query_y[0])
+
+
 def test_attack_descriptions_name_fgsm_only_for_fgsm():
     """``describe()`` (what the protocol records) says "fgsm" only for one L-inf step of size epsilon
     from x, and names EoT from 2 draws on. Kills the description mutants that survived mutmut."""
