@@ -388,6 +388,88 @@ def test_attack_descriptions_name_fgsm_only_for_fgsm():
     assert build_perturbation("adversarial").support_attack == fgsm(0.1)  # the paper's Omniglot size by default
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_steps_have_their_size_and_follow_the_gradient_where_they_stand(norm):
+    """A concave loss -|x - c|^2 whose maximum c lies inside the ball (0.3 epsilon from x per pixel):
+    PGD without a random start walks to c and then oscillates around it within one step, 2.5 epsilon
+    / steps by default or the given step size; the gradient is taken at x + delta (taken at x - delta
+    the walk runs away). Kills the step-size and gradient-point mutants that survived mutmut, which
+    a linear loss (constant gradient, optimum on the sphere) cannot see."""
+    x = torch.full((3, 1, 4, 4), 0.5, dtype=torch.float64)
+    eps = 0.2
+    c = x + 0.3 * eps / (1.0 if norm == "linf" else 4.0)  # L2: 16 pixels, |c - x|_2 = 0.3 eps
+
+    def loss_of(images):
+        return -((images - c) ** 2).sum()
+
+    def distance(a):
+        d = (a - c).flatten(1)
+        return (d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max().item()
+
+    for steps, step_size in ((10, None), (10, 0.01), (4, None)):
+        adversarial = PGD(norm, eps, steps=steps, step_size=step_size, random_start=False)(loss_of, x)
+        size = step_size if step_size is not None else 2.5 * eps / steps
+        assert distance(adversarial) <= size + 1e-12, (steps, step_size, distance(adversarial), size)
+
+
+def test_pgd_starts_at_random_and_only_ever_queries_valid_images():
+    """With a loss that has no gradient PGD stays at its random start: a point of the L-inf box
+    (not of another ball), different per example; every image the loss is evaluated on, the random
+    start included, lies in [0, 1]; epsilon 0 returns x and a large epsilon attacks. Kills the
+    random-start and pixel-range mutants that survived mutmut."""
+    x = 0.2 + 0.6 * torch.rand(200, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    x[:, :, 0] = 0.0
+    x[:, :, 1] = 1.0  # pixels at the ends of the range
+    seen = []
+
+    def flat_loss(images):
+        seen.append(images.detach().clone())
+        return (images * 0).sum()
+
+    torch.manual_seed(0)
+    start = PGD("linf", 0.1, steps=2)(flat_loss, x) - x
+    assert all(s.min() >= 0 and s.max() <= 1 for s in seen) and len(seen) == 2
+    inside = start[:, :, 2:].abs()  # the pixels away from the range's ends: uniform in [0, 0.1] in size
+    assert inside.max() <= 0.1 and abs(inside.mean().item() - 0.05) < 5 * 0.1 / math.sqrt(12 * inside.numel())
+    assert not torch.equal(start[0], start[1])
+    assert torch.equal(PGD("linf", 0.0)(flat_loss, x), x)
+    _net, images, _y, loss_of = tiny_classifier()
+    assert loss_of(PGD("linf", 1.0, steps=3)(loss_of, images)) > loss_of(images) + 0.1
+
+
+def test_steepest_ascent_directions_have_unit_norm_and_l1_moves_the_top_one_percent():
+    """The step directions: sign(g) (L-inf), g / |g|_2 (L2: unit L2 norm), and for L1 the signs of
+    the gradient's largest 1% coordinates (8 of 784 on a 28 x 28 image) over their count (unit L1
+    norm; one coordinate on 16 pixels). Kills the direction mutants that survived mutmut."""
+    from metareg.perturb.adversarial import steepest_ascent
+
+    g = torch.randn(3, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(steepest_ascent(g, "linf"), g.sign())
+    torch.testing.assert_close(steepest_ascent(g, "l2").flatten(1).norm(dim=1), torch.ones(3, dtype=torch.float64))
+    d = steepest_ascent(g, "l1").flatten(1)
+    top = g.flatten(1).abs().topk(8, dim=1).indices
+    assert ((d != 0).sum(1) == 8).all() and torch.equal(d.gather(1, top), g.flatten(1).gather(1, top).sign() / 8)
+    small = steepest_ascent(g[:, :, :4, :4], "l1").flatten(1)
+    assert ((small != 0).sum(1) == 1).all() and torch.equal(small.abs().sum(1), torch.ones(3, dtype=torch.float64))
+
+
+def test_projections_leave_points_of_the_ball_alone_and_attacks_check_their_settings():
+    """``project`` is the identity inside each ball; PGD refuses a bad norm, negative epsilon, no
+    steps, no draws or a non-positive step size, each alone, in one line that says what it needs.
+    Kills the projection and validation mutants that survived mutmut."""
+    from metareg.errors import ConfigError
+    from metareg.perturb.adversarial import project
+
+    inside = torch.full((2, 1, 4, 4), 0.01, dtype=torch.float64)  # L-inf 0.01, L2 0.04, L1 0.16
+    for norm in ("linf", "l2", "l1"):
+        assert torch.equal(project(inside, norm, 0.5), inside), norm
+    with pytest.raises(ConfigError, match="attack norm must be linf, l2 or l1, got 'l3'"):
+        PGD("l3")
+    for bad in ({"epsilon": -0.1}, {"steps": 0}, {"draws": 0}, {"step_size": 0.0}, {"step_size": -1.0}):
+        with pytest.raises(ConfigError, match="attack needs epsilon >= 0, steps >= 1, draws >= 1 and a positive step"):
+            PGD("linf", **({"epsilon": 0.1} | bad))
+
+
 def test_the_l1_projection_is_the_closest_point_of_the_ball():
     torch.manual_seed(0)
     v = torch.randn(5, 12, dtype=torch.float64) * 2

@@ -410,3 +410,43 @@ def test_feature_dropout_factories_and_defaults():
     assert (default.p, default.kind, default.spatial) == (0.1, "binary", False)
     with pytest.raises(ConfigError, match="dropout rate p must be in"):
         Dropout(1.0)
+
+
+def test_dropgrad_starts_at_its_full_rate_names_its_errors_and_follows_the_learners_progress():
+    """A DropGrad with the linear schedule is at its full rate until told otherwise; a bad schedule
+    and a layer pattern that matches nothing are refused by name; ``BilevelLearner.set_training_
+    progress`` reaches both the inner rule and the model's scheduled perturbations. Kills the
+    DropGrad and set_training_progress mutants that survived mutmut."""
+    from metareg.errors import ConfigError
+    from metareg.perturb import build_perturbation
+
+    assert DropGrad({"w": torch.zeros(1)}, p=0.4, schedule="linear").rate == 0.4
+    with pytest.raises(ConfigError, match="DropGrad schedule must be constant or linear, got 'cosine'"):
+        DropGrad({"w": torch.zeros(1)}, schedule="cosine")
+    with pytest.raises(ConfigError, match=r"^DropGrad layer selection 'middle\.\*' matches no fast parameter; "):
+        DropGrad({"a.weight": torch.zeros(1)}, layers=["middle.*"])
+    from helpers import tiny_conv
+
+    model = tiny_conv(perturbation=build_perturbation("dropblock", {"p": 0.2, "block_size": 3, "schedule": "linear"}))
+    learner = learner_for(model, transforms=[{"name": "dropgrad", "p": 0.4, "schedule": "linear"}])
+    learner.set_training_progress(0.25)
+    assert learner.inner.transforms[0].rate == pytest.approx(0.1)
+    assert all(block.perturb.rate == pytest.approx(0.05) for block in model.blocks)
+
+
+def test_per_step_step_sizes_under_vmap_equal_the_loop():
+    """The vmap strategy's inner loop (``torch.func.grad``) hands each step its index too: per-step
+    step sizes give the loop's meta-gradient (kills a mutant that survived mutmut)."""
+    from metareg.inner.base import param_key
+
+    grads = {}
+    for strategy in ("loop", "vmap"):
+        model = mlp()
+        learner = learner_for(model, step="per-step", lr=0.1, steps=3, task="regression", strategy=strategy)
+        with torch.no_grad():
+            for v in learner.inner.transforms[-1].lr.values():
+                v.copy_(torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64))
+        learner.meta_backward(random_regression_batch(tasks=2))
+        grads[strategy] = {n: learner.inner.transforms[-1].lr[param_key(n)].grad for n in learner.fast_names}
+    for name, g in grads["loop"].items():
+        torch.testing.assert_close(grads["vmap"][name], g, rtol=1e-9, atol=1e-14)

@@ -422,3 +422,28 @@ def test_meta_dropout_meta_gradient_equals_a_hand_unrolled_reference_on_the_reco
     for name, p in model.named_parameters():
         assert expected[name].abs().max() > 0, name
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-13, msg=name)
+
+
+def test_multiplicative_noise_defaults_errors_and_shapes():
+    """The class's KL weight is 0 by default (no penalty recorded), each bad setting is refused by
+    name, and a learnable mu per channel gives a noise shaped like the features (one value per
+    channel, broadcast over the map). Kills the Meta-Dropout mutants that survived mutmut."""
+    from metareg.nets.slots import recording
+
+    pre, h = torch.ones(2, 5, 3, 3, dtype=torch.float64), torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    with recording() as record:
+        MultiplicativeNoise(CONV).double()(pre, h, sample=True)
+    assert MultiplicativeNoise(CONV).kl == 0 and record.penalty == 0
+    for options, message in (
+        ({"kl": -1.0}, "meta-dropout's KL weight kl must be >= 0, got -1.0"),
+        ({"mean": "median"}, "multiplicative-noise mean must be input, channel or zero, got 'median'"),
+        ({"variance": "learned"}, "multiplicative-noise variance must be fixed or input, got 'learned'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            MultiplicativeNoise(CONV, **options)
+    noise = MultiplicativeNoise(CONV, mean="channel").double()
+    with torch.no_grad():
+        noise.mu.copy_(torch.arange(5, dtype=torch.float64))
+    out = noise(pre, h, sample=False)
+    assert out.shape == pre.shape
+    assert torch.allclose(out, F.softplus(torch.arange(5, dtype=torch.float64)).view(1, 5, 1, 1).expand_as(pre))
