@@ -426,8 +426,10 @@ def test_meta_dropout_meta_gradient_equals_a_hand_unrolled_reference_on_the_reco
 
 def test_multiplicative_noise_defaults_errors_and_shapes():
     """The class's KL weight is 0 by default (no penalty recorded), each bad setting is refused by
-    name, and a learnable mu per channel gives a noise shaped like the features (one value per
-    channel, broadcast over the map). Kills the Meta-Dropout mutants that survived mutmut."""
+    name, a learnable mu per channel gives a noise shaped like the features (one value per channel,
+    broadcast over the map), the KL term comes from sampled passes only, the factory's defaults are
+    Meta-Dropout's and phi starts as in the reference. Kills the Meta-Dropout mutants that survived
+    mutmut."""
     from metareg.nets.slots import recording
 
     pre, h = torch.ones(2, 5, 3, 3, dtype=torch.float64), torch.randn(2, 3, 3, 3, dtype=torch.float64)
@@ -447,3 +449,30 @@ def test_multiplicative_noise_defaults_errors_and_shapes():
     out = noise(pre, h, sample=False)
     assert out.shape == pre.shape
     assert torch.allclose(out, F.softplus(torch.arange(5, dtype=torch.float64)).view(1, 5, 1, 1).expand_as(pre))
+    # The KL term (Table 2's beta rows) is added by sampled passes only, beta |mu|^2 / 2 per example.
+    beta = MultiplicativeNoise(CONV, kl=0.5).double()
+    with recording() as record:
+        beta(pre, h, sample=False)
+    assert record.penalty == 0
+    with recording() as record:
+        beta(pre, h, sample=True)
+    mu = beta.phi(h)
+    torch.testing.assert_close(record.penalty, 0.5 * 0.5 * (mu.expand_as(pre) ** 2).flatten(1).sum(1).mean())
+    # The factory's defaults are Meta-Dropout's; phi starts as the reference's (std 0.02, zero biases).
+    model = tiny_conv(perturbation=build_perturbation("multiplicative-noise"))
+    assert all(
+        (b.perturb.mean_kind, b.perturb.stochastic, b.perturb.kl, b.perturb.phi_sigma) == ("input", True, 0.0, None)
+        for b in model.blocks
+    )
+    from metareg.perturb import AdditiveGaussianOutput
+    from metareg.perturb.meta_dropout import phi_layer
+
+    assert isinstance(model.head_perturb, AdditiveGaussianOutput)
+    torch.manual_seed(0)
+    conv, dense = (
+        phi_layer(LayerInfo(0, "conv", 64, 64, kernel_size=3, padding=1)),
+        phi_layer(LayerInfo(1, "dense", 900, 64)),
+    )
+    for layer, std in ((conv, 0.02 * 0.8796), (dense, 0.02)):  # a normal truncated at 2 sigma has 0.8796 sigma
+        assert layer.weight.std().item() == pytest.approx(std, rel=0.03) and torch.equal(layer.bias, torch.zeros(64))
+    assert conv.weight.abs().max() <= 0.04
