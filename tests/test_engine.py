@@ -271,3 +271,31 @@ def test_refusals_of_the_engine_name_what_and_why():
     model = create_model("resnet20", 3, in_channels=3, image_size=8, blocks=(1, 1, 1))
     with pytest.raises(ConfigError, match=r"norm; stem\.1 keeps running statistics: use inner\.mc_batch=sequential$"):
         learner_for(model, mc_batch=True)
+
+
+def test_meta_backward_dispatches_on_the_strategy_and_reports_loss_and_accuracy(monkeypatch):
+    """``meta_backward`` returns the mean query loss and accuracy (what the trainer logs) in both
+    strategies; the vmap strategy runs the vmap path, whose query pass is the deterministic one
+    (``sample=False``) after the sampled inner steps. Kills the dispatch, metric-name and
+    query-sampling mutants that survived mutmut (meta/bilevel.py)."""
+    from metareg.perturb import build_perturbation
+
+    batch = random_image_batch(tasks=2)
+    for strategy in ("loop", "vmap"):
+        learner = learner_for(tiny_conv(), strategy=strategy)
+        metrics = learner.meta_backward(batch)
+        assert set(metrics) == {"loss", "score"} and 0 <= metrics["score"] <= 1 and metrics["loss"] > 0
+    learner = learner_for(tiny_conv(perturbation=build_perturbation("meta-dropout")), strategy="vmap", steps=2)
+    monkeypatch.setattr(learner, "_meta_backward_vmap", lambda _batch: "the vmap path")
+    assert learner.meta_backward(batch) == "the vmap path"
+    monkeypatch.undo()
+    flags = []
+    forward = learner.model.forward
+
+    def recorded(x, *, sample=False, **kw):
+        flags.append(sample)
+        return forward(x, sample=sample, **kw)
+
+    monkeypatch.setattr(learner.model, "forward", recorded)
+    learner._vmap_losses(batch)
+    assert flags == [True, True, False]  # two sampled inner steps, then the deterministic query pass

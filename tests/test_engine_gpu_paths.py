@@ -88,10 +88,11 @@ class NoiseTape:
         ("meta-dropout-learned-variance", {}),
     ],
 )
-def test_batched_monte_carlo_samples_equal_the_mean_of_sequential_passes(monkeypatch, perturbation, options):
+@pytest.mark.parametrize("samples", [2, 3])
+def test_batched_monte_carlo_samples_equal_the_mean_of_sequential_passes(monkeypatch, perturbation, options, samples):
     """One pass over S stacked copies of the support set (batch statistics per copy) gives the mean
-    of S separate passes' losses, and the same gradient, in float64."""
-    samples = 3
+    of S separate passes' losses, and the same gradient, in float64 (S = 2 too: a mutant that
+    treated 2 copies as one survived mutmut)."""
     torch.manual_seed(0)
     model = create_model(
         "conv4",

@@ -170,6 +170,25 @@ def test_weight_gaussian_is_a_gaussian_weight_sample():
     )
 
 
+def test_weight_gaussian_defaults_refusal_and_strided_layers():
+    """Weight Gaussian starts at sigma = 0.01 (class and factory), refuses sigma <= 0 by name, and
+    follows its layer's stride, alone and with stacked copies (kills the mutants that survived
+    mutmut: a zero sigma would make rho = log(0))."""
+    from metareg.nets.layers import stacked_copies
+
+    info = LayerInfo(0, "conv", 3, 4, kernel_size=3, stride=2, padding=1)
+    for layer in (WeightGaussian(info), build_perturbation("weight-gaussian")(info)):
+        torch.testing.assert_close(F.softplus(layer.rho), torch.full_like(layer.rho, 0.01))
+    with pytest.raises(ConfigError, match=r"weight-gaussian init_std must be > 0, got 0\.0"):
+        WeightGaussian(info, init_std=0.0)
+    layer = WeightGaussian(info, init_std=0.5).double()
+    h = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    pre = torch.zeros(4, 4, 4, 4, dtype=torch.float64)  # a stride-2 convolution's output
+    assert layer(pre, h, sample=True).shape == pre.shape
+    with stacked_copies(2):
+        assert layer(pre, h, sample=True).shape == pre.shape
+
+
 def test_fixed_and_independent_gaussian_queries_use_a_equals_mu():
     for name, expected in (("fixed-gaussian", math.log(2.0)), ("independent-gaussian", math.log(2.0))):
         noise = build_perturbation(name)(CONV).double()
