@@ -1,6 +1,7 @@
 """DropGrad, T-nets and MT-nets: noise laws, exact reductions to MAML, masks, composition."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -450,3 +451,31 @@ def test_per_step_step_sizes_under_vmap_equal_the_loop():
         grads[strategy] = {n: learner.inner.transforms[-1].lr[param_key(n)].grad for n in learner.fast_names}
     for name, g in grads["loop"].items():
         torch.testing.assert_close(grads["vmap"][name], g, rtol=1e-9, atol=1e-14)
+
+
+def test_inner_rule_configuration_errors_name_the_problem_and_transforms_see_the_layer_groups():
+    """`build_inner_rule`: a transform without a name, with an unknown option, or an unknown step are
+    refused in one line naming what is available; transforms choose layers by the backbone's groups.
+    Kills the registry mutants that survived mutmut (inner/registry.py)."""
+    from metareg.errors import ConfigError
+    from metareg.nets import ConvNet
+
+    fast = {"w": torch.zeros(1)}
+    cases = [
+        ({"transforms": [{"p": 0.1}]}, "unknown gradient transform None; available: dropgrad, subspace-mask"),
+        ({"transforms": [{"name": "dropgrad", "bogus": 1}]}, "bad options for gradient transform 'dropgrad': "),
+        ({"step": "adam"}, "unknown inner step 'adam'; choose one of sgd, meta-sgd, per-step"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build_inner_rule(fast, **({"step": "sgd", "lr": 0.1, "steps": 1} | options))
+    net = ConvNet(5, 1, 28, channels=4)
+    rule = build_inner_rule(
+        dict(net.named_parameters()),
+        step="sgd",
+        lr=0.1,
+        steps=1,
+        transforms=[{"name": "dropgrad", "layers": "last-block"}],
+        groups=net.layer_groups(),
+    )
+    assert rule.transforms[0].names == [n for n, _ in net.named_parameters() if n.startswith("blocks.3.")]

@@ -122,6 +122,21 @@ def test_strength_anneals_from_identity_to_eq2_and_clip_bounds_from_above():
         set_strength(phi, 1.5)
 
 
+def test_the_strength_schedule_is_linear_over_the_annealed_fraction_of_training():
+    """MetaPerturb's strength c = min(1, t / anneal) (the released code's linear warm-up over the
+    first ``anneal`` of training), full strength without annealing. Kills the schedule mutants that
+    survived mutmut (perturb/metaperturb.py)."""
+    for anneal, fractions, strengths in (
+        (0.4, (0.0, 0.1, 0.2, 0.4, 0.9), (0.0, 0.25, 0.5, 1.0, 1.0)),
+        (2.0, (0.5, 1.0), (0.25, 0.5)),  # annealing longer than training never reaches 1
+        (0.0, (0.0, 0.5), (1.0, 1.0)),
+    ):
+        phi = phi_with(anneal=anneal)
+        for fraction, strength in zip(fractions, strengths):
+            phi.set_training_progress(fraction)
+            assert phi.strength == pytest.approx(strength), (anneal, fraction)
+
+
 def test_scale_uses_batch_statistics_in_training_and_running_averages_in_eval():
     phi = phi_with()
     layer = slot(phi).train()
