@@ -137,6 +137,38 @@ def test_the_strength_schedule_is_linear_over_the_annealed_fraction_of_training(
             assert phi.strength == pytest.approx(strength), (anneal, fraction)
 
 
+def test_metaperturb_slots_come_from_conv_layers_with_their_index_and_size_and_sample_at_test():
+    """The slot factory: one MetaPerturb per hidden conv layer carrying the layer's index and map
+    size, the identity at the output, a clear refusal for a dense layer or a layer whose network
+    normalizers are unknown, predictions averaged over noise at test time; the slot refuses
+    non-positive channels or normalizers by name (1 is fine). Kills the slot mutants that survived
+    mutmut (perturb/metaperturb.py)."""
+    from metareg.nets import LayerInfo
+    from metareg.nets.slots import FeaturePerturbation
+    from metareg.perturb import build_perturbation, metaperturb_slots
+
+    factory = metaperturb_slots(phi_with())
+    assert factory.sample_at_test is True and build_perturbation("metaperturb").sample_at_test is True
+    conv = LayerInfo(2, "conv", 4, 6, kernel_size=3, padding=1, size=7, network_width=8, input_size=28)
+    made = factory(conv)
+    assert (made.index, made.height, made.channels, made.channel_norm, made.spatial_norm) == (2, 7, 6, 8.0, 28.0)
+    assert MetaPerturb(phi_with(), 6, channel_norm=8, spatial_norm=16).index == 0
+    assert type(factory(LayerInfo(3, "dense", 6, 5, output=True, network_width=8, input_size=28))) is (
+        FeaturePerturbation
+    )
+    for bad in (
+        LayerInfo(3, "dense", 6, 5, network_width=8, input_size=28),
+        LayerInfo(0, "conv", 4, 6, kernel_size=3, padding=1, size=7, input_size=28),
+        LayerInfo(0, "conv", 4, 6, kernel_size=3, padding=1, size=7, network_width=8),
+    ):
+        with pytest.raises(ConfigError, match="MetaPerturb perturbs convolutional feature maps"):
+            factory(bad)
+    MetaPerturb(phi_with(), 1, channel_norm=1, spatial_norm=1)  # the smallest that make sense
+    for channels, channel_norm, spatial_norm in ((0, 8, 16), (6, 0, 16), (6, 8, 0)):
+        with pytest.raises(ConfigError, match="MetaPerturb needs positive channels and normalizers, got "):
+            MetaPerturb(phi_with(), channels, channel_norm=channel_norm, spatial_norm=spatial_norm)
+
+
 def test_scale_uses_batch_statistics_in_training_and_running_averages_in_eval():
     phi = phi_with()
     layer = slot(phi).train()
