@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -186,6 +187,54 @@ def test_scale_uses_batch_statistics_in_training_and_running_averages_in_eval():
     # Training: the batch matters.
     layer.train()
     assert not torch.allclose(layer(torch.cat([h[:2], 5 * h[2:]]))[:2], layer(h[:2]))
+
+
+def test_slot_statistics_diagnostics_and_refusals():
+    """Running averages move by momentum 0.1 from where they are (two updates: 0.09 m1 + 0.1 m2),
+    s normalizes by the feature map's height (not its width: a 6 x 8 map), the slot records its
+    mean z and s for the trainers' logs, and refuses features of another shape, one image per
+    batch (or per stacked copy) in training, and stacked copies with running statistics, each in
+    one line. Kills the slot mutants that survived mutmut (perturb/metaperturb.py)."""
+    from metareg.nets.layers import stacked_copies
+    from metareg.nets.slots import recording
+
+    phi = phi_with()
+    layer = MetaPerturb(phi, 6, channel_norm=8, spatial_norm=16, index=3).double().train()
+    g = torch.Generator().manual_seed(0)
+    h1, h2 = (torch.randn(8, 6, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    layer(h1)
+    layer(h2)
+    m1, m2 = phi.channel_features(h1).mean(0), phi.channel_features(h2).mean(0)
+    torch.testing.assert_close(layer.running_mean, 0.9 * 0.1 * m1 + 0.1 * m2)
+    features = phi.channel_features(h2)
+    expected = phi.scale(features.mean(0), features.var(0), 6 / 8, 6 / 16)  # H = 6
+    torch.testing.assert_close(layer.scales(h2), expected)
+    with recording() as record:
+        out = layer(h2, sample=False)
+    z = phi.noise(h2, sample=False)
+    torch.testing.assert_close(record.metrics["z3"], z.mean())
+    torch.testing.assert_close(record.metrics["s3"], layer.scales(h2).mean())
+    assert out.shape == h2.shape
+    refusals = [
+        (
+            lambda: layer(torch.randn(4, 6, dtype=torch.float64)),
+            "MetaPerturb at a 6-channel layer got features of shape (4, 6)",
+        ),
+        (lambda: layer(torch.randn(4, 5, 6, 6, dtype=torch.float64)), "got features of shape (4, 5, 6, 6)"),
+        (lambda: layer(h1[:1]), "MetaPerturb's batch statistics need at least 2 images per batch in training mode"),
+    ]
+    episodic = MetaPerturb(phi, 6, channel_norm=8, spatial_norm=16, running_stats=False).double()
+    with stacked_copies(2):
+        refusals += [
+            (lambda: episodic(h1[:2]), "need at least 2 images per batch"),
+            (
+                lambda: layer(h1),
+                "stacked copies of a batch are for episodic networks, whose MetaPerturb keeps no running",
+            ),
+        ]
+        for call, message in refusals:
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                call()
 
 
 # ------------------------------------------------------------------------- attaching to a CNN
