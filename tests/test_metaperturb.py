@@ -215,26 +215,20 @@ def test_slot_statistics_diagnostics_and_refusals():
     torch.testing.assert_close(record.metrics["z3"], z.mean())
     torch.testing.assert_close(record.metrics["s3"], layer.scales(h2).mean())
     assert out.shape == h2.shape
-    refusals = [
-        (
-            lambda: layer(torch.randn(4, 6, dtype=torch.float64)),
-            "MetaPerturb at a 6-channel layer got features of shape (4, 6)",
-        ),
-        (lambda: layer(torch.randn(4, 5, 6, 6, dtype=torch.float64)), "got features of shape (4, 5, 6, 6)"),
-        (lambda: layer(h1[:1]), "MetaPerturb's batch statistics need at least 2 images per batch in training mode"),
-    ]
+    with pytest.raises(ConfigError, match=re.escape("MetaPerturb at a 6-channel layer got features of shape (4, 6)")):
+        layer(torch.randn(4, 6, dtype=torch.float64))
+    with pytest.raises(ConfigError, match=re.escape("got features of shape (4, 5, 6, 6)")):
+        layer(torch.randn(4, 5, 6, 6, dtype=torch.float64))
+    with pytest.raises(
+        ConfigError, match="MetaPerturb's batch statistics need at least 2 images per batch in training"
+    ):
+        layer(h1[:1])
     episodic = MetaPerturb(phi, 6, channel_norm=8, spatial_norm=16, running_stats=False).double()
     with stacked_copies(2):
-        refusals += [
-            (lambda: episodic(h1[:2]), "need at least 2 images per batch"),
-            (
-                lambda: layer(h1),
-                "stacked copies of a batch are for episodic networks, whose MetaPerturb keeps no running",
-            ),
-        ]
-        for call, message in refusals:
-            with pytest.raises(ConfigError, match=re.escape(message)):
-                call()
+        with pytest.raises(ConfigError, match="need at least 2 images per batch"):
+            episodic(h1[:2])  # one image per copy
+        with pytest.raises(ConfigError, match="stacked copies of a batch are for episodic networks, whose MetaPerturb"):
+            layer(h1)
 
 
 # ------------------------------------------------------------------------- attaching to a CNN
