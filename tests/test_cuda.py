@@ -19,12 +19,11 @@ import warnings
 import pytest
 import torch
 
-from helpers import learner_for, random_image_batch, tiny_conv
+from helpers import final_params, learner_for, random_image_batch, tiny, tiny_conv
 from metareg import cli
 from metareg.meta.graphs import CapturedStep, capture_or_none
 from metareg.perturb import build_perturbation
 from metareg.runs.episodic import train
-from test_training import tiny
 
 CUDA = torch.cuda.is_available()
 ON_CPU = not CUDA and os.environ.get("METAREG_CUDA_TIER_ON_CPU") == "1"  # the tier's code, checked on the CPU
@@ -90,7 +89,6 @@ def test_a_run_resumed_with_graphs_ends_with_the_weights_of_an_uninterrupted_one
     train(tiny(*config, "train.steps=3"), tmp_path / "cut", progress=False)
     resumed = train(tiny(*config, "train.steps=6"), tmp_path / "cut", resume=True, progress=False)
     assert resumed.step == 6 and (resumed.graph is not None) == CUDA
-    from test_training import final_params
 
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "cut")
     assert a.keys() == b.keys()

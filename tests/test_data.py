@@ -28,6 +28,7 @@ try:
 except ImportError:  # not installed: test the source tree
     sys.path.insert(0, str(REPO / "src"))
 
+from helpers import SHARED, write_tiny_mini  # noqa: E402
 from metareg.data import (  # noqa: E402
     ClassImages,
     EpisodeSampler,
@@ -46,13 +47,6 @@ from metareg.data import omniglot as omniglot_module  # noqa: E402
 from metareg.data.download import expected_files  # noqa: E402
 from metareg.errors import DataError  # noqa: E402
 
-
-def _shared_data() -> Path:
-    env = os.environ.get("METAREG_SHARED_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
-
-
-SHARED = _shared_data()
 OMNIGLOT = SHARED / "omniglot"
 MINI = SHARED / "miniimagenet-100"
 OMNIGLOT_ZIPS = [OMNIGLOT / "images_background.zip", OMNIGLOT / "images_evaluation.zip"]
@@ -354,6 +348,7 @@ def characters(classes: ClassImages) -> set[str]:
     return {name.rsplit("/", 1)[0] for name in classes.class_names}
 
 
+@pytest.mark.slow
 def test_omniglot_vinyals_splits(omniglot: dict) -> None:
     counts = {s: omniglot[s].num_classes for s in ("train", "val", "trainval", "test")}
     assert counts == {"train": 4112, "val": 688, "trainval": 4800, "test": 1692}
@@ -372,6 +367,7 @@ def test_omniglot_vinyals_splits(omniglot: dict) -> None:
         EpisodeSampler(omniglot["test"], way=5, shot=10, query=11)
 
 
+@pytest.mark.slow
 def test_omniglot_alphabet_split(omniglot: dict) -> None:
     train, test = omniglot["alphabets-train"], omniglot["alphabets-test"]
     assert len(characters(train)) == 964 and len(characters(test)) == 659
@@ -380,6 +376,7 @@ def test_omniglot_alphabet_split(omniglot: dict) -> None:
     assert torch.equal(torch.bincount(train.class_sizes), torch.bincount(torch.full((3856,), 20)))
 
 
+@pytest.mark.slow
 def test_omniglot_second_load_uses_cache(omniglot: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     entries = sorted(p.name for p in cache_dir().glob("omniglot-*"))
     assert len(entries) == 4, entries  # two archives x (safetensors + json)
@@ -397,6 +394,7 @@ def test_omniglot_second_load_uses_cache(omniglot: dict, monkeypatch: pytest.Mon
     assert again.class_names == omniglot["trainval"].class_names
 
 
+@pytest.mark.slow
 def test_packaged_vinyals_splits_match_shared_and_are_used_as_fallback(omniglot: dict, tmp_path: Path) -> None:
     shared_splits = OMNIGLOT / "splits" / "vinyals"
     if not shared_splits.is_dir():
@@ -549,6 +547,7 @@ def mini(module_cache: Path) -> dict:
     return loaded
 
 
+@pytest.mark.slow
 def test_miniimagenet_shared(mini: dict) -> None:
     assert {s: c.num_classes for s, c in mini.items()} == {"train": 64, "val": 16, "test": 20}
     for c in mini.values():
@@ -561,22 +560,6 @@ def test_miniimagenet_shared(mini: dict) -> None:
     t0 = time.perf_counter()
     assert load_miniimagenet(MINI, "test").num_classes == 20
     assert time.perf_counter() - t0 < 10.0
-
-
-def write_tiny_mini(root: Path, counts: dict[str, int], size: tuple[int, int] = (84, 84)) -> Path:
-    """Ravi & Larochelle layout: images/<label><index>.jpg and train/val/test csvs (all classes in train)."""
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    lines = ["filename,label"]
-    for label, n in counts.items():
-        for i in range(n):
-            name = f"{label}{i + 1:08d}.jpg"
-            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "images" / name, quality=90)
-            lines.append(f"{name},{label}")
-    for split in ("train", "val", "test"):
-        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def test_tiny_miniimagenet_unequal_600_per_class_counts(tmp_path: Path) -> None:

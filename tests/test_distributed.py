@@ -3,9 +3,7 @@ meta-parameters and per-episode scores as one process, resumable with any number
 
 from __future__ import annotations
 
-import functools
 import json
-import operator
 import os
 import subprocess
 import sys
@@ -13,38 +11,30 @@ import sys
 import pytest
 import torch
 
+from helpers import (
+    TINY,
+    assert_same_tensors,
+    cli_subprocess,
+    final_params,
+    flags,
+    learner_for,
+    random_image_batch,
+    tiny_conv,
+)
+from metareg.data.tasks import TaskBatch
 from metareg.meta.distributed import World
-from test_training import TINY, final_params
 
-FLAGS = [
-    *functools.reduce(
-        operator.iadd,
-        (["--set", s] for s in [*TINY, "dtype=float64", "train.checkpoint_every=1", "train.val_every=1000"]),
-        [],
-    )
-]
+FLAGS = flags([*TINY, "dtype=float64", "train.checkpoint_every=1", "train.val_every=1000"])
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
 def metareg(*args: str, processes: int = 1) -> subprocess.CompletedProcess:
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m"]
-        if processes > 1
-        else [sys.executable, "-m"]
-    )
-    done = subprocess.run(
-        [*launcher, "metareg.cli", "--no-progress", *args], capture_output=True, text=True, env=ENV, timeout=300
-    )
+    done = cli_subprocess(*args, processes=processes)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def assert_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and any(k.startswith("param.") for k in a) and any(".exp_avg" in k for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), (key, (a[key] - b[key]).abs().max())
-
-
+@pytest.mark.slow
 def test_two_processes_train_and_test_like_one(tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"
@@ -52,7 +42,7 @@ def test_two_processes_train_and_test_like_one(tmp_path):
     done = metareg("train", "--preset", "quickstart", *FLAGS, "--iterations", "3", "--out", str(two), processes=2)
     assert "(2 processes, gloo)" in done.stderr
     assert json.loads((two / "checkpoint.json").read_text())["processes"] == 2
-    assert_identical(final_params(one), final_params(two))  # float64, summed in task order: bit for bit
+    assert_same_tensors(final_params(one), final_params(two))  # float64, summed in task order: bit for bit
     # The meta-test is shared between the processes and gathered: the same per-episode scores.
     a, b = json.loads((one / "test.json").read_text()), json.loads((two / "test.json").read_text())
     assert len(a["scores"]) == 6 and a["scores"] == b["scores"] and a["episode_nll"] == b["episode_nll"]
@@ -62,6 +52,7 @@ def test_two_processes_train_and_test_like_one(tmp_path):
     assert three["scores"] == single["scores"] and len(single["scores"]) == 5  # 5 episodes: blocks of 3 and 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_a_run_resumes_with_another_number_of_processes(tmp_path, first, then):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
@@ -71,9 +62,10 @@ def test_a_run_resumes_with_another_number_of_processes(tmp_path, first, then):
     )
     metareg("train", "--out", str(cut), "--resume", "--iterations", "4", "--no-test", processes=then)
     assert json.loads((cut / "checkpoint.json").read_text())["processes"] == then
-    assert_identical(final_params(straight), final_params(cut))
+    assert_same_tensors(final_params(straight), final_params(cut))
 
 
+@pytest.mark.slow
 def test_a_meta_batch_the_processes_do_not_divide_is_one_line(tmp_path):
     done = subprocess.run(
         [
@@ -119,6 +111,7 @@ def test_blocks_cover_every_item_once_in_order():
     assert World(1, 2).share(4) == range(2, 4)
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_run_and_it_resumes_from_the_last_checkpoint(tmp_path):
     import signal
     import time
@@ -166,7 +159,7 @@ def test_a_dead_process_stops_the_run_and_it_resumes_from_the_last_checkpoint(tm
     step = json.loads(checkpoint.read_text())["step"]
     assert 3 <= step < 30, "the run was not stopped mid-way"
     metareg("train", "--out", str(killed), "--resume", "--no-test", processes=2)
-    assert_identical(final_params(straight), final_params(killed))
+    assert_same_tensors(final_params(straight), final_params(killed))
 
 
 def test_a_failed_collective_is_one_clear_error():
@@ -178,3 +171,43 @@ def test_a_failed_collective_is_one_clear_error():
 
     with pytest.raises(DistributedError, match=r"stopped or did not answer .*Connection closed by peer.*--resume"):
         _collective(broken, None)
+
+
+def test_task_gradients_of_vmap_and_loop_agree_and_add_up_to_the_meta_gradient():
+    """``task_gradients`` (what each process sends to the gather), float64, 4 tasks shared by 2
+    "processes" (tasks 0-1 and 2-3): the loop strategy's rows (one per task) and the vmap strategy's
+    row (one per share) sum to the same vector, which is, bit for bit for the loop, the ``.grad``
+    that ``meta_backward`` accumulates over the whole meta-batch; losses, scores and the parameters
+    that get a gradient agree. Catches a share divided by its own size instead of the meta-batch's
+    (checked, in either strategy: the rows double) and rows in the wrong parameter order."""
+    batch = random_image_batch(tasks=4)
+    shares = [
+        TaskBatch(*(t[i : i + 2] for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+        for i in (0, 2)
+    ]
+    summed, metrics, used = {}, {}, {}
+    for strategy in ("loop", "vmap"):
+        learner = learner_for(tiny_conv(), strategy=strategy, step="meta-sgd")
+        parts = [learner.task_gradients(share, total=4) for share in shares]
+        assert [rows.shape[0] for rows, _, _ in parts] == ([2, 2] if strategy == "loop" else [1, 1])
+        rows = torch.cat([rows for rows, _, _ in parts])  # what the gather gives, in task order
+        summed[strategy] = rows[0].clone()
+        for row in rows[1:]:  # summed as the distributed trainer sums them
+            summed[strategy] += row
+        used[strategy] = parts[0][1]
+        assert parts[0][1] == parts[1][1]
+        metrics[strategy] = {k: torch.cat([m[k] for _, _, m in parts]) for k in ("loss", "score")}
+        learner.zero_grad()
+        learner.meta_backward(batch)
+        params = [p for p in learner.parameters() if p.requires_grad]
+        assert used[strategy] == [p.grad is not None for p in params]
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        if strategy == "loop":
+            assert torch.equal(summed[strategy], grad)
+        else:
+            torch.testing.assert_close(summed[strategy], grad, rtol=1e-12, atol=1e-15)
+    assert used["loop"] == used["vmap"] and any(used["loop"])
+    assert summed["loop"].abs().max() > 0
+    torch.testing.assert_close(summed["vmap"], summed["loop"], rtol=1e-10, atol=1e-13)
+    for key in ("loss", "score"):
+        torch.testing.assert_close(metrics["vmap"][key], metrics["loop"][key], rtol=1e-10, atol=0)

@@ -149,3 +149,153 @@ def test_evaluate_does_not_touch_meta_parameters_and_matches_manual_adaptation()
             .mean()
         )
         assert scores[i].item() == pytest.approx(acc.item(), abs=1e-7)
+
+
+def test_evaluate_scores_the_query_outputs_of_the_steps_samples_and_attack_it_is_given(monkeypatch):
+    """``BilevelLearner.evaluate`` (what `metareg bench` times): per-task MSE of the adapted model's
+    query outputs, with the step count, noise samples and attack passed through to the inner loop
+    and the query pass. Kills the mutants that survived mutmut by dropping one of them."""
+    batch = random_regression_batch(tasks=2)
+    learner = learner_for(tiny_mlp(), task="regression", steps=2)
+    seen = []
+    query_outputs = learner.query_outputs
+
+    def recorded(b, **kw):
+        seen.append(kw)
+        return query_outputs(b, **kw)
+
+    monkeypatch.setattr(learner, "query_outputs", recorded)
+    attacked = []
+
+    def attack(_learner, _params, x, _y):  # leaves the query images as they are, says it was called
+        attacked.append(x)
+        return x
+
+    learner.evaluate(batch, steps=3, samples=2, attack=attack)
+    assert seen == [{"steps": 3, "samples": 2, "attack": attack}] and len(attacked) == batch.num_tasks
+    monkeypatch.undo()
+    for steps in (1, 4):
+        scores = learner.evaluate(batch, steps=steps)
+        outputs = learner.query_outputs(batch, steps=steps)
+        expected = torch.stack([F.mse_loss(o, y) for o, y in zip(outputs, batch.query_y)])
+        torch.testing.assert_close(scores, expected, rtol=1e-12, atol=0)
+    assert not torch.equal(learner.evaluate(batch, steps=1), learner.evaluate(batch, steps=4))
+
+
+def test_the_meta_test_inner_loop_uses_its_own_steps_samples_seeds_and_no_meta_graph(monkeypatch):
+    """``adapt_for_test`` / ``query_outputs`` (the meta-test path, Algorithm 2): the meta-test step
+    count and noise samples S by default, the given ones otherwise; no second-order graph (the
+    adapted weights move one-for-one with the start); each task's noise seeded by its seed, so a
+    task's outputs do not depend on the tasks before it; the attack called with the learner, the
+    task's adapted weights and its query images and labels. Kills the meta-test-path mutants that
+    survived mutmut in the unit tier (meta/bilevel.py)."""
+    from metareg.perturb import build_perturbation
+
+    model = tiny_conv(perturbation=build_perturbation("meta-dropout"))
+    learner = learner_for(model, steps=2, eval_inner_steps=3, eval_mc_samples=2)
+    batch = random_image_batch(tasks=2)
+    calls = []
+    inner_loss = learner.inner_loss
+
+    def counted(params, x, y, samples):
+        calls.append(samples)
+        return inner_loss(params, x, y, samples)
+
+    monkeypatch.setattr(learner, "inner_loss", counted)
+    start = learner.detached_params()
+    x, y = batch.support_x[0], batch.support_y[0]
+    adapted = learner.adapt_for_test(start, x, y)
+    assert calls == [2, 2, 2]  # 3 meta-test steps of S = 2
+    calls.clear()
+    learner.adapt_for_test(start, x, y, steps=1, samples=4)
+    assert calls == [4]
+    calls.clear()
+    fast = learner.fast_names[0]
+    (moved,) = torch.autograd.grad(adapted[fast].sum(), start[fast])
+    assert torch.equal(moved, torch.ones_like(moved))  # first order: no path through the inner gradients
+    # query_outputs: steps and samples passed on, one seed per task
+    learner.query_outputs(batch, steps=1, samples=3)
+    assert calls == [3, 3]
+    seen = []
+
+    def attack(who, params, qx, qy):
+        seen.append((who, params, qx, qy))
+        return qx
+
+    outputs = learner.query_outputs(batch, seeds=[11, 12], attack=attack)
+    torch.manual_seed(12)
+    second = learner.query_outputs(
+        type(batch)(*(t[1:] for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
+    )
+    assert torch.equal(outputs[1], second[0])  # task 1 alone, seeded the same: the same outputs
+    assert not torch.equal(learner.query_outputs(batch, seeds=[11, 13])[1], outputs[1])
+    for i, (who, params, qx, qy) in enumerate(seen):
+        assert who is learner and torch.equal(qx, batch.query_x[i]) and torch.equal(qy, batch.query_y[i])
+        assert not torch.equal(params[fast], start[fast])  # the task's adapted weights
+
+
+def test_task_gradients_give_zeros_for_parameters_that_get_no_gradient():
+    """A meta-parameter the meta-loss does not reach gets a zero block in every row and is reported
+    unused (so the gather's sum leaves its ``.grad`` empty), in both strategies."""
+    for strategy in ("loop", "vmap"):
+        model = tiny_conv()
+        model.register_parameter("unused", torch.nn.Parameter(torch.ones(3, dtype=torch.float64)))
+        learner = learner_for(model, strategy=strategy, fast=["blocks.*", "head.*"])
+        rows, used, _ = learner.task_gradients(random_image_batch(tasks=2), total=2)
+        params = [p for p in learner.parameters() if p.requires_grad]
+        index = next(i for i, p in enumerate(params) if p is model.unused)
+        offset = sum(p.numel() for p in params[:index])
+        assert not used[index] and sum(used) == len(params) - 1
+        assert rows[:, offset : offset + 3].abs().max() == 0 and rows.abs().max() > 0
+
+
+def test_refusals_of_the_engine_name_what_and_why():
+    """The first-order refusal lists up to three of the perturbation's parameters (and says when
+    there are more), the batched-samples refusal names the first batch norm with running
+    statistics. Kills the message mutants that survived mutmut (meta/bilevel.py)."""
+    from metareg.nets import create_model
+    from metareg.perturb import build_perturbation
+
+    why = ": they learn through the inner-loop steps; use second order (inner.first_order=false) or a perturbation "
+    cases = {  # perturbation -> its parameters in a 2-block ConvNet, as listed
+        "weight-gaussian": "blocks.0.perturb.rho, blocks.1.perturb.rho, head_perturb.rho)",
+        "meta-dropout-deterministic": "blocks.0.perturb.phi.weight, blocks.0.perturb.phi.bias, "
+        "blocks.1.perturb.phi.weight, ...)",
+    }
+    for name, listed in cases.items():
+        with pytest.raises(ConfigError) as refusal:
+            learner_for(tiny_conv(perturbation=build_perturbation(name)), first_order=True)
+        assert str(refusal.value) == (
+            f"first-order meta-gradients cannot train the perturbation's parameters ({listed}{why}without parameters"
+        )
+    model = create_model("resnet20", 3, in_channels=3, image_size=8, blocks=(1, 1, 1))
+    with pytest.raises(ConfigError, match=r"norm; stem\.1 keeps running statistics: use inner\.mc_batch=sequential$"):
+        learner_for(model, mc_batch=True)
+
+
+def test_meta_backward_dispatches_on_the_strategy_and_reports_loss_and_accuracy(monkeypatch):
+    """``meta_backward`` returns the mean query loss and accuracy (what the trainer logs) in both
+    strategies; the vmap strategy runs the vmap path, whose query pass is the deterministic one
+    (``sample=False``) after the sampled inner steps. Kills the dispatch, metric-name and
+    query-sampling mutants that survived mutmut (meta/bilevel.py)."""
+    from metareg.perturb import build_perturbation
+
+    batch = random_image_batch(tasks=2)
+    for strategy in ("loop", "vmap"):
+        learner = learner_for(tiny_conv(), strategy=strategy)
+        metrics = learner.meta_backward(batch)
+        assert set(metrics) == {"loss", "score"} and 0 <= metrics["score"] <= 1 and metrics["loss"] > 0
+    learner = learner_for(tiny_conv(perturbation=build_perturbation("meta-dropout")), strategy="vmap", steps=2)
+    monkeypatch.setattr(learner, "_meta_backward_vmap", lambda _batch: "the vmap path")
+    assert learner.meta_backward(batch) == "the vmap path"
+    monkeypatch.undo()
+    flags = []
+    forward = learner.model.forward
+
+    def recorded(x, *, sample=False, **kw):
+        flags.append(sample)
+        return forward(x, sample=sample, **kw)
+
+    monkeypatch.setattr(learner.model, "forward", recorded)
+    learner._vmap_losses(batch)
+    assert flags == [True, True, False]  # two sampled inner steps, then the deterministic query pass

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import tiny
 from metareg import cli
 from metareg.checkpoint import load_checkpoint
-from test_training import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_OMNIGLOT = ROOT.parent / "shared" / "data" / "omniglot"

@@ -1,6 +1,7 @@
 """DropGrad, T-nets and MT-nets: noise laws, exact reductions to MAML, masks, composition."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -36,6 +37,35 @@ def test_dropgrad_noise_has_mean_one_and_variance_p_over_1_minus_p(kind):
         assert set(torch.unique(noise).tolist()) == {0.0, 1 / (1 - p)}
 
 
+def test_dropout_rates_outside_0_1_and_unknown_kinds_are_refused_by_name():
+    """DropGrad and the feature dropouts share ``metareg.noise``: p in [0, 1) (p = 1 would divide by
+    zero), kind binary or gaussian, each refusal naming what and the bad value. Found by mutation
+    testing (mutmut: ``p <= 1.0``, ``p < 2.0`` and empty messages survived)."""
+    from metareg.errors import ConfigError
+    from metareg.noise import check_dropout
+
+    for p in (1.0, 1.5, -0.1, math.nan):
+        with pytest.raises(ConfigError, match=rf"DropGrad rate p must be in \[0, 1\), got {p}"):
+            DropGrad({"w": torch.zeros(1)}, p=p)
+    with pytest.raises(ConfigError, match="dropout kind must be binary or gaussian, got 'uniform'"):
+        check_dropout("dropout", 0.1, "uniform")
+    check_dropout("dropout", 0.0, "binary")  # the edges that are fine
+    check_dropout("dropout", 0.999, "gaussian")
+
+
+@pytest.mark.parametrize("kind", ["binary", "gaussian"])
+def test_dropout_noise_has_the_dtype_of_what_it_multiplies(kind):
+    """float64 gradients get float64 noise (not float32 noise promoted: its values would carry
+    float32 rounding). Found by mutation testing (``dtype=None`` survived)."""
+    from metareg.noise import dropout_noise
+
+    like = torch.zeros(3, dtype=torch.float64)
+    noise = dropout_noise((1000,), 0.3, kind, like)
+    assert noise.dtype == torch.float64 and noise.device == like.device
+    if kind == "gaussian":  # float32 values would be exactly representable in float32
+        assert not torch.equal(noise, noise.float().double())
+
+
 def test_dropgrad_is_off_at_evaluation_and_respects_layers_and_schedule():
     params = {"layers.0.weight": torch.zeros(3), "head.weight": torch.zeros(3)}
     drop = DropGrad(params, p=0.5, kind="binary", layers=["head.*"], schedule="linear")
@@ -49,6 +79,8 @@ def test_dropgrad_is_off_at_evaluation_and_respects_layers_and_schedule():
     assert not torch.equal(out["head.weight"], grads["head.weight"])
     drop.eval()
     assert torch.equal(drop.update(grads, None, 0)[0]["head.weight"], grads["head.weight"])
+    drop.set_training_progress(1.7)  # past the end of training (a longer resumed run): the full rate, not more
+    assert drop.rate == 0.5
 
 
 def test_tnet_with_identity_t_gives_exactly_maml():
@@ -311,3 +343,139 @@ def test_dropgrad_draws_fresh_noise_at_every_inner_step():
             assert torch.equal(rec["dropped"][k], g * (rec["dropped"][k] != 0) * 2), k
     assert all(0 < m.sum() < m.numel() for m in kept)
     assert not torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2])
+
+
+def test_maml_plus_plus_per_step_step_sizes_are_used_in_order_and_learned():
+    """``inner.step=per-step`` (MAML++'s LSLR): one step size per inner step and parameter tensor,
+    starting at ``lr``; step k uses its own size (steps past the last, at meta-test, reuse the last);
+    the meta-gradient reaches every one of them, equal to a hand-unrolled reference (float64). It
+    had no test at all (found by mutation testing: all its mutants had no test)."""
+    from metareg.inner.base import param_key
+
+    batch = random_regression_batch(tasks=1)
+    x, y = batch.support_x[0], batch.support_y[0]
+    model = mlp()
+    learner = learner_for(model, step="per-step", lr=0.1, steps=3, task="regression")
+    names = learner.fast_names
+    sizes = {n: learner.inner.transforms[-1].lr[param_key(n)] for n in names}
+    assert all(v.tolist() == [0.1] * 3 for v in sizes.values())
+    with torch.no_grad():
+        for i, v in enumerate(sizes.values()):
+            v.copy_(torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64) * (1 + i / 10))
+    lrs = {n: v.detach().clone().requires_grad_() for n, v in sizes.items()}
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    for k in range(5):  # 5 steps from 3 sizes: steps 3 and 4 reuse the last
+        loss = F.mse_loss(functional_call(model, params, (x,)), y)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+        params = params | {n: params[n] - lrs[n][min(k, 2)] * g for n, g in zip(names, grads)}
+        if k == 2:
+            three = {n: t.detach() for n, t in params.items()}
+    for steps, expected in ((3, three), (5, params)):
+        adapted = learner.adapt(learner.initial_params(), x, y, steps=steps, create_graph=False)
+        for n in names:
+            torch.testing.assert_close(adapted[n].detach(), expected[n].detach(), rtol=1e-12, atol=1e-14)
+    # The meta-gradient of 5 steps with 5 sizes, the last three equal: summed, they are the reference's third.
+    query = F.mse_loss(functional_call(model, params, (batch.query_x[0],)), batch.query_y[0])
+    expected = dict(zip(names, torch.autograd.grad(query, [lrs[n] for n in names])))
+    learner = learner_for(model, step="per-step", lr=0.1, steps=5, task="regression")
+    sizes = {n: learner.inner.transforms[-1].lr[param_key(n)] for n in names}
+    with torch.no_grad():
+        for n, v in sizes.items():
+            v.copy_(torch.cat([lrs[n].detach(), lrs[n].detach()[2:].repeat(2)]))
+    learner.meta_backward(batch)
+    for n, v in sizes.items():
+        got = torch.cat([v.grad[:2], v.grad[2:].sum(0, keepdim=True)])
+        assert got.abs().min() > 0, n
+        torch.testing.assert_close(got, expected[n], rtol=1e-9, atol=1e-14, msg=n)
+
+
+def test_feature_dropout_factories_and_defaults():
+    """`dropout` and `spatial-dropout` put a Dropout in every hidden block and none at the output,
+    spatial only for the second; binary noise takes the values 0 and 1 / (1 - p) only; the class
+    defaults are p = 0.1, binary; a bad rate names the dropout. Kills the dropout mutants that
+    survived mutmut."""
+    from helpers import tiny_conv
+    from metareg.errors import ConfigError
+    from metareg.nets.slots import FeaturePerturbation
+    from metareg.perturb import Dropout, build_perturbation
+
+    for name, spatial in (("dropout", False), ("spatial-dropout", True)):
+        model = tiny_conv(perturbation=build_perturbation(name, {"p": 0.3}))
+        assert all(isinstance(b.perturb, Dropout) and b.perturb.spatial == spatial for b in model.blocks)
+        assert type(model.head_perturb) is FeaturePerturbation
+    pre = torch.ones(50, 4, 6, 6, dtype=torch.float64)
+    torch.manual_seed(0)
+    values = set(torch.unique(Dropout(0.3, "binary")(pre, pre, sample=True)).tolist())
+    assert values == {0.0, 1 / 0.7}
+    default = Dropout()
+    assert (default.p, default.kind, default.spatial) == (0.1, "binary", False)
+    with pytest.raises(ConfigError, match="dropout rate p must be in"):
+        Dropout(1.0)
+
+
+def test_dropgrad_starts_at_its_full_rate_names_its_errors_and_follows_the_learners_progress():
+    """A DropGrad with the linear schedule is at its full rate until told otherwise; a bad schedule
+    and a layer pattern that matches nothing are refused by name; ``BilevelLearner.set_training_
+    progress`` reaches both the inner rule and the model's scheduled perturbations. Kills the
+    DropGrad and set_training_progress mutants that survived mutmut."""
+    from metareg.errors import ConfigError
+    from metareg.perturb import build_perturbation
+
+    assert DropGrad({"w": torch.zeros(1)}, p=0.4, schedule="linear").rate == 0.4
+    with pytest.raises(ConfigError, match="DropGrad schedule must be constant or linear, got 'cosine'"):
+        DropGrad({"w": torch.zeros(1)}, schedule="cosine")
+    with pytest.raises(ConfigError, match=r"^DropGrad layer selection 'middle\.\*' matches no fast parameter; "):
+        DropGrad({"a.weight": torch.zeros(1)}, layers=["middle.*"])
+    from helpers import tiny_conv
+
+    model = tiny_conv(perturbation=build_perturbation("dropblock", {"p": 0.2, "block_size": 3, "schedule": "linear"}))
+    learner = learner_for(model, transforms=[{"name": "dropgrad", "p": 0.4, "schedule": "linear"}])
+    learner.set_training_progress(0.25)
+    assert learner.inner.transforms[0].rate == pytest.approx(0.1)
+    assert all(block.perturb.rate == pytest.approx(0.05) for block in model.blocks)
+
+
+def test_per_step_step_sizes_under_vmap_equal_the_loop():
+    """The vmap strategy's inner loop (``torch.func.grad``) hands each step its index too: per-step
+    step sizes give the loop's meta-gradient (kills a mutant that survived mutmut)."""
+    from metareg.inner.base import param_key
+
+    grads = {}
+    for strategy in ("loop", "vmap"):
+        model = mlp()
+        learner = learner_for(model, step="per-step", lr=0.1, steps=3, task="regression", strategy=strategy)
+        with torch.no_grad():
+            for v in learner.inner.transforms[-1].lr.values():
+                v.copy_(torch.tensor([0.05, 0.1, 0.2], dtype=torch.float64))
+        learner.meta_backward(random_regression_batch(tasks=2))
+        grads[strategy] = {n: learner.inner.transforms[-1].lr[param_key(n)].grad for n in learner.fast_names}
+    for name, g in grads["loop"].items():
+        torch.testing.assert_close(grads["vmap"][name], g, rtol=1e-9, atol=1e-14)
+
+
+def test_inner_rule_configuration_errors_name_the_problem_and_transforms_see_the_layer_groups():
+    """`build_inner_rule`: a transform without a name, with an unknown option, or an unknown step are
+    refused in one line naming what is available; transforms choose layers by the backbone's groups.
+    Kills the registry mutants that survived mutmut (inner/registry.py)."""
+    from metareg.errors import ConfigError
+    from metareg.nets import ConvNet
+
+    fast = {"w": torch.zeros(1)}
+    cases = [
+        ({"transforms": [{"p": 0.1}]}, "unknown gradient transform None; available: dropgrad, subspace-mask"),
+        ({"transforms": [{"name": "dropgrad", "bogus": 1}]}, "unknown option 'bogus' for gradient transform 'dropgrad'"),
+        ({"step": "adam"}, "unknown inner step 'adam'; choose one of sgd, meta-sgd, per-step"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build_inner_rule(fast, **({"step": "sgd", "lr": 0.1, "steps": 1} | options))
+    net = ConvNet(5, 1, 28, channels=4)
+    rule = build_inner_rule(
+        dict(net.named_parameters()),
+        step="sgd",
+        lr=0.1,
+        steps=1,
+        transforms=[{"name": "dropgrad", "layers": "last-block"}],
+        groups=net.layer_groups(),
+    )
+    assert rule.transforms[0].names == [n for n, _ in net.named_parameters() if n.startswith("blocks.3.")]

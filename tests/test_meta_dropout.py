@@ -6,11 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import learner_for, random_image_batch, tiny_conv
+from helpers import assert_same_tensors, final_params, learner_for, random_image_batch, tiny, tiny_conv
 from metareg.errors import ConfigError
 from metareg.nets import LayerInfo
 from metareg.perturb import MultiplicativeNoise, WeightGaussian, build_perturbation
-from test_training import assert_same_state, final_params, tiny
 
 REF_FAST = ["blocks.*.conv.*", "head.weight", "head.bias"]
 CONV = LayerInfo(0, "conv", 3, 5, kernel_size=3, padding=1)
@@ -171,6 +170,25 @@ def test_weight_gaussian_is_a_gaussian_weight_sample():
     )
 
 
+def test_weight_gaussian_defaults_refusal_and_strided_layers():
+    """Weight Gaussian starts at sigma = 0.01 (class and factory), refuses sigma <= 0 by name, and
+    follows its layer's stride, alone and with stacked copies (kills the mutants that survived
+    mutmut: a zero sigma would make rho = log(0))."""
+    from metareg.nets.layers import stacked_copies
+
+    info = LayerInfo(0, "conv", 3, 4, kernel_size=3, stride=2, padding=1)
+    for layer in (WeightGaussian(info), build_perturbation("weight-gaussian")(info)):
+        torch.testing.assert_close(F.softplus(layer.rho), torch.full_like(layer.rho, 0.01))
+    with pytest.raises(ConfigError, match=r"weight-gaussian init_std must be > 0, got 0\.0"):
+        WeightGaussian(info, init_std=0.0)
+    layer = WeightGaussian(info, init_std=0.5).double()
+    h = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    pre = torch.zeros(4, 4, 4, 4, dtype=torch.float64)  # a stride-2 convolution's output
+    assert layer(pre, h, sample=True).shape == pre.shape
+    with stacked_copies(2):
+        assert layer(pre, h, sample=True).shape == pre.shape
+
+
 def test_fixed_and_independent_gaussian_queries_use_a_equals_mu():
     for name, expected in (("fixed-gaussian", math.log(2.0)), ("independent-gaussian", math.log(2.0))):
         noise = build_perturbation(name)(CONV).double()
@@ -198,6 +216,7 @@ def test_deterministic_meta_dropout_same_meta_gradient_batched_and_unbatched():
         assert torch.allclose(g, grads["vmap"][name], rtol=1e-6, atol=1e-10), name
 
 
+@pytest.mark.slow
 def test_meta_dropout_run_resumes_exactly(tmp_path):
     extra = (
         "perturb.name=meta-dropout",
@@ -212,7 +231,7 @@ def test_meta_dropout_run_resumes_exactly(tmp_path):
     train(tiny("train.steps=6", "train.checkpoint_every=3", *extra), tmp_path / "split", resume=True, progress=False)
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "split")
     assert any(k.startswith("param.") and ".phi." in k for k in a)
-    assert_same_state(a, b)
+    assert_same_tensors(a, b)
 
 
 def test_boundary_coordinates_put_the_classifier_decision_on_the_vertical_line():
@@ -230,6 +249,7 @@ def test_boundary_coordinates_put_the_classifier_decision_on_the_vertical_line()
     assert y.shape == (40,)
 
 
+@pytest.mark.slow
 def test_feature_and_boundary_plots_from_a_trained_run(tmp_path):
     from metareg.runs.episodic import train
     from metareg.runs.task_view import adapted_task
@@ -345,3 +365,131 @@ def test_vmap_meta_backward_draws_each_tasks_noise_independently():
     for g in grads["meta-dropout-deterministic"]:
         assert g[0].abs().sum() > 0
         torch.testing.assert_close(g[0], g[1], rtol=1e-10, atol=1e-14)
+
+
+def meta_dropout_reference(params, x, noise, *, sample: bool):
+    """Meta-Dropout's forward pass (Eq. 5-6 in the reference placement, h = ReLU(pool(BN(f o z)))) on
+    the parameter names of a 2-block ``ConvNet``, in plain ``torch.nn.functional`` calls; ``noise``
+    yields the recorded standard-normal draws in the engine's order (block 0, block 1, output)."""
+    h = x
+    for i in range(2):
+        p = f"blocks.{i}."
+        f = F.conv2d(h, params[p + "conv.weight"], params[p + "conv.bias"], padding=1)
+        a = F.conv2d(h, params[p + "perturb.phi.weight"], params[p + "perturb.phi.bias"], padding=1)  # mu(h)
+        z = F.softplus(a + next(noise) if sample else a)
+        pre = F.batch_norm(f * z, None, None, None, params[p + "norm.bias"], training=True)
+        h = F.relu(F.max_pool2d(pre, 2))
+    features = h.flatten(1)
+    logits = F.linear(features, params["head.weight"], params["head.bias"])
+    if not sample:
+        return logits
+    sigma = F.softplus(F.linear(features, params["head_perturb.phi.weight"], params["head_perturb.phi.bias"]))
+    return logits + sigma * next(noise)
+
+
+def test_meta_dropout_meta_gradient_equals_a_hand_unrolled_reference_on_the_recorded_noise(monkeypatch):
+    """The meta-gradient of every meta-parameter (theta, batch norm's shift, phi of every layer) after
+    2 inner steps with S = 2 noise samples each, against the same bilevel problem unrolled by hand with
+    plain autograd on the engine's recorded draws of eps (float64). Catches a noise generator that
+    does not see the gradient through its input, ``phi(h.detach())`` (the first block's theta then
+    misses its path through the second block's mu(h)), the same at the output layer's sigma, a
+    missing softplus, noise placed after batch norm, and a query pass that samples (each checked:
+    the test fails)."""
+    draws = []
+    real = torch.randn_like
+
+    def recorded(t, **kw):
+        draws.append(real(t, **kw))
+        return draws[-1]
+
+    monkeypatch.setattr(torch, "randn_like", recorded)
+    model = tiny_conv(perturbation=build_perturbation("meta-dropout"), norm_scale=False)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # phi large enough for its terms to matter (its init is std 0.02)
+        for name, p in model.named_parameters():
+            if ".phi." in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    lr, steps, samples = 0.1, 2, 2
+    learner = learner_for(model, fast=REF_FAST, lr=lr, steps=steps, mc_samples=samples)
+    batch = random_image_batch(tasks=2)
+    torch.manual_seed(0)
+    metrics = learner.meta_backward(batch)
+    assert len(draws) == batch.num_tasks * steps * samples * 3  # two blocks and the output layer per pass
+
+    names, fast = [n for n, _ in model.named_parameters()], learner.fast_names
+    leaves = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    noise = iter(draws)
+    total = 0.0
+    for i in range(batch.num_tasks):
+        params = dict(leaves)
+        for _ in range(steps):
+            loss = sum(
+                F.cross_entropy(
+                    meta_dropout_reference(params, batch.support_x[i], noise, sample=True), batch.support_y[i]
+                )
+                for _ in range(samples)
+            )
+            grads = torch.autograd.grad(loss / samples, [params[n] for n in fast], create_graph=True)
+            params = params | {n: params[n] - lr * g for n, g in zip(fast, grads)}
+        query = meta_dropout_reference(params, batch.query_x[i], noise, sample=False)
+        total = total + F.cross_entropy(query, batch.query_y[i]) / batch.num_tasks
+    assert next(noise, None) is None  # every recorded draw replayed, in order
+    torch.testing.assert_close(metrics["loss"], total.detach(), rtol=1e-12, atol=0)
+    expected = dict(zip(names, torch.autograd.grad(total, [leaves[n] for n in names])))
+    for name, p in model.named_parameters():
+        assert expected[name].abs().max() > 0, name
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-13, msg=name)
+
+
+def test_multiplicative_noise_defaults_errors_and_shapes():
+    """The class's KL weight is 0 by default (no penalty recorded), each bad setting is refused by
+    name, a learnable mu per channel gives a noise shaped like the features (one value per channel,
+    broadcast over the map), the KL term comes from sampled passes only, the factory's defaults are
+    Meta-Dropout's and phi starts as in the reference. Kills the Meta-Dropout mutants that survived
+    mutmut."""
+    from metareg.nets.slots import recording
+
+    pre, h = torch.ones(2, 5, 3, 3, dtype=torch.float64), torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    with recording() as record:
+        MultiplicativeNoise(CONV).double()(pre, h, sample=True)
+    assert MultiplicativeNoise(CONV).kl == 0 and record.penalty == 0
+    for options, message in (
+        ({"kl": -1.0}, "meta-dropout's KL weight kl must be >= 0, got -1.0"),
+        ({"mean": "median"}, "multiplicative-noise mean must be input, channel or zero, got 'median'"),
+        ({"variance": "learned"}, "multiplicative-noise variance must be fixed or input, got 'learned'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            MultiplicativeNoise(CONV, **options)
+    noise = MultiplicativeNoise(CONV, mean="channel").double()
+    with torch.no_grad():
+        noise.mu.copy_(torch.arange(5, dtype=torch.float64))
+    out = noise(pre, h, sample=False)
+    assert out.shape == pre.shape
+    assert torch.allclose(out, F.softplus(torch.arange(5, dtype=torch.float64)).view(1, 5, 1, 1).expand_as(pre))
+    # The KL term (Table 2's beta rows) is added by sampled passes only, beta |mu|^2 / 2 per example.
+    beta = MultiplicativeNoise(CONV, kl=0.5).double()
+    with recording() as record:
+        beta(pre, h, sample=False)
+    assert record.penalty == 0
+    with recording() as record:
+        beta(pre, h, sample=True)
+    mu = beta.phi(h)
+    torch.testing.assert_close(record.penalty, 0.5 * 0.5 * (mu.expand_as(pre) ** 2).flatten(1).sum(1).mean())
+    # The factory's defaults are Meta-Dropout's; phi starts as the reference's (std 0.02, zero biases).
+    model = tiny_conv(perturbation=build_perturbation("multiplicative-noise"))
+    assert all(
+        (b.perturb.mean_kind, b.perturb.stochastic, b.perturb.kl, b.perturb.phi_sigma) == ("input", True, 0.0, None)
+        for b in model.blocks
+    )
+    from metareg.perturb import AdditiveGaussianOutput
+    from metareg.perturb.meta_dropout import phi_layer
+
+    assert isinstance(model.head_perturb, AdditiveGaussianOutput)
+    torch.manual_seed(0)
+    conv, dense = (
+        phi_layer(LayerInfo(0, "conv", 64, 64, kernel_size=3, padding=1)),
+        phi_layer(LayerInfo(1, "dense", 900, 64)),
+    )
+    for layer, std in ((conv, 0.02 * 0.8796), (dense, 0.02)):  # a normal truncated at 2 sigma has 0.8796 sigma
+        assert layer.weight.std().item() == pytest.approx(std, rel=0.03) and torch.equal(layer.bias, torch.zeros(64))
+    assert conv.weight.abs().max() <= 0.04

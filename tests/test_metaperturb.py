@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -122,6 +123,53 @@ def test_strength_anneals_from_identity_to_eq2_and_clip_bounds_from_above():
         set_strength(phi, 1.5)
 
 
+def test_the_strength_schedule_is_linear_over_the_annealed_fraction_of_training():
+    """MetaPerturb's strength c = min(1, t / anneal) (the released code's linear warm-up over the
+    first ``anneal`` of training), full strength without annealing. Kills the schedule mutants that
+    survived mutmut (perturb/metaperturb.py)."""
+    for anneal, fractions, strengths in (
+        (0.4, (0.0, 0.1, 0.2, 0.4, 0.9), (0.0, 0.25, 0.5, 1.0, 1.0)),
+        (2.0, (0.5, 1.0), (0.25, 0.5)),  # annealing longer than training never reaches 1
+        (0.0, (0.0, 0.5), (1.0, 1.0)),
+    ):
+        phi = phi_with(anneal=anneal)
+        for fraction, strength in zip(fractions, strengths):
+            phi.set_training_progress(fraction)
+            assert phi.strength == pytest.approx(strength), (anneal, fraction)
+
+
+def test_metaperturb_slots_come_from_conv_layers_with_their_index_and_size_and_sample_at_test():
+    """The slot factory: one MetaPerturb per hidden conv layer carrying the layer's index and map
+    size, the identity at the output, a clear refusal for a dense layer or a layer whose network
+    normalizers are unknown, predictions averaged over noise at test time; the slot refuses
+    non-positive channels or normalizers by name (1 is fine). Kills the slot mutants that survived
+    mutmut (perturb/metaperturb.py)."""
+    from metareg.nets import LayerInfo
+    from metareg.nets.slots import FeaturePerturbation
+    from metareg.perturb import build_perturbation, metaperturb_slots
+
+    factory = metaperturb_slots(phi_with())
+    assert factory.sample_at_test is True and build_perturbation("metaperturb").sample_at_test is True
+    conv = LayerInfo(2, "conv", 4, 6, kernel_size=3, padding=1, size=7, network_width=8, input_size=28)
+    made = factory(conv)
+    assert (made.index, made.height, made.channels, made.channel_norm, made.spatial_norm) == (2, 7, 6, 8.0, 28.0)
+    assert MetaPerturb(phi_with(), 6, channel_norm=8, spatial_norm=16).index == 0
+    assert type(factory(LayerInfo(3, "dense", 6, 5, output=True, network_width=8, input_size=28))) is (
+        FeaturePerturbation
+    )
+    for bad in (
+        LayerInfo(3, "dense", 6, 5, network_width=8, input_size=28),
+        LayerInfo(0, "conv", 4, 6, kernel_size=3, padding=1, size=7, input_size=28),
+        LayerInfo(0, "conv", 4, 6, kernel_size=3, padding=1, size=7, network_width=8),
+    ):
+        with pytest.raises(ConfigError, match="MetaPerturb perturbs convolutional feature maps"):
+            factory(bad)
+    MetaPerturb(phi_with(), 1, channel_norm=1, spatial_norm=1)  # the smallest that make sense
+    for channels, channel_norm, spatial_norm in ((0, 8, 16), (6, 0, 16), (6, 8, 0)):
+        with pytest.raises(ConfigError, match="MetaPerturb needs positive channels and normalizers, got "):
+            MetaPerturb(phi_with(), channels, channel_norm=channel_norm, spatial_norm=spatial_norm)
+
+
 def test_scale_uses_batch_statistics_in_training_and_running_averages_in_eval():
     phi = phi_with()
     layer = slot(phi).train()
@@ -139,6 +187,48 @@ def test_scale_uses_batch_statistics_in_training_and_running_averages_in_eval():
     # Training: the batch matters.
     layer.train()
     assert not torch.allclose(layer(torch.cat([h[:2], 5 * h[2:]]))[:2], layer(h[:2]))
+
+
+def test_slot_statistics_diagnostics_and_refusals():
+    """Running averages move by momentum 0.1 from where they are (two updates: 0.09 m1 + 0.1 m2),
+    s normalizes by the feature map's height (not its width: a 6 x 8 map), the slot records its
+    mean z and s for the trainers' logs, and refuses features of another shape, one image per
+    batch (or per stacked copy) in training, and stacked copies with running statistics, each in
+    one line. Kills the slot mutants that survived mutmut (perturb/metaperturb.py)."""
+    from metareg.nets.layers import stacked_copies
+    from metareg.nets.slots import recording
+
+    phi = phi_with()
+    layer = MetaPerturb(phi, 6, channel_norm=8, spatial_norm=16, index=3).double().train()
+    g = torch.Generator().manual_seed(0)
+    h1, h2 = (torch.randn(8, 6, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    layer(h1)
+    layer(h2)
+    m1, m2 = phi.channel_features(h1).mean(0), phi.channel_features(h2).mean(0)
+    torch.testing.assert_close(layer.running_mean, 0.9 * 0.1 * m1 + 0.1 * m2)
+    features = phi.channel_features(h2)
+    expected = phi.scale(features.mean(0), features.var(0), 6 / 8, 6 / 16)  # H = 6
+    torch.testing.assert_close(layer.scales(h2), expected)
+    with recording() as record:
+        out = layer(h2, sample=False)
+    z = phi.noise(h2, sample=False)
+    torch.testing.assert_close(record.metrics["z3"], z.mean())
+    torch.testing.assert_close(record.metrics["s3"], layer.scales(h2).mean())
+    assert out.shape == h2.shape
+    with pytest.raises(ConfigError, match=re.escape("MetaPerturb at a 6-channel layer got features of shape (4, 6)")):
+        layer(torch.randn(4, 6, dtype=torch.float64))
+    with pytest.raises(ConfigError, match=re.escape("got features of shape (4, 5, 6, 6)")):
+        layer(torch.randn(4, 5, 6, 6, dtype=torch.float64))
+    with pytest.raises(
+        ConfigError, match="MetaPerturb's batch statistics need at least 2 images per batch in training"
+    ):
+        layer(h1[:1])
+    episodic = MetaPerturb(phi, 6, channel_norm=8, spatial_norm=16, running_stats=False).double()
+    with stacked_copies(2):
+        with pytest.raises(ConfigError, match="need at least 2 images per batch"):
+            episodic(h1[:2])  # one image per copy
+        with pytest.raises(ConfigError, match="stacked copies of a batch are for episodic networks, whose MetaPerturb"):
+            layer(h1)
 
 
 # ------------------------------------------------------------------------- attaching to a CNN

@@ -4,9 +4,7 @@ and the command line's errors. Everything runs on the built-in glyphs at tiny si
 
 from __future__ import annotations
 
-import functools
 import json
-import operator
 import os
 import subprocess
 import sys
@@ -15,9 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from metareg.config import MetaTrainConfig, TransferConfig, parse_assignment
+from helpers import (
+    META_TRAIN_KEYS,
+    TINY_META,
+    TINY_TRANSFER,
+    TRANSFER_KEYS,
+    assert_one_line,
+    assert_same_tensors,
+    cli_subprocess,
+    flags,
+    meta_config,
+    tensors_of,
+)
+from metareg.config import TransferConfig, parse_assignment
 from metareg.data import class_tasks, load_labeled, split_per_class
 from metareg.errors import ConfigError, DataError
 from metareg.meta.distributed import World
@@ -27,49 +36,6 @@ from metareg.perturb.pretrained import save_phi
 from metareg.runs.common import resolve
 from metareg.runs.metaperturb import meta_train
 from metareg.runs.transfer import transfer
-from test_cli import assert_one_line_error, run
-
-TINY_META = [
-    "data.options.num_classes=20",
-    "data.classes=20",
-    "data.image_size=16",
-    "train.batch_size=4",
-    "train.steps=4",
-    "train.checkpoint_every=2",
-    "train.log_every=1",
-    "model.options.channels=8",
-    "tasks=4",
-]
-TINY_TRANSFER = [
-    "data.image_size=16",
-    "train.batch_size=8",
-    "train.steps=6",
-    "train.checkpoint_every=3",
-    "train.log_every=1",
-    "model.options.channels=8",
-    "perturb.mc_samples=3",
-]
-
-
-def tensors_of(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / json.loads((run / "checkpoint.json").read_text())["tensors"]))
-
-
-# What a checkpoint must hold (key prefixes): the comparisons below would pass vacuously on less.
-META_TRAIN_KEYS = ("phi.", "optim.phi.state.", *(f"task{t}." for t in range(4)), *(f"optim.task{t}." for t in range(4)))
-TRANSFER_KEYS = ("model.", "optim.state.")
-
-
-def assert_holds(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> None:
-    missing = [p for p in prefixes if not any(k.startswith(p) for k in tensors)]
-    assert not missing, f"no {missing} among {sorted(tensors)[:10]}..."
-
-
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> None:
-    assert set(a) == set(b)
-    assert_holds(a, prefixes)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def assert_exact_resume(
@@ -154,12 +120,6 @@ def test_tasks_are_shared_equally_between_processes():
 
 
 # ---------------------------------------------------------------------------- meta-training
-def meta_config(*extra: str) -> MetaTrainConfig:
-    return resolve(
-        "perturb-quickstart", overrides=[parse_assignment(s) for s in (*TINY_META, *extra)], schema=MetaTrainConfig
-    )
-
-
 def test_meta_training_resumes_exactly_after_an_interruption(tmp_path, monkeypatch):
     assert_exact_resume(
         tmp_path, monkeypatch, JointTrainer, meta_train, meta_config(), stop=3, prefixes=META_TRAIN_KEYS
@@ -170,6 +130,7 @@ def test_meta_training_resumes_exactly_after_an_interruption(tmp_path, monkeypat
     assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3", "4"]
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun_give_the_same_phi_as_one(tmp_path):
     """Algorithm 1 across processes (gloo): each of 2 processes trains 2 of the 4 tasks and phi's
     gradient is all-reduced; float64, so the only difference is the order of the sums."""
@@ -179,7 +140,7 @@ def test_two_processes_with_torchrun_give_the_same_phi_as_one(tmp_path):
         "meta-train",
         "--preset",
         "perturb-quickstart",
-        *functools.reduce(operator.iadd, (["--set", s] for s in TINY_META), []),
+        *flags(TINY_META),
         "--set",
         "dtype=float64",
         "--set",
@@ -216,10 +177,8 @@ def test_two_processes_with_torchrun_give_the_same_phi_as_one(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "checkpoint.json").read_text())["processes"] == 2
     a, b = tensors_of(tmp_path / "one"), tensors_of(tmp_path / "two")
-    assert set(a) == set(b)
-    assert_holds(a, META_TRAIN_KEYS)
-    for key in a:  # phi, its Adam state, and every task network gathered from both processes
-        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12, msg=key)
+    # phi, its Adam state, and every task network gathered from both processes
+    assert_same_tensors(a, b, META_TRAIN_KEYS, rtol=1e-9, atol=1e-12)
 
 
 INTERRUPTED = """
@@ -259,6 +218,7 @@ sys.exit(0 if stop < 0 else 1)  # a run told to stop must have stopped
 """
 
 
+@pytest.mark.slow
 def test_two_process_run_resumed_in_one_process_ends_like_an_uninterrupted_one(tmp_path):
     """joint_trainer's claim: rank 0 gathers every task into the checkpoint, so a run started by
     torchrun with 2 processes, interrupted after its step-2 checkpoint and resumed in 1 process, ends
@@ -269,7 +229,7 @@ def test_two_process_run_resumed_in_one_process_ends_like_an_uninterrupted_one(t
         "meta-train",
         "--preset",
         "perturb-quickstart",
-        *functools.reduce(operator.iadd, (["--set", s] for s in TINY_META), []),
+        *flags(TINY_META),
         "--set",
         "dtype=float64",
         "--set",
@@ -325,10 +285,8 @@ def test_two_process_run_resumed_in_one_process_ends_like_an_uninterrupted_one(t
     meta = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())
     assert (meta["step"], meta["processes"]) == (4, 1)
     a, b = tensors_of(tmp_path / "one"), tensors_of(tmp_path / "cut")
-    assert set(a) == set(b)
-    assert_holds(a, META_TRAIN_KEYS)
-    for key in a:  # phi, its Adam state, every task network and its Adam state
-        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-12, msg=key)
+    # phi, its Adam state, every task network and its Adam state
+    assert_same_tensors(a, b, META_TRAIN_KEYS, rtol=1e-9, atol=1e-12)
     assert json.loads((tmp_path / "cut" / "phi.json").read_text())["steps"] == 4
 
 
@@ -341,6 +299,7 @@ def transfer_config(phi_dir: Path, *extra: str) -> TransferConfig:
     )
 
 
+@pytest.mark.slow
 def test_transfer_baselines_and_metaperturb_end_to_end(tmp_path, phi_dir):
     base = transfer(transfer_config(phi_dir, "perturb.name=none"), tmp_path / "base", progress=False)
     perturbed = transfer(transfer_config(phi_dir), tmp_path / "mp", progress=False)
@@ -363,15 +322,19 @@ def test_transfer_baselines_and_metaperturb_end_to_end(tmp_path, phi_dir):
         torch.testing.assert_close(tuned[key], source[key], rtol=0, atol=1e-8)
     assert not torch.equal(source["model.head.weight"], tuned["model.head.weight"])
     # The paired comparison over the same test images, and Figure 7's plot.
-    done = run("compare", str(tmp_path / "mp"), str(tmp_path / "base"))
+    done = cli_subprocess("compare", str(tmp_path / "mp"), str(tmp_path / "base"))
     assert done.returncode == 0 and "paired over the same 200 test images" in done.stdout, done.stderr
-    done = run("plot", "scales", str(tmp_path / "mp"), "--out", str(tmp_path / "scales.png"))
+    done = cli_subprocess("plot", "scales", str(tmp_path / "mp"), "--out", str(tmp_path / "scales.png"))
     assert done.returncode == 0 and (tmp_path / "scales.png").stat().st_size > 1000, done.stderr
-    assert_one_line_error(run("plot", "scales", str(tmp_path / "base")), "without MetaPerturb")
-    done = run("plot", "reliability", str(tmp_path / "mp"), str(tmp_path / "base"), "--out", str(tmp_path / "rel.png"))
+    done = cli_subprocess("plot", "scales", str(tmp_path / "base"))
+    assert_one_line(done.returncode, done.stderr, "without MetaPerturb")
+    done = cli_subprocess(
+        "plot", "reliability", str(tmp_path / "mp"), str(tmp_path / "base"), "--out", str(tmp_path / "rel.png")
+    )
     assert done.returncode == 0 and (tmp_path / "rel.png").stat().st_size > 1000, done.stderr
 
 
+@pytest.mark.slow
 def test_monte_carlo_test_predictions_are_reproducible_and_average_the_noise(tmp_path, phi_dir):
     from metareg.data.augment import normalize, to_channels
     from metareg.fewshot import load_transfer_model
@@ -405,6 +368,7 @@ def test_monte_carlo_test_predictions_are_reproducible_and_average_the_noise(tmp
     assert (many - draws[-1]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_transfer_resumes_exactly_after_an_interruption(tmp_path, phi_dir, monkeypatch):
     assert_exact_resume(
         tmp_path, monkeypatch, TransferTrainer, transfer, transfer_config(phi_dir), stop=4, prefixes=TRANSFER_KEYS
@@ -420,6 +384,7 @@ def test_transfer_resumes_exactly_after_an_interruption(tmp_path, phi_dir, monke
 
 
 # ----------------------------------------------------------------------------- command line
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
@@ -441,7 +406,8 @@ def test_transfer_resumes_exactly_after_an_interruption(tmp_path, phi_dir, monke
 )
 def test_bad_perturb_input_gets_one_line(tmp_path, args, fragments):
     extra = ["--out", str(tmp_path / "run")] if args[1] != "info" and "--resume" not in args else []
-    assert_one_line_error(run(*args, *extra), *fragments)
+    done = cli_subprocess(*args, *extra)
+    assert_one_line(done.returncode, done.stderr, *fragments)
 
 
 # ------------------------------------------------------------------------- batches and crops

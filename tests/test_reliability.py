@@ -4,17 +4,25 @@ durability order, schedules, statistics on too few episodes, logs that are not t
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
-import operator
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import (
+    TINY,
+    assert_one_line,
+    assert_same_tensors,
+    cli_in_process,
+    final_params,
+    flags,
+    tiny,
+    write_tiny_mini,
+)
 from metareg import cli, files
 from metareg.checkpoint import load_checkpoint, save_checkpoint
 from metareg.config import parse_assignment
@@ -24,23 +32,8 @@ from metareg.fewshot import load_learner
 from metareg.progress import Progress
 from metareg.runs.common import resolve
 from metareg.runs.episodic import meta_test, train
-from test_training import TINY, final_params, tiny
 
-TINY_FLAGS = functools.reduce(operator.iadd, (["--set", s] for s in TINY), [])
-
-
-def main(capsys, *args: str) -> tuple[int, str]:
-    """Run the CLI in this process; (exit status, stderr lines that are not empty)."""
-    status = cli.main(["--no-progress", *args])
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("run folder")]
-    return status, "\n".join(err)
-
-
-def assert_one_line(status: int, err: str, *fragments: str) -> None:
-    assert status == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
+TINY_FLAGS = flags(TINY)
 
 
 def umask() -> int:
@@ -50,6 +43,7 @@ def umask() -> int:
 
 
 # ---------------------------------------------------------------------------- 1. tampered records
+@pytest.mark.slow
 @pytest.mark.parametrize("absolute", [False, True])
 def test_a_checkpoint_record_cannot_name_a_file_outside_its_run_folder(tmp_path, capsys, absolute):
     other, run = tmp_path / "other", tmp_path / "run"
@@ -60,7 +54,7 @@ def test_a_checkpoint_record_cannot_name_a_file_outside_its_run_folder(tmp_path,
     record["tensors"] = str(victim) if absolute else f"../other/{victim.name}"
     record["sha256"] = files.sha256_file(victim)  # even a matching checksum does not make it ours
     (run / "checkpoint.json").write_text(json.dumps(record))
-    status, err = main(capsys, "train", "--out", str(run), "--resume", "--iterations", "4", "--no-test")
+    status, err = cli_in_process(capsys, "train", "--out", str(run), "--resume", "--iterations", "4", "--no-test")
     assert_one_line(status, err, "not a plain .safetensors file name")
     assert victim.is_file()
     with pytest.raises(CheckpointError, match="plain"):
@@ -70,6 +64,7 @@ def test_a_checkpoint_record_cannot_name_a_file_outside_its_run_folder(tmp_path,
     assert victim.is_file()
 
 
+@pytest.mark.slow
 def test_a_record_naming_another_file_of_the_run_does_not_delete_it(tmp_path):
     run = tmp_path / "run"
     train(tiny("train.steps=2", "train.checkpoint_every=2"), run, progress=False)
@@ -81,11 +76,12 @@ def test_a_record_naming_another_file_of_the_run_does_not_delete_it(tmp_path):
 
 
 # ------------------------------------------------------------------------------- 2-3. divergence
+@pytest.mark.slow
 def test_the_kept_checkpoint_always_evaluates_to_finite_numbers(tmp_path, capsys, monkeypatch):
     """A meta learning rate so large that step 2's loss is NaN: the checkpoint of step 1 held the
     exploding update (and was kept as 'good'); now it is never written."""
     run = tmp_path / "run"
-    status, err = main(
+    status, err = cli_in_process(
         capsys,
         "train",
         "--out",
@@ -117,12 +113,12 @@ def test_the_kept_checkpoint_always_evaluates_to_finite_numbers(tmp_path, capsys
     with pytest.raises(DivergenceError, match="step 2\\) is kept"):
         train(tiny("train.steps=8", "train.checkpoint_every=1"), run, resume=True, progress=False)
     after = final_params(run)
-    assert good.keys() == after.keys() and any(k.startswith("optim.") for k in good)
-    assert all(torch.equal(good[k], after[k]) for k in good)
+    assert_same_tensors(good, after)
     config, learner = load_learner(run)
     assert math.isfinite(meta_test(config, learner, episodes=4, progress=False).estimate.mean)
 
 
+@pytest.mark.slow
 def test_test_refuses_a_model_whose_outputs_are_not_finite(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny("train.steps=1"), run, progress=False)
@@ -135,7 +131,7 @@ def test_test_refuses_a_model_whose_outputs_are_not_finite(tmp_path, capsys):
         {k: v for k, v in meta.items() if k not in ("format", "version", "step", "tensors", "sha256")},
         step=meta["step"],
     )
-    status, err = main(capsys, "test", "--checkpoint", str(run), "--episodes", "3")
+    status, err = cli_in_process(capsys, "test", "--checkpoint", str(run), "--episodes", "3")
     assert_one_line(status, err, "not finite", "diverged")
     assert not (run / "test.json").exists()
 
@@ -143,7 +139,7 @@ def test_test_refuses_a_model_whose_outputs_are_not_finite(tmp_path, capsys):
 @pytest.mark.parametrize("value", ["nan", "1e30"])
 def test_divergence_before_the_first_checkpoint_says_none_was_written(tmp_path, capsys, value):
     run = tmp_path / "run"
-    status, err = main(
+    status, err = cli_in_process(
         capsys,
         "train",
         "--out",
@@ -165,7 +161,7 @@ def test_divergence_before_the_first_checkpoint_says_none_was_written(tmp_path, 
 
 
 def test_adam_overflow_is_one_line(tmp_path, capsys):
-    status, err = main(
+    status, err = cli_in_process(
         capsys,
         "train",
         "--out",
@@ -180,6 +176,7 @@ def test_adam_overflow_is_one_line(tmp_path, capsys):
     assert_one_line(status, err, "overflow", "no checkpoint was written")
 
 
+@pytest.mark.slow
 def test_nonfinite_weights_count_as_divergence(tmp_path):
     run = tmp_path / "run"
     trainer = train(tiny("train.steps=1"), run, progress=False)
@@ -221,6 +218,7 @@ def test_transfer_and_meta_train_numbers_must_be_finite():
 
 
 # ------------------------------------------------------------------------- 5. disk and permissions
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     train(tiny("train.steps=2", "train.checkpoint_every=2"), run, progress=False)
@@ -230,10 +228,10 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr("metareg.checkpoint.write_bytes_atomic", full)
-    status, err = main(capsys, "train", "--out", str(run), "--resume", "--iterations", "4", "--no-test")
+    status, err = cli_in_process(capsys, "train", "--out", str(run), "--resume", "--iterations", "4", "--no-test")
     assert_one_line(status, err, "No space left on device", "step 2) is kept")
     after = final_params(run)
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_tensors(before, after)
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == [
         "checkpoint-00000002.safetensors",
         "checkpoint.json",
@@ -243,10 +241,13 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
 def test_an_unwritable_out_folder_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    status, err = main(capsys, "train", "--out", str(blocker / "run"), "--no-test", "--iterations", "1", *TINY_FLAGS)
+    status, err = cli_in_process(
+        capsys, "train", "--out", str(blocker / "run"), "--no-test", "--iterations", "1", *TINY_FLAGS
+    )
     assert_one_line(status, err, "cannot access", str(blocker))
 
 
+@pytest.mark.slow
 def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     train(tiny("train.steps=1"), run, progress=False)
@@ -258,10 +259,11 @@ def test_an_unreadable_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(Path, "read_bytes", denied)
-    status, err = main(capsys, "test", "--checkpoint", str(run), "--episodes", "2")
+    status, err = cli_in_process(capsys, "test", "--checkpoint", str(run), "--episodes", "2")
     assert_one_line(status, err, "cannot read", "Permission denied")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
@@ -285,7 +287,6 @@ def test_bad_counts_are_one_line(tmp_path, capsys, args):
 
 def test_a_permission_denied_image_is_not_called_corrupt(tmp_path, monkeypatch):
     from metareg.data import load_miniimagenet
-    from test_data import write_tiny_mini
 
     root = write_tiny_mini(tmp_path / "mini", {"a": 3, "b": 3}, size=(8, 8))
     real = Path.read_bytes
@@ -302,6 +303,7 @@ def test_a_permission_denied_image_is_not_called_corrupt(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- 6. file modes
+@pytest.mark.slow
 def test_tensor_files_follow_the_umask_like_the_json(tmp_path):
     run = tmp_path / "run"
     train(tiny("train.steps=1"), run, progress=False)
@@ -382,6 +384,7 @@ def test_checkpoint_writes_are_durable_in_the_right_order(tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- 8. DropGrad schedule
+@pytest.mark.slow
 def test_dropgrad_linear_schedule_follows_every_step_through_the_trainer(tmp_path, monkeypatch):
     from metareg.inner.dropgrad import DropGrad
 
@@ -421,10 +424,34 @@ def test_mean_ci_and_paired_difference_against_a_hand_calculation():
     assert "n/a" in mean_ci([0.5]).format()
 
 
+def test_statistics_edge_cases_found_by_mutation_testing():
+    """Two values already have an interval; values are summed in float64 (a float32 sum would lose
+    a 1e-9 difference); errors say what is wrong; ``format`` scales mean and interval alike, with two
+    digits by default, and calls only a single value "one value". Each assertion kills a mutant that
+    survived mutmut (evaluate/stats.py)."""
+    from metareg.evaluate import Estimate
+
+    two = mean_ci([0.0, 1.0])
+    assert two.ci95 == pytest.approx(1.96 * math.sqrt(0.5) / math.sqrt(2)) and two.n == 2
+    assert mean_ci([1.0, 1.0 + 1e-9]).ci95 > 0
+    assert paired_difference([1.0 + 1e-9, 1.0], [1.0, 1.0]).mean == pytest.approx(5e-10, rel=1e-6)
+    assert paired_difference([1.0, 1.0], [1.0 + 1e-9, 1.0]).mean == pytest.approx(-5e-10, rel=1e-6)
+    with pytest.raises(ValueError, match="no values"):
+        mean_ci([])
+    with pytest.raises(ValueError, match="needs the same episodes: 3 vs 2 values"):
+        paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
+    assert Estimate(0.5, 0.125, 10).format() == "0.50 +- 0.12"
+    assert Estimate(0.5, 0.125, 10).format(100, 1) == "50.0 +- 12.5"
+    assert Estimate(0.5, math.nan, 1).format(100) == "50.00 +- n/a (one value: no interval)"
+    assert Estimate(0.5, 0.1, 2).format() == "0.50 +- 0.10"
+    assert Estimate(0.5, math.nan, 3).format() == "0.50 +- nan"  # NaN scores are not "one value"
+
+
+@pytest.mark.slow
 def test_compare_refuses_fewer_than_two_episodes(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny("train.steps=1"), run, progress=False)
-    status, err = main(capsys, "compare", str(run), str(run), "--episodes", "1")
+    status, err = cli_in_process(capsys, "compare", str(run), str(run), "--episodes", "1")
     assert_one_line(status, err, "at least 2 episodes")
 
 
@@ -443,6 +470,7 @@ def test_progress_to_a_file_is_a_few_plain_lines():
     assert lines[-1].startswith("meta-train: 1000/1000 it (100%)")
 
 
+@pytest.mark.slow
 def test_a_training_log_file_is_short(tmp_path):
     import subprocess
     import sys

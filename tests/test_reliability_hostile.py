@@ -25,22 +25,23 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import TINY, assert_one_line, cli_in_process, flags, tiny, write_tiny_mini
 from metareg import builtin, cli, files
 from metareg.checkpoint import load_checkpoint, save_checkpoint
 from metareg.config import TransferConfig, parse_assignment
 from metareg.errors import CheckpointError, ConfigError, DataError
 from metareg.runs.common import resolve
 from metareg.runs.episodic import meta_test, save_result, train
-from test_reliability import TINY_FLAGS, assert_one_line, main
-from test_training import tiny
+
+TINY_FLAGS = flags(TINY)
 
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
 def status_of(capsys, *args: str) -> tuple[int, str]:
-    """:func:`main`, counting argparse's refusals (SystemExit) as the exit status they are."""
+    """:func:`cli_in_process`, counting argparse's refusals (SystemExit) as the exit status they are."""
     try:
-        return main(capsys, *args)
+        return cli_in_process(capsys, *args)
     except SystemExit as done:
         return int(done.code), capsys.readouterr().err.strip()
 
@@ -183,7 +184,6 @@ def test_a_decompression_bomb_image_is_one_line_naming_the_file(tmp_path, monkey
     image is one). Before the fix: PIL's DecompressionBombError. Mutation caught: the bomb's except
     clause removed from ``decode_image``."""
     from metareg.data import load_miniimagenet
-    from test_data import write_tiny_mini
 
     root = write_tiny_mini(tmp_path / "mini", {"a": 2, "b": 2}, size=(8, 8))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)

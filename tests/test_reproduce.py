@@ -5,8 +5,12 @@ import math
 import re
 import statistics
 
+import pytest
+
 from metareg.runs import reproduce
 from metareg.runs.reproduce import EXPERIMENTS, Experiment, Run, run_experiment
+
+pytestmark = pytest.mark.slow  # every test here trains or tests runs, or starts processes
 
 
 def test_tiny_figure_run_writes_table_fractions_and_png(tmp_path):
@@ -136,7 +140,7 @@ def test_a_time_budget_stops_the_grid_and_the_next_call_continues_it(tmp_path, m
     unfinished; the same call again finishes them, with the weights of an uninterrupted run."""
     import time
 
-    from test_training import assert_same_state, final_params
+    from helpers import assert_same_tensors, final_params
 
     run = Run("sine", "sine-10shot", ("train.val_every=1000", "train.checkpoint_every=5"), (10,), row="a", column="x")
     monkeypatch.setitem(EXPERIMENTS, "tiny-budget", Experiment("tiny-budget", "tiny", "a test", (run,), ("x",)))
@@ -157,4 +161,4 @@ def test_a_time_budget_stops_the_grid_and_the_next_call_continues_it(tmp_path, m
     ).read_text()
     assert "unfinished" not in text
     run_experiment("tiny-budget", tmp_path / "whole", iterations=150, episodes=4, jobs=1, progress=False)
-    assert_same_state(final_params(tmp_path / "whole" / "sine"), final_params(tmp_path / "cut" / "sine"))
+    assert_same_tensors(final_params(tmp_path / "whole" / "sine"), final_params(tmp_path / "cut" / "sine"))

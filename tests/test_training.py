@@ -1,58 +1,24 @@
 """Meta-training runs: exact resume, atomic checkpoints, divergence, corrupt checkpoints."""
 
-import functools
 import json
-import operator
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import TINY, assert_same_tensors, final_params, flags, tiny
 from metareg.checkpoint import load_checkpoint
-from metareg.config import parse_assignment
 from metareg.errors import CheckpointError, ConfigError, DivergenceError
 from metareg.fewshot import load_learner
-from metareg.runs.common import resolve
 from metareg.runs.episodic import meta_test, train
 
-TINY = [
-    "data.options={num_classes: 30}",
-    "data.way=3",
-    "data.query=2",
-    "model.options={channels: 4}",
-    "inner.steps=2",
-    "train.meta_batch=2",
-    "train.log_every=2",
-    "train.val_every=4",
-    "train.val_episodes=4",
-    "eval.episodes=6",
-]
-
-
-def tiny(*extra: str):
-    return resolve("quickstart", None, [parse_assignment(s) for s in [*TINY, *extra]])
-
-
-def final_params(run: Path) -> dict:
-    tensors, _ = load_checkpoint(run)
-    return {k: v for k, v in tensors.items() if k.startswith(("param.", "optim."))}
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    """Two checkpoints hold the same tensors, bit for bit, and these include the learner's parameters
-    and the meta-optimizer's Adam moments (so an empty or partial comparison cannot pass)."""
-    assert a.keys() == b.keys()
-    assert any(k.startswith("param.") for k in a), sorted(a)
-    assert {k.rsplit(".", 1)[1] for k in a if k.startswith("optim.state.")} >= {"exp_avg", "exp_avg_sq"}, sorted(a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+pytestmark = pytest.mark.slow  # every test here trains or tests runs, or starts processes
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -60,7 +26,7 @@ def test_resume_continues_exactly(tmp_path):
     train(tiny("train.steps=3", "train.checkpoint_every=3"), tmp_path / "split", progress=False)
     config = tiny("train.steps=6", "train.checkpoint_every=3")
     train(config, tmp_path / "split", resume=True, progress=False)
-    assert_same_state(final_params(tmp_path / "straight"), final_params(tmp_path / "split"))
+    assert_same_tensors(final_params(tmp_path / "straight"), final_params(tmp_path / "split"))
     rows = (tmp_path / "split" / "log.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["2", "3", "4", "6"]
 
@@ -73,7 +39,7 @@ def test_run_killed_mid_training_resumes_to_the_same_weights(tmp_path):
         "--no-test",
         "--iterations",
         "40",
-        *functools.reduce(operator.iadd, (["--set", s] for s in [*TINY, "train.checkpoint_every=5"]), []),
+        *flags([*TINY, "train.checkpoint_every=5"]),
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "metareg.cli", "--no-progress", "train"]
@@ -93,7 +59,7 @@ def test_run_killed_mid_training_resumes_to_the_same_weights(tmp_path):
     step = json.loads(checkpoint.read_text())["step"]
     assert 10 <= step < 40, "the run was not killed mid-training"
     subprocess.run([*cli, "--out", str(tmp_path / "killed"), "--resume"], check=True, env=env, capture_output=True)
-    assert_same_state(final_params(tmp_path / "straight"), final_params(tmp_path / "killed"))
+    assert_same_tensors(final_params(tmp_path / "straight"), final_params(tmp_path / "killed"))
 
 
 def test_checkpoint_holds_no_pickles_and_roundtrips(tmp_path):
@@ -143,7 +109,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(DivergenceError, match="last good checkpoint"):
         train(config, run, resume=True, progress=False)
     assert json.loads((run / "checkpoint.json").read_text())["step"] == 2
-    assert_same_state(good, final_params(run))
+    assert_same_tensors(good, final_params(run))
 
 
 def record_test_episodes(learner) -> Callable[[], list[tuple[torch.Tensor, ...]]]:

@@ -4,17 +4,19 @@ with the paired difference a user needs; MetaPerturb's diagnostics in the traini
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import math
-import operator
 
+import pytest
+
+from helpers import flags, tiny_transfer
 from metareg import cli
-from test_baselines import tiny_transfer
+
+pytestmark = pytest.mark.slow  # every test here trains or tests runs, or starts processes
 
 
 def test_against_base_trains_both_on_the_same_data_and_reports_the_paired_difference(tmp_path, capsys, monkeypatch):
-    from metareg.meta import ordinary as transfer_module
+    from metareg.runs import transfer as transfer_module
 
     batches = {}  # (run folder, step) -> the labels of the training batch: the data order
     real = transfer_module.training_batch
@@ -33,20 +35,15 @@ def test_against_base_trains_both_on_the_same_data_and_reports_the_paired_differ
         "transfer",
         "--out",
         str(out),
-        *functools.reduce(
-            operator.iadd,
-            (
-                ["--set", s]
-                for s in [
-                    "data.image_size=16",
-                    "train.batch_size=8",
-                    "train.steps=6",
-                    "train.checkpoint_every=3",
-                    "model.options.channels=8",
-                    "perturb.mc_samples=3",
-                ]
-            ),
-            [],
+        *flags(
+            [
+                "data.image_size=16",
+                "train.batch_size=8",
+                "train.steps=6",
+                "train.checkpoint_every=3",
+                "model.options.channels=8",
+                "perturb.mc_samples=3",
+            ]
         ),
     ]
     assert cli.main(args) == 0  # the quickstart: against the Base network by default

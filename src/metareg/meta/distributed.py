@@ -118,8 +118,15 @@ def setup(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size(), device)
 
 
-def teardown(world: World) -> None:
+def teardown(world: World, *, together: bool = True) -> None:
+    """Leave the process group. ``together`` (a normal end): first wait for every process (a
+    barrier), so that none exits while another still works with the group open: a gloo process
+    that exited while rank 0 was still writing the last checkpoint aborted at exit ("terminate
+    called without an active exception", about 1 run in 20 on a loaded 2-core machine). After an
+    error the others may be gone: no barrier."""
     if world.distributed and dist.is_initialized():
+        if together:
+            _collective(dist.barrier)
         dist.destroy_process_group()
 
 
@@ -129,8 +136,10 @@ def session(device: torch.device) -> Iterator[World]:
     if this session started it."""
     started = not (dist.is_available() and dist.is_initialized())
     world = setup(device)
+    ended = False
     try:
         yield world
+        ended = True
     finally:
         if started:
-            teardown(world)
+            teardown(world, together=ended)

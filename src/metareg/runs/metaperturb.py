@@ -67,11 +67,14 @@ def meta_train(
     share of the tasks. Returns the trainer (``learner.phi_state()`` is the result)."""
     out = Path(out)
     world = distributed.setup(resolve_device(config.device))
+    ended = False
     try:
         with run_lock(out, world):  # one writer per run folder (the first process of a distributed run)
-            return _meta_train(config, out, world, resume=resume, progress=progress, deadline=deadline)
+            trainer = _meta_train(config, out, world, resume=resume, progress=progress, deadline=deadline)
+        ended = True
+        return trainer
     finally:
-        distributed.teardown(world)
+        distributed.teardown(world, together=ended)
 
 
 def _meta_train(
