@@ -16,6 +16,7 @@ hooks), measured on a probe that leaves the random stream untouched.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -26,18 +27,29 @@ from ..errors import ConfigError
 MIB = 2**20
 
 
+class _Saved:
+    """A tensor saved for the backward pass, held through the saved-tensor hooks."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 def saved_tensor_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """``fn()`` and the bytes of the distinct storages its autograd graph saves."""
-    seen: dict[tuple, int] = {}
+    """``fn()`` and the bytes of the distinct storages that its result's autograd graph still keeps
+    for the backward pass when it returns (graphs built and freed inside ``fn`` do not count)."""
+    held: weakref.WeakSet[_Saved] = weakref.WeakSet()
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen[(t.device, storage.data_ptr())] = storage.nbytes()
-        return t
+    def pack(t: torch.Tensor) -> _Saved:
+        saved = _Saved(t)
+        held.add(saved)
+        return saved
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved.tensor):
         out = fn()
-    return out, sum(seen.values())
+    storages = {
+        (s.tensor.device, s.tensor.untyped_storage().data_ptr()): s.tensor.untyped_storage().nbytes() for s in held
+    }
+    return out, sum(storages.values())
 
 
 def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:

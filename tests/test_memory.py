@@ -1,0 +1,270 @@
+"""Issue 24: ResNet-12, recomputed second-order inner steps, the chunked meta-batch, mixed precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import learner_for, random_image_batch, tiny_conv
+from metareg.errors import ConfigError
+from metareg.meta.memory import saved_tensor_bytes
+from metareg.meta.reference import resnet12_forward
+from metareg.nets import BatchNorm, ResNet12, create_model
+from metareg.nets.slots import FeaturePerturbation
+from metareg.perturb import build_perturbation
+from metareg.selection import select
+
+SMALL = {"widths": (3, 4, 5, 6)}
+
+
+def tiny_resnet12(dtype=torch.float64, seed=0, **options) -> ResNet12:
+    torch.manual_seed(seed)
+    return create_model("resnet12", 3, in_channels=1, image_size=16, **(SMALL | options)).to(dtype)
+
+
+def meta_grads(learner, batch, seed=5) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    learner.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    metrics = learner.meta_backward(batch)
+    return {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}, metrics
+
+
+def assert_same_grads(a: dict, b: dict, rtol: float = 1e-12) -> None:
+    assert a.keys() == b.keys()
+    scale = torch.cat([t.flatten() for t in b.values()]).norm()
+    for name in a:
+        err = (a[name] - b[name]).norm()
+        assert err <= rtol * (b[name].norm() + scale), f"{name}: {err:.2e}"
+
+
+# ------------------------------------------------------------------------------------ ResNet-12
+def test_resnet12_has_metaoptnets_shapes_and_parameter_count():
+    """84x84 RGB: maps 84 -> 42 -> 21 -> 10 -> 5, 640 x 5 x 5 = 16000 features (MetaOptNet's
+    miniImageNet embedding), 12,424,320 backbone parameters (the 12.4M usually quoted) plus a
+    16000 x 5 + 5 head. Catches a missing shortcut (count), a wrong width or pooling (shapes)."""
+    net = create_model("resnet12", 5, in_channels=3, image_size=84)
+    assert sum(p.numel() for n, p in net.named_parameters() if not n.startswith("head")) == 12_424_320
+    assert net.feature_dim == 16000 and net.head.weight.shape == (5, 16000)
+    sizes = []
+    for block in net.blocks:
+        block.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[1:])))
+    assert net(torch.randn(2, 3, 84, 84)).shape == (2, 5)
+    assert sizes == [(64, 42, 42), (160, 21, 21), (320, 10, 10), (640, 5, 5)]
+    assert create_model("resnet12", 5, in_channels=3, image_size=84, avg_pool=True).feature_dim == 640
+    with pytest.raises(ConfigError, match="4 positive widths"):
+        create_model("resnet12", 5, widths=(64, 160, 320))
+
+
+def test_resnet12_forward_equals_an_independent_functional_forward():
+    """The block (three conv-BN, LeakyReLU(0.1) after the first two, 1x1 conv-BN shortcut, LeakyReLU
+    and max-pool after the sum) against plain functional calls, float64, batch statistics. Catches a
+    changed slope, a ReLU in place of the LeakyReLU, a missing norm, the shortcut's BN dropped."""
+    net = tiny_resnet12()
+    x = torch.randn(4, 1, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(net(x), resnet12_forward(dict(net.named_parameters()), x), rtol=1e-12, atol=1e-12)
+
+
+class Recorder(FeaturePerturbation):
+    def __init__(self, info, seen):
+        super().__init__()
+        self.info, self.seen = info, seen
+
+    def forward(self, pre, layer_input=None, *, sample=False):
+        self.seen.append((self.info.index, tuple(pre.shape), tuple(layer_input.shape), sample))
+        return pre
+
+
+def test_resnet12_slots_groups_and_forms():
+    """A slot per block (the residual sum, the block input) and one on the classifier, with the
+    LayerInfo sizes of the maps; the layer groups select the first and last blocks and the head;
+    episodic batch norm (no running statistics) by default, running statistics with standard=True."""
+    seen, infos = [], []
+
+    def factory(info):
+        infos.append(info)
+        return Recorder(info, seen)
+
+    net = create_model("resnet12", 3, in_channels=1, image_size=16, perturbation=factory, **SMALL)
+    net(torch.randn(2, 1, 16, 16), sample=True)
+    assert [s[:3] for s in seen] == [
+        (0, (2, 3, 16, 16), (2, 1, 16, 16)),
+        (1, (2, 4, 8, 8), (2, 3, 8, 8)),
+        (2, (2, 5, 4, 4), (2, 4, 4, 4)),
+        (3, (2, 6, 2, 2), (2, 5, 2, 2)),
+        (4, (2, 3), (2, 6)),
+    ]
+    assert [i.size for i in infos[:4]] == [16, 8, 4, 2] and infos[4].output and not infos[0].running_stats
+    assert net.perturbation_points == [f"blocks.{i}.perturb" for i in range(4)]
+    names = [n for n, _ in net.named_parameters()]
+    groups = net.layer_groups()
+    assert select(names, "head", groups) == ["head.weight", "head.bias"]
+    assert all(n.startswith("blocks.0.") for n in select(names, "first-block", groups))
+    assert len(select(names, "last-block", groups)) == 12  # 4 conv weights, 4 norms' weight and bias
+    assert select(names, "full", groups) == names
+    assert sum(isinstance(m, BatchNorm) for m in net.modules()) == 16
+    assert not list(net.buffers())
+    standard = create_model("resnet12", 3, in_channels=1, image_size=16, standard=True, **SMALL)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in standard.modules()) == 16
+    assert [b.drop_rate for b in standard.blocks] == [0.1] * 4
+
+
+def test_resnet12_dropblock_is_off_in_the_episodic_form_and_follows_metaoptnet_when_on():
+    """Episodic default: sampled and deterministic passes agree (no DropBlock in MAML's inner loop).
+    drop_rate=0.1: dropout in blocks 1-2, DropBlock in blocks 3-4, in sampled passes of a module in
+    training mode only; DropBlock's rate ramps to 0.1 over the first third of training. Catches
+    DropBlock left on by default, acting at eval time or on the query pass, or a missing ramp."""
+    x = torch.randn(4, 1, 16, 16, dtype=torch.float64)
+    net = tiny_resnet12().train()
+    torch.testing.assert_close(net(x, sample=True), net(x))
+    net = tiny_resnet12(drop_rate=0.1).train()
+    assert [b.drop for b in net.blocks] == ["dropout", "dropout", "dropblock", "dropblock"]
+    assert not torch.equal(net(x, sample=True), net(x))
+    torch.testing.assert_close(net.eval()(x, sample=True), net(x))
+    block = net.blocks[3]
+    assert block.scheduled and not net.blocks[0].scheduled
+    for progress, rate in ((0.0, 0.0), (1 / 6, 0.05), (1 / 3, 0.1), (0.9, 0.1)):
+        block.set_training_progress(progress)
+        assert block.rate == pytest.approx(rate)
+
+
+# ------------------------------------------------------------------------ recomputed inner steps
+@pytest.mark.parametrize(
+    ("backbone", "perturbation", "step", "transforms"),
+    [
+        ("conv", "meta-dropout", "meta-sgd", None),
+        ("conv", "none", "sgd", [{"name": "subspace-mask", "per": "row"}]),
+        ("conv", "none", "sgd", [{"name": "dropgrad", "p": 0.3}]),
+        ("resnet12", "none", "sgd", None),
+    ],
+)
+def test_recomputed_inner_steps_give_the_stored_meta_gradient(backbone, perturbation, step, transforms):
+    """float64: the meta-gradient of every meta-parameter (initial weights, Meta-Dropout's phi,
+    Meta-SGD's step sizes, an MT-net mask's logits through the rule's state), the loss and the
+    random stream afterwards equal the stored-graph path's; the perturbation noise (Meta-Dropout,
+    DropGrad) is replayed identically in the meta-backward. Catches a recomputation without the
+    saved RNG state, a meta-parameter left out of the step's inputs, the state's gradient dropped."""
+    results = []
+    for recompute in (False, True):
+        factory = build_perturbation(perturbation)
+        model = (
+            tiny_conv(perturbation=factory)
+            if backbone == "conv"
+            else tiny_resnet12(perturbation=factory, drop_rate=0.2)
+        )
+        fast = [n for n, _ in model.named_parameters() if "perturb" not in n]
+        learner = learner_for(model, steps=3, step=step, fast=fast, transforms=transforms, recompute=recompute)
+        grads, metrics = meta_grads(learner, random_image_batch(tasks=2, size=16 if backbone == "resnet12" else 8))
+        results.append((grads, metrics, torch.rand(3)))
+    (stored, m1, r1), (recomputed, m2, r2) = results
+    assert len(stored) >= 8
+    assert_same_grads(recomputed, stored)
+    torch.testing.assert_close(m2["loss"], m1["loss"], rtol=1e-13, atol=0)
+    assert torch.equal(r1, r2)
+
+
+def test_recomputed_steps_keep_far_less_of_the_graph_as_steps_grow():
+    """The bytes the graph of one task's inner loop keeps alive: stored, each step adds its support
+    activations and its gradient's graph; recomputed, only a copy of the fast weights. Catches a
+    recompute path that still stores the steps' graphs."""
+
+    def kept(recompute: bool, steps: int) -> int:
+        learner = learner_for(tiny_conv(channels=8, size=16), steps=steps, recompute=recompute)
+        batch = random_image_batch(tasks=1, size=16, shot=5)
+        return saved_tensor_bytes(
+            lambda: learner.adapt(learner.initial_params(), batch.support_x[0], batch.support_y[0])
+        )[1]
+
+    stored = kept(False, 6) - kept(False, 2)
+    recomputed = kept(True, 6) - kept(True, 2)
+    weights = sum(p.numel() * 8 for p in tiny_conv(channels=8, size=16).parameters())
+    assert recomputed <= 4 * weights * 1.01  # four more steps: four more copies of the weights
+    assert stored > 20 * recomputed
+
+
+def test_recompute_needs_the_loop_strategy():
+    with pytest.raises(ConfigError, match="loop strategy"):
+        learner_for(tiny_conv(), strategy="vmap", recompute=True)
+
+
+# ---------------------------------------------------------------------- chunked vmap meta-batch
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_vmap_in_chunks_accumulates_the_same_meta_gradient(chunk):
+    """Five tasks vmapped in chunks of 1, 2, 3 (the last one shorter): the same meta-gradient
+    (float64) as all at once and as the loop. Catches chunks divided by their own size instead of
+    the meta-batch's, or a chunk skipped."""
+    batch = random_image_batch(tasks=5)
+    whole, m1 = meta_grads(learner_for(tiny_conv(), strategy="vmap"), batch)
+    chunked, m2 = meta_grads(learner_for(tiny_conv(), strategy="vmap", task_chunk=chunk), batch)
+    looped, _ = meta_grads(learner_for(tiny_conv(), strategy="loop"), batch)
+    assert_same_grads(chunked, whole)
+    assert_same_grads(chunked, looped, rtol=1e-10)
+    torch.testing.assert_close(m2["loss"], m1["loss"], rtol=1e-13, atol=0)
+
+
+def test_memory_budget_sizes_the_chunks_from_a_measured_task():
+    """The chunk is the number of measured tasks that fit the budget (at least one; an error that
+    names the remedy otherwise); the meta-gradient does not change. Catches a budget read in bytes
+    instead of MiB, or a chunk of zero."""
+    batch = random_image_batch(tasks=4)
+    probe = learner_for(tiny_conv(), strategy="vmap", memory_budget=1.0)
+    whole, _ = meta_grads(learner_for(tiny_conv(), strategy="vmap"), batch)
+    chunked, _ = meta_grads(probe, batch)
+    (task,) = probe.task_bytes.values()
+    assert 0 < task < 2**20
+    assert_same_grads(chunked, whole)
+    budget = 2.5 * task / 2**20
+    learner = learner_for(tiny_conv(), strategy="vmap", memory_budget=budget)
+    calls = []
+    original = learner._vmap_losses
+    learner._vmap_losses = lambda b: calls.append(b.num_tasks) or original(b)
+    assert_same_grads(meta_grads(learner, batch)[0], whole)
+    assert calls == [2, 2]
+    with pytest.raises(ConfigError, match="more than train.memory_budget"):
+        learner_for(tiny_conv(), strategy="vmap", memory_budget=0.5 * task / 2**20).meta_backward(batch)
+    with pytest.raises(ConfigError, match="vmap"):
+        learner_for(tiny_conv(), strategy="loop", memory_budget=100.0)
+
+
+# ----------------------------------------------------------------------------- mixed precision
+def test_bf16_autocast_runs_products_in_bf16_with_float32_master_weights_and_gradients():
+    """precision=bf16 on the CPU: convolutions and the classifier run in bfloat16 in the inner and
+    the query passes; the loss is float32; the adapted fast weights, the meta-parameters and the
+    meta-gradient accumulated over the tasks stay float32, within bf16's error of the float32
+    meta-gradient. Catches autocast left off (dtypes), weights cast to bf16 (master weights), an
+    accumulation in bf16 (grad dtype), or autocast around the backward only."""
+    seen = []
+
+    def learner(precision):
+        torch.manual_seed(0)
+        model = tiny_conv(dtype=torch.float32, channels=16, size=16)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.register_forward_hook(lambda m, i, o: seen.append((precision, o.dtype)))
+        return learner_for(model, steps=2, lr=0.1, precision=precision)
+
+    batch = random_image_batch(tasks=3, size=16, shot=5, query=5, dtype=torch.float32)
+    reference, _ = meta_grads(learner("float32"), batch)
+    mixed = learner("bf16")
+    loss, out = mixed.task_loss(batch, 0)
+    assert loss.dtype == torch.float32 and out.dtype == torch.bfloat16
+    adapted = mixed.adapt(mixed.initial_params(), batch.support_x[0], batch.support_y[0])
+    assert all(adapted[n].dtype == torch.float32 for n in mixed.fast_names)
+    seen.clear()
+    grads, metrics = meta_grads(mixed, batch)
+    assert {dtype for p, dtype in seen if p == "bf16"} == {torch.bfloat16}
+    assert len(seen) == 3 * (2 * 3 + 3)  # 3 tasks x (2 support passes + 1 query pass) x 3 layers
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    assert all(g.dtype == torch.float32 for g in grads.values()) and metrics["loss"].dtype == torch.float32
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    ref = torch.cat([reference[n].flatten() for n in grads])
+    assert 0 < (flat - ref).norm() / ref.norm() < 0.15
+    assert torch.nn.functional.cosine_similarity(flat, ref, dim=0) > 0.99
+
+
+def test_bf16_needs_float32_weights():
+    with pytest.raises(ConfigError, match="float32 master weights"):
+        from metareg.meta.precision import check_precision
+
+        check_precision("bf16", torch.float64)
+    with pytest.raises(ConfigError, match="float32 or bf16"):
+        learner_for(tiny_conv(), precision="fp16")
