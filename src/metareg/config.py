@@ -92,8 +92,13 @@ class TrainConfig:
     val_episodes: int = 200
     log_every: int = 10
     checkpoint_every: int = 200
-    strategy: str = "auto"  # loop | vmap | auto (loop on CPU, vmap on CUDA)
+    strategy: str = "auto"  # loop | vmap | parallel (CPU processes) | auto (see runs.common.resolve_strategy)
     cuda_graph: bool = True  # on CUDA, capture the whole meta-training step as a graph (eager where impossible)
+    workers: int | None = None  # processes of the parallel strategy (default: the CPU cores available)
+    recompute: bool = False  # rebuild each second-order inner step's graph in the meta-backward instead of storing it
+    precision: str = "float32"  # float32 | bf16 (autocast for the inner and outer passes, float32 master weights)
+    task_chunk: int | None = None  # vmap: tasks per chunk of the meta-batch (default: all at once)
+    memory_budget: float | None = None  # vmap: MiB a chunk of tasks may take (the chunk size is derived from it)
 
 
 @dataclass
@@ -432,8 +437,17 @@ def validate(config: Any) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     if config.train.iterations < 0:
         raise ConfigError(f"train.iterations must be >= 0, got {config.train.iterations}")
-    if config.train.strategy not in ("auto", "loop", "vmap"):
-        raise ConfigError(f"train.strategy must be auto, loop or vmap, got {config.train.strategy!r}")
+    if config.train.strategy not in ("auto", "loop", "vmap", "parallel"):
+        raise ConfigError(f"train.strategy must be auto, loop, vmap or parallel, got {config.train.strategy!r}")
+    if config.train.precision not in ("float32", "bf16"):
+        raise ConfigError(f"train.precision must be float32 or bf16, got {config.train.precision!r}")
+    if config.train.precision == "bf16" and config.dtype != "float32":
+        raise ConfigError("train.precision=bf16 keeps float32 master weights: set dtype to float32")
+    _check_positive({"train.workers": config.train.workers, "train.task_chunk": config.train.task_chunk})
+    if config.train.memory_budget is not None and config.train.memory_budget <= 0:
+        raise ConfigError(f"train.memory_budget must be a positive number of MiB, got {config.train.memory_budget}")
+    if config.train.task_chunk is not None and config.train.memory_budget is not None:
+        raise ConfigError("give train.task_chunk or train.memory_budget, not both")
     if config.inner.mc_batch not in ("auto", "batched", "sequential"):
         raise ConfigError(f"inner.mc_batch must be auto, batched or sequential, got {config.inner.mc_batch!r}")
     if config.dtype not in ("float32", "float64"):

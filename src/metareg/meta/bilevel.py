@@ -21,6 +21,7 @@ Execution strategies give the same numbers (tests check it):
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -36,6 +37,7 @@ from ..nets.modes import set_training_progress
 from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
 from ..selection import select
 from .memory import chunk_size, cuda_peak_bytes, saved_tensor_bytes
+from .parallel import TaskPool, accumulate, available_cores
 from .precision import autocast, check_precision
 from .recompute import recomputed_step
 
@@ -96,18 +98,19 @@ class BilevelLearner(nn.Module):
         fast: list[str] | tuple[str, ...] = ("*",),
         mc_samples: int = 1,
         eval_mc_samples: int = 1,
-        strategy: Literal["loop", "vmap"] = "loop",
+        strategy: Literal["loop", "vmap", "parallel"] = "loop",
         mc_batch: bool = False,
         recompute: bool = False,
         precision: Literal["float32", "bf16"] = "float32",
         task_chunk: int | None = None,
         memory_budget: float | None = None,
+        workers: int | None = None,
     ):
         super().__init__()
         if inner_steps < 1:
             raise ConfigError(f"inner_steps must be >= 1, got {inner_steps}")
-        if strategy not in ("loop", "vmap"):
-            raise ConfigError(f"unknown execution strategy {strategy!r}; choose loop or vmap")
+        if strategy not in ("loop", "vmap", "parallel"):
+            raise ConfigError(f"unknown execution strategy {strategy!r}; choose loop, vmap or parallel")
         self.model = model
         self.inner = inner
         self.task = task
@@ -123,8 +126,10 @@ class BilevelLearner(nn.Module):
         if mc_batch:
             check_stackable(model)
         self.mc_batch = mc_batch
-        if recompute and strategy != "loop":
-            raise ConfigError("recomputed inner steps (train.recompute) need the loop strategy (train.strategy=loop)")
+        if recompute and strategy == "vmap":
+            raise ConfigError(
+                "recomputed inner steps (train.recompute) need the loop or parallel strategy (train.strategy=loop)"
+            )
         self.recompute = recompute
         check_precision(precision)
         self.precision = precision
@@ -142,6 +147,7 @@ class BilevelLearner(nn.Module):
             )
         self.task_chunk, self.memory_budget = task_chunk, memory_budget
         self.task_bytes: dict[tuple, int] = {}  # a task's measured cost per task shape (memory_budget)
+        self.pool = TaskPool(self, workers or available_cores()) if strategy == "parallel" else None
         if strategy == "vmap":
             if getattr(model, "support_attack", None) is not None:
                 raise ConfigError(
@@ -153,13 +159,15 @@ class BilevelLearner(nn.Module):
         # activations are faster in channels-last layout (measured by `metareg bench`), which the
         # inner steps' double backward is not. Backbones opt in with a `memory_format` argument.
         self.query_options: dict = {}
-        if strategy == "loop" and "memory_format" in inspect.signature(model.forward).parameters:
+        if strategy != "vmap" and "memory_format" in inspect.signature(model.forward).parameters:
             self.query_options = {"memory_format": torch.channels_last}
 
     def set_training_progress(self, fraction: float) -> None:
         """Tell scheduled parts (DropGrad's linear schedule) how far meta-training is, in [0, 1]."""
         set_training_progress(self.model, fraction)
         set_training_progress(self.inner, fraction)
+        if self.pool is not None:
+            self.pool.progress = fraction
 
     # ----------------------------------------------------------------------------------- losses
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
@@ -261,6 +269,8 @@ class BilevelLearner(nn.Module):
         """
         if self.strategy == "vmap":
             return self._meta_backward_vmap(batch)
+        if self.pool is not None:
+            return self._meta_backward_parallel(batch)
         num_tasks = batch.num_tasks
         losses, scores = [], []
         for i in range(num_tasks):
@@ -270,13 +280,26 @@ class BilevelLearner(nn.Module):
             scores.append(self.score(out.detach(), batch.query_y[i]))
         return {"loss": torch.stack(losses).mean(), "score": torch.stack(scores).mean()}
 
-    def task_gradients(self, batch: TaskBatch, total: int) -> tuple[Tensor, list[bool], dict[str, Tensor]]:
+    def _meta_backward_parallel(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """The tasks shared among the pool's processes (:mod:`metareg.meta.parallel`), each with its
+        own seed drawn from torch's generator; the rows summed in task order into ``.grad``."""
+        n = batch.num_tasks
+        seeds = torch.randint(0, 2**62, (n,)).tolist()
+        rows, used, metrics = self.pool.task_gradients(batch, n, seeds)
+        accumulate([p for p in self.parameters() if p.requires_grad], rows, used)
+        return {"loss": metrics["loss"].mean(), "score": metrics["score"].mean()}
+
+    def task_gradients(
+        self, batch: TaskBatch, total: int, seeds: list[int] | None = None
+    ) -> tuple[Tensor, list[bool], dict[str, Tensor]]:
         """The meta-gradients of ``batch``'s tasks for a meta-batch of ``total`` tasks, for the
         distributed trainer: ``[rows, P]`` rows flattened over the trainable meta-parameters (zeros
         where a parameter gets none), which parameters got a gradient at all, and each task's
         ``loss`` and ``score``. ``loop``: one row per task, d(loss_i / total): summed in task order
         they are bit for bit what :meth:`meta_backward` accumulates into ``.grad`` over the whole
-        meta-batch, whichever process computed them. ``vmap``: one row, the batch's summed gradient."""
+        meta-batch, whichever process computed them. ``vmap``: one row, the batch's summed gradient.
+        ``seeds``: torch's generator is seeded before each task (loop), inside a fork of the global
+        random state (the caller's stream is left as it was)."""
         params = [p for p in self.parameters() if p.requires_grad]
         if self.strategy == "vmap":
             with self.autocast():
@@ -285,7 +308,10 @@ class BilevelLearner(nn.Module):
         else:
             grads, losses, scores = [], [], []
             for i in range(batch.num_tasks):
-                loss, out = self.task_loss(batch, i)
+                with torch.random.fork_rng(devices=[]) if seeds is not None else nullcontext():
+                    if seeds is not None:
+                        torch.manual_seed(seeds[i])
+                    loss, out = self.task_loss(batch, i)
                 grads.append(torch.autograd.grad(loss / total, params, allow_unused=True))
                 losses.append(loss.detach())
                 scores.append(self.score(out.detach(), batch.query_y[i]))

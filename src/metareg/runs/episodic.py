@@ -89,6 +89,11 @@ def build_learner(config: Config) -> BilevelLearner:
             config.train.strategy, device, config.model.backbone, getattr(perturbation, "vmap_safe", True)
         ),
         mc_batch=resolve_mc_batch(config.inner.mc_batch, device, model),
+        recompute=config.train.recompute,
+        precision=config.train.precision,
+        task_chunk=config.train.task_chunk,
+        memory_budget=config.train.memory_budget,
+        workers=config.train.workers,
     )
 
 
