@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from helpers import learner_for, random_image_batch, tiny_conv
-from metareg.errors import ConfigError
+from metareg.errors import ConfigError, DistributedError
 from metareg.meta.memory import saved_tensor_bytes
+from metareg.meta.precision import check_precision
 from metareg.meta.reference import resnet12_forward
 from metareg.nets import BatchNorm, ResNet12, create_model
 from metareg.nets.slots import FeaturePerturbation
@@ -47,7 +48,7 @@ def test_resnet12_has_metaoptnets_shapes_and_parameter_count():
     assert net.feature_dim == 16000 and net.head.weight.shape == (5, 16000)
     sizes = []
     for block in net.blocks:
-        block.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[1:])))
+        block.register_forward_hook(lambda _m, _i, o: sizes.append(tuple(o.shape[1:])))
     assert net(torch.randn(2, 3, 84, 84)).shape == (2, 5)
     assert sizes == [(64, 42, 42), (160, 21, 21), (320, 10, 10), (640, 5, 5)]
     assert create_model("resnet12", 5, in_channels=3, image_size=84, avg_pool=True).feature_dim == 640
@@ -182,7 +183,7 @@ def test_recomputed_steps_keep_far_less_of_the_graph_as_steps_grow():
 
 
 def test_recompute_needs_the_loop_strategy():
-    with pytest.raises(ConfigError, match="loop strategy"):
+    with pytest.raises(ConfigError, match="loop or parallel strategy"):
         learner_for(tiny_conv(), strategy="vmap", recompute=True)
 
 
@@ -219,7 +220,7 @@ def test_memory_budget_sizes_the_chunks_from_a_measured_task():
     learner._vmap_losses = lambda b: calls.append(b.num_tasks) or original(b)
     assert_same_grads(meta_grads(learner, batch)[0], whole)
     assert calls == [2, 2]
-    with pytest.raises(ConfigError, match="more than train.memory_budget"):
+    with pytest.raises(ConfigError, match=r"more than train\.memory_budget"):
         learner_for(tiny_conv(), strategy="vmap", memory_budget=0.5 * task / 2**20).meta_backward(batch)
     with pytest.raises(ConfigError, match="vmap"):
         learner_for(tiny_conv(), strategy="loop", memory_budget=100.0)
@@ -239,7 +240,7 @@ def test_bf16_autocast_runs_products_in_bf16_with_float32_master_weights_and_gra
         model = tiny_conv(dtype=torch.float32, channels=16, size=16)
         for module in model.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                module.register_forward_hook(lambda m, i, o: seen.append((precision, o.dtype)))
+                module.register_forward_hook(lambda _m, _i, o: seen.append((precision, o.dtype)))
         return learner_for(model, steps=2, lr=0.1, precision=precision)
 
     batch = random_image_batch(tasks=3, size=16, shot=5, query=5, dtype=torch.float32)
@@ -263,8 +264,77 @@ def test_bf16_autocast_runs_products_in_bf16_with_float32_master_weights_and_gra
 
 def test_bf16_needs_float32_weights():
     with pytest.raises(ConfigError, match="float32 master weights"):
-        from metareg.meta.precision import check_precision
-
         check_precision("bf16", torch.float64)
     with pytest.raises(ConfigError, match="float32 or bf16"):
         learner_for(tiny_conv(), precision="fp16")
+
+
+# ---------------------------------------------------------------------- parallel CPU strategy
+def parallel_learner(workers=2, perturbation="none", **kw):
+    model = tiny_conv(perturbation=build_perturbation(perturbation))
+    fast = [n for n, _ in model.named_parameters() if "perturb" not in n]
+    return learner_for(model, steps=2, strategy="parallel", workers=workers, fast=fast, **kw)
+
+
+def test_parallel_strategy_gives_the_loops_meta_gradient():
+    """float64, a deterministic model, 5 tasks over 2 and 3 processes (uneven shares), stored and
+    recomputed steps: the rows summed in task order equal the loop's accumulated meta-gradient and
+    loss; a second meta-batch after an in-place update of the weights sees the new weights in the
+    helpers (shared memory). Catches rows summed out of order or into the wrong parameters, a share
+    skipped, helpers holding stale copies of the weights."""
+    batch = random_image_batch(tasks=5)
+    for workers, recompute in ((2, False), (3, True)):
+        loop = learner_for(tiny_conv(), steps=2)
+        expected, metrics = meta_grads(loop, batch)
+        learner = parallel_learner(workers, recompute=recompute)
+        grads, got = meta_grads(learner, batch)
+        assert_same_grads(grads, expected, rtol=1e-13)
+        torch.testing.assert_close(got["loss"], metrics["loss"], rtol=1e-14, atol=0)
+        assert len(learner.pool.processes) == workers - 1
+        for p, q in zip(learner.parameters(), loop.parameters()):
+            p.data.add_(0.1)
+            q.data.add_(0.1)
+        assert_same_grads(meta_grads(learner, batch)[0], meta_grads(loop, batch)[0], rtol=1e-13)
+        learner.pool.close()
+
+
+def test_parallel_noise_comes_from_per_task_seeds_and_helpers_follow_mode_and_progress():
+    """Meta-Dropout: each task's noise comes from its own seed drawn from torch's generator, so the
+    meta-gradient does not depend on the number of processes, repeats for a seed, and the global
+    stream moves by the seeds only. DropGrad at training progress 0 (rate 0) equals the loop, so
+    the helpers got the progress. Catches helpers drawing from their forked copy of the stream, or
+    running at their own (default) progress."""
+    batch = random_image_batch(tasks=4)
+    two, three = parallel_learner(2, "meta-dropout"), parallel_learner(3, "meta-dropout")
+    a, _ = meta_grads(two, batch, seed=7)
+    after = torch.rand(2)
+    b, _ = meta_grads(three, batch, seed=7)
+    assert_same_grads(a, b, rtol=1e-13)
+    assert_same_grads(meta_grads(two, batch, seed=7)[0], a, rtol=0)
+    assert not torch.equal(meta_grads(two, batch, seed=8)[0]["model.head.weight"], a["model.head.weight"])
+    torch.manual_seed(7)
+    torch.randint(0, 2**62, (4,))
+    assert torch.equal(torch.rand(2), after)
+    dropgrad = [{"name": "dropgrad", "p": 0.5, "schedule": "linear"}]
+    parallel, loop = parallel_learner(2, transforms=dropgrad), learner_for(tiny_conv(), steps=2, transforms=dropgrad)
+    for learner in (parallel, loop):
+        learner.set_training_progress(0.0)
+    assert_same_grads(meta_grads(parallel, batch)[0], meta_grads(loop, batch)[0], rtol=1e-13)
+    for learner in (two, three, parallel):
+        learner.pool.close()
+
+
+def test_parallel_strategy_reports_a_dead_helper_and_refuses_running_statistics():
+    """A helper killed between meta-batches: one DistributedError that says what to do, not a hang.
+    Running batch-norm statistics (which the processes would update at once): a ConfigError."""
+    learner = parallel_learner(2)
+    batch = random_image_batch(tasks=2)
+    learner.meta_backward(batch)
+    (helper,) = learner.pool.processes
+    helper.kill()
+    helper.join()
+    with pytest.raises(DistributedError, match="--resume"):
+        learner.meta_backward(batch)
+    learner.pool.close()
+    with pytest.raises(ConfigError, match="running statistics"):
+        learner_for(tiny_conv(running_stats=True), strategy="parallel", workers=2)

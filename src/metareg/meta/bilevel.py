@@ -147,7 +147,15 @@ class BilevelLearner(nn.Module):
             )
         self.task_chunk, self.memory_budget = task_chunk, memory_budget
         self.task_bytes: dict[tuple, int] = {}  # a task's measured cost per task shape (memory_budget)
-        self.pool = TaskPool(self, workers or available_cores()) if strategy == "parallel" else None
+        self.pool = None
+        if strategy == "parallel":
+            running = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if running:
+                raise ConfigError(
+                    f"the parallel strategy needs the episodic batch norm; {running[0]} keeps running statistics, "
+                    "which the processes would update at once: use train.strategy=loop"
+                )
+            self.pool = TaskPool(self, workers or available_cores())
         if strategy == "vmap":
             if getattr(model, "support_attack", None) is not None:
                 raise ConfigError(
@@ -269,7 +277,7 @@ class BilevelLearner(nn.Module):
         """
         if self.strategy == "vmap":
             return self._meta_backward_vmap(batch)
-        if self.pool is not None:
+        if self.pool is not None and batch.num_tasks > 1:
             return self._meta_backward_parallel(batch)
         num_tasks = batch.num_tasks
         losses, scores = [], []

@@ -128,9 +128,12 @@ class TaskPool:
         """Every task's gradient row (in task order), which parameters got one, and the metrics."""
         self.start()
         parts = shares(batch.num_tasks, self.workers)
-        for conn, share in zip(self.connections, parts[1:]):
+        for process, conn, share in zip(self.processes, self.connections, parts[1:]):
             request = (batch.tasks(share), seeds[share.start : share.stop], total, self.learner.training, self.progress)
-            conn.send(request)
+            try:
+                conn.send(request)
+            except OSError:  # the helper is gone (a broken pipe)
+                raise _stopped(process) from None
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -147,14 +150,19 @@ class TaskPool:
     def _receive(process: Any, conn: multiprocessing.connection.Connection) -> tuple:
         multiprocessing.connection.wait([conn, process.sentinel])
         if not conn.poll():
-            raise DistributedError(
-                f"a helper process of the parallel strategy stopped (exit code {process.exitcode}); "
-                "continue from the last checkpoint with --resume, or use train.strategy=loop"
-            )
+            raise _stopped(process)
         answer = conn.recv()
         if answer[0] == "error":
             raise RuntimeError(f"a helper process of the parallel strategy failed: {answer[1]}\n{answer[2]}")
         return answer[1:]
+
+
+def _stopped(process: Any) -> DistributedError:
+    process.join(timeout=1)
+    return DistributedError(
+        f"a helper process of the parallel strategy stopped (exit code {process.exitcode}); "
+        "continue from the last checkpoint with --resume, or use train.strategy=loop"
+    )
 
 
 def accumulate(params: list[torch.Tensor], rows: list[torch.Tensor], used: list[bool]) -> None:

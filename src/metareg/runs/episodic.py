@@ -86,7 +86,11 @@ def build_learner(config: Config) -> BilevelLearner:
         mc_samples=config.inner.mc_samples,
         eval_mc_samples=config.inner.eval_mc_samples,
         strategy=resolve_strategy(
-            config.train.strategy, device, config.model.backbone, getattr(perturbation, "vmap_safe", True)
+            config.train.strategy,
+            device,
+            config.model.backbone,
+            getattr(perturbation, "vmap_safe", True),
+            config.train.recompute,
         ),
         mc_batch=resolve_mc_batch(config.inner.mc_batch, device, model),
         recompute=config.train.recompute,
