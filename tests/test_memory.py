@@ -8,6 +8,7 @@ import torch
 from helpers import learner_for, random_image_batch, tiny_conv
 from metareg.errors import ConfigError, DistributedError
 from metareg.meta.memory import saved_tensor_bytes
+from metareg.meta.parallel import accumulate
 from metareg.meta.precision import check_precision
 from metareg.meta.reference import resnet12_forward
 from metareg.nets import BatchNorm, ResNet12, create_model
@@ -120,6 +121,7 @@ def test_resnet12_dropblock_is_off_in_the_episodic_form_and_follows_metaoptnet_w
     net = tiny_resnet12(drop_rate=0.1).train()
     assert [b.drop for b in net.blocks] == ["dropout", "dropout", "dropblock", "dropblock"]
     assert not torch.equal(net(x, sample=True), net(x))
+    torch.testing.assert_close(net(x), net(x))  # the query pass (sample=False) is deterministic
     torch.testing.assert_close(net.eval()(x, sample=True), net(x))
     block = net.blocks[3]
     assert block.scheduled and not net.blocks[0].scheduled
@@ -313,10 +315,16 @@ def test_parallel_noise_comes_from_per_task_seeds_and_helpers_follow_mode_and_pr
     assert_same_grads(meta_grads(two, batch, seed=7)[0], a, rtol=0)
     assert not torch.equal(meta_grads(two, batch, seed=8)[0]["model.head.weight"], a["model.head.weight"])
     torch.manual_seed(7)
-    torch.randint(0, 2**62, (4,))
+    seeds = torch.randint(0, 2**62, (4,)).tolist()
     assert torch.equal(torch.rand(2), after)
+    one = parallel_learner(2, "meta-dropout")
+    rows, used, _ = one.task_gradients(batch, 4, seeds=seeds)  # one process, the same per-task seeds
+    one.zero_grad(set_to_none=True)
+    accumulate([p for p in one.parameters() if p.requires_grad], [rows], used)
+    assert_same_grads({n: p.grad for n, p in one.named_parameters() if p.grad is not None}, a, rtol=1e-13)
     dropgrad = [{"name": "dropgrad", "p": 0.5, "schedule": "linear"}]
     parallel, loop = parallel_learner(2, transforms=dropgrad), learner_for(tiny_conv(), steps=2, transforms=dropgrad)
+    parallel.meta_backward(batch)  # the helpers are forked at training progress 1
     for learner in (parallel, loop):
         learner.set_training_progress(0.0)
     assert_same_grads(meta_grads(parallel, batch)[0], meta_grads(loop, batch)[0], rtol=1e-13)
