@@ -22,7 +22,9 @@ Implementations, each in its own process (its peak memory is its own; every one 
 * ``engine``: ``BilevelLearner.meta_backward`` with the strategy ``metareg train`` takes on this
   device, the graph of every inner step stored;
 * ``engine-recompute``: the same with ``train.recompute`` (:mod:`metareg.meta.recompute`);
-* ``engine-loop`` (CPU, where the default strategy is ``parallel``): the single-process loop, stored.
+* ``engine-loop`` (CPU, where the default strategy is ``parallel``): the single-process loop, stored;
+* ``engine-bf16`` (CUDA only): the engine under bf16 autocast (``train.precision``), after the
+  bf16 meta-gradient's relative error and cosine against float32's on one task of the shape.
 
 learn2learn and higher are not dependencies: install them into a folder of their own
 (``pip install --no-deps --target DIR learn2learn higher``) and pass ``--extra-path DIR``; absent,
@@ -145,7 +147,9 @@ def problem(shape: dict, dtype: torch.dtype, device: str, tasks: int, small: boo
     return model, batch
 
 
-def engine(model, shape: dict, steps: int, device: str, strategy: str, recompute: bool) -> BilevelLearner:
+def engine(
+    model, shape: dict, steps: int, device: str, strategy: str, recompute: bool, precision: str = "float32"
+) -> BilevelLearner:
     rule = build_inner_rule(dict(model.named_parameters()), step="sgd", lr=shape["lr"], steps=steps)
     learner = BilevelLearner(
         model,
@@ -153,6 +157,7 @@ def engine(model, shape: dict, steps: int, device: str, strategy: str, recompute
         inner_steps=steps,
         strategy=strategy,
         recompute=recompute,
+        precision=precision,
         mc_batch=resolve_mc_batch("auto", torch.device(device), model),
     )
     return learner.to(device=device, dtype=next(model.parameters()).dtype)
@@ -201,7 +206,8 @@ def step_function(impl: str, model, batch: TaskBatch, shape: dict, steps: int, d
 
         return hi
     strategy = "loop" if impl == "engine-loop" else default_strategy(shape, device)
-    learner = engine(model, shape, steps, device, strategy, recompute=impl == "engine-recompute")
+    precision = "bf16" if impl == "engine-bf16" else "float32"
+    learner = engine(model, shape, steps, device, strategy, recompute=impl == "engine-recompute", precision=precision)
 
     def ours() -> None:
         learner.zero_grad(set_to_none=True)
@@ -229,6 +235,21 @@ def check_gradients(name: str, impls: list[str], device: str) -> dict[str, float
         ]
         out[impl] = float(max(errors))
     return out
+
+
+def precision_error(name: str, steps: int, device: str) -> tuple[float, float]:
+    """The bf16 meta-gradient of one task of the real shape against the float32 one: relative
+    error and cosine similarity (what decides whether ``train.precision=bf16`` may become a default)."""
+    shape = SHAPES[name]
+    grads = []
+    for precision in ("float32", "bf16"):
+        model, batch = problem(shape, torch.float32, device, tasks=1)
+        learner = engine(model, shape, steps, device, "loop", recompute=False, precision=precision)
+        learner.meta_backward(batch)
+        grads.append(torch.cat([p.grad.flatten() for p in learner.parameters() if p.grad is not None]))
+    exact, mixed = grads
+    error = ((mixed - exact).norm() / exact.norm()).item()
+    return error, F.cosine_similarity(mixed, exact, dim=0).item()
 
 
 # ----------------------------------------------------------------------------------- workers
@@ -335,6 +356,8 @@ def run_memory_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         impls = ["plain-loop", *THIRD_PARTY, "engine", "engine-recompute"]
         if strategy == "parallel":
             impls.append("engine-loop")
+        if kind == "cuda":  # bf16 autocast: measured where it is meant to pay
+            impls.append("engine-bf16")
         meta_batch = shape["meta_batch"][kind]
         iterations = args.iterations if shape["backbone"] != "resnet12" or kind == "cuda" else 1
         checked = check_gradients(name, [i for i in impls if i not in THIRD_PARTY or present[i]], device)
@@ -350,6 +373,11 @@ def run_memory_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         for steps in steps_list:
             print(f"{steps} inner steps:")
+            if kind == "cuda":
+                error, cosine = precision_error(name, steps, device)
+                print(
+                    f"bf16 autocast meta-gradient vs float32, one task: relative error {error:.2e}, cosine {cosine:.5f}"
+                )
             print(f"{'implementation':<40}{'s/iter':>9}{unit:>14}{'speed-up':>12}{'memory':>12}")
             rows = []
             for impl in impls:
