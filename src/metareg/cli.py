@@ -292,9 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--memory-limit",
         type=float,
-        default=14.0,
+        default=16.0,
         metavar="GB",
-        help="--memory on a CPU: each implementation's address-space cap (beyond it: reported out of memory)",
+        help="--memory on a CPU: each implementation's heap cap (beyond it: reported out of memory)",
     )
     p.add_argument(
         "--extra-path",

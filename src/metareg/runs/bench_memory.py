@@ -33,9 +33,10 @@ meta-gradient is compared with the plain loop's on a small problem of the same k
 
 Peak memory: the process's peak resident set (``VmHWM``) on a CPU, summed over the helper processes
 of the ``parallel`` strategy (a sum of peaks: an upper bound of the peak of the sum);
-``torch.cuda.max_memory_allocated`` on CUDA. ``--memory-limit GB`` caps each process's address
-space (default 14): an implementation that needs more is reported as out of memory instead of
-pushing the machine into swap or the OOM killer.
+``torch.cuda.max_memory_allocated`` on CUDA. ``--memory-limit GB`` caps each process's data
+segment (``RLIMIT_DATA``: its heap, where :func:`~metareg.runtime.keep_freed_memory` puts every
+tensor; default 16): an implementation that needs more is reported as out of memory instead of
+pushing the machine into the OOM killer.
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ def worker(impl: str, settings: dict[str, Any]) -> dict[str, Any]:
     keep_freed_memory()
     if settings["memory_limit"]:
         limit = int(settings["memory_limit"] * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     shape, device, steps = SHAPES[settings["shape"]], settings["device"], settings["steps"]
     model, batch = problem(shape, torch.float32, device, settings["meta_batch"])
     step = step_function(impl, model, batch, shape, steps, device)
@@ -330,7 +331,7 @@ def _run_worker(impl: str, settings: dict[str, Any], extra_path: str | None) -> 
 def _row(r: dict[str, Any], base: dict[str, Any] | None, unit: str) -> str:
     name = r["impl"] + (f" ({r['strategy']}, {r['processes']} proc)" if r.get("strategy", "-") not in ("-",) else "")
     if "error" in r:
-        detail = f"{r['error']}" + (f" (> {r['limit_gb']:g} GB address space)" if r["error"] == OOM else "")
+        detail = f"{r['error']}" + (f" (> {r['limit_gb']:g} GB)" if r["error"] == OOM else "")
         return f"{name:<40}{detail}"
     ratio = f"{base['seconds'] / r['seconds']:.2f}x" if base and "seconds" in base else "-"
     memory = f"{base['peak_mb'] / r['peak_mb']:.2f}x" if base and "peak_mb" in base else "-"
@@ -398,7 +399,21 @@ def run_memory_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(_row(r, base, unit))
             print("(speed-up and memory: the plain loop's s/iter and peak over this row's)")
             results += rows
+    print(markdown(results, unit))
     return results
+
+
+def markdown(results: list[dict[str, Any]], unit: str) -> str:
+    """All rows as one Markdown table (for the README)."""
+    lines = [f"| shape | inner steps | implementation | s / meta-iteration | {unit} |", "|---|---|---|---|---|"]
+    for r in results:
+        name = r["impl"] + (f" ({r['strategy']})" if r.get("strategy", "-") != "-" else "")
+        if "error" in r:
+            cells = f"{r['error']}" + (f" (> {r['limit_gb']:g} GB)" if r["error"] == OOM else "")
+            lines.append(f"| {r.get('shape', '')} | {r.get('steps', '')} | {name} | {cells} | |")
+        else:
+            lines.append(f"| {r['shape']} | {r['steps']} | {name} | {r['seconds']:.2f} | {r['peak_mb']:.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
