@@ -10,8 +10,9 @@ inner steps (5 and 10 by default), random inputs from a fixed seed:
   time, so memory does not depend on the meta-batch and time is linear in it) and 2 on CUDA (MAML's
   5-shot meta-batch).
 
-Implementations, each in its own process (its peak memory is its own; every one with
-:func:`metareg.runtime.keep_freed_memory`, so the process setting is the same for all):
+Implementations, each in its own process (its peak memory is its own; the engine's with
+:func:`metareg.runtime.keep_freed_memory`, the process setting ``metareg train`` applies, which
+changes its speed, not its peak; the others with the default allocator, as their users run them):
 
 * ``plain-loop``: :func:`metareg.meta.reference.reference_meta_gradient`, ``autograd.grad`` with
   ``create_graph=True`` on plain functional calls, a backward per task;
@@ -268,7 +269,8 @@ def _peak_rss_mb(pid: int | str = "self") -> float:
 
 def worker(impl: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Time one implementation on one shape in this process."""
-    keep_freed_memory()
+    if impl.startswith("engine"):  # the process setting `metareg train` applies; the others run as their users run them
+        keep_freed_memory()
     if settings["memory_limit"]:
         limit = int(settings["memory_limit"] * 2**30)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
