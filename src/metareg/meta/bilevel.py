@@ -16,6 +16,14 @@ Execution strategies give the same numbers (tests check it):
 - ``vmap``: ``torch.func.vmap`` over the tasks with ``torch.func.grad`` inner steps: one batched
   graph (expected to pay on GPUs, where small kernels are latency bound). Batch norm is switched to
   explicit mean/variance there: under ``vmap``, ``F.batch_norm`` gives wrong second-order gradients.
+  Chunks of tasks bound its memory (``task_chunk``, ``memory_budget``: :mod:`metareg.meta.memory`).
+- ``parallel`` (CPU): the loop's tasks shared among single-threaded processes, their gradient rows
+  summed in task order (:mod:`metareg.meta.parallel`).
+
+Memory and precision: ``recompute`` rebuilds each second-order inner step's graph in the
+meta-backward instead of keeping it (:mod:`metareg.meta.recompute`; loop and parallel);
+``precision="bf16"`` runs the meta-training passes under bf16 autocast with float32 master weights
+(:mod:`metareg.meta.precision`).
 """
 
 from __future__ import annotations
