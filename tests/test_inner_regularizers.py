@@ -463,7 +463,10 @@ def test_inner_rule_configuration_errors_name_the_problem_and_transforms_see_the
     fast = {"w": torch.zeros(1)}
     cases = [
         ({"transforms": [{"p": 0.1}]}, "unknown gradient transform None; available: dropgrad, subspace-mask"),
-        ({"transforms": [{"name": "dropgrad", "bogus": 1}]}, "unknown option 'bogus' for gradient transform 'dropgrad'"),
+        (
+            {"transforms": [{"name": "dropgrad", "bogus": 1}]},
+            "unknown option 'bogus' for gradient transform 'dropgrad'",
+        ),
         ({"step": "adam"}, "unknown inner step 'adam'; choose one of sgd, meta-sgd, per-step"),
     ]
     for options, message in cases:

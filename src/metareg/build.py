@@ -44,15 +44,17 @@ def dtype_of(config: Any) -> torch.dtype:
     return DTYPES[config.dtype]
 
 
-def resolve_strategy(strategy: str, device: torch.device, backbone: str, vmap_safe: bool = True) -> str:
+def resolve_strategy(
+    strategy: str, device: torch.device, backbone: str, vmap_safe: bool = True, recompute: bool = False
+) -> str:
     """``auto``: ``vmap`` on CUDA and for the small MLP regressors (1.5x the loop's tasks/s on the
     sine preset on CPU, where per-task Python overhead dominates); the per-task loop for conv nets
     on CPU (``metareg bench``: the loop is 1.5x faster than ``vmap`` there, with 1/5 the memory),
     and for perturbations ``vmap`` cannot batch (``vmap_safe = False``: mixup's permutations,
-    inner-loop attacks)."""
+    inner-loop attacks), and for recomputed inner steps (``recompute``: one task's graph at a time)."""
     if strategy != "auto":
         return strategy
-    return "vmap" if (device.type == "cuda" or backbone == "mlp") and vmap_safe else "loop"
+    return "vmap" if (device.type == "cuda" or backbone == "mlp") and vmap_safe and not recompute else "loop"
 
 
 def resolve_mc_batch(choice: str, device: torch.device, model: torch.nn.Module) -> bool:  # noqa: ARG001
@@ -178,9 +180,18 @@ def build_learner(config: Config, perturbation: Any = None) -> BilevelLearner:
         mc_samples=config.inner.mc_samples,
         eval_mc_samples=config.inner.eval_mc_samples,
         strategy=resolve_strategy(
-            config.train.strategy, device, config.model.backbone, getattr(perturbation, "vmap_safe", True)
+            config.train.strategy,
+            device,
+            config.model.backbone,
+            getattr(perturbation, "vmap_safe", True),
+            config.train.recompute,
         ),
         mc_batch=resolve_mc_batch(config.inner.mc_batch, device, model),
+        recompute=config.train.recompute,
+        precision=config.train.precision,
+        task_chunk=config.train.task_chunk,
+        memory_budget=config.train.memory_budget,
+        workers=config.train.workers,
     )
 
 

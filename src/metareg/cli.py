@@ -289,8 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=POSITIVE, default=3, help="timed meta-iterations per implementation")
     p.add_argument(
         "--shape",
-        choices=["omniglot-20w1s", "miniimagenet-5w1s"],
-        help="the presets' task shape (default omniglot-20w1s; on CUDA both unless one is named)",
+        choices=["omniglot-20w1s", "miniimagenet-5w1s", "miniimagenet-5w5s-resnet12"],
+        help="the presets' task shape (default omniglot-20w1s; on CUDA both unless one is named; --memory: "
+        "omniglot-20w1s and miniimagenet-5w5s-resnet12, both unless one is named)",
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="peak memory and time of second-order MAML: plain loop, learn2learn, higher, the engine with stored "
+        "and with recomputed inner steps",
+    )
+    p.add_argument("--memory-steps", type=POSITIVE, nargs="+", metavar="K", help="--memory: inner steps (default 5 10)")
+    p.add_argument(
+        "--memory-limit",
+        type=float,
+        default=16.0,
+        metavar="GB",
+        help="--memory on a CPU: each implementation's heap cap (beyond it: reported out of memory)",
+    )
+    p.add_argument(
+        "--extra-path",
+        metavar="DIR",
+        help="--memory: a folder with learn2learn and higher (pip install --no-deps --target DIR learn2learn higher)",
     )
     p.add_argument("--way", type=POSITIVE, help="override the shape's classes per task")
     p.add_argument("--shot", type=POSITIVE)

@@ -114,10 +114,15 @@ class TrainConfig:
     val_episodes: int = 200
     log_every: int = 10
     checkpoint_every: int = 200
-    strategy: str = "auto"  # loop | vmap | auto (loop on CPU, vmap on CUDA)
+    strategy: str = "auto"  # loop | vmap | parallel (CPU processes) | auto (see build.resolve_strategy)
     # On CUDA, capture the whole meta-training step as a graph (eager where impossible). Off until the
     # CUDA tier (tests/test_cuda.py) has passed on a GPU: see benchmarks/gpu_run.sh.
     cuda_graph: bool = False
+    workers: int | None = None  # processes of the parallel strategy (default: the CPU cores available)
+    recompute: bool = False  # rebuild each second-order inner step's graph in the meta-backward instead of storing it
+    precision: str = "float32"  # float32 | bf16 (autocast for the inner and outer passes, float32 master weights)
+    task_chunk: int | None = None  # vmap: tasks per chunk of the meta-batch (default: all at once)
+    memory_budget: float | None = None  # vmap: MiB a chunk of tasks may take (the chunk size is derived from it)
 
 
 @dataclass
@@ -597,6 +602,9 @@ RANGES: dict[str, Range] = {
     "train.val_episodes": COUNT,
     "train.log_every": COUNT,
     "train.checkpoint_every": COUNT,
+    "train.workers": COUNT,
+    "train.task_chunk": COUNT,
+    "train.memory_budget": RATE,  # MiB
     "eval.episodes": COUNT,
     "eval.tasks_per_batch": COUNT,
     # ordinary training (MetaPerturb's runs)
@@ -656,6 +664,19 @@ def _check_ranges(config: Any) -> None:
             raise ConfigError(f"{key} must be {allowed.describe()}, got {value}")
 
 
+def _validate_engine(config: Config) -> None:
+    """How the bilevel engine runs: strategy, precision, memory."""
+    t = config.train
+    if t.strategy not in ("auto", "loop", "vmap", "parallel"):
+        raise ConfigError(f"train.strategy must be auto, loop, vmap or parallel, got {t.strategy!r}")
+    if t.precision not in ("float32", "bf16"):
+        raise ConfigError(f"train.precision must be float32 or bf16, got {t.precision!r}")
+    if t.precision == "bf16" and config.dtype != "float32":
+        raise ConfigError("train.precision=bf16 keeps float32 master weights: set dtype to float32")
+    if t.task_chunk is not None and t.memory_budget is not None:
+        raise ConfigError("give train.task_chunk or train.memory_budget, not both")
+
+
 def _validate_ordinary(config: MetaTrainConfig | TransferConfig) -> None:
     """Checks shared by the MetaPerturb runs."""
     o = config.train
@@ -672,8 +693,10 @@ def validate(config: Any) -> None:
         raise ConfigError(f"dtype must be float32 or float64, got {config.dtype!r}")
     if isinstance(config, (MetaTrainConfig, TransferConfig)):
         _validate_ordinary(config)
-    if isinstance(config, (MetaTrainConfig, Config)) and config.train.strategy not in ("auto", "loop", "vmap"):
+    if isinstance(config, MetaTrainConfig) and config.train.strategy not in ("auto", "loop", "vmap"):
         raise ConfigError(f"train.strategy must be auto, loop or vmap, got {config.train.strategy!r}")
+    if isinstance(config, Config):
+        _validate_engine(config)
     d = config.data
     if isinstance(config, TransferConfig) and d.train_split == d.test_split and d.train_per_class is None:
         raise ConfigError(

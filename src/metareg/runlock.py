@@ -109,4 +109,7 @@ def run_lock(folder: str | Path, world: Any = None) -> Iterator[None]:
         if _held[folder][1] == 0:
             del _held[folder]
             if fd is not None:
-                os.close(fd)  # releases the lock
+                # unlock first: processes forked meanwhile (the parallel strategy's helpers) share the
+                # lock through their copy of this descriptor, and closing ours alone would not free it
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)

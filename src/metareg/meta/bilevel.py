@@ -16,12 +16,21 @@ Execution strategies give the same numbers (tests check it):
 - ``vmap``: ``torch.func.vmap`` over the tasks with ``torch.func.grad`` inner steps: one batched
   graph (expected to pay on GPUs, where small kernels are latency bound). Batch norm is switched to
   explicit mean/variance there: under ``vmap``, ``F.batch_norm`` gives wrong second-order gradients.
+  Chunks of tasks bound its memory (``task_chunk``, ``memory_budget``: :mod:`metareg.meta.memory`).
+- ``parallel`` (CPU): the loop's tasks shared among single-threaded processes, their gradient rows
+  summed in task order (:mod:`metareg.meta.parallel`).
+
+Memory and precision: ``recompute`` rebuilds each second-order inner step's graph in the
+meta-backward instead of keeping it (:mod:`metareg.meta.recompute`; loop and parallel);
+``precision="bf16"`` runs the meta-training passes under bf16 autocast with float32 master weights
+(:mod:`metareg.meta.precision`).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -37,6 +46,10 @@ from ..nets.layers import stacked_copies, use_vmap_safe_layers
 from ..nets.modes import set_training_progress
 from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
 from ..selection import select
+from .memory import chunk_size, cuda_peak_bytes, saved_tensor_bytes
+from .parallel import TaskPool, accumulate, available_cores
+from .precision import autocast, check_precision
+from .recompute import recomputed_step
 
 Params = dict[str, Tensor]
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -145,14 +158,19 @@ class BilevelLearner(nn.Module):
         fast: list[str] | tuple[str, ...] = ("*",),
         mc_samples: int = 1,
         eval_mc_samples: int = 1,
-        strategy: Literal["loop", "vmap"] = "loop",
+        strategy: Literal["loop", "vmap", "parallel"] = "loop",
         mc_batch: bool = False,
+        recompute: bool = False,
+        precision: Literal["float32", "bf16"] = "float32",
+        task_chunk: int | None = None,
+        memory_budget: float | None = None,
+        workers: int | None = None,
     ):
         super().__init__()
         if inner_steps < 1:
             raise ConfigError(f"inner_steps must be >= 1, got {inner_steps}")
-        if strategy not in ("loop", "vmap"):
-            raise ConfigError(f"unknown execution strategy {strategy!r}; choose loop or vmap")
+        if strategy not in ("loop", "vmap", "parallel"):
+            raise ConfigError(f"unknown execution strategy {strategy!r}; choose loop, vmap or parallel")
         if task not in ("classification", "regression"):
             raise ConfigError(f"task must be classification or regression, got {task!r}")
         self.model = model
@@ -173,6 +191,36 @@ class BilevelLearner(nn.Module):
         if mc_batch:
             check_stackable(model)
         self.mc_batch = mc_batch
+        if recompute and strategy == "vmap":
+            raise ConfigError(
+                "recomputed inner steps (train.recompute) need the loop or parallel strategy (train.strategy=loop)"
+            )
+        self.recompute = recompute
+        check_precision(precision)
+        self.precision = precision
+        if (task_chunk is not None or memory_budget is not None) and strategy != "vmap":
+            raise ConfigError(
+                "train.task_chunk and train.memory_budget size the chunks of vmap's batched tasks; the loop strategy "
+                "already holds one task at a time (bound its memory with train.recompute=true)"
+            )
+        if task_chunk is not None and memory_budget is not None:
+            raise ConfigError("give train.task_chunk or train.memory_budget, not both")
+        if (task_chunk is not None and task_chunk < 1) or (memory_budget is not None and memory_budget <= 0):
+            raise ConfigError(
+                f"train.task_chunk must be >= 1 and train.memory_budget positive (MiB), got "
+                f"{task_chunk}, {memory_budget}"
+            )
+        self.task_chunk, self.memory_budget = task_chunk, memory_budget
+        self.task_bytes: dict[tuple, int] = {}  # a task's measured cost per task shape (memory_budget)
+        self.pool = None
+        if strategy == "parallel":
+            running = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if running:
+                raise ConfigError(
+                    f"the parallel strategy needs the episodic batch norm; {running[0]} keeps running statistics, "
+                    "which the processes would update at once: use train.strategy=loop"
+                )
+            self.pool = TaskPool(self, workers or available_cores())
         if strategy == "vmap":
             if getattr(model, "support_attack", None) is not None:
                 raise ConfigError(
@@ -184,7 +232,7 @@ class BilevelLearner(nn.Module):
         # activations are faster in channels-last layout (measured by `metareg bench`), which the
         # inner steps' double backward is not. Backbones opt in with a `memory_format` argument.
         self.query_options: dict = {}
-        if strategy == "loop" and "memory_format" in inspect.signature(model.forward).parameters:
+        if strategy != "vmap" and "memory_format" in inspect.signature(model.forward).parameters:
             self.query_options = {"memory_format": torch.channels_last}
 
     def _inner_rule(self, inner: GradientTransform | InnerRule) -> GradientTransform:
@@ -217,6 +265,8 @@ class BilevelLearner(nn.Module):
         """Tell scheduled parts (DropGrad's linear schedule) how far meta-training is, in [0, 1]."""
         set_training_progress(self.model, fraction)
         set_training_progress(self.inner, fraction)
+        if self.pool is not None:
+            self.pool.progress = fraction
 
     # ----------------------------------------------------------------------------------- losses
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
@@ -271,13 +321,23 @@ class BilevelLearner(nn.Module):
         create_graph = (not self.first_order) if create_graph is None else create_graph
         samples = self.mc_samples if samples is None else samples
         state = self.inner.init({n: params[n] for n in self.fast_names})
+        fast = [params[n] for n in self.fast_names]
+        recompute = self.recompute and create_graph and torch.is_grad_enabled()
+        if recompute:  # what the steps read besides the fast weights and the state, and need a meta-gradient for
+            fast_ids = {id(p) for p in fast}
+            leaves = [p for n, p in params.items() if p.requires_grad and id(p) not in fast_ids]
+            leaves += [p for p in self.inner.parameters() if p.requires_grad]
         for step in range(steps):
-            fast = [params[n] for n in self.fast_names]
-            loss = self.inner_loss(params, x, y, samples)
-            grads = torch.autograd.grad(loss, fast, create_graph=create_graph)
-            updates, state = self.inner.update(dict(zip(self.fast_names, grads)), state, step)
-            params = params | {n: p + updates[n] for n, p in zip(self.fast_names, fast)}
-        return params
+
+            def run(fast: list[Tensor], state, create_graph: bool, step: int = step) -> tuple[list[Tensor], object]:
+                """One inner step: the support loss at ``fast``, its gradient, the rule's update."""
+                loss = self.inner_loss(params | dict(zip(self.fast_names, fast)), x, y, samples)
+                grads = torch.autograd.grad(loss, fast, create_graph=create_graph)
+                updates, state = self.inner.update(dict(zip(self.fast_names, grads)), state, step)
+                return [p + updates[n] for n, p in zip(self.fast_names, fast)], state
+
+            fast, state = recomputed_step(run, fast, state, leaves) if recompute else run(fast, state, create_graph)
+        return params | dict(zip(self.fast_names, fast))
 
     def _adapt_functional(self, params: Params, x: Tensor, y: Tensor) -> Params:
         """``adapt`` written with ``torch.func.grad``, usable under ``vmap``."""
@@ -304,34 +364,49 @@ class BilevelLearner(nn.Module):
         """
         if self.strategy == "vmap":
             return self._meta_backward_vmap(batch)
+        if self.pool is not None and batch.num_tasks > 1:
+            return self._meta_backward_parallel(batch)
         num_tasks = batch.num_tasks
         losses, scores = [], []
         for i in range(num_tasks):
-            params = self.adapt(self.initial_params(), batch.support_x[i], batch.support_y[i])
-            out = self.query_forward(params, batch.query_x[i])
-            loss = self.loss(out, batch.query_y[i])
+            loss, out = self.task_loss(batch, i)
             (loss / num_tasks).backward()
             losses.append(loss.detach())
             scores.append(self.score(out.detach(), batch.query_y[i]))
         return {"loss": torch.stack(losses).mean(), "score": torch.stack(scores).mean()}
 
-    def task_gradients(self, batch: TaskBatch, total: int) -> tuple[Tensor, list[bool], dict[str, Tensor]]:
+    def _meta_backward_parallel(self, batch: TaskBatch) -> dict[str, Tensor]:
+        """The tasks shared among the pool's processes (:mod:`metareg.meta.parallel`), each with its
+        own seed drawn from torch's generator; the rows summed in task order into ``.grad``."""
+        n = batch.num_tasks
+        seeds = torch.randint(0, 2**62, (n,)).tolist()
+        rows, used, metrics = self.pool.task_gradients(batch, n, seeds)
+        accumulate([p for p in self.parameters() if p.requires_grad], rows, used)
+        return {"loss": metrics["loss"].mean(), "score": metrics["score"].mean()}
+
+    def task_gradients(
+        self, batch: TaskBatch, total: int, seeds: list[int] | None = None
+    ) -> tuple[Tensor, list[bool], dict[str, Tensor]]:
         """The meta-gradients of ``batch``'s tasks for a meta-batch of ``total`` tasks, for the
         distributed trainer: ``[rows, P]`` rows flattened over the trainable meta-parameters (zeros
         where a parameter gets none), which parameters got a gradient at all, and each task's
         ``loss`` and ``score``. ``loop``: one row per task, d(loss_i / total): summed in task order
         they are bit for bit what :meth:`meta_backward` accumulates into ``.grad`` over the whole
-        meta-batch, whichever process computed them. ``vmap``: one row, the batch's summed gradient."""
+        meta-batch, whichever process computed them. ``vmap``: one row, the batch's summed gradient.
+        ``seeds``: torch's generator is seeded before each task (loop), inside a fork of the global
+        random state (the caller's stream is left as it was)."""
         params = [p for p in self.parameters() if p.requires_grad]
         if self.strategy == "vmap":
-            losses, scores = self._vmap_losses(batch)
+            with self.autocast():
+                losses, scores = self._vmap_losses(batch)
             grads = [torch.autograd.grad(losses.sum() / total, params, allow_unused=True)]
         else:
             grads, losses, scores = [], [], []
             for i in range(batch.num_tasks):
-                adapted = self.adapt(self.initial_params(), batch.support_x[i], batch.support_y[i])
-                out = self.query_forward(adapted, batch.query_x[i])
-                loss = self.loss(out, batch.query_y[i])
+                with torch.random.fork_rng(devices=[]) if seeds is not None else nullcontext():
+                    if seeds is not None:
+                        torch.manual_seed(seeds[i])
+                    loss, out = self.task_loss(batch, i)
                 grads.append(torch.autograd.grad(loss / total, params, allow_unused=True))
                 losses.append(loss.detach())
                 scores.append(self.score(out.detach(), batch.query_y[i]))
@@ -359,18 +434,59 @@ class BilevelLearner(nn.Module):
         )
 
     def _meta_backward_vmap(self, batch: TaskBatch) -> dict[str, Tensor]:
-        losses, scores = self._vmap_losses(batch)
-        losses.mean().backward()
-        return {"loss": losses.detach().mean(), "score": scores.detach().mean()}
+        """The tasks ``vmap``-ed in chunks (:mod:`metareg.meta.memory`): ``task_chunk`` tasks at a
+        time, or as many as fit ``memory_budget``; all of them at once by default."""
+        n = batch.num_tasks
+        parts: list[tuple[Tensor, Tensor]] = []
+
+        def run(which: range) -> None:
+            with self.autocast():
+                losses, scores = self._vmap_losses(batch.tasks(which))
+            (losses.sum() / n).backward()
+            parts.append((losses.detach(), scores.detach()))
+
+        start, chunk = 0, self.task_chunk or n
+        if self.memory_budget is not None:
+            key = (tuple(batch.support_x.shape[1:]), tuple(batch.query_x.shape[1:]))
+            if key not in self.task_bytes:
+                device = batch.support_x.device
+                if device.type == "cuda":  # the first task, alone, is the measurement
+                    self.task_bytes[key] = cuda_peak_bytes(lambda: run(range(1)), device)[1]
+                    start = 1
+                else:
+                    self.task_bytes[key] = self._probe_task_bytes(batch)
+            chunk = chunk_size(self.memory_budget, self.task_bytes[key], n)
+        for first in range(start, n, chunk):
+            run(range(first, min(first + chunk, n)))
+        losses, scores = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return {"loss": losses.mean(), "score": scores.mean()}
+
+    def _probe_task_bytes(self, batch: TaskBatch) -> int:
+        """The bytes one task's graph saves on the loop path (the CPU estimate of a task's cost),
+        measured without touching ``.grad`` or the random stream."""
+        with torch.random.fork_rng(devices=[]), self.autocast():
+            _, found = saved_tensor_bytes(
+                lambda: self.query_forward(
+                    self.adapt(self.initial_params(), batch.support_x[0], batch.support_y[0]), batch.query_x[0]
+                )
+            )
+        return found
+
+    def task_loss(self, batch: TaskBatch, i: int) -> tuple[Tensor, Tensor]:
+        """Task ``i``'s query loss after the inner loop, with its graph, and the query outputs
+        (in bf16 autocast when ``precision`` says so)."""
+        with self.autocast():
+            params = self.adapt(self.initial_params(), batch.support_x[i], batch.support_y[i])
+            out = self.query_forward(params, batch.query_x[i])
+            return self.loss(out, batch.query_y[i]), out
+
+    def autocast(self):
+        """The context of the meta-training passes (:mod:`metareg.meta.precision`)."""
+        return autocast(self.precision, next(self.model.parameters()).device.type)
 
     def meta_loss(self, batch: TaskBatch) -> Tensor:
         """The mean query loss over the batch, with its graph (for tests and custom loops)."""
-        losses = []
-        for i in range(batch.num_tasks):
-            params = self.adapt(self.initial_params(), batch.support_x[i], batch.support_y[i])
-            out = self.query_forward(params, batch.query_x[i])
-            losses.append(self.loss(out, batch.query_y[i]))
-        return torch.stack(losses).mean()
+        return torch.stack([self.task_loss(batch, i)[0] for i in range(batch.num_tasks)]).mean()
 
     # ------------------------------------------------------------------------------ evaluation
     def detached_params(self) -> Params:

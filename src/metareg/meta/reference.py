@@ -31,6 +31,27 @@ def conv_forward(params: Params, x: Tensor, depth: int = 4, strided: bool = Fals
     return F.linear(x.flatten(1), params["head.weight"], params["head.bias"])
 
 
+def resnet12_forward(params: Params, x: Tensor, blocks: int = 4, avg_pool: bool = False) -> Tensor:
+    """ResNet-12 (MetaOptNet's block: three conv-BN with LeakyReLU(0.1) after the first two, a 1x1
+    conv-BN shortcut, LeakyReLU(0.1) and a 2x2 max-pool after the sum) on the parameter names of
+    ``metareg.nets.ResNet12``, batch statistics, no dropout."""
+
+    def bn(h: Tensor, name: str) -> Tensor:
+        return F.batch_norm(h, None, None, params[name + ".weight"], params[name + ".bias"], training=True)
+
+    for i in range(blocks):
+        p = f"blocks.{i}."
+        h = x
+        for j in (1, 2, 3):
+            h = bn(F.conv2d(h, params[f"{p}conv{j}.weight"], padding=1), f"{p}bn{j}")
+            if j < 3:
+                h = F.leaky_relu(h, 0.1)
+        h = h + bn(F.conv2d(x, params[p + "shortcut_conv.weight"]), p + "shortcut_bn")
+        x = F.max_pool2d(F.leaky_relu(h, 0.1), 2)
+    x = x.mean((-2, -1)) if avg_pool else x.flatten(1)
+    return F.linear(x, params["head.weight"], params["head.bias"])
+
+
 def mlp_forward(params: Params, x: Tensor, depth: int = 2) -> Tensor:
     """The 1-40-40-1 ReLU regressor on the parameter names of ``metareg.nets.MLP``."""
     for i in range(depth):

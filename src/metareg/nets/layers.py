@@ -104,6 +104,25 @@ class Transform(nn.Module):
         return F.conv2d(x, self.weight) if self.conv else F.linear(x, self.weight)
 
 
+def drop_blocks(x: Tensor, p: float, block_size: int) -> Tensor:
+    """DropBlock's mask applied to ``x`` (``[N, C, H, W]``, square maps; Ghiasi, Lin & Le 2018, Algorithm
+    1): block centers drawn with probability ``gamma = p / b^2 * H^2 / (H - b + 1)^2`` where a whole
+    ``b x b`` block fits, grown into blocks by a max-pool, and the kept units rescaled by (units / kept
+    units), so that about a fraction ``p`` of the units is dropped. Where the map is smaller than the
+    block, the block is the map's side. Shared by the ``dropblock`` perturbation and ResNet-12's blocks."""
+    if p == 0.0:
+        return x
+    size = x.shape[-1]
+    block = min(block_size, size)
+    gamma = p / block**2 * size**2 / (size - block + 1) ** 2
+    valid = size - block + 1
+    centers = torch.bernoulli(torch.full((*x.shape[:2], valid, valid), min(gamma, 1.0), dtype=x.dtype, device=x.device))
+    centers = F.pad(centers, [block // 2, (block - 1) // 2] * 2)
+    dropped = F.max_pool2d(centers, block, stride=1, padding=block // 2)[..., :size, :size] if block > 1 else centers
+    keep = 1 - dropped
+    return x * keep * (keep.numel() / keep.sum().clamp_min(1.0))
+
+
 def truncated_normal_(weight: Tensor, std: float) -> Tensor:
     """Normal(0, std) truncated at two standard deviations (TensorFlow's truncated_normal)."""
     return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..nets.layers import drop_blocks
 from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory
 from .registry import register
 
@@ -51,23 +50,7 @@ class DropBlock(FeaturePerturbation):
         return self.p * self.progress if self.schedule == "linear" else self.p
 
     def forward(self, pre: Tensor, layer_input: Tensor | None = None, *, sample: bool = False) -> Tensor:  # noqa: ARG002
-        p = self.rate
-        if not sample or p == 0.0:
-            return pre
-        size = pre.shape[-1]
-        block = min(self.block_size, size)
-        gamma = p / block**2 * size**2 / (size - block + 1) ** 2
-        # Centers only where a whole block fits (the paper's valid region), then grown into blocks.
-        valid = size - block + 1
-        centers = torch.bernoulli(
-            torch.full((*pre.shape[:2], valid, valid), min(gamma, 1.0), dtype=pre.dtype, device=pre.device)
-        )
-        centers = F.pad(centers, [block // 2, (block - 1) // 2] * 2)
-        dropped = (
-            F.max_pool2d(centers, block, stride=1, padding=block // 2)[..., :size, :size] if block > 1 else centers
-        )
-        keep = 1 - dropped
-        return pre * keep * (keep.numel() / keep.sum().clamp_min(1.0))
+        return drop_blocks(pre, self.rate, self.block_size) if sample else pre
 
     def extra_repr(self) -> str:
         return f"p={self.p}, block_size={self.block_size}, schedule={self.schedule}"

@@ -49,6 +49,7 @@ import torch
 
 from ..build import build_network
 from ..data.tasks import TaskBatch
+from ..errors import ConfigError
 from ..inner import build_inner_rule
 from ..meta import BilevelLearner
 from ..meta.graphs import CapturedStep
@@ -354,6 +355,12 @@ def run_joint_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if getattr(args, "memory", False):
+        from .bench_memory import run_memory_bench
+
+        return run_memory_bench(args)
+    if args.shape is not None and args.shape not in SHAPES:
+        raise ConfigError(f"shape {args.shape!r} is measured by `metareg bench --memory`")
     if args.scheme == "joint":
         return run_joint_bench(args)
     cuda = args.device.startswith("cuda")
