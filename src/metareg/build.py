@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .inner import InnerRule
 from .meta.bilevel import BilevelLearner
 from .nets import create_model
+from .nets.layers import tracks_running_statistics
 from .perturb import build_perturbation
 
 # Ordinary training takes RGB; grayscale data is repeated over 3 channels (as MetaPerturb's reference does).
@@ -83,19 +84,37 @@ def is_regression(config: Config) -> bool:
     return get_episodic(config.data.name).regression
 
 
+def test_dataset(config: Config, split: str) -> str:
+    """The data set ``split`` is drawn from: ``data.test_name`` for the test split of a cross-domain
+    run (DropGrad Table 4: meta-train on miniImageNet, meta-test on CUB), else ``data.name``."""
+    data = config.data
+    return data.test_name if data.test_name and split == data.test_split else data.name
+
+
 def build_source(config: Config, split: str, *, shot: int | None = None) -> TaskSource:
     """The task source of ``split``; ``shot`` overrides the configured shots (meta-test at K)."""
     data = config.data
+    name = test_dataset(config, split)
+    other = name != data.name
     return build_task_source(
-        data.name,
+        name,
         split,
         way=data.way,
         shot=shot or data.shot,
         query=data.query,
-        root=data.root,
-        image_size=data.image_size,
-        **data.options,
+        root=data.test_root if other else data.root,
+        image_size=data.image_size or (get_episodic(data.name).image_size if other else None),
+        **({} if other else data.options),
     )
+
+
+def model_options(config: Config) -> dict[str, Any]:
+    """The backbone options of ``config``, with MAML++'s per-step batch norm sized to the inner
+    steps (``norm_steps = inner.steps`` unless given)."""
+    options = dict(config.model.options)
+    if (options.get("per_step_weights") or options.get("per_step_stats")) and "norm_steps" not in options:
+        options["norm_steps"] = config.inner.steps
+    return options
 
 
 def build_learner(config: Config) -> BilevelLearner:
@@ -108,9 +127,11 @@ def build_learner(config: Config) -> BilevelLearner:
         in_channels=dataset.channels,
         image_size=config.data.image_size or dataset.image_size or 1,
         perturbation=perturbation,
-        **config.model.options,
+        **model_options(config),
     )
     device = resolve_device(config.device)
+    # in-place running statistics (MAML++'s BNRS) cannot run under vmap: the loop then
+    vmap_safe = getattr(perturbation, "vmap_safe", True) and not tracks_running_statistics(model)
     return BilevelLearner(
         model,
         InnerRule(config.inner.step, config.inner.lr, tuple(config.inner.transforms)),
@@ -121,8 +142,9 @@ def build_learner(config: Config) -> BilevelLearner:
         fast=config.inner.fast,
         mc_samples=config.inner.mc_samples,
         eval_mc_samples=config.inner.eval_mc_samples,
-        strategy=resolve_strategy(
-            config.train.strategy, device, config.model.backbone, getattr(perturbation, "vmap_safe", True)
-        ),
+        strategy=resolve_strategy(config.train.strategy, device, config.model.backbone, vmap_safe),
         mc_batch=resolve_mc_batch(config.inner.mc_batch, device, model),
+        multi_step_epochs=config.inner.multi_step_epochs,
+        multi_step_min=config.inner.multi_step_min,
+        first_order_epochs=config.inner.first_order_epochs,
     )

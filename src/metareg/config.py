@@ -64,12 +64,19 @@ class DataConfig:
     train_split: str = "train"
     val_split: str | None = "val"  # null: no periodic validation
     test_split: str = "test"
+    # cross-domain meta-testing (DropGrad Table 4): the test split of another data set
+    test_name: str | None = None  # default: name
+    test_root: str | None = None  # its folder (default $METAREG_DATA_ROOT/<test_name>); data.options are name's
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "conv4"  # conv4 | conv6 | mlp | ... (metareg.nets.available())
-    options: dict[str, Any] = field(default_factory=dict)  # channels, strided, hidden
+    # channels, strided, hidden; MAML++'s per_step_weights / per_step_stats (norm_steps = inner.steps)
+    options: dict[str, Any] = field(default_factory=dict)
+    # a transfer run (same backbone, e.g. supervised pre-training) whose convolutions and batch-norm
+    # weights start a fresh run (MetaSGD*'s pre-trained feature extractor)
+    init_from: str | None = None
 
 
 @dataclass
@@ -94,6 +101,12 @@ class InnerConfig:
     eval_mc_samples: int = 1  # ... at meta-test time
     # batched: the S samples in one pass (per-copy batch norm); sequential; auto: batched where the model can
     mc_batch: str = "auto"
+    # MAML++ (epochs of train.epoch_steps iterations): the multi-step loss during the first so many
+    # epochs (0: off), its floor (times the steps), and first-order meta-gradients during the first
+    # so many epochs (derivative-order annealing; MAML++'s first_order_to_second_order_epoch E is E + 1)
+    multi_step_epochs: int = 0
+    multi_step_min: float = 0.03
+    first_order_epochs: int = 0
 
 
 @dataclass
@@ -108,6 +121,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     strategy: str = "auto"  # loop | vmap | auto (loop on CPU, vmap on CUDA)
     cuda_graph: bool = True  # on CUDA, capture the whole meta-training step as a graph (eager where impossible)
+    epoch_steps: int = 500  # iterations per epoch (MAML++'s total_iter_per_epoch) for the epoch schedules
+    lr_schedule: str = "constant"  # constant | cosine (MAML++: annealed per epoch to min_lr)
+    min_lr: float = 1e-5  # the cosine schedule's floor (MAML++'s min_learning_rate)
 
 
 @dataclass
@@ -228,6 +244,9 @@ class MetaTrainConfig(_RunConfig):
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     tasks: int = 10  # T: the source split class-wise into T tasks
     train_fraction: float = 0.5  # of each class's images in its task's train split D_t^tr
+    # classes: T class-disjoint tasks (heterogeneous, the paper's); instances: every task holds every
+    # class, each with 1/T of its images (homogeneous, MetaPerturb Table 3(c))
+    task_split: str = "classes"
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
@@ -486,6 +505,8 @@ def validate(config: Any) -> None:
         _check_positive({"tasks": config.tasks})
         if not 0 < config.train_fraction < 1:
             raise ConfigError(f"train_fraction must be in (0, 1), got {config.train_fraction}")
+        if config.task_split not in ("classes", "instances"):
+            raise ConfigError(f"task_split must be classes or instances, got {config.task_split!r}")
         if config.train.strategy not in ("auto", "loop", "vmap"):
             raise ConfigError(f"train.strategy must be auto, loop or vmap, got {config.train.strategy!r}")
         return
@@ -517,6 +538,7 @@ def validate(config: Any) -> None:
         "train.val_every": config.train.val_every,
         "eval.episodes": config.eval.episodes,
         "eval.tasks_per_batch": config.eval.tasks_per_batch,
+        "train.epoch_steps": config.train.epoch_steps,
     }
     for key, value in positive.items():
         if value < 1:
@@ -533,3 +555,11 @@ def validate(config: Any) -> None:
         raise ConfigError("inner.lr and train.lr must be positive")
     if config.train.clip is not None and config.train.clip <= 0:
         raise ConfigError(f"train.clip must be positive or null (no clipping), got {config.train.clip}")
+    if config.inner.multi_step_epochs < 0 or config.inner.first_order_epochs < 0:
+        raise ConfigError("inner.multi_step_epochs and inner.first_order_epochs must be >= 0")
+    if not 0 <= config.inner.multi_step_min <= 1:
+        raise ConfigError(f"inner.multi_step_min must be in [0, 1], got {config.inner.multi_step_min}")
+    if config.train.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"train.lr_schedule must be constant or cosine, got {config.train.lr_schedule!r}")
+    if config.train.lr_schedule == "cosine" and not 0 < config.train.min_lr <= config.train.lr:
+        raise ConfigError(f"train.min_lr must be in (0, train.lr] for the cosine schedule, got {config.train.min_lr}")

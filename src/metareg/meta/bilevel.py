@@ -10,6 +10,17 @@ loss over tasks is differentiated with respect to every meta-parameter: the mode
 Second order (default): the inner gradients are built with ``create_graph=True`` so the
 meta-gradient flows through them. First order: the inner gradients are treated as constants.
 
+MAML++ (Antoniou et al. 2019) as options, each on its own and composing with everything else:
+the multi-step loss (``multi_step_epochs``: the meta-objective is the weighted sum of the query
+losses after every inner step, weights from :func:`~metareg.meta.schedule.multi_step_weights`,
+while the epoch is below ``multi_step_epochs``) and derivative-order annealing
+(``first_order_epochs``: first-order meta-gradients during the first epochs). The trainer tells the
+learner its epoch (:meth:`BilevelLearner.set_epoch`); the per-step learning rates are the inner rule
+``per-step``; the per-step batch norm is the backbone's (its passes run inside
+:func:`~metareg.nets.layers.inner_step`: the support pass of step k and the query pass after step k
+use row k); cosine annealing is the trainer's. With the multi-step loss the logged ``loss`` is still
+the query loss after the last step (the released code logs the weighted objective).
+
 Execution strategies give the same numbers (tests check it):
 - ``loop``: tasks one after the other, each followed by its own backward pass, so that the graph of
   only one task is alive at a time (lowest memory; the fastest on CPU, measured by ``metareg bench``).
@@ -21,7 +32,7 @@ Execution strategies give the same numbers (tests check it):
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -33,10 +44,11 @@ from ..data.tasks import TaskBatch
 from ..errors import ConfigError
 from ..inner.base import GradientTransform
 from ..inner.registry import InnerRule
-from ..nets.layers import stacked_copies, use_vmap_safe_layers
+from ..nets.layers import inner_step, stacked_copies, tracks_running_statistics, use_vmap_safe_layers
 from ..nets.modes import set_training_progress
 from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
 from ..selection import select
+from .schedule import multi_step_weights
 
 Params = dict[str, Tensor]
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -106,6 +118,11 @@ class BilevelLearner(nn.Module):
         mc_samples / eval_mc_samples: Monte-Carlo samples of the perturbations per inner step.
         strategy: ``loop`` (tasks one after the other) or ``vmap`` (batched over tasks).
         mc_batch: run the S Monte-Carlo samples as one stacked pass.
+        multi_step_epochs: MAML++'s multi-step loss during the first so many epochs (0: off): the
+            meta-objective sums the query losses after every inner step, weighted as MAML++ does.
+        multi_step_min: the floor of a non-final step's weight, times the number of steps (MAML++'s 0.03).
+        first_order_epochs: MAML++'s derivative-order annealing: first-order meta-gradients while
+            the epoch is below this (0: the order ``first_order`` says throughout).
 
     Example::
 
@@ -129,10 +146,18 @@ class BilevelLearner(nn.Module):
         eval_mc_samples: int = 1,
         strategy: Literal["loop", "vmap"] = "loop",
         mc_batch: bool = False,
+        multi_step_epochs: int = 0,
+        multi_step_min: float = 0.03,
+        first_order_epochs: int = 0,
     ):
         super().__init__()
         if inner_steps < 1:
             raise ConfigError(f"inner_steps must be >= 1, got {inner_steps}")
+        if multi_step_epochs < 0 or first_order_epochs < 0 or not 0.0 <= multi_step_min <= 1.0:
+            raise ConfigError(
+                "multi_step_epochs and first_order_epochs must be >= 0 and multi_step_min in [0, 1], got "
+                f"{multi_step_epochs}, {first_order_epochs}, {multi_step_min}"
+            )
         if strategy not in ("loop", "vmap"):
             raise ConfigError(f"unknown execution strategy {strategy!r}; choose loop or vmap")
         if task not in ("classification", "regression"):
@@ -145,6 +170,9 @@ class BilevelLearner(nn.Module):
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps or inner_steps
         self.first_order = first_order
+        self.multi_step_epochs, self.multi_step_min = multi_step_epochs, multi_step_min
+        self.first_order_epochs = first_order_epochs
+        self.epoch = 0  # the meta-training epoch, told by the trainer (MAML++'s schedules)
         self.fast_names = select_fast(model, fast)
         self.inner = self._inner_rule(inner)
         if first_order:
@@ -156,6 +184,11 @@ class BilevelLearner(nn.Module):
             check_stackable(model)
         self.mc_batch = mc_batch
         if strategy == "vmap":
+            if tracks_running_statistics(model):
+                raise ConfigError(
+                    "per-step batch-norm running statistics (model.options.per_step_stats) are updated in place, "
+                    "which vmap cannot do: use the loop strategy (train.strategy=loop)"
+                )
             if getattr(model, "support_attack", None) is not None:
                 raise ConfigError(
                     "inner-loop adversarial training computes input gradients inside the inner steps: "
@@ -200,6 +233,28 @@ class BilevelLearner(nn.Module):
         set_training_progress(self.model, fraction)
         set_training_progress(self.inner, fraction)
 
+    # ------------------------------------------------------------------------- MAML++ schedules
+    def set_epoch(self, epoch: int) -> None:
+        """The meta-training epoch (MAML++'s multi-step loss and derivative-order annealing follow it)."""
+        self.epoch = epoch
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the meta-objective changes with the epoch (a captured CUDA graph could not follow)."""
+        return self.multi_step_epochs > 0 or self.first_order_epochs > 0
+
+    @property
+    def second_order(self) -> bool:
+        """Whether this epoch's meta-gradients go through the inner gradients."""
+        return not self.first_order and self.epoch >= self.first_order_epochs
+
+    def step_weights(self) -> list[float] | None:
+        """This epoch's weights of the query losses after each inner step (the multi-step loss), or
+        None: the query loss after the last step alone."""
+        if self.epoch >= self.multi_step_epochs:
+            return None
+        return multi_step_weights(self.inner_steps, self.epoch, self.multi_step_epochs, self.multi_step_min)
+
     # ----------------------------------------------------------------------------------- losses
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(out, y)
@@ -211,9 +266,11 @@ class BilevelLearner(nn.Module):
     def initial_params(self) -> Params:
         return dict(self.model.named_parameters()) | dict(self.model.named_buffers())
 
-    def query_forward(self, params: Params, x: Tensor) -> Tensor:
-        """The adapted model on the query set, with the deterministic perturbation."""
-        return self.forward_with(params, x, sample=False, **self.query_options)
+    def query_forward(self, params: Params, x: Tensor, *, step: int | None = None) -> Tensor:
+        """The adapted model on the query set, with the deterministic perturbation; ``step``: the
+        inner step the weights come from (per-step batch norm; None: the last)."""
+        with inner_step(step):
+            return self.forward_with(params, x, sample=False, **self.query_options)
 
     def inner_loss(self, params: Params, x: Tensor, y: Tensor, samples: int) -> Tensor:
         """Support loss with sampled perturbations, averaged over ``samples`` Monte-Carlo draws: one
@@ -238,6 +295,31 @@ class BilevelLearner(nn.Module):
         return total / samples
 
     # ------------------------------------------------------------------------------- inner loop
+    def adaptation(
+        self,
+        params: Params,
+        x: Tensor,
+        y: Tensor,
+        *,
+        steps: int | None = None,
+        create_graph: bool | None = None,
+        samples: int | None = None,
+    ) -> Iterator[Params]:
+        """Run the inner loop on one task's support set, yielding the parameters after each step
+        (step k's support pass runs inside ``inner_step(k)``)."""
+        steps = self.inner_steps if steps is None else steps
+        create_graph = self.second_order if create_graph is None else create_graph
+        samples = self.mc_samples if samples is None else samples
+        state = self.inner.init({n: params[n] for n in self.fast_names})
+        for step in range(steps):
+            fast = [params[n] for n in self.fast_names]
+            with inner_step(step):
+                loss = self.inner_loss(params, x, y, samples)
+            grads = torch.autograd.grad(loss, fast, create_graph=create_graph)
+            updates, state = self.inner.update(dict(zip(self.fast_names, grads)), state, step)
+            params = params | {n: p + updates[n] for n, p in zip(self.fast_names, fast)}
+            yield params
+
     def adapt(
         self,
         params: Params,
@@ -249,33 +331,43 @@ class BilevelLearner(nn.Module):
         samples: int | None = None,
     ) -> Params:
         """Run the inner loop on one task's support set and return the adapted parameters."""
-        steps = self.inner_steps if steps is None else steps
-        create_graph = (not self.first_order) if create_graph is None else create_graph
-        samples = self.mc_samples if samples is None else samples
-        state = self.inner.init({n: params[n] for n in self.fast_names})
-        for step in range(steps):
-            fast = [params[n] for n in self.fast_names]
-            loss = self.inner_loss(params, x, y, samples)
-            grads = torch.autograd.grad(loss, fast, create_graph=create_graph)
-            updates, state = self.inner.update(dict(zip(self.fast_names, grads)), state, step)
-            params = params | {n: p + updates[n] for n, p in zip(self.fast_names, fast)}
+        for adapted in self.adaptation(params, x, y, steps=steps, create_graph=create_graph, samples=samples):
+            params = adapted
         return params
 
-    def _adapt_functional(self, params: Params, x: Tensor, y: Tensor) -> Params:
-        """``adapt`` written with ``torch.func.grad``, usable under ``vmap``."""
+    def task_objective(
+        self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One task's meta-objective, and its query loss and query outputs after the last inner step.
+        The objective is that loss, or during MAML++'s multi-step-loss epochs the weighted sum of
+        the query losses after every step (the query pass after step k runs inside ``inner_step(k)``)."""
+        weights = self.step_weights()
+        objective: Tensor | float = 0.0
+        for step, adapted in enumerate(self.adaptation(params, support_x, support_y)):
+            if weights is None and step < self.inner_steps - 1:
+                continue
+            out = self.query_forward(adapted, query_x, step=step)
+            loss = self.loss(out, query_y)
+            objective = objective + (loss if weights is None else weights[step] * loss)
+        return objective, loss, out  # type: ignore[return-value]
+
+    def _functional_adaptation(self, params: Params, x: Tensor, y: Tensor) -> Iterator[Params]:
+        """:meth:`adaptation` written with ``torch.func.grad``, usable under ``vmap``."""
         state = self.inner.init({n: params[n] for n in self.fast_names})
+        first_order = not self.second_order
         for step in range(self.inner_steps):
             fast = {n: params[n] for n in self.fast_names}
 
-            def support_loss(fast_params: Params, params: Params = params) -> Tensor:
-                return self.inner_loss(params | fast_params, x, y, self.mc_samples)
+            def support_loss(fast_params: Params, params: Params = params, step: int = step) -> Tensor:
+                with inner_step(step):
+                    return self.inner_loss(params | fast_params, x, y, self.mc_samples)
 
             grads = torch.func.grad(support_loss)(fast)
-            if self.first_order:
+            if first_order:
                 grads = {n: g.detach() for n, g in grads.items()}
             updates, state = self.inner.update(grads, state, step)
             params = params | {n: p + updates[n] for n, p in fast.items()}
-        return params
+            yield params
 
     # ------------------------------------------------------------------------------- outer loop
     def meta_backward(self, batch: TaskBatch) -> dict[str, Tensor]:
@@ -289,10 +381,10 @@ class BilevelLearner(nn.Module):
         num_tasks = batch.num_tasks
         losses, scores = [], []
         for i in range(num_tasks):
-            params = self.adapt(self.initial_params(), batch.support_x[i], batch.support_y[i])
-            out = self.query_forward(params, batch.query_x[i])
-            loss = self.loss(out, batch.query_y[i])
-            (loss / num_tasks).backward()
+            objective, loss, out = self.task_objective(
+                self.initial_params(), batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i]
+            )
+            (objective / num_tasks).backward()
             losses.append(loss.detach())
             scores.append(self.score(out.detach(), batch.query_y[i]))
         return {"loss": torch.stack(losses).mean(), "score": torch.stack(scores).mean()}
@@ -306,15 +398,15 @@ class BilevelLearner(nn.Module):
         meta-batch, whichever process computed them. ``vmap``: one row, the batch's summed gradient."""
         params = [p for p in self.parameters() if p.requires_grad]
         if self.strategy == "vmap":
-            losses, scores = self._vmap_losses(batch)
-            grads = [torch.autograd.grad(losses.sum() / total, params, allow_unused=True)]
+            objectives, losses, scores = self._vmap_losses(batch)
+            grads = [torch.autograd.grad(objectives.sum() / total, params, allow_unused=True)]
         else:
             grads, losses, scores = [], [], []
             for i in range(batch.num_tasks):
-                adapted = self.adapt(self.initial_params(), batch.support_x[i], batch.support_y[i])
-                out = self.query_forward(adapted, batch.query_x[i])
-                loss = self.loss(out, batch.query_y[i])
-                grads.append(torch.autograd.grad(loss / total, params, allow_unused=True))
+                objective, loss, out = self.task_objective(
+                    self.initial_params(), batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i]
+                )
+                grads.append(torch.autograd.grad(objective / total, params, allow_unused=True))
                 losses.append(loss.detach())
                 scores.append(self.score(out.detach(), batch.query_y[i]))
             losses, scores = torch.stack(losses), torch.stack(scores)
@@ -327,32 +419,40 @@ class BilevelLearner(nn.Module):
         )
         return rows, used, {"loss": losses.detach(), "score": scores.detach()}
 
-    def _vmap_losses(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        """Every task's query loss and score in one ``vmap`` over the tasks."""
+    def _vmap_losses(self, batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Every task's meta-objective, final query loss and score in one ``vmap`` over the tasks."""
         meta_params = self.initial_params()
+        weights = self.step_weights()
 
-        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-            params = self._adapt_functional(meta_params, sx, sy)
-            out = self.forward_with(params, qx, sample=False)
-            return self.loss(out, qy), self.score(out, qy)
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            objective: Tensor | float = 0.0
+            for step, params in enumerate(self._functional_adaptation(meta_params, sx, sy)):
+                if weights is None and step < self.inner_steps - 1:
+                    continue
+                with inner_step(step):
+                    out = self.forward_with(params, qx, sample=False)
+                loss = self.loss(out, qy)
+                objective = objective + (loss if weights is None else weights[step] * loss)
+            return objective, loss, self.score(out, qy)
 
         return torch.func.vmap(one_task, randomness="different")(
             batch.support_x, batch.support_y, batch.query_x, batch.query_y
         )
 
     def _meta_backward_vmap(self, batch: TaskBatch) -> dict[str, Tensor]:
-        losses, scores = self._vmap_losses(batch)
-        losses.mean().backward()
+        objectives, losses, scores = self._vmap_losses(batch)
+        objectives.mean().backward()
         return {"loss": losses.detach().mean(), "score": scores.detach().mean()}
 
     def meta_loss(self, batch: TaskBatch) -> Tensor:
-        """The mean query loss over the batch, with its graph (for tests and custom loops)."""
-        losses = []
-        for i in range(batch.num_tasks):
-            params = self.adapt(self.initial_params(), batch.support_x[i], batch.support_y[i])
-            out = self.query_forward(params, batch.query_x[i])
-            losses.append(self.loss(out, batch.query_y[i]))
-        return torch.stack(losses).mean()
+        """The mean meta-objective over the batch, with its graph (for tests and custom loops)."""
+        objectives = [
+            self.task_objective(
+                self.initial_params(), batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i]
+            )[0]
+            for i in range(batch.num_tasks)
+        ]
+        return torch.stack(objectives).mean()
 
     # ------------------------------------------------------------------------------ evaluation
     def detached_params(self) -> Params:
@@ -383,14 +483,18 @@ class BilevelLearner(nn.Module):
         (``metareg.evaluate.adversarial``). ``seeds``: torch's generator is seeded before each task
         (a task's noise then does not depend on the tasks before it)."""
         start = self.detached_params()
+        last = (self.eval_inner_steps if steps is None else steps) - 1
         outputs = []
         for i in range(batch.num_tasks):
             if seeds is not None:
                 torch.manual_seed(seeds[i])
             params = self.adapt_for_test(start, batch.support_x[i], batch.support_y[i], steps=steps, samples=samples)
-            query_x = batch.query_x[i] if attack is None else attack(self, params, batch.query_x[i], batch.query_y[i])
+            with inner_step(last):
+                query_x = (
+                    batch.query_x[i] if attack is None else attack(self, params, batch.query_x[i], batch.query_y[i])
+                )
             with torch.no_grad():
-                outputs.append(self.query_forward(params, query_x))
+                outputs.append(self.query_forward(params, query_x, step=last))
         return torch.stack(outputs)
 
     def evaluate(
@@ -402,7 +506,10 @@ class BilevelLearner(nn.Module):
 
     def extra_repr(self) -> str:
         order = "first" if self.first_order else "second"
-        return f"task={self.task}, inner_steps={self.inner_steps}, {order}-order, strategy={self.strategy}"
+        extra = (f", multi_step_epochs={self.multi_step_epochs}" if self.multi_step_epochs else "") + (
+            f", first_order_epochs={self.first_order_epochs}" if self.first_order_epochs else ""
+        )
+        return f"task={self.task}, inner_steps={self.inner_steps}, {order}-order, strategy={self.strategy}" + extra
 
 
 def _accuracy(out: Tensor, y: Tensor) -> Tensor:

@@ -103,7 +103,7 @@ def final_test(trainer: TransferTrainer, samples: int, protocol: dict[str, Any])
     return EvalResult(correct, info), extra
 
 
-def _source_state(run: str | Path) -> tuple[dict[str, Tensor], str]:
+def source_state(run: str | Path) -> tuple[dict[str, Tensor], str]:
     """A transfer run's network state and the key prefix of its backbone's tensors."""
     tensors, _ = load_checkpoint(run, CHECKPOINT)
     prefix = (
@@ -281,7 +281,7 @@ def fit(
     torch.manual_seed(derive_seed(config.seed, 21))
     net = build_network(config.model.backbone, train.num_classes, size, config.model.options, factory)
     if config.init_from:
-        source, prefix = _source_state(config.init_from)
+        source, prefix = source_state(config.init_from)
         load_convolutions(net, source, prefix)
     phi_record = None
     if config.perturb.name == "metaperturb":
