@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import learner_for, random_image_batch
 from torch import nn
 
+from helpers import learner_for, random_image_batch
 from metareg.config import TransferConfig, parse_assignment
+from metareg.errors import CheckpointError
 from metareg.nets import BatchNorm, create_model
 from metareg.perturb import build_perturbation
 from metareg.runs.common import resolve
-from metareg.errors import CheckpointError
 from metareg.runs.episodic import start_from_pretrained
 from metareg.runs.transfer import source_state, transfer
 from metareg.selection import select

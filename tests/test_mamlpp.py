@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import learner_for, random_image_batch, random_regression_batch, tiny_conv, tiny_mlp
 from torch.func import functional_call
 
+from helpers import learner_for, random_image_batch, random_regression_batch, tiny_conv, tiny_mlp
 from metareg.config import parse_assignment
 from metareg.errors import ConfigError
 from metareg.meta.schedule import cosine_learning_rate, epoch_of, epochs_in, multi_step_weights
@@ -166,7 +166,7 @@ def test_the_learner_runs_every_pass_at_its_inner_step():
     the multi-step loss a query pass after every step; at meta-test the query after the last step."""
     seen = []
     model = tiny_conv(per_step_weights=True, per_step_stats=True, norm_steps=3)
-    model.blocks[0].norm.register_forward_pre_hook(lambda module, args: seen.append(current_step()))
+    model.blocks[0].norm.register_forward_pre_hook(lambda _module, _args: seen.append(current_step()))
     learner = learner_for(model, steps=3, multi_step_epochs=1, fast=["blocks.*.conv.*", "head.*"])
     batch = random_image_batch(tasks=1)
     learner.set_epoch(1)

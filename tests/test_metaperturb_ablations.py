@@ -41,7 +41,7 @@ def test_without_scale_s_is_one_and_without_noise_z_is_one():
         net = _network(options, blocks=(1, 1, 1)).train()
         slot = net.blocks[0].perturb
         seen = {}
-        slot.register_forward_hook(lambda m, args, out, seen=seen: seen.update(h=args[0], out=out))
+        slot.register_forward_hook(lambda _m, args, out, seen=seen: seen.update(h=args[0], out=out))
         torch.manual_seed(1)
         with recording() as record:
             net(x, sample=True)
