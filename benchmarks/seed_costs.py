@@ -3,7 +3,8 @@
 For every entry: the representative preset runs 3 training iterations through the real trainer
 (``metareg train`` / ``perturb meta-train`` / ``perturb transfer`` code, one thread, as each job of
 ``metareg reproduce`` runs), with ``torch.utils.flop_counter.FlopCounterMode`` around iteration 2;
-iteration 3 is timed (the log's training seconds). Data sets that are not on this machine are
+iteration 3 is timed (the log's training seconds). ``--iterations 2`` (for the slow entries):
+FLOPs counted in iteration 1, iteration 2 timed. Data sets that are not on this machine are
 replaced by the built-in glyphs at the preset's image size and class count (the cost of a step does
 not depend on the pixels). Prints the ``MEASURED`` dict to paste into ``metareg/runs/costs.py``
 with the load average during the measurement.
@@ -82,14 +83,15 @@ def entries(data: Path) -> dict[str, tuple[str, list[str]]]:
     }
 
 
-def measure(preset: str, overrides: list[str]) -> tuple[float, float]:
-    """(seconds of iteration 3, GFLOP of iteration 2) of ``preset`` with ``overrides``."""
+def measure(preset: str, overrides: list[str], iterations: int = 3) -> tuple[float, float]:
+    """(seconds of the last iteration, GFLOP of the one before) of ``preset`` with ``overrides``."""
     counted: dict[str, float] = {}
+    counted_step = iterations - 2
     originals = {cls: cls.train_step for cls in (MetaTrainer, JointTrainer, TransferTrainer)}
 
     def counting(original):
         def step(self, i):
-            if i != 1:
+            if i != counted_step:
                 return original(self, i)
             with FlopCounterMode(display=False) as mode:
                 out = original(self, i)
@@ -99,7 +101,8 @@ def measure(preset: str, overrides: list[str]) -> tuple[float, float]:
         return step
 
     kind = PRESETS[preset].kind
-    config = resolve(preset, None, [parse_assignment(o) for o in [*overrides, "train.steps=3"]], SCHEMAS[kind])
+    assignments = [parse_assignment(o) for o in [*overrides, f"train.steps={iterations}"]]
+    config = resolve(preset, None, assignments, SCHEMAS[kind])
     try:
         for cls, original in originals.items():
             cls.train_step = counting(original)
@@ -110,13 +113,14 @@ def measure(preset: str, overrides: list[str]) -> tuple[float, float]:
     finally:
         for cls, original in originals.items():
             cls.train_step = original
-    return seconds[3] - seconds[2], counted["flops"] / 1e9
+    return seconds[iterations] - seconds[iterations - 1], counted["flops"] / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("keys", nargs="*", help="entries to measure (default: all)")
     parser.add_argument("--data", type=Path, default=SHARED, help="the shared data folder")
+    parser.add_argument("--iterations", type=int, default=3, choices=(2, 3), help="iterations per entry (default 3)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     table = entries(args.data)
@@ -126,9 +130,9 @@ def main() -> None:
         preset, overrides = table[key]
         loads.append(os.getloadavg()[0])
         start = time.perf_counter()
-        seconds, gflop = measure(preset, overrides)
+        seconds, gflop = measure(preset, overrides, args.iterations)
         loads.append(os.getloadavg()[0])
-        what = f"{preset}, 3 iterations, {torch.get_num_threads()} thread(s)"
+        what = f"{preset}, {args.iterations} iterations, {torch.get_num_threads()} thread(s)"
         print(
             f'    "{key}": Cost({seconds:.2f}, {gflop:.1f}, "{what}"),  # {time.perf_counter() - start:.0f} s',
             flush=True,

@@ -23,7 +23,8 @@ class Cost:
     what: str  # what was timed: the preset and its overrides
 
 
-MACHINE = "2 CPU cores (this project's shared machine; torch 2.13, float32)"
+#: Where MEASURED was measured: one thread, as each run of ``metareg reproduce --jobs 2`` gets one.
+MACHINE = "one CPU thread (this project's shared 2-core machine; torch 2.13, float32)"
 #: Assumed sustained throughput of one H100/H200 on these networks (TF32 convolutions): an assumption.
 GPU_TFLOPS = 20.0
 #: Assumed least time of one iteration on a GPU (launch-bound small kernels): an assumption.
@@ -52,7 +53,7 @@ def describe(key: str, iterations: int) -> str:
     """One line: what ``iterations`` iterations cost here (measured rate) and on a GPU (estimate)."""
     entry = cost(key)
     return (
-        f"{iterations} iterations: {hours(iterations * entry.cpu_seconds)} on {MACHINE.split(' (')[0]} "
+        f"{iterations} iterations: {hours(iterations * entry.cpu_seconds)} on {MACHINE.split(' (')[0]} here "
         f"(measured {entry.cpu_seconds:.2f} s/iteration); ~{hours(iterations * gpu_seconds(entry))} on one GPU "
         f"(estimate, not measured: {entry.gflop:.0f} GFLOP/iteration at {GPU_TFLOPS:g} TFLOP/s)"
     )

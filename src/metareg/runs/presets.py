@@ -7,6 +7,7 @@ Table 1 was produced with); the sine presets follow the MT-net thesis, Section 6
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -892,8 +893,8 @@ for _suffix, (_label, _options, _extra, _numbers) in _ABLATIONS.items():
         _values["perturb"] = {"options": _options}
     PRESETS[f"perturb-tinyimagenet-resnet20-{_suffix}"] = Preset(
         f"perturb-tinyimagenet-resnet20-{_suffix}",
-        f"MetaPerturb {_label}: meta-training as perturb-tinyimagenet-resnet20; transfer its phi with "
-        f"--set perturb.options='{_options or {}}'",
+        f"MetaPerturb {_label}: meta-training as perturb-tinyimagenet-resnet20; transfer its phi "
+        + (f"with --set perturb.options='{json.dumps(_options)}'" if _options else "as usual"),
         f"MetaPerturb Table 3, {_label}: s-CIFAR100 {_numbers[0]}, Aircraft {_numbers[1]}, CUB {_numbers[2]}",
         _values,
         "meta-train",
