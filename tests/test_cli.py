@@ -129,7 +129,7 @@ def test_flag_combinations_that_make_no_sense_get_one_line(trained, tmp_path, ca
         (["plot", "features", run, run, "--out", str(tmp_path / "f.png")], ["takes one run folder, got 2"]),
         (["compare", str(trained / "phi"), run], ["MetaPerturb meta-training run", "no test result"]),
         (["compare", run, str(trained / "phi")], ["MetaPerturb meta-training run"]),
-        (["compare", str(trained / "run" / "config.json"), run], ["neither a checkpoint nor a result file"]),
+        (["compare", str(trained / "run" / "config.json"), run], ["is not a test result written by metareg"]),
     ]
     for args, fragments in cases:
         assert_one_line(*cli_in_process(capsys, *args), *fragments)

@@ -661,7 +661,7 @@ def test_checksums_record_sizes_and_match_shared_zips() -> None:
 
 
 def test_build_task_source_names_and_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert episodic_datasets() == ["glyphs", "miniimagenet", "omniglot", "polynomial", "sine"]
+    assert episodic_datasets() == ["cub", "glyphs", "miniimagenet", "omniglot", "polynomial", "sine"]
     glyphs = build_task_source("glyphs", "test", way=5, shot=1, query=2, num_classes=10, instances_per_class=4)
     assert glyphs.is_classification and glyphs.sample(2, gen(0)).support_x.shape == (2, 5, 1, 28, 28)
     sine = build_task_source("sine", "train", way=99, shot=3, query=4, frequency=(1.0, 1.0))

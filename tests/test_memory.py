@@ -248,7 +248,7 @@ def test_bf16_autocast_runs_products_in_bf16_with_float32_master_weights_and_gra
     batch = random_image_batch(tasks=3, size=16, shot=5, query=5, dtype=torch.float32)
     reference, _ = meta_grads(learner("float32"), batch)
     mixed = learner("bf16")
-    loss, out = mixed.task_loss(batch, 0)
+    _, loss, out = mixed.task_loss(batch, 0)
     assert loss.dtype == torch.float32 and out.dtype == torch.bfloat16
     adapted = mixed.adapt(mixed.initial_params(), batch.support_x[0], batch.support_y[0])
     assert all(adapted[n].dtype == torch.float32 for n in mixed.fast_names)

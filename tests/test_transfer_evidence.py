@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # every test here trains or tests runs, or starts
 
 
 def test_against_base_trains_both_on_the_same_data_and_reports_the_paired_difference(tmp_path, capsys, monkeypatch):
-    from metareg.runs import transfer as transfer_module
+    from metareg.meta import ordinary as transfer_module
 
     batches = {}  # (run folder, step) -> the labels of the training batch: the data order
     real = transfer_module.training_batch

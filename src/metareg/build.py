@@ -5,6 +5,7 @@ the same config get the same objects."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from .meta.bilevel import BilevelLearner
 from .meta.joint import JointLearner
 from .meta.ordinary import load_convolutions
 from .nets import create_model
+from .nets.layers import tracks_running_statistics
 from .perturb import build_perturbation
 from .seeds import derive_seed
 
@@ -96,6 +98,13 @@ def is_regression(config: Config) -> bool:
     return get_episodic(config.data.name).regression
 
 
+def test_dataset(config: Config, split: str) -> str:
+    """The data set ``split`` is drawn from: ``data.test_name`` for the test split of a cross-domain
+    run (DropGrad Table 4: meta-train on miniImageNet, meta-test on CUB), else ``data.name``."""
+    data = config.data
+    return data.test_name if data.test_name and split == data.test_split else data.name
+
+
 def build_source(config: Config, split: str, *, shot: int | None = None) -> TaskSource:
     """The episodes of one split of the config's data set (what ``metareg train`` samples from).
 
@@ -121,16 +130,27 @@ def build_source(config: Config, split: str, *, shot: int | None = None) -> Task
         ```
     """
     data = config.data
+    name = test_dataset(config, split)
+    other = name != data.name
     return build_task_source(
-        data.name,
+        name,
         split,
         way=data.way,
         shot=shot or data.shot,
         query=data.query,
-        root=data.root,
-        image_size=data.image_size,
-        **data.options,
+        root=data.test_root if other else data.root,
+        image_size=data.image_size or (get_episodic(data.name).image_size if other else None),
+        **({} if other else data.options),
     )
+
+
+def model_options(config: Config) -> dict[str, Any]:
+    """The backbone options of ``config``, with MAML++'s per-step batch norm sized to the inner
+    steps (``norm_steps = inner.steps`` unless given)."""
+    options = dict(config.model.options)
+    if (options.get("per_step_weights") or options.get("per_step_stats")) and "norm_steps" not in options:
+        options["norm_steps"] = config.inner.steps
+    return options
 
 
 def build_learner(config: Config, perturbation: Any = None) -> BilevelLearner:
@@ -166,9 +186,11 @@ def build_learner(config: Config, perturbation: Any = None) -> BilevelLearner:
         in_channels=dataset.channels,
         image_size=config.data.image_size or dataset.image_size or 1,
         perturbation=perturbation,
-        **config.model.options,
+        **model_options(config),
     )
     device = resolve_device(config.device)
+    # in-place running statistics (MAML++'s BNRS) cannot run under vmap: the loop then
+    vmap_safe = getattr(perturbation, "vmap_safe", True) and not tracks_running_statistics(model)
     return BilevelLearner(
         model,
         InnerRule(config.inner.step, config.inner.lr, tuple(config.inner.transforms)),
@@ -180,11 +202,7 @@ def build_learner(config: Config, perturbation: Any = None) -> BilevelLearner:
         mc_samples=config.inner.mc_samples,
         eval_mc_samples=config.inner.eval_mc_samples,
         strategy=resolve_strategy(
-            config.train.strategy,
-            device,
-            config.model.backbone,
-            getattr(perturbation, "vmap_safe", True),
-            config.train.recompute,
+            config.train.strategy, device, config.model.backbone, vmap_safe, config.train.recompute
         ),
         mc_batch=resolve_mc_batch(config.inner.mc_batch, device, model),
         recompute=config.train.recompute,
@@ -192,6 +210,9 @@ def build_learner(config: Config, perturbation: Any = None) -> BilevelLearner:
         task_chunk=config.train.task_chunk,
         memory_budget=config.train.memory_budget,
         workers=config.train.workers,
+        multi_step_epochs=config.inner.multi_step_epochs,
+        multi_step_min=config.inner.multi_step_min,
+        first_order_epochs=config.inner.first_order_epochs,
     )
 
 
@@ -230,8 +251,13 @@ def build_transfer_network(config: TransferConfig, num_classes: int) -> tuple[to
     torch.manual_seed(derive_seed(config.seed, 21))
     net = build_network(config.model.backbone, num_classes, config.data.image_size, config.model.options, factory)
     if config.init_from:
-        tensors, _ = load_checkpoint(config.init_from, CHECKPOINT)
-        # runs from before the slots kept the backbone under model.model.
-        prefix = "model.model." if any(k.startswith("model.model.") for k in tensors) else "model."
-        load_convolutions(net, tensors, prefix)
+        load_convolutions(net, *source_state(config.init_from))
     return net, factory
+
+
+def source_state(run: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A transfer run's network state and the key prefix of its backbone's tensors."""
+    tensors, _ = load_checkpoint(run, CHECKPOINT)
+    # runs from before the slots kept the backbone under model.model.
+    prefix = "model.model." if any(k.startswith("model.model.") for k in tensors) else "model."
+    return tensors, prefix

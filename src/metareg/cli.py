@@ -233,9 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         "`scales RUN [RUN ...]` (MetaPerturb's learned scale s per block and channel), `reliability RUN [RUN ...]` "
         "(calibration of episodic or transfer runs), `robustness RUN [RUN ...] --attack A --epsilons E ...` "
         "(robust accuracy "
-        "against the attack's size)",
+        "against the attack's size), `loss-surface RUN [RUN ...]` (MetaPerturb Figure 8: transfer runs' training loss "
+        "along filter-normalized random directions)",
     )
-    p.add_argument("kind", choices=["curves", "features", "boundary", "scales", "reliability", "robustness"])
+    p.add_argument(
+        "kind", choices=["curves", "features", "boundary", "scales", "reliability", "robustness", "loss-surface"]
+    )
     p.add_argument("runs", nargs="+", help="run folders (or log.csv files); features and boundary take one run")
     p.add_argument("--out", help="PNG to write (default <kind>.png)")
     p.add_argument(
@@ -260,9 +263,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mc-samples", type=POSITIVE, help="robustness: MC samples of a transfer run's predictions (default: its own)"
     )
+    p.add_argument("--grid", type=_count(2), default=11, help="loss-surface: points per axis (default 11)")
+    p.add_argument(
+        "--span", type=float, default=1.0, help="loss-surface: the grid covers [-span, span] per direction (default 1)"
+    )
+    p.add_argument(
+        "--images", type=POSITIVE, default=256, help="loss-surface: training images of the fixed batch (default 256)"
+    )
 
-    p = sub.add_parser("reproduce", help="run a paper's table or figure as a resumable grid of runs")
-    p.add_argument("experiment", nargs="?", help="experiment name (omit to list them)")
+    from .runs.reproduce import EXPERIMENTS
+
+    p = sub.add_parser(
+        "reproduce",
+        help="run a paper's table or figure as a resumable grid of runs",
+        description="Run a paper's table or figure as a resumable grid of runs. Experiments: "
+        + "; ".join(f"{name} ({e.source.split(' (')[0]})" for name, e in EXPERIMENTS.items()),
+    )
+    p.add_argument("experiment", nargs="?", help="experiment name, one of those above (omit to list them)")
     p.add_argument("--out", help="folder for the runs and <experiment>.md (default runs/<experiment>)")
     p.add_argument(
         "--steps",
@@ -707,13 +724,18 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_presets(args: argparse.Namespace) -> None:  # noqa: ARG001
     from .config import SCHEMAS
+    from .runs.costs import MEASURED, describe
     from .runs.presets import PRESETS
 
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
+        cost = preset.cost
+        if preset.timing:
+            steps = preset.values["train"]["steps"]
+            cost = describe(preset.timing, steps) if preset.timing in MEASURED else f"{steps} iterations (not timed)"
         print(
             f"{name:<{width}}  {preset.description}\n{'':<{width}}  run with `{SCHEMAS[preset.kind].command}`; "
-            f"reproduces: {preset.paper}" + (f"\n{'':<{width}}  cost: {preset.cost}" if preset.cost else "")
+            f"reproduces: {preset.paper}" + (f"\n{'':<{width}}  cost: {cost}" if cost else "")
         )
 
 
@@ -772,6 +794,17 @@ def cmd_plot(args: argparse.Namespace) -> None:
         from .viz.reliability import plot_reliability
 
         print(f"wrote {plot_reliability(args.runs, out)}")
+        return
+    if args.kind == "loss-surface":
+        from .runs.surface import run_loss_surface
+        from .viz.surface import flatness, plot_loss_surfaces
+
+        if not args.span > 0:
+            raise ConfigError(f"--span must be positive, got {args.span}")
+        surfaces = [run_loss_surface(run, points=args.grid, span=args.span, images=args.images) for run in args.runs]
+        for surface in surfaces:
+            print(f"{surface['label']}: mean loss increase over the grid {flatness(surface):.4f}")
+        print(f"wrote {plot_loss_surfaces(surfaces, out)}")
         return
     if args.kind == "robustness":
         from .runs.robustness import robust_accuracy

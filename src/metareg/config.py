@@ -72,12 +72,19 @@ class DataConfig:
     train_split: str = "train"
     val_split: str | None = "val"  # null: no periodic validation
     test_split: str = "test"
+    # cross-domain meta-testing (DropGrad Table 4): the test split of another data set
+    test_name: str | None = None  # default: name
+    test_root: str | None = None  # its folder (default $METAREG_DATA_ROOT/<test_name>); data.options are name's
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "conv4"  # conv4 | conv6 | mlp | ... (metareg.nets.available())
-    options: dict[str, Any] = field(default_factory=dict)  # channels, strided, hidden
+    # channels, strided, hidden; MAML++'s per_step_weights / per_step_stats (norm_steps = inner.steps)
+    options: dict[str, Any] = field(default_factory=dict)
+    # a transfer run (same backbone, e.g. supervised pre-training) whose convolutions and batch-norm
+    # weights start a fresh run (MetaSGD*'s pre-trained feature extractor)
+    init_from: str | None = None
 
 
 @dataclass
@@ -102,6 +109,12 @@ class InnerConfig:
     eval_mc_samples: int = 1  # ... at meta-test time
     # batched: the S samples in one pass (per-copy batch norm); sequential; auto: batched where the model can
     mc_batch: str = "auto"
+    # MAML++ (epochs of train.epoch_steps iterations): the multi-step loss during the first so many
+    # epochs (0: off), its floor (times the steps), and first-order meta-gradients during the first
+    # so many epochs (derivative-order annealing; MAML++'s first_order_to_second_order_epoch E is E + 1)
+    multi_step_epochs: int = 0
+    multi_step_min: float = 0.03
+    first_order_epochs: int = 0
 
 
 @dataclass
@@ -123,6 +136,9 @@ class TrainConfig:
     precision: str = "float32"  # float32 | bf16 (autocast for the inner and outer passes, float32 master weights)
     task_chunk: int | None = None  # vmap: tasks per chunk of the meta-batch (default: all at once)
     memory_budget: float | None = None  # vmap: MiB a chunk of tasks may take (the chunk size is derived from it)
+    epoch_steps: int = 500  # iterations per epoch (MAML++'s total_iter_per_epoch) for the epoch schedules
+    lr_schedule: str = "constant"  # constant | cosine (MAML++: annealed per epoch to min_lr)
+    min_lr: float = 1e-5  # the cosine schedule's floor (MAML++'s min_learning_rate)
 
 
 @dataclass
@@ -276,6 +292,9 @@ class MetaTrainConfig(_RunConfig):
     perturb: PerturbConfig = field(default_factory=PerturbConfig)
     tasks: int = 10  # T: the source split class-wise into T tasks
     train_fraction: float = 0.5  # of each class's images in its task's train split D_t^tr
+    # classes: T class-disjoint tasks (heterogeneous, the paper's); instances: every task holds every
+    # class, each with 1/T of its images (homogeneous, MetaPerturb Table 3(c))
+    task_split: str = "classes"
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
@@ -594,6 +613,9 @@ RANGES: dict[str, Range] = {
     "inner.eval_steps": COUNT,
     "inner.mc_samples": COUNT,
     "inner.eval_mc_samples": COUNT,
+    "inner.multi_step_epochs": STEPS,
+    "inner.multi_step_min": Range(0, 1),
+    "inner.first_order_epochs": STEPS,
     "train.steps": STEPS,
     "train.meta_batch": COUNT,
     "train.lr": RATE,
@@ -602,6 +624,8 @@ RANGES: dict[str, Range] = {
     "train.val_episodes": COUNT,
     "train.log_every": COUNT,
     "train.checkpoint_every": COUNT,
+    "train.epoch_steps": COUNT,
+    "train.min_lr": RATE,
     "train.workers": COUNT,
     "train.task_chunk": COUNT,
     "train.memory_budget": RATE,  # MiB
@@ -665,8 +689,12 @@ def _check_ranges(config: Any) -> None:
 
 
 def _validate_engine(config: Config) -> None:
-    """How the bilevel engine runs: strategy, precision, memory."""
+    """How the bilevel engine runs: strategy, precision, memory, schedules."""
     t = config.train
+    if t.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
+    if t.lr_schedule == "cosine" and t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr must be in (0, train.lr] for the cosine schedule, got {t.min_lr}")
     if t.strategy not in ("auto", "loop", "vmap", "parallel"):
         raise ConfigError(f"train.strategy must be auto, loop, vmap or parallel, got {t.strategy!r}")
     if t.precision not in ("float32", "bf16"):
@@ -693,8 +721,11 @@ def validate(config: Any) -> None:
         raise ConfigError(f"dtype must be float32 or float64, got {config.dtype!r}")
     if isinstance(config, (MetaTrainConfig, TransferConfig)):
         _validate_ordinary(config)
-    if isinstance(config, MetaTrainConfig) and config.train.strategy not in ("auto", "loop", "vmap"):
-        raise ConfigError(f"train.strategy must be auto, loop or vmap, got {config.train.strategy!r}")
+    if isinstance(config, MetaTrainConfig):
+        if config.train.strategy not in ("auto", "loop", "vmap"):
+            raise ConfigError(f"train.strategy must be auto, loop or vmap, got {config.train.strategy!r}")
+        if config.task_split not in ("classes", "instances"):
+            raise ConfigError(f"task_split must be classes or instances, got {config.task_split!r}")
     if isinstance(config, Config):
         _validate_engine(config)
     d = config.data

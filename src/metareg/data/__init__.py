@@ -9,7 +9,7 @@ The engine only sees :class:`TaskSource` objects; :func:`build_task_source` make
 
 from __future__ import annotations
 
-from . import glyphs, miniimagenet, omniglot, regression, targets  # noqa: F401  (register the data sets)
+from . import cub, glyphs, miniimagenet, omniglot, regression, targets  # noqa: F401  (register the data sets)
 from .cache import cache_dir
 from .classes import ClassImages, EpisodeSampler
 from .download import OMNIGLOT_URL, download_omniglot
@@ -24,6 +24,7 @@ from .glyphs import GLYPH_SPLITS, load_glyphs
 from .labeled import (
     LabeledImages,
     class_tasks,
+    instance_tasks,
     labeled_datasets,
     load_labeled,
     register_labeled,
@@ -56,6 +57,7 @@ __all__ = [
     "download_omniglot",
     "episodic_datasets",
     "get_episodic",
+    "instance_tasks",
     "labeled_datasets",
     "load_glyphs",
     "load_labeled",

@@ -235,6 +235,41 @@ def class_tasks(
     return out
 
 
+def instance_tasks(
+    data: LabeledImages, tasks: int, seed: int = 0, train_fraction: float = 0.5
+) -> list[tuple[LabeledImages, LabeledImages]]:
+    """Divide ``data`` across its *instances* into ``tasks`` tasks (MetaPerturb Table 3(c), the
+    homogeneous task distribution): every task holds every class, with a disjoint ``1/tasks`` share
+    of each class's images (a fixed random split given ``seed``), and inside every class of a task
+    ``train_fraction`` of those images (rounded down, at least one) form D_t^tr, the rest D_t^te.
+    Labels are the data set's own in every task."""
+    where = f"{data.dataset} {data.split} split"
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+        raise DataError(f"{where}: the number of tasks must be a positive integer, got {tasks!r}")
+    if not 0.0 < train_fraction < 1.0:
+        raise DataError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    counts = data.class_counts()
+    if int(counts.min()) < 2 * tasks:
+        raise DataError(
+            f"{where}: class {data.class_names[int(counts.argmin())]!r} has {int(counts.min())} images; splitting "
+            f"every class across {tasks} tasks needs {2 * tasks} (a train and a test image per task)"
+        )
+    shares = [torch.tensor_split(m, tasks) for m in _members(data, seed + 1)]
+    out = []
+    for t in range(tasks):
+        parts = [share[t] for share in shares]
+        cut = [min(len(m) - 1, max(1, int(len(m) * train_fraction))) for m in parts]
+        train = torch.cat([m[:n] for m, n in zip(parts, cut)])
+        test = torch.cat([m[n:] for m, n in zip(parts, cut)])
+        out.append(
+            tuple(
+                LabeledImages(data.images[ix], data.labels[ix], list(data.class_names), data.dataset, f"task{t}-{part}")
+                for ix, part in ((train, "train"), (test, "test"))
+            )
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------------- registry
 _LOADERS: dict[str, Callable[..., LabeledImages]] = {}
 _NEEDS_ROOT: dict[str, bool] = {}

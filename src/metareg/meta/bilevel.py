@@ -24,12 +24,30 @@ Memory and precision: ``recompute`` rebuilds each second-order inner step's grap
 meta-backward instead of keeping it (:mod:`metareg.meta.recompute`; loop and parallel);
 ``precision="bf16"`` runs the meta-training passes under bf16 autocast with float32 master weights
 (:mod:`metareg.meta.precision`).
+
+MAML++ (Antoniou et al. 2019) as options, each on its own and composing with everything else:
+the multi-step loss (``multi_step_epochs``: the meta-objective is the weighted sum of the query
+losses after every inner step, weights from :func:`~metareg.meta.schedule.multi_step_weights`,
+while the epoch is below ``multi_step_epochs``) and derivative-order annealing
+(``first_order_epochs``: first-order meta-gradients during the first epochs). The trainer tells the
+learner its epoch (:meth:`BilevelLearner.set_epoch`); the per-step learning rates are the inner rule
+``per-step``; the per-step batch norm is the backbone's (its passes run inside
+:func:`~metareg.nets.layers.inner_step`: the support pass of step k and the query pass after step k
+use row k); cosine annealing is the trainer's. With the multi-step loss the logged ``loss`` is still
+the query loss after the last step (the released code logs the weighted objective).
+
+Execution strategies give the same numbers (tests check it):
+- ``loop``: tasks one after the other, each followed by its own backward pass, so that the graph of
+  only one task is alive at a time (lowest memory; the fastest on CPU, measured by ``metareg bench``).
+- ``vmap``: ``torch.func.vmap`` over the tasks with ``torch.func.grad`` inner steps: one batched
+  graph (expected to pay on GPUs, where small kernels are latency bound). Batch norm is switched to
+  explicit mean/variance there: under ``vmap``, ``F.batch_norm`` gives wrong second-order gradients.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Literal
 
@@ -42,7 +60,7 @@ from ..data.tasks import TaskBatch
 from ..errors import ConfigError
 from ..inner.base import GradientTransform
 from ..inner.registry import InnerRule
-from ..nets.layers import stacked_copies, use_vmap_safe_layers
+from ..nets.layers import inner_step, stacked_copies, tracks_running_statistics, use_vmap_safe_layers
 from ..nets.modes import set_training_progress
 from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
 from ..selection import select
@@ -50,6 +68,7 @@ from .memory import chunk_size, cuda_peak_bytes, saved_tensor_bytes
 from .parallel import TaskPool, accumulate, available_cores
 from .precision import autocast, check_precision
 from .recompute import recomputed_step
+from .schedule import multi_step_weights
 
 Params = dict[str, Tensor]
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -122,8 +141,20 @@ class BilevelLearner(nn.Module):
             groups, :mod:`metareg.selection`); the others are meta-only.
         mc_samples: Monte-Carlo samples of the perturbations per inner step while meta-training.
         eval_mc_samples: the same at meta-test time (Meta-Dropout's S = 30).
-        strategy: ``loop`` (tasks one after the other) or ``vmap`` (batched over tasks).
+        strategy: ``loop`` (tasks one after the other), ``vmap`` (batched over tasks) or
+            ``parallel`` (the loop's tasks shared among CPU processes).
         mc_batch: run the S Monte-Carlo samples as one stacked pass.
+        recompute: rebuild each second-order inner step's graph in the meta-backward instead of
+            storing it (bounded memory; loop and parallel).
+        precision: ``float32``, or ``bf16`` (autocast, float32 master weights).
+        task_chunk: ``vmap``: tasks per chunk of the meta-batch (default: all at once).
+        memory_budget: ``vmap``: MiB a chunk of tasks may take (the chunk size is derived from it).
+        workers: processes of the ``parallel`` strategy (default: the CPU cores available).
+        multi_step_epochs: MAML++'s multi-step loss during the first so many epochs (0: off): the
+            meta-objective sums the query losses after every inner step, weighted as MAML++ does.
+        multi_step_min: the floor of a non-final step's weight, times the number of steps (MAML++'s 0.03).
+        first_order_epochs: MAML++'s derivative-order annealing: first-order meta-gradients while
+            the epoch is below this (0: the order ``first_order`` says throughout).
 
     Raises:
         metareg.errors.ConfigError: an impossible setting (in one line), e.g. an inner rule built
@@ -165,6 +196,9 @@ class BilevelLearner(nn.Module):
         task_chunk: int | None = None,
         memory_budget: float | None = None,
         workers: int | None = None,
+        multi_step_epochs: int = 0,
+        multi_step_min: float = 0.03,
+        first_order_epochs: int = 0,
     ):
         super().__init__()
         if inner_steps < 1:
@@ -173,6 +207,11 @@ class BilevelLearner(nn.Module):
             raise ConfigError(f"unknown execution strategy {strategy!r}; choose loop, vmap or parallel")
         if task not in ("classification", "regression"):
             raise ConfigError(f"task must be classification or regression, got {task!r}")
+        if multi_step_epochs < 0 or first_order_epochs < 0 or not 0.0 <= multi_step_min <= 1.0:
+            raise ConfigError(
+                "multi_step_epochs and first_order_epochs must be >= 0 and multi_step_min in [0, 1], got "
+                f"{multi_step_epochs}, {first_order_epochs}, {multi_step_min}"
+            )
         self.model = model
         self.task = task
         self.loss_fn: Loss = loss or (F.cross_entropy if task == "classification" else F.mse_loss)
@@ -181,6 +220,9 @@ class BilevelLearner(nn.Module):
         self.inner_steps = inner_steps
         self.eval_inner_steps = eval_inner_steps or inner_steps
         self.first_order = first_order
+        self.multi_step_epochs, self.multi_step_min = multi_step_epochs, multi_step_min
+        self.first_order_epochs = first_order_epochs
+        self.epoch = 0  # the meta-training epoch, told by the trainer (MAML++'s schedules)
         self.fast_names = select_fast(model, fast)
         self.inner = self._inner_rule(inner)
         if first_order:
@@ -213,6 +255,11 @@ class BilevelLearner(nn.Module):
         self.task_chunk, self.memory_budget = task_chunk, memory_budget
         self.task_bytes: dict[tuple, int] = {}  # a task's measured cost per task shape (memory_budget)
         self.pool = None
+        if strategy != "loop" and tracks_running_statistics(model):
+            raise ConfigError(
+                "per-step batch-norm running statistics (model.options.per_step_stats) are updated in place, "
+                f"which the {strategy} strategy cannot do: use the loop strategy (train.strategy=loop)"
+            )
         if strategy == "parallel":
             running = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             if running:
@@ -268,6 +315,30 @@ class BilevelLearner(nn.Module):
         if self.pool is not None:
             self.pool.progress = fraction
 
+    # ------------------------------------------------------------------------- MAML++ schedules
+    def set_epoch(self, epoch: int) -> None:
+        """The meta-training epoch (MAML++'s multi-step loss and derivative-order annealing follow it)."""
+        self.epoch = epoch
+        if self.pool is not None:
+            self.pool.epoch = epoch
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the meta-objective changes with the epoch (a captured CUDA graph could not follow)."""
+        return self.multi_step_epochs > 0 or self.first_order_epochs > 0
+
+    @property
+    def second_order(self) -> bool:
+        """Whether this epoch's meta-gradients go through the inner gradients."""
+        return not self.first_order and self.epoch >= self.first_order_epochs
+
+    def step_weights(self) -> list[float] | None:
+        """This epoch's weights of the query losses after each inner step (the multi-step loss), or
+        None: the query loss after the last step alone."""
+        if self.epoch >= self.multi_step_epochs:
+            return None
+        return multi_step_weights(self.inner_steps, self.epoch, self.multi_step_epochs, self.multi_step_min)
+
     # ----------------------------------------------------------------------------------- losses
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(out, y)
@@ -279,9 +350,11 @@ class BilevelLearner(nn.Module):
     def initial_params(self) -> Params:
         return dict(self.model.named_parameters()) | dict(self.model.named_buffers())
 
-    def query_forward(self, params: Params, x: Tensor) -> Tensor:
-        """The adapted model on the query set, with the deterministic perturbation."""
-        return self.forward_with(params, x, sample=False, **self.query_options)
+    def query_forward(self, params: Params, x: Tensor, *, step: int | None = None) -> Tensor:
+        """The adapted model on the query set, with the deterministic perturbation; ``step``: the
+        inner step the weights come from (per-step batch norm; None: the last)."""
+        with inner_step(step):
+            return self.forward_with(params, x, sample=False, **self.query_options)
 
     def inner_loss(self, params: Params, x: Tensor, y: Tensor, samples: int) -> Tensor:
         """Support loss with sampled perturbations, averaged over ``samples`` Monte-Carlo draws: one
@@ -306,7 +379,7 @@ class BilevelLearner(nn.Module):
         return total / samples
 
     # ------------------------------------------------------------------------------- inner loop
-    def adapt(
+    def adaptation(
         self,
         params: Params,
         x: Tensor,
@@ -315,10 +388,11 @@ class BilevelLearner(nn.Module):
         steps: int | None = None,
         create_graph: bool | None = None,
         samples: int | None = None,
-    ) -> Params:
-        """Run the inner loop on one task's support set and return the adapted parameters."""
+    ) -> Iterator[Params]:
+        """Run the inner loop on one task's support set, yielding the parameters after each step
+        (step k's support pass runs inside ``inner_step(k)``)."""
         steps = self.inner_steps if steps is None else steps
-        create_graph = (not self.first_order) if create_graph is None else create_graph
+        create_graph = self.second_order if create_graph is None else create_graph
         samples = self.mc_samples if samples is None else samples
         state = self.inner.init({n: params[n] for n in self.fast_names})
         fast = [params[n] for n in self.fast_names]
@@ -331,29 +405,71 @@ class BilevelLearner(nn.Module):
 
             def run(fast: list[Tensor], state, create_graph: bool, step: int = step) -> tuple[list[Tensor], object]:
                 """One inner step: the support loss at ``fast``, its gradient, the rule's update."""
-                loss = self.inner_loss(params | dict(zip(self.fast_names, fast)), x, y, samples)
+                with inner_step(step):
+                    loss = self.inner_loss(params | dict(zip(self.fast_names, fast)), x, y, samples)
                 grads = torch.autograd.grad(loss, fast, create_graph=create_graph)
                 updates, state = self.inner.update(dict(zip(self.fast_names, grads)), state, step)
                 return [p + updates[n] for n, p in zip(self.fast_names, fast)], state
 
             fast, state = recomputed_step(run, fast, state, leaves) if recompute else run(fast, state, create_graph)
-        return params | dict(zip(self.fast_names, fast))
+            yield params | dict(zip(self.fast_names, fast))
 
-    def _adapt_functional(self, params: Params, x: Tensor, y: Tensor) -> Params:
-        """``adapt`` written with ``torch.func.grad``, usable under ``vmap``."""
+    def adapt(
+        self,
+        params: Params,
+        x: Tensor,
+        y: Tensor,
+        *,
+        steps: int | None = None,
+        create_graph: bool | None = None,
+        samples: int | None = None,
+    ) -> Params:
+        """Run the inner loop on one task's support set and return the adapted parameters."""
+        for adapted in self.adaptation(params, x, y, steps=steps, create_graph=create_graph, samples=samples):
+            params = adapted
+        return params
+
+    def task_objective(
+        self, params: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One task's meta-objective, and its query loss and query outputs after the last inner step
+        (in bf16 autocast when ``precision`` says so). The objective is that loss, or during MAML++'s
+        multi-step-loss epochs the weighted sum of the query losses after every step (the query pass
+        after step k runs inside ``inner_step(k)``)."""
+        weights = self.step_weights()
+        objective: Tensor | float = 0.0
+        with self.autocast():
+            for step, adapted in enumerate(self.adaptation(params, support_x, support_y)):
+                if weights is None and step < self.inner_steps - 1:
+                    continue
+                out = self.query_forward(adapted, query_x, step=step)
+                loss = self.loss(out, query_y)
+                objective = objective + (loss if weights is None else weights[step] * loss)
+        return objective, loss, out  # type: ignore[return-value]
+
+    def task_loss(self, batch: TaskBatch, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`task_objective` of task ``i`` of ``batch``, from the meta-parameters."""
+        return self.task_objective(
+            self.initial_params(), batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i]
+        )
+
+    def _functional_adaptation(self, params: Params, x: Tensor, y: Tensor) -> Iterator[Params]:
+        """:meth:`adaptation` written with ``torch.func.grad``, usable under ``vmap``."""
         state = self.inner.init({n: params[n] for n in self.fast_names})
+        first_order = not self.second_order
         for step in range(self.inner_steps):
             fast = {n: params[n] for n in self.fast_names}
 
-            def support_loss(fast_params: Params, params: Params = params) -> Tensor:
-                return self.inner_loss(params | fast_params, x, y, self.mc_samples)
+            def support_loss(fast_params: Params, params: Params = params, step: int = step) -> Tensor:
+                with inner_step(step):
+                    return self.inner_loss(params | fast_params, x, y, self.mc_samples)
 
             grads = torch.func.grad(support_loss)(fast)
-            if self.first_order:
+            if first_order:
                 grads = {n: g.detach() for n, g in grads.items()}
             updates, state = self.inner.update(grads, state, step)
             params = params | {n: p + updates[n] for n, p in fast.items()}
-        return params
+            yield params
 
     # ------------------------------------------------------------------------------- outer loop
     def meta_backward(self, batch: TaskBatch) -> dict[str, Tensor]:
@@ -369,8 +485,8 @@ class BilevelLearner(nn.Module):
         num_tasks = batch.num_tasks
         losses, scores = [], []
         for i in range(num_tasks):
-            loss, out = self.task_loss(batch, i)
-            (loss / num_tasks).backward()
+            objective, loss, out = self.task_loss(batch, i)
+            (objective / num_tasks).backward()
             losses.append(loss.detach())
             scores.append(self.score(out.detach(), batch.query_y[i]))
         return {"loss": torch.stack(losses).mean(), "score": torch.stack(scores).mean()}
@@ -398,16 +514,16 @@ class BilevelLearner(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         if self.strategy == "vmap":
             with self.autocast():
-                losses, scores = self._vmap_losses(batch)
-            grads = [torch.autograd.grad(losses.sum() / total, params, allow_unused=True)]
+                objectives, losses, scores = self._vmap_losses(batch)
+            grads = [torch.autograd.grad(objectives.sum() / total, params, allow_unused=True)]
         else:
             grads, losses, scores = [], [], []
             for i in range(batch.num_tasks):
                 with torch.random.fork_rng(devices=[]) if seeds is not None else nullcontext():
                     if seeds is not None:
                         torch.manual_seed(seeds[i])
-                    loss, out = self.task_loss(batch, i)
-                grads.append(torch.autograd.grad(loss / total, params, allow_unused=True))
+                    objective, loss, out = self.task_loss(batch, i)
+                grads.append(torch.autograd.grad(objective / total, params, allow_unused=True))
                 losses.append(loss.detach())
                 scores.append(self.score(out.detach(), batch.query_y[i]))
             losses, scores = torch.stack(losses), torch.stack(scores)
@@ -420,14 +536,21 @@ class BilevelLearner(nn.Module):
         )
         return rows, used, {"loss": losses.detach(), "score": scores.detach()}
 
-    def _vmap_losses(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
-        """Every task's query loss and score in one ``vmap`` over the tasks."""
+    def _vmap_losses(self, batch: TaskBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Every task's meta-objective, final query loss and score in one ``vmap`` over the tasks."""
         meta_params = self.initial_params()
+        weights = self.step_weights()
 
-        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-            params = self._adapt_functional(meta_params, sx, sy)
-            out = self.forward_with(params, qx, sample=False)
-            return self.loss(out, qy), self.score(out, qy)
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            objective: Tensor | float = 0.0
+            for step, params in enumerate(self._functional_adaptation(meta_params, sx, sy)):
+                if weights is None and step < self.inner_steps - 1:
+                    continue
+                with inner_step(step):
+                    out = self.forward_with(params, qx, sample=False)
+                loss = self.loss(out, qy)
+                objective = objective + (loss if weights is None else weights[step] * loss)
+            return objective, loss, self.score(out, qy)
 
         return torch.func.vmap(one_task, randomness="different")(
             batch.support_x, batch.support_y, batch.query_x, batch.query_y
@@ -441,8 +564,8 @@ class BilevelLearner(nn.Module):
 
         def run(which: range) -> None:
             with self.autocast():
-                losses, scores = self._vmap_losses(batch.tasks(which))
-            (losses.sum() / n).backward()
+                objectives, losses, scores = self._vmap_losses(batch.tasks(which))
+            (objectives.sum() / n).backward()
             parts.append((losses.detach(), scores.detach()))
 
         start, chunk = 0, self.task_chunk or n
@@ -472,20 +595,12 @@ class BilevelLearner(nn.Module):
             )
         return found
 
-    def task_loss(self, batch: TaskBatch, i: int) -> tuple[Tensor, Tensor]:
-        """Task ``i``'s query loss after the inner loop, with its graph, and the query outputs
-        (in bf16 autocast when ``precision`` says so)."""
-        with self.autocast():
-            params = self.adapt(self.initial_params(), batch.support_x[i], batch.support_y[i])
-            out = self.query_forward(params, batch.query_x[i])
-            return self.loss(out, batch.query_y[i]), out
-
     def autocast(self):
         """The context of the meta-training passes (:mod:`metareg.meta.precision`)."""
         return autocast(self.precision, next(self.model.parameters()).device.type)
 
     def meta_loss(self, batch: TaskBatch) -> Tensor:
-        """The mean query loss over the batch, with its graph (for tests and custom loops)."""
+        """The mean meta-objective over the batch, with its graph (for tests and custom loops)."""
         return torch.stack([self.task_loss(batch, i)[0] for i in range(batch.num_tasks)]).mean()
 
     # ------------------------------------------------------------------------------ evaluation
@@ -518,13 +633,17 @@ class BilevelLearner(nn.Module):
         (a task's noise then does not depend on the tasks before it)."""
         start = self.detached_params()
         outputs = []
+        last = (self.eval_inner_steps if steps is None else steps) - 1
         for i in range(batch.num_tasks):
             if seeds is not None:
                 torch.manual_seed(seeds[i])
             params = self.adapt_for_test(start, batch.support_x[i], batch.support_y[i], steps=steps, samples=samples)
-            query_x = batch.query_x[i] if attack is None else attack(self, params, batch.query_x[i], batch.query_y[i])
+            with inner_step(last):
+                query_x = (
+                    batch.query_x[i] if attack is None else attack(self, params, batch.query_x[i], batch.query_y[i])
+                )
             with torch.no_grad():
-                outputs.append(self.query_forward(params, query_x))
+                outputs.append(self.query_forward(params, query_x, step=last))
         return torch.stack(outputs)
 
     def evaluate(
@@ -536,7 +655,10 @@ class BilevelLearner(nn.Module):
 
     def extra_repr(self) -> str:
         order = "first" if self.first_order else "second"
-        return f"task={self.task}, inner_steps={self.inner_steps}, {order}-order, strategy={self.strategy}"
+        extra = (f", multi_step_epochs={self.multi_step_epochs}" if self.multi_step_epochs else "") + (
+            f", first_order_epochs={self.first_order_epochs}" if self.first_order_epochs else ""
+        )
+        return f"task={self.task}, inner_steps={self.inner_steps}, {order}-order, strategy={self.strategy}" + extra
 
 
 def _accuracy(out: Tensor, y: Tensor) -> Tensor:

@@ -83,6 +83,9 @@ class JointTrainer(CheckpointedTrainer):
         # One all-reduce per step: phi's gradient (each task's loss is already divided by T) and
         # the metrics summed over tasks.
         params = self.learner.phi_parameters()
+        for p in params:  # a part of phi an ablation switches off (MetaPerturb without s or z) gets none
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         sums = torch.stack([train["loss"].sum(), train["accuracy"].sum(), test["loss"].sum(), test["accuracy"].sum()])
         flat = self.world.all_reduce_sum(torch.cat([p.grad.flatten() for p in params] + [sums.to(params[0].dtype)]))
         offset = 0

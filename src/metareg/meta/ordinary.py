@@ -17,12 +17,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checkpoint import state_to_tensors, tensors_to_state
 from ..config import OptimConfig
 from ..data.augment import normalize, to_channels, training_batch
 from ..data.labeled import LabeledImages
 from ..errors import CheckpointError, ConfigError
+from ..nets.layers import BatchNorm
 from ..nets.modes import eval_mode, perturbation_strength, set_training_progress
 from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
 from ..perturb import MetaPerturb
@@ -64,26 +66,30 @@ def predict(
     return torch.cat(out)
 
 
-def load_convolutions(model: nn.Module, source: dict[str, Tensor], prefix: str = "") -> int:
+def load_convolutions(model: nn.Module, source: dict[str, Tensor], prefix: str = "", *, norms: bool = False) -> int:
     """Fine-tuning's start: copy every convolution's weights (and bias) from a source network's
     state (keys ``prefix + name``); batch norm, the classifier and the perturbations keep their
-    fresh initialization. Returns the number of tensors copied."""
+    fresh initialization. ``norms=True``: the batch norms' weights and biases are copied too (a
+    per-step batch norm gets the source's in every step's row); their running statistics are not.
+    Returns the number of tensors copied."""
     perturbation = set(perturbation_parameter_names(model))
     copied = 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Conv2d):
+        if not isinstance(module, (nn.Conv2d, *((BatchNorm, _BatchNorm) if norms else ()))):
             continue
         for pname, param in module.named_parameters(recurse=False):
             key = f"{prefix}{name}.{pname}"
             if key.removeprefix(prefix) in perturbation:
                 continue
-            if key not in source or source[key].shape != param.shape:
+            found = source.get(key)
+            shapes = (param.shape, param.shape[-1:]) if isinstance(module, BatchNorm) else (param.shape,)
+            if found is None or found.shape not in shapes:
                 raise CheckpointError(
                     f"the source network has no {key} of shape {tuple(param.shape)}: fine-tuning needs the same "
                     f"backbone"
                 )
             with torch.no_grad():
-                param.copy_(source[key])
+                param.copy_(found.expand_as(param))
             copied += 1
     if not copied:
         raise ConfigError("the network has no convolutions to fine-tune")

@@ -11,7 +11,7 @@ round-off of one thread against several inside a kernel).
 The helpers are forked once, at the first meta-batch, after the meta-parameters were moved to
 shared memory: the optimizer's in-place steps (and a resume's ``load_state_dict``) reach them
 without copies. Each meta-batch sends a helper its tasks (tensors through shared memory), the
-module's mode and training progress, and one seed per task.
+module's mode, training progress and epoch, and one seed per task.
 
 Random numbers: a forked helper has its own copy of torch's generator, so each task's noise comes
 from its own seed, drawn from the main process's generator (which the checkpoint keeps): a run is
@@ -69,10 +69,11 @@ def _serve(learner: nn.Module, conn: multiprocessing.connection.Connection) -> N
             return
         if request is None:
             return
-        batch, seeds, total, training, progress = request
+        batch, seeds, total, training, progress, epoch = request
         try:
             learner.train(training)
             set_training_progress(learner, progress)
+            learner.set_epoch(epoch)
             rows, used, metrics = learner.task_gradients(batch, total, seeds=seeds)
             conn.send(("ok", rows, used, metrics))
         except Exception as err:  # reported to the main process, which raises it
@@ -103,6 +104,7 @@ class TaskPool:
         self.processes: list = []
         self.connections: list = []
         self.progress = 1.0
+        self.epoch = 0  # MAML++'s schedules follow the epoch
 
     def start(self) -> None:
         if self.processes:
@@ -129,7 +131,14 @@ class TaskPool:
         self.start()
         parts = shares(batch.num_tasks, self.workers)
         for process, conn, share in zip(self.processes, self.connections, parts[1:]):
-            request = (batch.tasks(share), seeds[share.start : share.stop], total, self.learner.training, self.progress)
+            request = (
+                batch.tasks(share),
+                seeds[share.start : share.stop],
+                total,
+                self.learner.training,
+                self.progress,
+                self.epoch,
+            )
             try:
                 conn.send(request)
             except OSError:  # the helper is gone (a broken pipe)

@@ -12,6 +12,11 @@ meta-parameters, and any number of processes gives one process's numbers (with t
 and deterministic methods bit for bit; stochastic perturbations draw their noise per process).
 Only the first process writes the log and the checkpoints; a run resumes with any number of
 processes.
+
+MAML++'s epochs (:mod:`metareg.meta.schedule`): iteration i belongs to epoch ``i // train.epoch_steps``;
+the learner is told its epoch before every iteration (multi-step loss, derivative-order annealing)
+and ``train.lr_schedule: cosine`` sets the meta learning rate of the epoch. Both are functions of
+the iteration, so a resumed run follows them exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .bilevel import BilevelLearner
 from .graphs import CapturedStep, capture_or_none
 from .logging import COLUMNS
 from .loop import CheckpointedTrainer, RunContext, optimizer_tensors
+from .schedule import cosine_learning_rate, epoch_of, epochs_in
 
 
 class MetaTrainer(CheckpointedTrainer):
@@ -63,11 +69,14 @@ class MetaTrainer(CheckpointedTrainer):
         self.validate = validate
         # capturable: Adam's step counts stay on the device (no host sync per step; CUDA-graph safe)
         self.optimizer = torch.optim.Adam(learner.parameters(), lr=train.lr, capturable=device.type == "cuda")
+        self.epoch_steps, self.lr_schedule = train.epoch_steps, train.lr_schedule
+        self.lr, self.min_lr = train.lr, train.min_lr
         self.cuda_graph = (
             train.cuda_graph
             and device.type == "cuda"
             and hasattr(self.source, "draw")
             and not scheduled(learner)
+            and train.lr_schedule == "constant"  # a captured Adam step keeps its learning rate
             and not self.world.distributed
         )
         self.graph: CapturedStep | None = None
@@ -138,6 +147,12 @@ class MetaTrainer(CheckpointedTrainer):
         """Meta-iteration ``step`` (0-based): sample tasks, meta-backward, clip, Adam step (replayed
         as a captured CUDA graph where that is possible)."""
         self.learner.set_training_progress(step / max(self.iterations, 1))
+        epoch = epoch_of(step, self.epoch_steps)
+        self.learner.set_epoch(epoch)
+        if self.lr_schedule == "cosine":
+            rate = cosine_learning_rate(self.lr, self.min_lr, epoch, epochs_in(self.iterations, self.epoch_steps))
+            for group in self.optimizer.param_groups:
+                group["lr"] = rate
         if not self.cuda_graph:
             # every process draws the whole meta-batch (the generator stays in step) and adapts its share
             return self.update(

@@ -3,14 +3,14 @@ Conv6, VGG9), with a feature-perturbation slot in every block."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import BatchNorm, Transform, truncated_normal_
+from .layers import Transform, episodic_norm, truncated_normal_
 from .registry import register_backbone
 from .slots import LayerInfo, PerturbationFactory, identity_factory
 
@@ -21,8 +21,10 @@ class ConvBlock(nn.Module):
 
     ``strided=True`` replaces the max-pool by a stride-2 convolution (MAML's Omniglot variant);
     ``pool=False`` keeps the resolution (VGG's blocks between poolings). ``running_stats=False``:
-    batch statistics at train and test time (episodic training, :class:`BatchNorm`);
-    ``True``: ordinary batch norm with running statistics for ordinary training.
+    batch statistics at train and test time (episodic training, :class:`~metareg.nets.layers.BatchNorm`,
+    built by ``norm``: see :func:`~metareg.nets.layers.episodic_norm`); ``True``: ordinary batch norm
+    with running statistics for ordinary training. ``activation``: ``relu`` or ``leaky_relu``
+    (slope 0.01, the MAML++ network's).
     """
 
     def __init__(
@@ -35,15 +37,19 @@ class ConvBlock(nn.Module):
         norm_scale: bool = True,
         pool: bool = True,
         running_stats: bool = False,
+        norm: Callable[[int], nn.Module] | None = None,
+        activation: Literal["relu", "leaky_relu"] = "relu",
     ):
         super().__init__()
         self.strided = strided
         self.pool = pool and not strided
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2 if strided else 1, padding=1)
         self.transform = Transform(out_channels, conv=True) if transform else None
-        self.norm = nn.BatchNorm2d(out_channels) if running_stats else BatchNorm(out_channels, scale=norm_scale)
+        make_norm = norm or episodic_norm(scale=norm_scale)
+        self.norm = nn.BatchNorm2d(out_channels) if running_stats else make_norm(out_channels)
         self.perturb = perturb
         self.perturb_before_norm = getattr(perturb, "position", "norm") == "linear"
+        self.activation = F.leaky_relu if activation == "leaky_relu" else F.relu
 
     def forward(self, x: Tensor, *, sample: bool = False, memory_format: torch.memory_format | None = None) -> Tensor:
         y = self.conv(x)
@@ -55,9 +61,9 @@ class ConvBlock(nn.Module):
             pre = self.norm(self.perturb(y, x, sample=sample))
         else:
             pre = self.perturb(self.norm(y), x, sample=sample)
-        # max-pool before ReLU: ReLU is monotone, so max(relu(a), relu(b)) = relu(max(a, b)) and
-        # the gradients agree too; the ReLU then runs on a 4x smaller tensor.
-        return F.relu(F.max_pool2d(pre, 2) if self.pool else pre)
+        # max-pool before ReLU: ReLU (and leaky ReLU) is monotone, so max(relu(a), relu(b)) =
+        # relu(max(a, b)) and the gradients agree too; the ReLU then runs on a 4x smaller tensor.
+        return self.activation(F.max_pool2d(pre, 2) if self.pool else pre)
 
 
 class ConvNet(nn.Module):
@@ -73,9 +79,14 @@ class ConvNet(nn.Module):
     meta-learned 1x1 convolution T after every conv W (and an n x n T after the classifier),
     initialized to the identity. ``init="truncated_normal"``: the Meta-Dropout reference's init
     (conv weights truncated normal std 0.02, classifier weights normal std 0.02, zero biases);
-    ``"kaiming"``: He normal (fan-out) conv weights, the MetaPerturb reference's; ``"default"``:
+    ``"kaiming"``: He normal (fan-out) conv weights, the MetaPerturb reference's; ``"xavier"``:
+    Glorot uniform conv and classifier weights, zero biases (the MAML++ reference's); ``"default"``:
     PyTorch's. ``norm_scale=False``: batch norm with a shift only (the Meta-Dropout reference).
     ``running_stats=True``: batch norm with running statistics (ordinary, non-episodic training).
+    MAML++'s per-step batch norm (episodic only): ``per_step_weights`` (BNWB), ``per_step_stats``
+    (BNRS) and ``stats_at_test`` with ``norm_steps`` rows, one per inner step (a run's config fills
+    ``norm_steps`` from ``inner.steps``); see :class:`~metareg.nets.layers.BatchNorm`.
+    ``activation``: ``relu`` or ``leaky_relu`` (MAML++'s).
     ``perturbation_points`` names the blocks' perturbation slots, where
     :func:`metareg.perturb.attach_metaperturb` hooks in (after batch norm, before pooling and ReLU).
     """
@@ -90,14 +101,30 @@ class ConvNet(nn.Module):
         strided: bool = False,
         perturbation: PerturbationFactory = identity_factory,
         transform: bool = False,
-        init: Literal["default", "truncated_normal", "kaiming"] = "default",
+        init: Literal["default", "truncated_normal", "kaiming", "xavier"] = "default",
         norm_scale: bool = True,
         pool: Sequence[bool] | None = None,
         running_stats: bool = False,
+        norm_steps: int = 1,
+        per_step_weights: bool = False,
+        per_step_stats: bool = False,
+        stats_at_test: bool = False,
+        activation: Literal["relu", "leaky_relu"] = "relu",
     ):
         super().__init__()
-        if init not in ("default", "truncated_normal", "kaiming"):
-            raise ValueError(f"init must be default, truncated_normal or kaiming, got {init!r}")
+        if init not in ("default", "truncated_normal", "kaiming", "xavier"):
+            raise ValueError(f"init must be default, truncated_normal, kaiming or xavier, got {init!r}")
+        if activation not in ("relu", "leaky_relu"):
+            raise ValueError(f"activation must be relu or leaky_relu, got {activation!r}")
+        if running_stats and (per_step_weights or per_step_stats):
+            raise ValueError("per-step batch norm is for episodic networks (running_stats=False)")
+        norm = episodic_norm(
+            scale=norm_scale,
+            norm_steps=norm_steps,
+            per_step_weights=per_step_weights,
+            per_step_stats=per_step_stats,
+            stats_at_test=stats_at_test,
+        )
         widths = [channels] * depth if isinstance(channels, int) else [int(c) for c in channels]
         pools = [True] * len(widths) if pool is None else [bool(p) for p in pool]
         if len(pools) != len(widths) or not widths:
@@ -118,6 +145,10 @@ class ConvNet(nn.Module):
                 network_width=max(widths),
                 input_size=image_size,
                 running_stats=running_stats,
+                layers=len(widths),
+                # the feature map is next reduced: this block's max-pool, the next block's strided
+                # convolution (the last block of a strided net is only flattened)
+                before_pooling=pooled if not strided else i < len(widths) - 1,
             )
             blocks.append(
                 ConvBlock(
@@ -129,6 +160,8 @@ class ConvNet(nn.Module):
                     norm_scale=norm_scale,
                     pool=pooled,
                     running_stats=running_stats,
+                    norm=norm,
+                    activation=activation,
                 )
             )
             size = (size + 1) // 2 if strided else (size // 2 if pooled else size)
@@ -161,6 +194,10 @@ class ConvNet(nn.Module):
                 nn.init.zeros_(block.conv.bias)
             nn.init.normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+        if init == "xavier":
+            for layer in [*(block.conv for block in self.blocks), self.head]:
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def layer_groups(self) -> dict[str, list[str]]:
         """Named parameter groups (:mod:`metareg.selection`): the first and last conv blocks, the classifier."""

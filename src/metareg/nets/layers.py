@@ -1,5 +1,6 @@
-"""Layers shared by the backbones, written for functional (``torch.func.functional_call``) use, and
-the stacking of independent copies of a batch (batched Monte-Carlo samples)."""
+"""Layers shared by the backbones, written for functional (``torch.func.functional_call``) use, the
+stacking of independent copies of a batch (batched Monte-Carlo samples), and the inner step a pass
+belongs to (MAML++'s per-step batch norm)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _COPIES: ContextVar[int] = ContextVar("metareg_stacked_copies", default=1)
+_STEP: ContextVar[int | None] = ContextVar("metareg_inner_step", default=None)
+
+
+@contextmanager
+def inner_step(step: int | None) -> Iterator[None]:
+    """Inside the block the forward passes belong to inner step ``step`` (0-based): the support pass
+    that step ``step`` differentiates and the query pass after it (MAML++'s indexing). Layers with
+    per-step parameters or statistics (:class:`BatchNorm` with ``steps > 1``) use their row ``step``
+    (the last row for steps beyond it); other layers ignore it. ``None``: no step (the default, which
+    per-step layers read as their last step: the query pass after a full adaptation)."""
+    token = _STEP.set(step)
+    try:
+        yield
+    finally:
+        _STEP.reset(token)
+
+
+def current_step() -> int | None:
+    """The inner step of the current pass (:func:`inner_step`), or None outside one."""
+    return _STEP.get()
 
 
 @contextmanager
@@ -43,42 +64,145 @@ class BatchNorm(nn.Module):
     :func:`stacked_copies` each copy is normalized by its own statistics: the copies are moved from
     the batch to the channel dimension (``[S*N, C, ...] -> [N, S*C, ...]``), so one native batch norm
     with the affine parameters repeated S times computes exactly the S separate normalizations.
+
+    MAML++ (Antoniou et al. 2019), indexed by the pass's inner step (:func:`inner_step`; row
+    ``min(step, steps - 1)``, the last row outside an inner step):
+
+    * ``per_step_weights`` (BNWB): a weight and a bias per inner step, ``[steps, C]``;
+    * ``per_step_stats`` (BNRS): running mean and (unbiased) variance per inner step, ``[steps, C]``
+      buffers, updated with ``momentum`` from the batch statistics of training-mode passes only (the
+      released code also updates them on evaluation passes and then restores a backup: the same
+      result). As in the released code (``F.batch_norm(..., training=True)`` always), the
+      normalization itself keeps using the batch's statistics: the running statistics are collected,
+      not used. ``stats_at_test=True`` uses step k's running statistics to normalize in eval mode
+      (meta-test, validation), which is what the paper describes the statistics for; it is off by
+      default, since the released code (and its reported numbers) never does.
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5, explicit: bool = False, scale: bool = True):
+    def __init__(
+        self,
+        channels: int,
+        eps: float = 1e-5,
+        explicit: bool = False,
+        scale: bool = True,
+        *,
+        steps: int = 1,
+        per_step_weights: bool = False,
+        per_step_stats: bool = False,
+        stats_at_test: bool = False,
+        momentum: float = 0.1,
+    ):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels)) if scale else None
-        self.bias = nn.Parameter(torch.zeros(channels))
+        if steps < 1:
+            raise ValueError(f"per-step batch norm needs steps >= 1, got {steps}")
+        if stats_at_test and not per_step_stats:
+            raise ValueError("stats_at_test needs per_step_stats (there are no running statistics to use)")
+        shape = (steps, channels) if per_step_weights else (channels,)
+        self.weight = nn.Parameter(torch.ones(shape)) if scale else None
+        self.bias = nn.Parameter(torch.zeros(shape))
         self.eps = eps
         self.explicit = explicit
+        self.steps = steps
+        self.per_step_weights = per_step_weights
+        self.per_step_stats = per_step_stats
+        self.stats_at_test = stats_at_test
+        self.momentum = momentum
+        if per_step_stats:
+            self.register_buffer("running_mean", torch.zeros(steps, channels))
+            self.register_buffer("running_var", torch.ones(steps, channels))
+
+    def step_index(self) -> int:
+        """The row of the per-step weights and statistics this pass uses."""
+        step = current_step()
+        return self.steps - 1 if step is None else min(step, self.steps - 1)
+
+    def affine(self, k: int) -> tuple[Tensor | None, Tensor]:
+        """(weight, bias) of step ``k`` (the shared ones without BNWB)."""
+        if not self.per_step_weights:
+            return self.weight, self.bias
+        return (None if self.weight is None else self.weight[k]), self.bias[k]
 
     def forward(self, x: Tensor) -> Tensor:
+        k = self.step_index()
+        weight, bias = self.affine(k)
+        if self.per_step_stats and self.stats_at_test and not self.training:
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            x = (x - self.running_mean[k].view(shape)) * torch.rsqrt(self.running_var[k].view(shape) + self.eps)
+            return (x if weight is None else x * weight.view(shape)) + bias.view(shape)
         count = copies()
+        if self.per_step_stats and self.training:
+            self._collect(x, k, count)
         if count > 1:
-            return self._per_copy(x, count)
+            return self._per_copy(x, count, weight, bias)
         if not self.explicit:
-            return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+            return F.batch_norm(x, None, None, weight, bias, training=True, eps=self.eps)
         dims = [0, *list(range(2, x.dim()))]
         mean = x.mean(dims, keepdim=True)
         var = x.var(dims, unbiased=False, keepdim=True)
         shape = [1, -1] + [1] * (x.dim() - 2)
         x = (x - mean) * torch.rsqrt(var + self.eps)
-        return (x if self.weight is None else x * self.weight.view(shape)) + self.bias.view(shape)
+        return (x if weight is None else x * weight.view(shape)) + bias.view(shape)
 
-    def _per_copy(self, x: Tensor, count: int) -> Tensor:
+    @torch.no_grad()
+    def _collect(self, x: Tensor, k: int, count: int) -> None:
+        """BNRS: move step ``k``'s running statistics toward this batch's (for S stacked copies, the
+        average of the copies' statistics, one update: S sequential passes would make S updates)."""
+        folded = x.detach().reshape(count, x.shape[0] // count, *x.shape[1:]).transpose(1, 2)
+        folded = folded.reshape(count, x.shape[1], -1)  # [S, C, N*H*W]
+        mean, var = folded.mean(-1).mean(0), folded.var(-1, unbiased=True).mean(0)
+        self.running_mean[k].mul_(1 - self.momentum).add_(self.momentum * mean)
+        self.running_var[k].mul_(1 - self.momentum).add_(self.momentum * var)
+
+    def _per_copy(self, x: Tensor, count: int, weight: Tensor | None, bias: Tensor) -> Tensor:
         n, c = x.shape[0] // count, x.shape[1]
         rest = x.shape[2:]
         folded = x.reshape(count, n, c, *rest).transpose(0, 1).reshape(n, count * c, *rest)
-        weight = None if self.weight is None else self.weight.repeat(count)
+        weight = None if weight is None else weight.repeat(count)
         if self.explicit:
             dims = [0, *list(range(2, folded.dim()))]
             mean, var = folded.mean(dims, keepdim=True), folded.var(dims, unbiased=False, keepdim=True)
             shape = [1, -1] + [1] * (folded.dim() - 2)
             out = (folded - mean) * torch.rsqrt(var + self.eps)
-            out = (out if weight is None else out * weight.view(shape)) + self.bias.repeat(count).view(shape)
+            out = (out if weight is None else out * weight.view(shape)) + bias.repeat(count).view(shape)
         else:
-            out = F.batch_norm(folded, None, None, weight, self.bias.repeat(count), training=True, eps=self.eps)
+            out = F.batch_norm(folded, None, None, weight, bias.repeat(count), training=True, eps=self.eps)
         return out.reshape(n, count, c, *rest).transpose(0, 1).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        per_step = [name for name in ("per_step_weights", "per_step_stats", "stats_at_test") if getattr(self, name)]
+        return f"{self.bias.shape[-1]}, scale={self.weight is not None}" + (
+            f", steps={self.steps}, " + ", ".join(per_step) if per_step else ""
+        )
+
+
+def tracks_running_statistics(model: nn.Module) -> bool:
+    """Whether a layer of ``model`` updates running statistics in its training passes (MAML++'s
+    per-step statistics): such in-place updates cannot run under ``vmap``."""
+    return any(isinstance(m, BatchNorm) and m.per_step_stats for m in model.modules())
+
+
+def episodic_norm(
+    *,
+    scale: bool = True,
+    norm_steps: int = 1,
+    per_step_weights: bool = False,
+    per_step_stats: bool = False,
+    stats_at_test: bool = False,
+):
+    """The episodic batch norm a backbone builds for each of its norm layers: ``make(channels)``.
+    ``norm_steps`` rows for MAML++'s per-step weights (BNWB) and statistics (BNRS), see :class:`BatchNorm`."""
+
+    def make(channels: int) -> BatchNorm:
+        return BatchNorm(
+            channels,
+            scale=scale,
+            steps=norm_steps,
+            per_step_weights=per_step_weights,
+            per_step_stats=per_step_stats,
+            stats_at_test=stats_at_test,
+        )
+
+    return make
 
 
 def use_vmap_safe_layers(model: nn.Module) -> None:

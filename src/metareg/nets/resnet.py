@@ -5,7 +5,13 @@
   parameter-free shortcuts (option A: subsample and zero-pad channels). ResNet20/32/44/56 are
   n = 3/5/7/9.
 * :class:`ResNet` with ``stem="imagenet"``: ResNet18 (7x7 stride-2 stem and a max-pool, four stages
-  of two blocks with 64 to 512 channels, 1x1-convolution shortcuts).
+  of two blocks with 64 to 512 channels, 1x1-convolution shortcuts). This is also the few-shot
+  ResNet-18 of Chen et al.'s CloserLookFewShot, which DropGrad's released code uses: the same layers,
+  He-normal (fan-out) convolutions, batch norm at 1 and 0, global average pooling (their
+  ``AvgPool2d(7)`` at 224x224). Registered as ``resnet18`` in its episodic form (batch norm on batch
+  statistics at train and test time, the CloserLookFewShot MAML's, and a zero classifier bias, as
+  its MAML sets); ``standard=True`` gives the ordinarily trained form (running statistics).
+  Difference: CloserLookFewShot's MAML classifier keeps PyTorch's default weight init, ours too.
 * :class:`WideResNet`: Zagoruyko & Komodakis (2016) WRN-d-k with pre-activation blocks; WRN-28-2
   has 4 blocks per stage and 32, 64, 128 channels.
 
@@ -26,8 +32,11 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import episodic_norm
 from .registry import register_backbone
 from .slots import LayerInfo, PerturbationFactory, identity_factory
+
+Norm = Callable[[int], nn.Module]
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -47,22 +56,30 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
 
 
-def _shortcut(cin: int, cout: int, stride: int, kind: Literal["pad", "conv"]) -> nn.Module:
+def _shortcut(cin: int, cout: int, stride: int, kind: Literal["pad", "conv"], norm: Norm = nn.BatchNorm2d) -> nn.Module:
     if stride == 1 and cin == cout:
         return nn.Identity()
     if kind == "pad":
         return PadShortcut(cin, cout, stride)
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), norm(cout))
 
 
 class BasicBlock(nn.Module):
-    """relu(perturb(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)))."""
+    """relu(perturb(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))); ``norm`` builds its batch norms."""
 
-    def __init__(self, cin: int, cout: int, stride: int, shortcut: Literal["pad", "conv"], perturb: nn.Module):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        shortcut: Literal["pad", "conv"],
+        perturb: nn.Module,
+        norm: Norm = nn.BatchNorm2d,
+    ):
         super().__init__()
-        self.conv1, self.bn1 = _conv3x3(cin, cout, stride), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = _conv3x3(cout, cout), nn.BatchNorm2d(cout)
-        self.shortcut = _shortcut(cin, cout, stride, shortcut)
+        self.conv1, self.bn1 = _conv3x3(cin, cout, stride), norm(cout)
+        self.conv2, self.bn2 = _conv3x3(cout, cout), norm(cout)
+        self.shortcut = _shortcut(cin, cout, stride, shortcut, norm)
         self.perturb = perturb
 
     def forward(self, x: Tensor, *, sample: bool = False) -> Tensor:
@@ -108,10 +125,14 @@ def _stages(
     size: int,
     image_size: int,
     perturbation: PerturbationFactory,
+    running_stats: bool = True,
 ) -> tuple[list[nn.Module], int, int]:
     """The residual stages: ``counts[s]`` blocks of ``widths[s]`` channels, the first of every stage
-    after the first with stride 2, each with its perturbation slot. Returns (blocks, channels, size)."""
+    after the first with stride 2, each with its perturbation slot. Returns (blocks, channels, size).
+    A slot is ``before_pooling`` when the next block halves the resolution or the global average
+    pooling follows (the last block of every stage)."""
     layers = []
+    total = sum(counts)
     for stage, (count, width) in enumerate(zip(counts, widths)):
         for i in range(count):
             stride = 2 if stage > 0 and i == 0 else 1
@@ -127,7 +148,9 @@ def _stages(
                 size=size,
                 network_width=max(widths),
                 input_size=image_size,
-                running_stats=True,
+                running_stats=running_stats,
+                layers=total,
+                before_pooling=i == count - 1,
             )
             layers.append(block(cin, width, stride, perturbation(info)))
             cin = width
@@ -145,9 +168,13 @@ class _ResidualNet(nn.Module):
         perturbation: PerturbationFactory,
         width: int,
         image_size: int,
+        counts: Sequence[int],
+        running_stats: bool = True,
     ) -> None:
-        """The blocks, the classifier with its output slot, the slot names and the initialization."""
+        """The blocks, the classifier with its output slot, the slot names and the initialization;
+        ``counts``: the blocks per stage (for the ``stage<k>`` groups)."""
         self.blocks = nn.ModuleList(layers)
+        self.stage_counts = tuple(counts)
         self.head = nn.Linear(features, num_classes)
         self.head_perturb = perturbation(
             LayerInfo(
@@ -158,17 +185,24 @@ class _ResidualNet(nn.Module):
                 output=True,
                 network_width=width,
                 input_size=image_size,
-                running_stats=True,
+                running_stats=running_stats,
             )
         )
         self.perturbation_points = [f"blocks.{i}.perturb" for i in range(len(layers))]
         _init(self)
 
     def layer_groups(self) -> dict[str, list[str]]:
-        """Named parameter groups (:mod:`metareg.selection`): the stem and first block, the last block, the "
-        "classifier."""
+        """Named parameter groups (:mod:`metareg.selection`): the stem and first block, the last block,
+        the classifier, the ``stem`` alone and each stage (``stage1``, ...: DropGrad's Table 2 calls
+        ResNet-18's stem "Conv" and its four stages "Block1" to "Block4")."""
         last = len(self.blocks) - 1
-        return {"first-block": ["stem.*", "blocks.0.*"], "last-block": [f"blocks.{last}.*"], "head": ["head.*"]}
+        groups = {"first-block": ["stem.*", "blocks.0.*"], "last-block": [f"blocks.{last}.*"], "head": ["head.*"]}
+        groups["stem"] = ["stem.*"]
+        first = 0
+        for stage, count in enumerate(self.stage_counts, 1):
+            groups[f"stage{stage}"] = [f"blocks.{i}.*" for i in range(first, first + count)]
+            first += count
+        return groups
 
     def pool(self, x: Tensor) -> Tensor:
         return x.mean((-2, -1))
@@ -182,7 +216,13 @@ class _ResidualNet(nn.Module):
 
 
 class ResNet(_ResidualNet):
-    """A ResNet of :class:`BasicBlock` stages: ``blocks`` per stage and ``widths`` per stage."""
+    """A ResNet of :class:`BasicBlock` stages: ``blocks`` per stage and ``widths`` per stage.
+
+    ``running_stats=False``: the episodic form (MAML-style meta-learning): every batch norm is
+    :class:`~metareg.nets.layers.BatchNorm` (batch statistics at train and test time, optionally
+    MAML++'s per-step weights and statistics: ``norm_steps``, ``per_step_weights``,
+    ``per_step_stats``, ``stats_at_test``), and the classifier bias starts at 0.
+    """
 
     def __init__(
         self,
@@ -195,36 +235,56 @@ class ResNet(_ResidualNet):
         stem: Literal["cifar", "imagenet"] = "cifar",
         shortcut: Literal["pad", "conv"] = "pad",
         perturbation: PerturbationFactory = identity_factory,
+        running_stats: bool = True,
+        norm_steps: int = 1,
+        per_step_weights: bool = False,
+        per_step_stats: bool = False,
+        stats_at_test: bool = False,
     ):
         super().__init__()
         if len(blocks) != len(widths) or not blocks:
             raise ValueError(f"give one block count per stage width, got {list(blocks)} and {list(widths)}")
         if stem not in ("cifar", "imagenet") or shortcut not in ("pad", "conv"):
             raise ValueError(f"stem must be cifar or imagenet and shortcut pad or conv, got {stem!r}, {shortcut!r}")
+        if running_stats and (per_step_weights or per_step_stats):
+            raise ValueError("per-step batch norm is for the episodic form (running_stats=False)")
+        norm: Norm = (
+            nn.BatchNorm2d
+            if running_stats
+            else episodic_norm(
+                norm_steps=norm_steps,
+                per_step_weights=per_step_weights,
+                per_step_stats=per_step_stats,
+                stats_at_test=stats_at_test,
+            )
+        )
         first = widths[0]
         if stem == "cifar":
-            self.stem = nn.Sequential(_conv3x3(in_channels, first), nn.BatchNorm2d(first), nn.ReLU())
+            self.stem = nn.Sequential(_conv3x3(in_channels, first), norm(first), nn.ReLU())
             size = image_size
         else:
             self.stem = nn.Sequential(
                 nn.Conv2d(in_channels, first, 7, stride=2, padding=3, bias=False),
-                nn.BatchNorm2d(first),
+                norm(first),
                 nn.ReLU(),
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
             size = (image_size + 1) // 2 // 2
         layers, cin, size = _stages(
-            lambda cin, width, stride, perturb: BasicBlock(cin, width, stride, shortcut, perturb),
+            lambda cin, width, stride, perturb: BasicBlock(cin, width, stride, shortcut, perturb, norm),
             blocks,
             widths,
             first,
             size,
             image_size,
             perturbation,
+            running_stats,
         )
         if size < 1:
             raise ValueError(f"image_size {image_size} is too small for this ResNet")
-        self._finish(layers, cin, num_classes, perturbation, max(widths), image_size)
+        self._finish(layers, cin, num_classes, perturbation, max(widths), image_size, blocks, running_stats)
+        if not running_stats:
+            nn.init.zeros_(self.head.bias)
 
 
 class WideResNet(_ResidualNet):
@@ -251,7 +311,7 @@ class WideResNet(_ResidualNet):
         widths = (16 * widen, 32 * widen, 64 * widen)
         layers, cin, _ = _stages(WideBlock, (per_stage,) * 3, widths, 16, image_size, image_size, perturbation)
         self.norm = nn.BatchNorm2d(cin)
-        self._finish(layers, cin, num_classes, perturbation, max(widths), image_size)
+        self._finish(layers, cin, num_classes, perturbation, max(widths), image_size, (per_stage,) * 3)
 
     def pool(self, x: Tensor) -> Tensor:
         return F.relu(self.norm(x)).mean((-2, -1))
@@ -271,7 +331,11 @@ for _n in (3, 5, 7, 9):
     )
 register_backbone(
     "resnet18",
-    _resnet(ResNet, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet", shortcut="conv"),
-    description="ResNet-18, ImageNet stem",
+    _resnet(
+        ResNet, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem="imagenet", shortcut="conv", running_stats=False
+    ),
+    standard={"running_stats": True},
+    description="ResNet-18, ImageNet stem (CloserLookFewShot's few-shot backbone; episodic batch norm, "
+    "standard form: running statistics)",
 )
 register_backbone("wrn-28-2", _resnet(WideResNet, depth=28, widen=2), description="WRN-28-2")

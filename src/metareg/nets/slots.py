@@ -57,6 +57,8 @@ class LayerInfo:
     running_stats: bool = (
         False  # ordinary training (running statistics at test time) or episodic (batch statistics always)
     )
+    layers: int | None = None  # how many hidden perturbable layers the network has (index < layers)
+    before_pooling: bool = False  # the feature map is next reduced (a pooling or a stride-2 layer follows)
 
 
 class FeaturePerturbation(nn.Module):

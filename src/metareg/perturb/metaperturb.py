@@ -32,6 +32,14 @@ averaged); clipping bounds the perturbed features from above only. That is 2 * (
 Deliberate deviation: the running variance accumulates the same unbiased batch variance that the
 scale sees in training; the released code multiplies it by a further B / (B - 1).
 
+The ablations of the paper's Table 3 are options of the same function and slots, not copies:
+``scale=False`` (row "w/o channel-wise scaling s": s = 1), ``noise=False`` ("w/o stochastic noise
+z": z = 1), and :func:`metaperturb_slots`'s ``location`` (Table 3(b)): ``before-pooling`` (only the
+layers whose feature map is next reduced: a max-pool, a stride-2 layer or the global average pooling;
+in ResNet20 the last block of each stage), ``top`` / ``bottom`` (the last / first third of the blocks,
+rounded up: in ResNet20 its last / first stage; the paper does not say how many layers it used).
+The other slots are the identity. Neither released code nor paper gives these details: they are ours.
+
 One :class:`MetaPerturbFunction` (phi) serves many :class:`MetaPerturb` slots (one per perturbed
 layer, each with its own running statistics). A slot *refers* to phi without owning it, so phi's
 82 parameters appear once in whatever module owns it: the network (``create_model`` registers the
@@ -104,7 +112,7 @@ class MetaPerturbFunction(nn.Module):
 
     is_perturbation = True
 
-    def __init__(self, *, clip: float | None = 100.0, anneal: float = 0.0):
+    def __init__(self, *, clip: float | None = 100.0, anneal: float = 0.0, scale: bool = True, noise: bool = True):
         super().__init__()
         self.noise1 = EquivariantConv()
         self.noise2 = EquivariantConv()
@@ -115,6 +123,7 @@ class MetaPerturbFunction(nn.Module):
         self.strength = 1.0
         self.anneal = anneal
         self.clip = clip
+        self.use_scale, self.use_noise = scale, noise  # Table 3(a) ablations: s = 1, z = 1
 
     @property
     def scheduled(self) -> bool:
@@ -129,7 +138,10 @@ class MetaPerturbFunction(nn.Module):
         return self.noise2(F.relu(self.noise1(h)))
 
     def noise(self, h: Tensor, sample: bool) -> Tensor:
-        """z = Softplus(a), a ~ N(mu_phi(h), I) (Eq. 1); a = mu_phi(h) when not sampling."""
+        """z = Softplus(a), a ~ N(mu_phi(h), I) (Eq. 1); a = mu_phi(h) when not sampling; z = 1
+        without noise (the Table 3 ablation)."""
+        if not self.use_noise:
+            return torch.ones_like(h)
         a = self.noise_mean(h)
         return F.softplus(a + torch.randn_like(a) if sample else a)
 
@@ -145,7 +157,8 @@ class MetaPerturbFunction(nn.Module):
         return torch.sigmoid(self.scale_map(torch.cat([mean, var, layer], dim=1))).squeeze(1)
 
     def extra_repr(self) -> str:
-        return f"strength={self.strength}, anneal={self.anneal}, clip={self.clip}"
+        ablated = ("" if self.use_scale else ", s=1") + ("" if self.use_noise else ", z=1")
+        return f"strength={self.strength}, anneal={self.anneal}, clip={self.clip}{ablated}"
 
 
 class MetaPerturb(FeaturePerturbation):
@@ -214,7 +227,9 @@ class MetaPerturb(FeaturePerturbation):
 
     def scales(self, h: Tensor) -> Tensor:
         """s for the batch ``h`` (training) or from the running statistics (eval): [C], or [S, C] for
-        S stacked copies."""
+        S stacked copies; all ones without the scale (the Table 3 ablation)."""
+        if not self.function.use_scale:
+            return h.new_ones(h.shape[1])
         mean, var = self.statistics(h)
         if mean.dim() == 3:
             return torch.stack(
@@ -255,12 +270,32 @@ class MetaPerturb(FeaturePerturbation):
         return f"channels={self.channels}, channel_norm={self.channel_norm:g}, spatial_norm={self.spatial_norm:g}"
 
 
-def metaperturb_slots(function: MetaPerturbFunction) -> PerturbationFactory:
-    """A factory of :class:`MetaPerturb` slots sharing ``function``: one per hidden conv layer (the
-    output layer gets the identity); the factory's ``shared`` is the function."""
+LOCATIONS = ("all", "before-pooling", "top", "bottom")
+
+
+def perturbed_here(info: LayerInfo, location: str) -> bool:
+    """Whether a hidden layer gets a slot under ``location`` (Table 3(b)): every one (``all``), those
+    whose feature map is next reduced (``before-pooling``), the last or first third of the layers,
+    rounded up (``top``, ``bottom``)."""
+    if location == "all":
+        return True
+    if location == "before-pooling":
+        return info.before_pooling
+    if info.layers is None:
+        raise ConfigError(f"MetaPerturb location {location!r} needs a backbone that counts its layers (a built-in one)")
+    third = -(-info.layers // 3)
+    return info.index >= info.layers - third if location == "top" else info.index < third
+
+
+def metaperturb_slots(function: MetaPerturbFunction, location: str = "all") -> PerturbationFactory:
+    """A factory of :class:`MetaPerturb` slots sharing ``function``: one per hidden conv layer that
+    ``location`` selects (:func:`perturbed_here`; the others and the output layer get the identity);
+    the factory's ``shared`` is the function."""
+    if location not in LOCATIONS:
+        raise ConfigError(f"MetaPerturb location must be one of {', '.join(LOCATIONS)}, got {location!r}")
 
     def make(info: LayerInfo) -> nn.Module:
-        if info.output:
+        if info.output or not perturbed_here(info, location):
             return FeaturePerturbation()
         if info.kind != "conv" or info.network_width is None or info.input_size is None:
             raise ConfigError(

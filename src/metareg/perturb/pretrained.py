@@ -23,7 +23,7 @@ from ..checkpoint import (
     write_json_atomic,
     write_safetensors_atomic,
 )
-from ..errors import CheckpointError, one_line
+from ..errors import CheckpointError, ConfigError, one_line
 from ..nets.slots import PerturbationFactory
 from .metaperturb import MetaPerturbFunction, metaperturb_slots
 from .registry import register
@@ -104,12 +104,23 @@ def load_phi(spec: str | Path = "builtin", *, clip: float | None = 100.0) -> Met
 
 
 @register("metaperturb")
-def metaperturb(phi: str = "learned", clip: float | None = 100.0, anneal: float = 0.0) -> PerturbationFactory:
+def metaperturb(
+    phi: str = "learned",
+    clip: float | None = 100.0,
+    anneal: float = 0.0,
+    scale: bool = True,
+    noise: bool = True,
+    location: str = "all",
+) -> PerturbationFactory:
     """``phi="learned"``: a fresh phi (N(0, 0.01) init) that the scheme meta-learns; ``"builtin"``, a
-    meta-train run folder or a ``phi.json``: that stored phi, frozen."""
+    meta-train run folder or a ``phi.json``: that stored phi, frozen. The Table 3 ablations:
+    ``scale=False`` (s = 1), ``noise=False`` (z = 1), ``location`` (``all``, ``before-pooling``,
+    ``top``, ``bottom``): give a meta-train run and the transfer runs of its phi the same ones."""
+    if not isinstance(scale, bool) or not isinstance(noise, bool):
+        raise ConfigError(f"MetaPerturb options scale and noise must be true or false, got {scale!r}, {noise!r}")
     if phi == "learned":
-        function = MetaPerturbFunction(clip=clip, anneal=anneal)
+        function = MetaPerturbFunction(clip=clip, anneal=anneal, scale=scale, noise=noise)
     else:
         function = load_phi(phi, clip=clip)
-        function.anneal = anneal
-    return metaperturb_slots(function)
+        function.anneal, function.use_scale, function.use_noise = anneal, scale, noise
+    return metaperturb_slots(function, location)

@@ -11,9 +11,10 @@ kind           command                      config schema                 module
 =============  ===========================  ============================  ==========================
 
 :mod:`.common` holds what they share (config resolution with presets, resuming); building from a
-config is the library's (:mod:`metareg.build`); :mod:`.presets`, :mod:`.reproduce`, :mod:`.bench` and
-:mod:`.task_view` are the named experiments, paper grids, speed measurements and the episode
-views the plots draw. Library packages never import this package.
+config is the library's (:mod:`metareg.build`); :mod:`.presets`, :mod:`.reproduce`, :mod:`.costs`,
+:mod:`.bench`, :mod:`.task_view` and :mod:`.surface` are the named experiments, paper grids, their
+measured costs, speed measurements, the episode views and the loss surfaces the plots draw. Library
+packages never import this package.
 """
 
 from __future__ import annotations

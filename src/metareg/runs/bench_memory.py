@@ -59,13 +59,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..build import resolve_device, resolve_mc_batch, resolve_strategy
 from ..data.tasks import TaskBatch
 from ..inner import build_inner_rule
 from ..meta import BilevelLearner
 from ..meta.reference import conv_forward, reference_meta_gradient, resnet12_forward
 from ..nets import create_model
 from ..runtime import keep_freed_memory
-from .common import resolve_device, resolve_mc_batch, resolve_strategy
 
 SHAPES = {
     "omniglot-20w1s": {

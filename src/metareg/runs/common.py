@@ -61,7 +61,14 @@ def check(config: Any) -> None:
     validate(config)
     get_backbone(config.model.backbone)
     if isinstance(config, Config):
-        get_episodic(config.data.name)
+        dataset = get_episodic(config.data.name)
+        if config.data.test_name:
+            other = get_episodic(config.data.test_name)
+            if (other.channels, other.regression) != (dataset.channels, dataset.regression):
+                raise ConfigError(
+                    f"data.test_name {config.data.test_name!r} has other inputs than {config.data.name!r} "
+                    f"({other.channels} vs {dataset.channels} channels): the network cannot be tested on it"
+                )
     elif config.data.name not in labeled_datasets():
         raise ConfigError(f"unknown data set {config.data.name!r}; available: {', '.join(labeled_datasets())}")
     name = config.perturb.name

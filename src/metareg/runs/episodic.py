@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..build import build_learner, build_source, dtype_of, is_regression, resolve_device
+from ..build import build_learner, build_source, dtype_of, is_regression, resolve_device, test_dataset
 from ..checkpoint import write_json_atomic
 from ..config import Config
 from ..errors import ConfigError, MetaregError
@@ -20,6 +20,7 @@ from ..evaluate import EvalResult, evaluate, paired_difference
 from ..meta.bilevel import BilevelLearner
 from ..meta.distributed import World
 from ..meta.loop import RunContext
+from ..meta.ordinary import load_convolutions
 from ..meta.trainer import MetaTrainer
 from ..runfolder import prepare_run_folder, read_result
 from ..runlock import run_lock
@@ -29,7 +30,7 @@ from .common import command_line
 def _protocol(config: Config, split: str, shot: int) -> dict[str, Any]:
     d = config.data
     return {
-        "data": d.name,
+        "data": test_dataset(config, split),
         "split": split,
         "way": None if is_regression(config) else d.way,
         "shot": shot,
@@ -100,6 +101,8 @@ def _train(
     dtype = dtype_of(config)
     torch.manual_seed(config.seed)
     learner = build_learner(config).to(device=device, dtype=dtype)
+    if config.model.init_from and not resume:
+        start_from_pretrained(learner, config.model.init_from)
     source = build_source(config, config.data.train_split)
     validate = None
     if config.data.val_split:
@@ -126,6 +129,17 @@ def _train(
         trainer.resume()
     trainer.run(resume_log=resume)
     return trainer
+
+
+def start_from_pretrained(learner: BilevelLearner, run: str | Path) -> int:
+    """MetaSGD*'s start (DropGrad Section 4.1): the feature extractor of a supervised pre-training
+    run (``metareg perturb transfer``, same backbone) copied into the network to meta-train: every
+    convolution and the batch-norm weights and biases; the classifier (another set of classes) and the
+    inner rule keep their fresh initialization. Returns the number of tensors copied."""
+    from ..build import source_state
+
+    tensors, prefix = source_state(run)
+    return load_convolutions(learner.model, tensors, prefix, norms=True)
 
 
 def save_result(result: EvalResult, path: str | Path) -> None:

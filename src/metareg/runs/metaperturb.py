@@ -19,6 +19,7 @@ from ..data.labeled import (
     LabeledImages,
     choose_classes,
     class_tasks,
+    instance_tasks,
     keep_classes,
     take_per_class,
 )
@@ -33,14 +34,17 @@ from .transfer import load_images
 
 
 def source_tasks(config: MetaTrainConfig) -> list[tuple[LabeledImages, LabeledImages]]:
-    """The T class-disjoint source tasks (D_t^tr, D_t^te) of a meta-training config."""
+    """The T source tasks (D_t^tr, D_t^te) of a meta-training config: class-disjoint (the paper's
+    heterogeneous tasks), or with ``task_split: instances`` every class in every task, each task with
+    its share of the images (Table 3(c)'s homogeneous tasks)."""
     d = config.data
     source = load_images(d, d.train_split)
     if d.classes:
         source = keep_classes(source, choose_classes(source, d.classes, d.seed))
     if d.train_per_class:
         source = take_per_class(source, d.train_per_class, d.seed)
-    return class_tasks(source, config.tasks, seed=d.seed, train_fraction=config.train_fraction)
+    split = instance_tasks if config.task_split == "instances" else class_tasks
+    return split(source, config.tasks, seed=d.seed, train_fraction=config.train_fraction)
 
 
 def provenance(config: Any, seconds: float, processes: int = 1) -> dict[str, Any]:

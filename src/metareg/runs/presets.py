@@ -7,6 +7,7 @@ Table 1 was produced with); the sine presets follow the MT-net thesis, Section 6
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ class Preset:
     values: dict[str, Any]
     kind: str = "bilevel"  # bilevel (metareg train) | meta-train | transfer (metareg perturb ...)
     cost: str = ""  # what it takes on 2 CPU cores, where it is long
+    timing: str = ""  # its entry in metareg.runs.costs.MEASURED (measured s/iteration), where it is long
 
 
 # The network of the Meta-Dropout reference code, whose MAML rows are "MAML (our reproduction)":
@@ -472,6 +474,7 @@ _PERTURB_PRESETS = [
         "MetaPerturb Section 4.1 source (the phi behind Tables 1-3)",
         _meta_train("tinyimagenet"),
         "meta-train",
+        timing="metaperturb-meta-train-resnet20",
     ),
     Preset(
         "perturb-miniimagenet-resnet20",
@@ -536,6 +539,7 @@ _PERTURB_PRESETS = [
         _transfer("stl10", 32),
         "transfer",
         _cost(32),
+        timing="metaperturb-transfer-resnet20-32",
     ),
     Preset(
         "transfer-scifar100",
@@ -544,6 +548,7 @@ _PERTURB_PRESETS = [
         _transfer("cifar100", 32, train_per_class=50),
         "transfer",
         _cost(32),
+        timing="metaperturb-transfer-resnet20-32",
     ),
     Preset(
         "transfer-dogs",
@@ -552,6 +557,7 @@ _PERTURB_PRESETS = [
         _transfer("stanford-dogs", 84),
         "transfer",
         _cost(84),
+        timing="metaperturb-transfer-resnet20-84",
     ),
     Preset(
         "transfer-cars",
@@ -560,6 +566,7 @@ _PERTURB_PRESETS = [
         _transfer("stanford-cars", 84),
         "transfer",
         _cost(84),
+        timing="metaperturb-transfer-resnet20-84",
     ),
     Preset(
         "transfer-aircraft",
@@ -568,6 +575,7 @@ _PERTURB_PRESETS = [
         _transfer("aircraft", 84, train_split="trainval"),
         "transfer",
         _cost(84),
+        timing="metaperturb-transfer-resnet20-84",
     ),
     Preset(
         "transfer-cub",
@@ -576,6 +584,7 @@ _PERTURB_PRESETS = [
         _transfer("cub", 84),
         "transfer",
         _cost(84),
+        timing="metaperturb-transfer-resnet20-84",
     ),
     Preset(
         "transfer-ssvhn",
@@ -585,9 +594,410 @@ _PERTURB_PRESETS = [
         _transfer("svhn", 32, train_per_class=500),
         "transfer",
         _cost(32),
+        timing="metaperturb-transfer-resnet20-32",
     ),
 ]
 PRESETS |= {p.name: p for p in _PERTURB_PRESETS}
+
+
+# ------------------------------------------------------------------------------------- MAML++
+# Antoniou et al. (2019), from the released code's newest experiment configs (experiment_config/
+# omniglot_maml++-omniglot_1_8_0.1_64_20_0.json, mini-imagenet_maml++_mini-imagenet_5_way_{1,5}_shot_0.json):
+# 100 epochs of 500 iterations, Adam 1e-3 with cosine annealing (to 1e-5 on Omniglot; the
+# miniImageNet configs set min_learning_rate = meta_learning_rate = 1e-3, so it stays constant),
+# LSLR from 0.1 / 0.01, 5 inner steps, the multi-step loss over the first 10 / 15 epochs (floor 0.03,
+# the code's constant), second order from the start / after epoch 10, per-step batch-norm weights,
+# biases and statistics (BN not adapted in the inner loop), Conv4 with 64 / 48 filters, max-pooling,
+# leaky ReLU, Glorot-uniform weights; meta-batch 8 (Omniglot 20-way), 4 (1-shot), 2 (5-shot);
+# gradients clipped to +-10 on miniImageNet only; 1 query image per class on Omniglot, 15 on miniImageNet.
+# Deviations: our Omniglot split is Vinyals' (1200 train characters, rotations as classes; the code
+# splits 1150/50/423 characters and rotates as augmentation), no validation-based ensemble of the best
+# 5 checkpoints (the code tests the top-5 validation epochs as an ensemble), 1000 test episodes (600).
+_MAMLPP_NET = {"init": "xavier", "activation": "leaky_relu", "per_step_weights": True, "per_step_stats": True}
+_CONV_FAST = ["blocks.*.conv.*", "head.weight", "head.bias"]
+
+
+def _mamlpp(data: dict[str, Any], channels: int, lr: float, msl: int, first_order: int, batch: int) -> dict[str, Any]:
+    imagenet = data["name"] == "miniimagenet"
+    return {
+        "data": data,
+        "model": {"backbone": "conv4", "options": {"channels": channels} | _MAMLPP_NET},
+        "inner": {
+            "step": "per-step",
+            "lr": lr,
+            "steps": 5,
+            "fast": _CONV_FAST,
+            "multi_step_epochs": msl,
+            "multi_step_min": 0.03,
+            "first_order_epochs": first_order,
+        },
+        "train": {
+            "steps": 100 * 500,
+            "epoch_steps": 500,
+            "meta_batch": batch,
+            "lr": 1e-3,
+            "lr_schedule": "cosine",
+            "min_lr": 1e-3 if imagenet else 1e-5,
+            "clip": 10.0 if imagenet else None,
+            "val_every": 2500,
+            "checkpoint_every": 500,
+        },
+    }
+
+
+_MAMLPP = {  # name: (description, paper row, values, timing)
+    "omniglot-20w1s-mamlpp": (
+        "MAML++ (MSL, DA, BNRS, BNWB, LSLR, CA), Conv4-64, Omniglot 20-way 1-shot (Vinyals split)",
+        "MAML++ paper (Antoniou et al. 2019) Table 1, MAML++, Omniglot 20-way 1-shot: 97.65 +- 0.05",
+        _mamlpp(
+            {
+                "name": "omniglot",
+                "way": 20,
+                "shot": 1,
+                "query": 1,
+                "options": {"class_split": "vinyals"},
+                "train_split": "trainval",
+                "val_split": None,
+            },
+            64,
+            0.1,
+            10,
+            0,
+            8,
+        ),
+        "mamlpp-omniglot-20w1s",
+    ),
+    "miniimagenet-5w1s-mamlpp": (
+        "MAML++, Conv4-48, miniImageNet 5-way 1-shot",
+        "MAML++ paper Table 2, MAML++, miniImageNet 5-way 1-shot: 52.15 +- 0.26; DropGrad Table 1 (their run): "
+        "50.21 +- 0.50",
+        _mamlpp({"name": "miniimagenet", "way": 5, "shot": 1, "query": 15}, 48, 0.01, 15, 11, 4),
+        "mamlpp-miniimagenet-5w1s",
+    ),
+    "miniimagenet-5w5s-mamlpp": (
+        "MAML++, Conv4-48, miniImageNet 5-way 5-shot",
+        "MAML++ paper Table 2, MAML++, miniImageNet 5-way 5-shot: 68.32 +- 0.44; DropGrad Table 1 (their run): "
+        "68.66 +- 0.46",
+        _mamlpp({"name": "miniimagenet", "way": 5, "shot": 5, "query": 15}, 48, 0.01, 15, 11, 2),
+        "mamlpp-miniimagenet-5w5s",
+    ),
+}
+for _name, (_description, _paper, _values, _timing) in _MAMLPP.items():
+    PRESETS[_name] = Preset(_name, _description, _paper, _values, timing=_timing)
+
+
+# ----------------------------------------------------------------------------------- DropGrad
+# Tseng et al. (2020), classification on miniImageNet with the ResNet-18 of Chen et al.'s
+# CloserLookFewShot, from the released code (hytseng0509/DropGrad, built on CloserLookFewShot):
+# 224x224 images for ResNets (84 for Conv nets); ``maml_approx``, first-order meta-gradients, is the
+# default method; 4 tasks per meta-update, 5 inner steps of 0.01 adapting every parameter (batch norm
+# included), Adam 1e-3, no gradient clipping; 400 x 4 "epochs" of 100 episodes = 40000 meta-updates;
+# Gaussian DropGrad with rate 0.1 (the code's default; the paper uses 0.1 or 0.2) on every layer.
+# Deviations, stated: our miniImageNet images are 84x84 files resized to 224 (CloserLookFewShot reads
+# the full-size ImageNet images); no augmentation (the code's --train_aug: random resized crops, colour
+# jitter, flips); 15 query images per class in training too (the code trains with 16); the model tested
+# is the last one, not the best on validation (the paper's early stopping); DropGrad's Gaussian noise
+# has the paper's variance p / (1 - p) (Eq. 6; the released code draws N(1, p^2)). Meta-SGD is the
+# authors' own, unreleased implementation: ours is the same network with meta-learned per-weight step
+# sizes (start 0.01), first order like their MAML; MetaSGD* starts its feature extractor from a
+# supervised ResNet-18 trained on the 64 meta-training classes (`dropgrad-pretrain-resnet18`).
+_DROPGRAD = {"name": "dropgrad", "kind": "gaussian", "p": 0.1}
+
+
+def _closer_look(shot: int, step: str = "sgd") -> dict[str, Any]:
+    return {
+        "data": {"name": "miniimagenet", "way": 5, "shot": shot, "query": 15, "image_size": 224},
+        "model": {"backbone": "resnet18", "options": {}},
+        "inner": {"step": step, "lr": 0.01, "steps": 5, "first_order": True, "fast": ["*"]},
+        "train": {
+            "steps": 40000,
+            "meta_batch": 4,
+            "lr": 1e-3,
+            "clip": None,
+            "val_every": 2500,
+            "val_episodes": 100,
+            "checkpoint_every": 250,
+        },
+    }
+
+
+def _dropgrad(values: dict[str, Any], **options: Any) -> dict[str, Any]:
+    out = _with(values)
+    out["inner"] = out["inner"] | {"transforms": [_DROPGRAD | options]}
+    return out
+
+
+# Table 1 rows: key -> (label, step, pretrained, numbers (1-shot no/with DropGrad, 5-shot no/with))
+_TABLE1_ROWS = {
+    "maml": ("MAML", "sgd", False, ("49.61 +- 0.92", "52.35 +- 0.86", "65.72 +- 0.77", "69.42 +- 0.73")),
+    "metasgd": ("MetaSGD", "meta-sgd", False, ("51.51 +- 0.87", "53.38 +- 0.93", "69.67 +- 0.75", "71.14 +- 0.72")),
+    "metasgd-pretrained": (
+        "MetaSGD*",
+        "meta-sgd",
+        True,
+        ("60.44 +- 0.87", "61.69 +- 0.84", "72.55 +- 0.54", "73.33 +- 0.57"),
+    ),
+}
+_PRETRAIN_RUN = "runs/dropgrad-pretrain-resnet18"  # the default --out of the pre-training preset
+for _key, (_label, _step, _pretrained, _numbers) in _TABLE1_ROWS.items():
+    for _shot, (_without, _with_dg) in ((1, _numbers[:2]), (5, _numbers[2:])):
+        _values = _closer_look(_shot, _step)
+        if _pretrained:
+            _values["model"] = _values["model"] | {"init_from": _PRETRAIN_RUN}
+        _base = f"dropgrad-{_key}-5w{_shot}s"
+        _what = f"{_label}, ResNet-18 (224x224), miniImageNet 5-way {_shot}-shot"
+        _needs = " (first: metareg perturb transfer --preset dropgrad-pretrain-resnet18)" if _pretrained else ""
+        PRESETS[_base] = Preset(
+            _base,
+            _what + _needs,
+            f"DropGrad Table 1, {_label}, {_shot}-shot: {_without}",
+            _values,
+            timing=f"resnet18-5w{_shot}s" + ("-metasgd" if _step == "meta-sgd" else ""),
+        )
+        PRESETS[f"{_base}-dropgrad"] = Preset(
+            f"{_base}-dropgrad",
+            f"{_label} w/ Gaussian DropGrad (p = 0.1), ResNet-18, miniImageNet 5-way {_shot}-shot" + _needs,
+            f"DropGrad Table 1, {_label} w/ Gaussian DropGrad, {_shot}-shot: {_with_dg}",
+            _dropgrad(_values),
+            timing=f"resnet18-5w{_shot}s" + ("-metasgd" if _step == "meta-sgd" else ""),
+        )
+for _shot, (_without, _with_dg) in ((1, ("50.21 +- 0.50", "51.13 +- 0.50")), (5, ("68.66 +- 0.46", "69.80 +- 0.46"))):
+    _mamlpp_preset = PRESETS[f"miniimagenet-5w{_shot}s-mamlpp"]
+    PRESETS[f"dropgrad-mamlpp-5w{_shot}s"] = Preset(
+        f"dropgrad-mamlpp-5w{_shot}s",
+        _mamlpp_preset.description,
+        f"DropGrad Table 1, MAML++ (the original code, their run), {_shot}-shot: {_without}",
+        _mamlpp_preset.values,
+        timing=_mamlpp_preset.timing,
+    )
+    PRESETS[f"dropgrad-mamlpp-5w{_shot}s-dropgrad"] = Preset(
+        f"dropgrad-mamlpp-5w{_shot}s-dropgrad",
+        _mamlpp_preset.description.replace("MAML++", "MAML++ w/ Gaussian DropGrad (p = 0.1)", 1),
+        f"DropGrad Table 1, MAML++ w/ Gaussian DropGrad, {_shot}-shot: {_with_dg}",
+        _dropgrad(_mamlpp_preset.values),
+        timing=_mamlpp_preset.timing,
+    )
+
+# Table 2: which layers (MAML, 5-shot). The paper's ResNet-18 is "a convolutional layer (Conv), 4
+# residual blocks (Block1-4) and FC": our groups stem, stage1-4 and head.
+_TABLE2 = {
+    "fc": ("FC", "head", "68.93 +- 0.55"),
+    "block4-fc": ("Block4 + FC", "stage4+head", "69.02 +- 0.57"),
+    "block1-conv": ("Block1 + Conv", "stage1+stem", "64.96 +- 0.80"),
+    "conv": ("Conv", "stem", "65.53 +- 0.75"),
+}
+for _suffix, (_label, _layers, _number) in _TABLE2.items():
+    PRESETS[f"dropgrad-maml-5w5s-dropgrad-{_suffix}"] = Preset(
+        f"dropgrad-maml-5w5s-dropgrad-{_suffix}",
+        f"MAML w/ Gaussian DropGrad on {_label} only, ResNet-18, miniImageNet 5-way 5-shot",
+        f"DropGrad Table 2, DropGrad on {_label}: {_number}",
+        _dropgrad(_closer_look(5), layers=_layers),
+        timing="resnet18-5w5s",
+    )
+
+# Table 3: MAML 5-shot over the inner step size alpha and the inner steps (the (0.01, 5) column is Table 1's).
+_TABLE3 = {
+    "a0.1": (0.1, 5, "65.98 +- 0.79", "67.78 +- 0.73"),
+    "a0.001": (0.001, 5, "58.55 +- 0.80", "64.05 +- 0.79"),
+    "n3": (0.01, 3, "64.84 +- 0.80", "65.42 +- 0.80"),
+    "n7": (0.01, 7, "68.11 +- 0.74", "69.65 +- 0.70"),
+}
+for _suffix, (_alpha, _steps, _without, _with_dg) in _TABLE3.items():
+    _values = _closer_look(5)
+    _values["inner"] = _values["inner"] | {"lr": _alpha, "steps": _steps}
+    _timing = "resnet18-5w5s" if _steps == 5 else f"resnet18-5w5s-{_steps}steps"
+    PRESETS[f"dropgrad-maml-5w5s-{_suffix}"] = Preset(
+        f"dropgrad-maml-5w5s-{_suffix}",
+        f"MAML, alpha {_alpha:g}, {_steps} inner steps, ResNet-18, miniImageNet 5-way 5-shot",
+        f"DropGrad Table 3, MAML (alpha, n_inner) = ({_alpha:g}, {_steps}): {_without}",
+        _values,
+        timing=_timing,
+    )
+    PRESETS[f"dropgrad-maml-5w5s-{_suffix}-dropgrad"] = Preset(
+        f"dropgrad-maml-5w5s-{_suffix}-dropgrad",
+        f"MAML w/ Gaussian DropGrad, alpha {_alpha:g}, {_steps} inner steps, ResNet-18, miniImageNet 5-way 5-shot",
+        f"DropGrad Table 3, MAML w/ DropGrad (alpha, n_inner) = ({_alpha:g}, {_steps}): {_with_dg}",
+        _dropgrad(_values),
+        timing=_timing,
+    )
+
+# Table 4: cross-domain, meta-trained on miniImageNet (validated there), meta-tested on CUB's novel
+# classes (Chen et al.'s split, data set `cub`). Dropout: rate 0.3 on the activations of every pass
+# while meta-training (support and query: f_theta and f_theta'), off at meta-test.
+_DROPOUT = {"name": "dropout", "options": {"p": 0.3, "during": "training"}}
+_TABLE4 = {  # row key -> (label, base preset key, variant, numbers 1-shot, 5-shot)
+    "maml": ("MAML", "maml", "", ("31.52 +- 0.52", "45.56 +- 0.51")),
+    "maml-dropout": ("MAML w/ Dropout", "maml", "dropout", ("31.84 +- 0.49", "46.48 +- 0.50")),
+    "maml-dropgrad": ("MAML w/ DropGrad", "maml", "dropgrad", ("33.20 +- 0.67", "51.05 +- 0.56")),
+    "metasgd": ("MetaSGD", "metasgd", "", ("34.52 +- 0.63", "49.22 +- 0.58")),
+    "metasgd-dropout": ("MetaSGD w/ Dropout", "metasgd", "dropout", ("35.01 +- 0.54", "52.35 +- 0.58")),
+    "metasgd-dropgrad": ("MetaSGD w/ DropGrad", "metasgd", "dropgrad", ("36.77 +- 0.72", "55.13 +- 0.72")),
+    "metasgd-pretrained": ("MetaSGD*", "metasgd-pretrained", "", ("43.98 +- 0.77", "57.95 +- 0.81")),
+    "metasgd-pretrained-dropgrad": (
+        "MetaSGD* w/ DropGrad",
+        "metasgd-pretrained",
+        "dropgrad",
+        ("45.33 +- 0.81", "59.94 +- 0.82"),
+    ),
+    "mamlpp": ("MAML++", "mamlpp", "", ("40.73 +- 0.49", "60.57 +- 0.49")),
+    "mamlpp-dropout": ("MAML++ w/ Dropout", "mamlpp", "dropout", ("41.75 +- 0.49", "61.48 +- 0.49")),
+    "mamlpp-dropgrad": ("MAML++ w/ DropGrad", "mamlpp", "dropgrad", ("44.27 +- 0.50", "63.79 +- 0.48")),
+}
+for _key, (_label, _base_key, _variant, _numbers) in _TABLE4.items():
+    for _shot, _number in zip((1, 5), _numbers):
+        _source = PRESETS[f"dropgrad-{_base_key}-5w{_shot}s" + ("-dropgrad" if _variant == "dropgrad" else "")]
+        _values = _with(_source.values, data={"test_name": "cub"})
+        if _variant == "dropout":
+            _values["perturb"] = _DROPOUT
+        PRESETS[f"dropgrad-cub-{_key}-5w{_shot}s"] = Preset(
+            f"dropgrad-cub-{_key}-5w{_shot}s",
+            f"{_label}: meta-train on miniImageNet 5-way {_shot}-shot, meta-test on CUB (cross-domain)",
+            f"DropGrad Table 4, {_label}, {_shot}-shot: {_number}",
+            _values,
+            timing=_source.timing,
+        )
+
+# MetaSGD*'s pre-training (DropGrad Section 4.1, CloserLookFewShot's "baseline" training): ResNet-18
+# by supervised classification of the 64 meta-training classes, Adam 1e-3, batch 16, no weight decay
+# and no schedule, 224x224; CloserLookFewShot trains 400 epochs over all 600 images of each class
+# (960000 steps). Deviations: 90% of each class's images for training and 10% held out for the
+# test accuracy (the reference has no held-out test); our augmentation is the transfer runs' random
+# crops and flips (the reference: random resized crops, colour jitter, flips).
+PRESETS["dropgrad-pretrain-resnet18"] = Preset(
+    "dropgrad-pretrain-resnet18",
+    "ResNet-18 trained to classify miniImageNet's 64 meta-training classes (MetaSGD*'s feature extractor), 224x224",
+    "DropGrad Section 4.1: MetaSGD*'s pre-trained feature extractor for its rows (no number of its own)",
+    {
+        "data": {
+            "name": "miniimagenet",
+            "image_size": 224,
+            "train_split": "train",
+            "test_split": "train",
+            "train_per_class": 540,
+        },
+        "model": {"backbone": "resnet18"},
+        "perturb": {"name": "none"},
+        "train": {
+            "steps": 960000,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "milestones": [],
+            "log_every": 100,
+            "checkpoint_every": 2000,
+        },
+    },
+    "transfer",
+    timing="resnet18-pretrain",
+)
+
+
+# -------------------------------------------------------------------------- MetaPerturb Table 3
+# The ablations are options of the same perturbation and of the source split (meta-train and transfer
+# take the same options): s = 1, z = 1, the slots' location, and the homogeneous task split.
+_ABLATIONS = {  # suffix -> (label, perturbation options, meta-train extra values, numbers s-CIFAR100 / Aircraft / CUB)
+    "noscale": (
+        "w/o channel-wise scaling s",
+        {"scale": False},
+        {},
+        ("32.65 +- 0.40", "63.56 +- 1.30", "33.63 +- 0.92"),
+    ),
+    "nonoise": ("w/o stochastic noise z", {"noise": False}, {}, ("31.02 +- 0.44", "58.32 +- 0.92", "30.26 +- 0.67")),
+    "before-pooling": (
+        "only before pooling",
+        {"location": "before-pooling"},
+        {},
+        ("32.89 +- 0.33", "61.39 +- 1.01", "38.88 +- 1.15"),
+    ),
+    "top": ("only at top layers", {"location": "top"}, {}, ("32.57 +- 0.46", "57.51 +- 0.72", "37.89 +- 0.58")),
+    "bottom": (
+        "only at bottom layers",
+        {"location": "bottom"},
+        {},
+        ("31.77 +- 0.42", "61.32 +- 0.29", "33.48 +- 0.57"),
+    ),
+    "homogeneous": (
+        "homogeneous task distribution",
+        {},
+        {"task_split": "instances"},
+        ("34.31 +- 0.88", "65.41 +- 0.76", "40.64 +- 0.31"),
+    ),
+}
+for _suffix, (_label, _options, _extra, _numbers) in _ABLATIONS.items():
+    _values = _meta_train("tinyimagenet") | _extra
+    if _options:
+        _values["perturb"] = {"options": _options}
+    PRESETS[f"perturb-tinyimagenet-resnet20-{_suffix}"] = Preset(
+        f"perturb-tinyimagenet-resnet20-{_suffix}",
+        f"MetaPerturb {_label}: meta-training as perturb-tinyimagenet-resnet20; transfer its phi "
+        + (f"with --set perturb.options='{json.dumps(_options)}'" if _options else "as usual"),
+        f"MetaPerturb Table 3, {_label}: s-CIFAR100 {_numbers[0]}, Aircraft {_numbers[1]}, CUB {_numbers[2]}",
+        _values,
+        "meta-train",
+        timing="metaperturb-meta-train-resnet20",
+    )
+
+
+# ---------------------------------------------------------------------------- MT-net Table 6.3
+# Lee & Choi's MT-net code (yoonholee/MT-net experiments/omniglot.sh, miniimagenet.sh, on MAML's code):
+# Omniglot 5-way: 40000 iterations, 32 tasks, 1 inner step of 0.4; 20-way: 40000, 16 tasks, 1 step of
+# 0.1; strided Conv4-64; miniImageNet: 60000, 4 tasks, 5 steps of 0.01, Conv4-32 with max-pooling,
+# gradients clipped to +-10; Adam 1e-3; one query image per class on Omniglot (15 on miniImageNet); T a
+# 1x1 convolution after every W, masks per output channel ("share_M"), logits from 0, temperature 1;
+# batch norm with a learned shift only, not adapted; meta-test with 3 / 5 / 10 inner steps (thesis
+# Section 6.4). Deviations: Glorot-uniform weights for the classifier too (MAML's Omniglot classifier
+# starts N(0, 1)); the Omniglot features are flattened (2x2x64) where MAML averages them over space;
+# our Omniglot split is Vinyals' with rotations as classes (MAML rotates characters per task); 1000
+# test episodes (the code: 600 on Omniglot, 4000 on miniImageNet).
+def _mtnet_values(setting: str) -> dict[str, Any]:
+    if setting == "miniimagenet-5w1s":
+        data = {"name": "miniimagenet", "way": 5, "shot": 1, "query": 15}
+        model = {"channels": 32}
+        inner = {"lr": 0.01, "steps": 5, "eval_steps": 10}
+        train = {"steps": 60000, "meta_batch": 4, "clip": 10.0}
+    else:
+        way = 5 if setting == "omniglot-5w1s" else 20
+        data = {
+            "name": "omniglot",
+            "way": way,
+            "shot": 1,
+            "query": 1,
+            "options": {"class_split": "vinyals"},
+            "train_split": "trainval",
+            "val_split": None,
+        }
+        model = {"channels": 64, "strided": True}
+        inner = {"lr": 0.4 if way == 5 else 0.1, "steps": 1, "eval_steps": 3 if way == 5 else 5}
+        train = {"steps": 40000, "meta_batch": 32 if way == 5 else 16, "clip": None}
+    return {
+        "data": data,
+        "model": {"backbone": "conv4", "options": model | {"init": "xavier", "norm_scale": False}},
+        "inner": {"step": "sgd", "fast": _CONV_FAST} | inner,
+        "train": {"lr": 1e-3, "val_every": 2000, "checkpoint_every": 500} | train,
+    }
+
+
+_TABLE_6_3 = {  # setting -> (description, numbers for MAML, T-net, MT-net)
+    "omniglot-5w1s": ("Omniglot 5-way 1-shot", ("98.7 +- 0.4", "99.4 +- 0.3", "99.5 +- 0.3")),
+    "omniglot-20w1s": ("Omniglot 20-way 1-shot", ("95.8 +- 0.3", "96.1 +- 0.3", "96.2 +- 0.4")),
+    "miniimagenet-5w1s": ("miniImageNet 5-way 1-shot", ("48.70 +- 1.84", "50.86 +- 1.82", "51.70 +- 1.84")),
+}
+for _setting, (_title, _numbers) in _TABLE_6_3.items():
+    for _model, _number in zip(("maml", "tnet", "mtnet"), _numbers):
+        _values = _mtnet_values(_setting)
+        if _model != "maml":
+            _values["model"]["options"]["transform"] = True
+        if _model == "mtnet":
+            _values["inner"]["transforms"] = [{"name": "subspace-mask", "per": "row"}]
+        _label = {"maml": "MAML (the thesis quotes Finn et al.'s number)", "tnet": "T-net", "mtnet": "MT-net"}[_model]
+        _name = f"mtnet-{_setting}" + ("" if _model == "maml" else f"-{_model}")
+        PRESETS[_name] = Preset(
+            _name,
+            f"{_label.split(' (')[0]}, MT-net code settings, {_title}",
+            f"MT-net thesis Table 6.3, {_label}, {_title}: {_number}",
+            _values,
+            timing=f"mtnet-{_setting}",
+        )
 
 
 def get_preset(name: str) -> Preset:

@@ -14,6 +14,7 @@ loss became NaN/Inf is reported as diverged, not hidden.
 from __future__ import annotations
 
 import functools
+import json
 import operator
 import os
 import re
@@ -58,9 +59,12 @@ class Experiment:
     source: str
     runs: tuple[Run, ...]
     columns: tuple[str, ...]
-    figure: str | None = None  # "mask-fractions": draw Figure 6.1; "seeds": transfer accuracies over seeds
+    # "mask-fractions": draw Figure 6.1; "seeds": transfer accuracies over seeds; "loss-surface": also draw
+    # the runs' loss surfaces (MetaPerturb Figure 8)
+    figure: str | None = None
     scale: float = 1.0  # 100: accuracies reported in %
     pairs: tuple[tuple[str, str], ...] = ()  # (row A, row B): A - B on the same episodes, per column
+    note: str = ""  # what the report must say about the setting (deviations from the paper)
 
 
 def _table_6_1() -> Experiment:
@@ -277,6 +281,224 @@ def _metadropout_table_1() -> Experiment:
     )
 
 
+def _paper_number(preset: str) -> str | None:
+    """The paper's number at the end of a preset's paper row ("... : 52.15 +- 0.26")."""
+    from .presets import PRESETS
+
+    found = re.search(r": (\d+\.\d+ \+- \d+\.\d+)", PRESETS[preset].paper)
+    return found.group(1) if found else None
+
+
+def _episodic_cell(name: str, preset: str, row: str, column: str, shot: int, *overrides: str) -> Run:
+    number = _paper_number(preset)
+    return Run(name, preset, overrides, (shot,), {shot: number} if number else {}, row=row, column=column)
+
+
+_PRETRAIN = Run("pretrain-resnet18", "dropgrad-pretrain-resnet18", row="pre-training", command="transfer", stage=0)
+_FROM_PRETRAIN = "model.init_from={out}/pretrain-resnet18"
+_DROPGRAD_NOTE = (
+    "Setting: the released DropGrad/CloserLookFewShot code's (ResNet-18 at 224x224, first-order MAML, 4 tasks, "
+    "5 steps of 0.01, Adam 1e-3, 40000 meta-updates; Gaussian DropGrad p = 0.1); deviations in metareg.runs.presets "
+    "(no augmentation, the final model rather than the best on validation, 84x84 images resized to 224)."
+)
+
+
+def _dropgrad_table_1() -> Experiment:
+    rows = (
+        ("MAML", "maml", ""),
+        ("MAML w/ Gaussian DropGrad", "maml", "-dropgrad"),
+        ("MetaSGD", "metasgd", ""),
+        ("MetaSGD w/ Gaussian DropGrad", "metasgd", "-dropgrad"),
+        ("MetaSGD*", "metasgd-pretrained", ""),
+        ("MetaSGD* w/ Gaussian DropGrad", "metasgd-pretrained", "-dropgrad"),
+        ("MAML++", "mamlpp", ""),
+        ("MAML++ w/ Gaussian DropGrad", "mamlpp", "-dropgrad"),
+    )
+    runs = [_PRETRAIN]
+    for shot in (1, 5):
+        for label, key, suffix in rows:
+            preset = f"dropgrad-{key}-5w{shot}s{suffix}"
+            extra = (_FROM_PRETRAIN,) if key == "metasgd-pretrained" else ()
+            runs.append(_episodic_cell(preset.removeprefix("dropgrad-"), preset, label, f"{shot}-shot", shot, *extra))
+    return Experiment(
+        "dropgrad-table-1",
+        "Few-shot classification on miniImageNet (accuracy, %), DropGrad Table 1",
+        "DropGrad Table 1",
+        tuple(runs),
+        ("1-shot", "5-shot"),
+        scale=100.0,
+        pairs=tuple((f"{label} w/ Gaussian DropGrad", label) for label in ("MAML", "MetaSGD", "MetaSGD*", "MAML++")),
+        note=_DROPGRAD_NOTE,
+    )
+
+
+def _dropgrad_table_2() -> Experiment:
+    rows = (
+        ("Origin", "dropgrad-maml-5w5s"),
+        ("FC", "dropgrad-maml-5w5s-dropgrad-fc"),
+        ("Block4 + FC", "dropgrad-maml-5w5s-dropgrad-block4-fc"),
+        ("Full", "dropgrad-maml-5w5s-dropgrad"),
+        ("Block1 + Conv", "dropgrad-maml-5w5s-dropgrad-block1-conv"),
+        ("Conv", "dropgrad-maml-5w5s-dropgrad-conv"),
+    )
+    runs = tuple(_episodic_cell(p.removeprefix("dropgrad-"), p, label, "5-shot", 5) for label, p in rows)
+    return Experiment(
+        "dropgrad-table-2",
+        "DropGrad on different layers: MAML, miniImageNet 5-way 5-shot (accuracy, %), DropGrad Table 2",
+        "DropGrad Table 2",
+        runs,
+        ("5-shot",),
+        scale=100.0,
+        pairs=tuple((label, "Origin") for label, _ in rows[1:]),
+        note=_DROPGRAD_NOTE,
+    )
+
+
+def _dropgrad_table_3() -> Experiment:
+    columns = (("0.01, 5 (original)", ""), ("0.1, 5", "-a0.1"), ("0.001, 5", "-a0.001"), ("0.01, 3", "-n3"))
+    columns += (("0.01, 7", "-n7"),)
+    runs = []
+    for column, suffix in columns:
+        for label, dropgrad in (("MAML", ""), ("MAML w/ DropGrad", "-dropgrad")):
+            preset = f"dropgrad-maml-5w5s{suffix}{dropgrad}"
+            runs.append(_episodic_cell(preset.removeprefix("dropgrad-"), preset, label, column, 5))
+    return Experiment(
+        "dropgrad-table-3",
+        "MAML 5-shot on miniImageNet over the inner step size alpha and inner steps (accuracy, %), DropGrad Table 3",
+        "DropGrad Table 3",
+        tuple(runs),
+        tuple(column for column, _ in columns),
+        scale=100.0,
+        pairs=(("MAML w/ DropGrad", "MAML"),),
+        note=_DROPGRAD_NOTE,
+    )
+
+
+def _dropgrad_table_4() -> Experiment:
+    from .presets import _TABLE4
+
+    runs = [_PRETRAIN]
+    for shot in (1, 5):
+        for key, (label, base, _variant, _numbers) in _TABLE4.items():
+            preset = f"dropgrad-cub-{key}-5w{shot}s"
+            extra = (_FROM_PRETRAIN,) if base == "metasgd-pretrained" else ()
+            runs.append(_episodic_cell(preset.removeprefix("dropgrad-"), preset, label, f"{shot}-shot", shot, *extra))
+    bases = ("MAML", "MetaSGD", "MetaSGD*", "MAML++")
+    pairs = tuple((f"{b} w/ DropGrad", b) for b in bases) + tuple(
+        (f"{b} w/ Dropout", b) for b in ("MAML", "MetaSGD", "MAML++")
+    )
+    return Experiment(
+        "dropgrad-table-4",
+        "Cross-domain few-shot classification: meta-train on miniImageNet, meta-test on CUB (accuracy, %), "
+        "DropGrad Table 4",
+        "DropGrad Table 4 (CUB: Chen et al.'s novel classes, data set `cub`, --set data.test_root=DIR)",
+        tuple(runs),
+        ("1-shot", "5-shot"),
+        scale=100.0,
+        pairs=pairs,
+        note=_DROPGRAD_NOTE + " Dropout: rate 0.3 on the activations of every meta-training pass.",
+    )
+
+
+def _metaperturb_table_3(seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> Experiment:
+    """MetaPerturb's ablations: each variant's phi meta-trained on Tiny ImageNet (stage 0), then
+    transferred (ResNet20, the paper's schedule) to s-CIFAR100, Aircraft and CUB with the same
+    options, 5 training seeds each (the paper: 5 meta-test runs)."""
+    from .presets import _ABLATIONS
+
+    targets = (("s-CIFAR100", "transfer-scifar100"), ("Aircraft", "transfer-aircraft"), ("CUB", "transfer-cub"))
+    variants = [("Base", None, ("perturb.name=none",)), ("MetaPerturb", "perturb-tinyimagenet-resnet20", ())]
+    for suffix, (label, options, _extra, _numbers) in _ABLATIONS.items():
+        variants.append(
+            (
+                label,
+                f"perturb-tinyimagenet-resnet20-{suffix}",
+                (f"perturb.options={json.dumps(options)}",) if options else (),
+            )
+        )
+    runs: list[Run] = []
+    for label, source, overrides in variants:
+        tag = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+        if source is not None:
+            runs.append(Run(f"phi-{tag}", source, row=f"phi {label}", command="meta-train", stage=0))
+            overrides = (*overrides, f"perturb.phi={{out}}/phi-{tag}")
+        for column, preset in targets:
+            for seed in seeds:
+                runs.append(
+                    Run(
+                        f"{tag}-{preset.removeprefix('transfer-')}-seed{seed}",
+                        preset,
+                        overrides,
+                        row=label,
+                        column=column,
+                        seed=seed,
+                        group=f"{label} {column}",
+                        command="transfer",
+                    )
+                )
+    rows = [label for label, _, _ in variants]
+    return Experiment(
+        "metaperturb-table-3",
+        "MetaPerturb ablations (test accuracy, %), MetaPerturb Table 3",
+        "MetaPerturb Table 3 (source Tiny ImageNet, ResNet20; targets s-CIFAR100, Aircraft, CUB)",
+        tuple(runs),
+        tuple(column for column, _ in targets),
+        figure="seeds",
+        pairs=tuple((row, "MetaPerturb") for row in rows if row != "MetaPerturb"),
+        note="Paper numbers: mean +- std over 5 meta-test runs; ours over the same number of training seeds.",
+    )
+
+
+def _metaperturb_figure_8() -> Experiment:
+    """The training loss surface of Base, Manifold Mixup and MetaPerturb networks on CUB (ResNet20,
+    the shipped phi, one seed each), drawn as ``figure-8.png``."""
+    rows = (("Base", ("perturb.name=none",)), ("Manifold Mixup", ("perturb.name=manifold-mixup",)), ("MetaPerturb", ()))
+    runs = tuple(
+        Run(
+            f"cub-{label.lower().replace(' ', '-')}",
+            "transfer-cub",
+            overrides,
+            row=label,
+            column="CUB",
+            command="transfer",
+            group=label,
+        )
+        for label, overrides in rows
+    )
+    return Experiment(
+        "metaperturb-figure-8",
+        "Training loss surfaces on CUB, ResNet20 (MetaPerturb Figure 8) and the networks' test accuracy (%)",
+        "MetaPerturb Figure 8 (filter-normalized directions, Li et al. 2018)",
+        runs,
+        ("CUB",),
+        figure="loss-surface",
+        pairs=(("MetaPerturb", "Base"), ("Manifold Mixup", "Base")),
+    )
+
+
+def _mtnet_table_6_3() -> Experiment:
+    settings = (
+        ("Omniglot 5-way 1-shot", "omniglot-5w1s"),
+        ("Omniglot 20-way 1-shot", "omniglot-20w1s"),
+        ("miniImageNet 5-way 1-shot", "miniimagenet-5w1s"),
+    )
+    runs = []
+    for column, setting in settings:
+        for label, suffix in (("MAML", ""), ("T-net", "-tnet"), ("MT-net", "-mtnet")):
+            preset = f"mtnet-{setting}{suffix}"
+            runs.append(_episodic_cell(preset.removeprefix("mtnet-"), preset, label, column, 1))
+    return Experiment(
+        "mtnet-table-6.3",
+        "Few-shot classification accuracy (%), MT-net thesis Table 6.3",
+        "MT-net thesis Table 6.3 (the MAML row quotes Finn et al.; ours is MAML run with the same settings)",
+        tuple(runs),
+        tuple(column for column, _ in settings),
+        scale=100.0,
+        pairs=(("T-net", "MAML"), ("MT-net", "MAML")),
+        note="Settings of the MT-net code (meta-test with 3 / 5 / 10 inner steps); deviations in metareg.runs.presets.",
+    )
+
+
 EXPERIMENTS = {
     e.name: e
     for e in (
@@ -288,6 +510,13 @@ EXPERIMENTS = {
         _metaperturb("miniimagenet", ("conv4", "resnet20")),
         _metaperturb("omniglot", ("resnet20",)),
         _metaperturb_finetuning(),
+        _dropgrad_table_1(),
+        _dropgrad_table_2(),
+        _dropgrad_table_3(),
+        _dropgrad_table_4(),
+        _metaperturb_table_3(),
+        _metaperturb_figure_8(),
+        _mtnet_table_6_3(),
     )
 }
 
@@ -410,10 +639,14 @@ def _run_experiment(
     for run in experiment.runs:
         if statuses[run.name] == "done" and run.command != "meta-train" and run.stage > 0:
             results[run.name] = {shot: _test(run, out / run.name, shot, episodes) for shot in run.shots}
-    if experiment.figure == "seeds":
+    if experiment.figure in ("seeds", "loss-surface"):
         report = _seed_table(experiment, statuses, results, iterations)
     else:
         report = _markdown(experiment, statuses, results, iterations, episodes)
+    if experiment.note:
+        report += f"\n{experiment.note}\n"
+    if experiment.figure == "loss-surface":
+        report += _loss_surfaces(experiment, statuses, out)
     if experiment.figure == "mask-fractions":
         fractions: dict[str, list[dict[str, float]]] = {}
         for run in experiment.runs:
@@ -445,6 +678,33 @@ def _cell(result: dict[str, Any] | None, status: str, scale: float = 1.0) -> str
     return f"{result['mean'] * scale:.2f} +- {result['ci95'] * scale:.2f}"
 
 
+def _loss_surfaces(experiment: Experiment, statuses: dict[str, str], out: Path) -> str:
+    """MetaPerturb Figure 8: the finished runs' loss surfaces, drawn into ``figure-8.png``."""
+    from .surface import run_loss_surface
+
+    done = [run for run in experiment.runs if statuses[run.name] == "done"]
+    if not done:
+        return ""
+    surfaces = [run_loss_surface(out / run.name) | {"label": run.row} for run in done]
+    from ..viz.surface import flatness
+
+    lines = [
+        "",
+        "Training loss along filter-normalized random directions (11 x 11 grid over [-1, 1]^2, 256 training "
+        "images): mean loss increase over the grid (larger: sharper)",
+        "",
+    ]
+    lines += [f"- {s['label']}: {flatness(s):.4f}" for s in surfaces]
+    try:
+        from ..viz.surface import plot_loss_surfaces
+
+        png = plot_loss_surfaces(surfaces, out / "figure-8.png")
+        lines.append(f"\n![loss surfaces]({png.name})")
+    except ConfigError:
+        lines.append("\n(matplotlib is not installed: no PNG)")
+    return "\n".join(lines) + "\n"
+
+
 def _markdown(
     experiment: Experiment, statuses: dict[str, str], results: dict, iterations: int | None, episodes: int
 ) -> str:
@@ -461,6 +721,8 @@ def _markdown(
     ]
     by_row: dict[str, dict[str, str]] = {}
     for run in experiment.runs:
+        if run.stage == 0:  # pre-training runs feed the others; they have no cell
+            continue
         status = statuses[run.name]
         if experiment.figure is None and run.column:  # one run per cell, shot 10
             shot = run.shots[0]
@@ -515,6 +777,8 @@ def _seed_table(experiment: Experiment, statuses: dict[str, str], results: dict,
             elif run.name in results:
                 cells.setdefault((run.row, run.column), []).append((run.seed, results[run.name][run.shots[0]]))
     rows = list(dict.fromkeys(r.row for r in experiment.runs if r.command == "transfer" and r.stage > 0))
+    if experiment.pairs:  # rows compared with rows, per column
+        return "\n".join(lines + _seed_rows(experiment, cells, rows)) + "\n"
     lines += [
         "| backbone | " + " | ".join(experiment.columns) + f" | {experiment.columns[-1]} - {experiment.columns[0]} |",
         "|" + "---|" * (len(experiment.columns) + 2),
@@ -534,6 +798,39 @@ def _seed_table(experiment: Experiment, statuses: dict[str, str], results: dict,
         row_cells.append(f"{_mean_std([100 * d.mean for d in diffs], sign=True)} [{per_seed}]" if diffs else "-")
         lines.append(f"| {row} | " + " | ".join(row_cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _seed_rows(experiment: Experiment, cells: dict, rows: list[str]) -> list[str]:
+    """One row per variant (mean +- std over seeds, the paper's number in brackets where a run names
+    one), then each pair's paired difference A - B per column: per seed over the same test images
+    and mean +- std over seeds."""
+    import torch
+
+    from ..evaluate.stats import paired_difference
+    from .presets import PRESETS
+
+    lines = ["| | " + " | ".join(experiment.columns) + " |", "|" + "---|" * (len(experiment.columns) + 1)]
+    for row in rows:
+        row_cells = []
+        for column in experiment.columns:
+            values = [100 * r["mean"] for _, r in cells.get((row, column), []) if r]
+            row_cells.append(_mean_std(values) if values else "-")
+        lines.append(f"| {row} | " + " | ".join(row_cells) + " |")
+    for a, b in experiment.pairs:
+        row_cells = []
+        for column in experiment.columns:
+            first, second = dict(cells.get((a, column), [])), dict(cells.get((b, column), []))
+            diffs = [
+                paired_difference(torch.tensor(first[s]["scores"]), torch.tensor(second[s]["scores"]))
+                for s in sorted(set(first) & set(second))
+                if first[s] and second[s]
+            ]
+            row_cells.append(_mean_std([100 * d.mean for d in diffs], sign=True) if diffs else "-")
+        lines.append(f"| {a} - {b} (paired, per seed) | " + " | ".join(row_cells) + " |")
+    papers = {p.paper for run in experiment.runs if run.stage == 0 and (p := PRESETS.get(run.preset))}
+    if papers:
+        lines += ["", "The paper's numbers: " + "; ".join(sorted(papers))]
+    return lines
 
 
 def _mean_std(values: list[float], sign: bool = False) -> str:
@@ -614,36 +911,62 @@ def _plot_fractions(stats: dict[str, tuple[int, dict[str, tuple[float, float]]]]
     return path
 
 
+def _done_and_rate(folder: Path) -> tuple[int, float | None]:
+    """A run's finished iterations and its measured seconds per iteration (from its log), if started."""
+    import csv
+
+    checkpoint, log = folder / "checkpoint.json", folder / "log.csv"
+    done = read_checkpoint_meta(checkpoint)[1]["step"] if checkpoint.exists() else 0
+    if not log.exists():
+        return done, None
+    with log.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("step") and r.get("seconds")]
+    try:
+        seconds, step = float(rows[-1]["seconds"]), int(rows[-1]["step"])
+    except (IndexError, ValueError):  # no row yet, or a log cut mid-line
+        return done, None
+    return done, (seconds / step if seconds > 0 and step > 0 else None)
+
+
 def plan(name: str, out: str | Path) -> str:
-    """What is left of experiment ``name`` in folder ``out``: each run's progress, its measured
-    speed and the time it still needs, and the command that continues the grid in chunks."""
+    """What is left of experiment ``name`` in folder ``out``: each run's progress and the time it
+    still needs on this machine (the run's own measured rate once it has started, else the rate
+    measured for its preset, :mod:`metareg.runs.costs`) and on a GPU (an estimate from counted
+    FLOPs, labelled as such), and the command that continues the grid in chunks."""
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    from .costs import MACHINE, MEASURED, gpu_seconds, hours
     from .presets import get_preset
 
     out = Path(out)
-    lines, left = [f"{name}: {len(EXPERIMENTS[name].runs)} runs in {out}"], 0.0
+    lines = [f"{name}: {len(EXPERIMENTS[name].runs)} runs in {out}"]
+    left = gpu_left = 0.0
+    unknown = []
     for run in EXPERIMENTS[name].runs:
-        preset = get_preset(run.preset).values
-        total = preset["train"]["steps"]
-        checkpoint, log = out / run.name / "checkpoint.json", out / run.name / "log.csv"
-        done = read_checkpoint_meta(checkpoint)[1]["step"] if checkpoint.exists() else 0
-        rate = None
-        if log.exists():
-            rows = [r for r in log.read_text().splitlines()[1:] if r]
-            if rows:
-                per_s = float(rows[-1].split(",")[-1] or 0)
-                rate = per_s / (preset["train"]["meta_batch"] if run.command == "train" else 1)
-        need = (total - done) / rate if rate else None
-        left += need or 0
-        when = (
-            f", {rate:.2f} it/s: {need / 60:.0f} min left"
-            if need is not None
-            else (", not started" if not done else "")
-        )
-        lines.append(f"  {run.name:<36} {done:>6} / {total} iterations{when}")
+        preset = get_preset(run.preset)
+        total = preset.values["train"]["steps"]
+        done, rate = _done_and_rate(out / run.name)
+        timing = MEASURED.get(preset.timing)
+        source = "its log" if rate is not None else f"measured for {preset.timing}" if timing else None
+        rate = rate if rate is not None else (timing.cpu_seconds if timing else None)
+        remaining = max(total - done, 0)
+        if rate is None:
+            unknown.append(run.name)
+            when = ", not timed"
+        else:
+            left += remaining * rate
+            when = f", {rate:.2f} s/iteration ({source}): {hours(remaining * rate)} left"
+        if timing is not None:
+            gpu_left += remaining * gpu_seconds(timing)
+            when += f", ~{hours(remaining * gpu_seconds(timing))} on a GPU (estimate)"
+        lines.append(f"  {run.name:<40} {done:>7} / {total} iterations{when}")
     lines.append(
-        f"measured time left: {left / 60:.0f} min (runs not started yet not counted); continue in chunks with: "
-        f"metareg reproduce {name} --out {out} --time-budget SECONDS"
+        f"time left on {MACHINE}: {hours(left)} at the measured rates"
+        + (f" (not timed, not counted: {', '.join(unknown)})" if unknown else "")
     )
+    lines.append(
+        f"time left on one GPU: ~{hours(gpu_left)} (an ESTIMATE, not a measurement: FLOPs counted on the CPU at an "
+        "assumed throughput, see metareg.runs.costs)"
+    )
+    lines.append(f"continue in chunks with: metareg reproduce {name} --out {out} --time-budget SECONDS")
     return "\n".join(lines)
