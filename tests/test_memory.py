@@ -389,3 +389,42 @@ def test_bad_memory_and_precision_settings_are_config_errors(overrides, message)
 
     with pytest.raises(ConfigError, match=message):
         resolve("quickstart", None, [parse_assignment(o) for o in overrides])
+
+
+def test_maml_plus_plus_schedules_give_the_same_meta_gradient_in_every_strategy():
+    """MAML++'s multi-step loss and derivative-order annealing (both follow the epoch) under
+    recomputed steps, vmap and the parallel processes: the loop's meta-gradient at each epoch
+    (epoch 0: multi-step and first order; 1: multi-step, second order; 2: the last query loss).
+    Catches helpers that keep the epoch they were forked at (checked: the parallel rows then
+    differ from epoch 1 on) and a recomputed step that drops the intermediate query losses."""
+    from metareg import BilevelLearner, InnerRule
+
+    batch = random_image_batch(tasks=3)
+
+    def meta_gradient(epoch: int, **engine) -> torch.Tensor:
+        torch.manual_seed(0)
+        learner = BilevelLearner(
+            tiny_conv(), InnerRule("sgd", lr=0.1), inner_steps=3, multi_step_epochs=2, first_order_epochs=1, **engine
+        )
+        learner.set_epoch(0)
+        learner.meta_backward(batch)  # the helpers (parallel) are forked here, at epoch 0
+        learner.zero_grad()
+        learner.set_epoch(epoch)
+        learner.meta_backward(batch)
+        grads = torch.cat([p.grad.flatten() for p in learner.parameters() if p.grad is not None])
+        if learner.pool is not None:
+            learner.pool.close()
+        return grads
+
+    by_epoch = [meta_gradient(epoch, strategy="loop") for epoch in range(3)]
+    assert not torch.allclose(by_epoch[0], by_epoch[1]) and not torch.allclose(by_epoch[1], by_epoch[2])
+    for epoch, reference in enumerate(by_epoch):
+        for engine in (
+            {"strategy": "loop", "recompute": True},
+            {"strategy": "vmap"},
+            {"strategy": "parallel", "workers": 2},
+            {"strategy": "parallel", "workers": 2, "recompute": True},
+        ):
+            torch.testing.assert_close(
+                meta_gradient(epoch, **engine), reference, rtol=1e-10, atol=1e-12, msg=str(engine)
+            )

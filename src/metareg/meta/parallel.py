@@ -80,7 +80,11 @@ def _serve(learner: nn.Module, conn: multiprocessing.connection.Connection) -> N
             conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc(limit=3)))
 
 
-def _stop(processes: list, connections: list) -> None:
+def _stop(processes: list, connections: list, owner: int | None = None) -> None:
+    """Stop the helpers; only in the process that started them (``owner``): a process forked later
+    (another pool's helper) inherits this pool's finalizer and must leave them alone."""
+    if owner is not None and owner != os.getpid():
+        return
     for conn in connections:
         try:
             conn.send(None)
@@ -120,7 +124,7 @@ class TaskPool:
             theirs.close()
             self.processes.append(process)
             self.connections.append(ours)
-        weakref.finalize(self, _stop, self.processes, self.connections)
+        weakref.finalize(self, _stop, self.processes, self.connections, os.getpid())
 
     def close(self) -> None:
         _stop(self.processes, self.connections)
