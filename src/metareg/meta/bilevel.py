@@ -35,13 +35,6 @@ learner its epoch (:meth:`BilevelLearner.set_epoch`); the per-step learning rate
 :func:`~metareg.nets.layers.inner_step`: the support pass of step k and the query pass after step k
 use row k); cosine annealing is the trainer's. With the multi-step loss the logged ``loss`` is still
 the query loss after the last step (the released code logs the weighted objective).
-
-Execution strategies give the same numbers (tests check it):
-- ``loop``: tasks one after the other, each followed by its own backward pass, so that the graph of
-  only one task is alive at a time (lowest memory; the fastest on CPU, measured by ``metareg bench``).
-- ``vmap``: ``torch.func.vmap`` over the tasks with ``torch.func.grad`` inner steps: one batched
-  graph (expected to pay on GPUs, where small kernels are latency bound). Batch norm is switched to
-  explicit mean/variance there: under ``vmap``, ``F.batch_norm`` gives wrong second-order gradients.
 """
 
 from __future__ import annotations
