@@ -61,6 +61,8 @@ def entries(data: Path) -> dict[str, tuple[str, list[str]]]:
         "resnet18-5w5s-metasgd": ("dropgrad-metasgd-5w5s-dropgrad", mini + FAST),
         "resnet18-5w5s-3steps": ("dropgrad-maml-5w5s-n3-dropgrad", mini + FAST),
         "resnet18-5w5s-7steps": ("dropgrad-maml-5w5s-n7-dropgrad", mini + FAST),
+        "resnet12-5w1s": ("miniimagenet-5w1s-resnet12", mini + FAST),
+        "resnet12-5w5s": ("miniimagenet-5w5s-resnet12", mini + FAST),
         "resnet18-pretrain": (
             "dropgrad-pretrain-resnet18",
             [*mini, "data.train_per_class=90", "train.log_every=1", "perturb.mc_samples=1"],

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from metareg.config import SCHEMAS, Config, parse_assignment
+from metareg.config import SCHEMAS, Config, moved_keys, parse_assignment
 from metareg.errors import ConfigError
 from metareg.runs.common import resolve
 from metareg.runs.presets import PRESETS
@@ -16,6 +16,17 @@ def test_every_preset_resolves_and_names_its_paper_row():
         config = resolve(name, schema=schemas[preset.kind])
         assert config.preset == name
         assert preset.paper
+
+
+def test_every_preset_uses_todays_key_names_and_long_ones_have_a_measured_cost():
+    """A preset written with a renamed key would print a notice on every run and break what reads its
+    values directly (``reproduce --plan`` reads ``train.steps``). Caught: miniimagenet-5w1s-resnet12
+    with ``train.iterations`` / ``train.meta_lr``."""
+    from metareg.runs.costs import MEASURED
+
+    for name, preset in PRESETS.items():
+        assert moved_keys(preset.values, preset.kind)[1] == [], name
+        assert not preset.timing or preset.timing in MEASURED, (name, preset.timing)
 
 
 def test_a_preset_of_another_kind_names_the_command_that_runs_it():

@@ -23,7 +23,9 @@ changes its speed, not its peak; the others with the default allocator, as their
 * ``engine``: ``BilevelLearner.meta_backward`` with the strategy ``metareg train`` takes on this
   device, the graph of every inner step stored;
 * ``engine-recompute``: the same with ``train.recompute`` (:mod:`metareg.meta.recompute`);
-* ``engine-loop`` (CPU, where the default strategy is ``parallel``): the single-process loop, stored;
+* ``engine-parallel`` (CPU): the engine with ``train.strategy=parallel`` (the meta-batch's tasks
+  shared among single-thread processes, :mod:`metareg.meta.parallel`), stored; ``auto`` takes the
+  loop on a CPU, so this row is what decides whether it should take this;
 * ``engine-bf16`` (CUDA only): the engine under bf16 autocast (``train.precision``), after the
   bf16 meta-gradient's relative error and cosine against float32's on one task of the shape.
 
@@ -207,7 +209,7 @@ def step_function(impl: str, model, batch: TaskBatch, shape: dict, steps: int, d
                     (F.cross_entropy(fmodel(batch.query_x[i]), batch.query_y[i]) / n).backward()
 
         return hi
-    strategy = "loop" if impl == "engine-loop" else default_strategy(shape, device)
+    strategy = {"engine-parallel": "parallel"}.get(impl) or default_strategy(shape, device)
     precision = "bf16" if impl == "engine-bf16" else "float32"
     learner = engine(model, shape, steps, device, strategy, recompute=impl == "engine-recompute", precision=precision)
 
@@ -357,8 +359,8 @@ def run_memory_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         shape = SHAPES[name]
         strategy = default_strategy(shape, device)
         impls = ["plain-loop", *THIRD_PARTY, "engine", "engine-recompute"]
-        if strategy == "parallel":
-            impls.append("engine-loop")
+        if kind == "cpu" and strategy != "parallel":
+            impls.append("engine-parallel")
         if kind == "cuda":  # bf16 autocast: measured where it is meant to pay
             impls.append("engine-bf16")
         meta_batch = shape["meta_batch"][kind]

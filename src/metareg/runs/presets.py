@@ -375,7 +375,6 @@ for _base, (_column, _setting) in _BASES.items():
 # al. 2017: alpha 0.01, 5 inner steps, 10 at meta-test, meta-batch 4 for 1-shot and 2 for 5-shot, Adam
 # 1e-3, 60000 iterations, meta-gradients clipped to [-10, 10] as in their code). Second order with
 # recomputed inner steps (train.recompute): the stored graphs of 5 steps need about 3x the memory.
-RESNET12_COST = "PENDING"
 
 
 def _miniimagenet_resnet12(shot: int) -> dict[str, Any]:
@@ -384,9 +383,9 @@ def _miniimagenet_resnet12(shot: int) -> dict[str, Any]:
         "model": {"backbone": "resnet12"},
         "inner": {"step": "sgd", "lr": 0.01, "steps": 5, "eval_steps": 10},
         "train": {
-            "iterations": 60000,
+            "steps": 60000,
             "meta_batch": 4 if shot == 1 else 2,
-            "meta_lr": 1e-3,
+            "lr": 1e-3,
             "clip": 10.0,
             "val_every": 2000,
             "checkpoint_every": 500,
@@ -402,7 +401,7 @@ for _shot in (1, 5):
         "none: not a paper row of the seeds (MAML's miniImageNet settings of Finn et al. 2017 on ResNet-12, the "
         "backbone the few-shot field reports today; the seeds' MAML rows use Conv4)",
         _miniimagenet_resnet12(_shot),
-        cost=RESNET12_COST,
+        timing=f"resnet12-5w{_shot}s",
     )
 
 

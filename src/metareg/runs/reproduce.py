@@ -391,7 +391,7 @@ def _dropgrad_table_4() -> Experiment:
         "dropgrad-table-4",
         "Cross-domain few-shot classification: meta-train on miniImageNet, meta-test on CUB (accuracy, %), "
         "DropGrad Table 4",
-        "DropGrad Table 4 (CUB: Chen et al.'s novel classes, data set `cub`, --set data.test_root=DIR)",
+        "DropGrad Table 4 (CUB: Chen et al.'s novel classes, data set `cub` under $METAREG_DATA_ROOT)",
         tuple(runs),
         ("1-shot", "5-shot"),
         scale=100.0,
@@ -960,13 +960,20 @@ def plan(name: str, out: str | Path) -> str:
             gpu_left += remaining * gpu_seconds(timing)
             when += f", ~{hours(remaining * gpu_seconds(timing))} on a GPU (estimate)"
         lines.append(f"  {run.name:<40} {done:>7} / {total} iterations{when}")
+    timed = len(unknown) < len(EXPERIMENTS[name].runs)
     lines.append(
-        f"time left on {MACHINE}: {hours(left)} at the measured rates"
+        (
+            f"time left on {MACHINE}: {hours(left)} at the measured rates"
+            if timed
+            else f"time left on {MACHINE}: unknown"
+        )
         + (f" (not timed, not counted: {', '.join(unknown)})" if unknown else "")
     )
     lines.append(
         f"time left on one GPU: ~{hours(gpu_left)} (an ESTIMATE, not a measurement: FLOPs counted on the CPU at an "
         "assumed throughput, see metareg.runs.costs)"
+        if gpu_left or timed
+        else "time left on one GPU: unknown (no run of this grid has a counted cost)"
     )
     lines.append(f"continue in chunks with: metareg reproduce {name} --out {out} --time-budget SECONDS")
     return "\n".join(lines)
