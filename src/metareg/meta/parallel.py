@@ -29,15 +29,17 @@ import multiprocessing.connection
 import os
 import traceback
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
 from ..data.tasks import TaskBatch
 from ..errors import ConfigError, DistributedError
 from ..nets.modes import set_training_progress
+
+if TYPE_CHECKING:
+    from .bilevel import BilevelLearner
 
 
 def available_cores() -> int:
@@ -59,7 +61,7 @@ def shares(num_tasks: int, workers: int) -> list[range]:
     return [r for r in out if len(r)]
 
 
-def _serve(learner: nn.Module, conn: multiprocessing.connection.Connection) -> None:
+def _serve(learner: BilevelLearner, conn: multiprocessing.connection.Connection) -> None:
     """A helper: one intra-op thread; answers each request with its tasks' gradient rows."""
     torch.set_num_threads(1)
     while True:
@@ -100,7 +102,7 @@ def _stop(processes: list, connections: list, owner: int | None = None) -> None:
 class TaskPool:
     """``workers`` processes (this one included) computing the tasks of each meta-batch."""
 
-    def __init__(self, learner: nn.Module, workers: int):
+    def __init__(self, learner: BilevelLearner, workers: int):
         if workers < 2:
             raise ConfigError(f"the parallel strategy needs at least 2 workers, got {workers}")
         self.learner = learner
