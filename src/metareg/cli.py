@@ -563,6 +563,8 @@ def _model_result(
                 f"is a stored result ({p}), measured when it was written"
             )
         return EvalResult.from_dict(read_result(p)), None
+    if config is None:  # never: a path that is no stored result was read as a run above
+        raise ConfigError(f"{path} is neither a run nor a stored result")
     if args.data_root:
         config.data.root = args.data_root
     if args.device:

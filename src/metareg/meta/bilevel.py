@@ -72,6 +72,8 @@ from .schedule import multi_step_weights
 
 Params = dict[str, Tensor]
 Loss = Callable[[Tensor, Tensor], Tensor]
+Strategy = Literal["loop", "vmap", "parallel"]
+Precision = Literal["float32", "bf16"]
 
 
 def accepts_sample(model: nn.Module) -> bool:
@@ -188,10 +190,10 @@ class BilevelLearner(nn.Module):
         fast: list[str] | tuple[str, ...] = ("*",),
         mc_samples: int = 1,
         eval_mc_samples: int = 1,
-        strategy: Literal["loop", "vmap", "parallel"] = "loop",
+        strategy: Strategy = "loop",
         mc_batch: bool = False,
         recompute: bool = False,
-        precision: Literal["float32", "bf16"] = "float32",
+        precision: Precision = "float32",
         task_chunk: int | None = None,
         memory_budget: float | None = None,
         workers: int | None = None,

@@ -55,6 +55,7 @@ from ..perturb.attach import probe
 from ..seeds import derive_seed
 
 TRAIN_PASS, TEST_PASS = 0, 1
+JointStrategy = Literal["loop", "vmap"]
 
 
 @contextmanager
@@ -132,7 +133,7 @@ class JointLearner(nn.Module):
         num_tasks: int,
         *,
         input_shape: Sequence[int],
-        strategy: Literal["loop", "vmap"] = "loop",
+        strategy: JointStrategy = "loop",
         classes: Sequence[int] | None = None,
         sample: bool = True,
     ):
