@@ -135,6 +135,15 @@ def test_the_inner_rule_is_built_for_the_learners_one_fast_selection():
     metareg.BilevelLearner(model, built)  # built for all of them: accepted
 
 
+@pytest.mark.parametrize("counts", [{"inner_steps": 0}, {"mc_samples": 0}, {"eval_mc_samples": 0}])
+def test_impossible_counts_are_refused_when_the_learner_is_built(counts):
+    """Counts below 1 given through the Python API (the CLI's config ranges never reach it) fail at
+    once in one line, not later inside autograd (0 samples made the inner loss the float 0.0)."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        metareg.MAML(net, lr=0.1, steps=counts.pop("inner_steps", 1), **counts)
+
+
 def test_the_public_names_are_documented_and_importable():
     for name in metareg.__all__:
         obj = getattr(metareg, name)

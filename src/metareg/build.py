@@ -6,7 +6,7 @@ the same config get the same objects."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -16,8 +16,8 @@ from .data import build_task_source, get_episodic
 from .data.tasks import TaskSource
 from .errors import ConfigError
 from .inner import InnerRule
-from .meta.bilevel import BilevelLearner
-from .meta.joint import JointLearner
+from .meta.bilevel import BilevelLearner, Precision, Strategy
+from .meta.joint import JointLearner, JointStrategy
 from .meta.ordinary import load_convolutions
 from .nets import create_model
 from .nets.layers import tracks_running_statistics
@@ -48,14 +48,14 @@ def dtype_of(config: Any) -> torch.dtype:
 
 def resolve_strategy(
     strategy: str, device: torch.device, backbone: str, vmap_safe: bool = True, recompute: bool = False
-) -> str:
+) -> Strategy:
     """``auto``: ``vmap`` on CUDA and for the small MLP regressors (1.5x the loop's tasks/s on the
     sine preset on CPU, where per-task Python overhead dominates); the per-task loop for conv nets
     on CPU (``metareg bench``: the loop is 1.5x faster than ``vmap`` there, with 1/5 the memory),
     and for perturbations ``vmap`` cannot batch (``vmap_safe = False``: mixup's permutations,
     inner-loop attacks), and for recomputed inner steps (``recompute``: one task's graph at a time)."""
     if strategy != "auto":
-        return strategy
+        return cast(Strategy, strategy)  # a name the config's check accepted
     return "vmap" if (device.type == "cuda" or backbone == "mlp") and vmap_safe and not recompute else "loop"
 
 
@@ -206,7 +206,7 @@ def build_learner(config: Config, perturbation: Any = None) -> BilevelLearner:
         ),
         mc_batch=resolve_mc_batch(config.inner.mc_batch, device, model),
         recompute=config.train.recompute,
-        precision=config.train.precision,
+        precision=cast(Precision, config.train.precision),  # checked with the config
         task_chunk=config.train.task_chunk,
         memory_budget=config.train.memory_budget,
         workers=config.train.workers,
@@ -231,7 +231,8 @@ def build_joint_learner(
         torch.manual_seed(derive_seed(config.seed, t, 11))
         return build_network(config.model.backbone, widest, size, config.model.options, factory)
 
-    strategy = resolve_strategy(config.train.strategy, device, config.model.backbone)
+    # loop or vmap: the meta-train config's check accepts no other
+    strategy = cast(JointStrategy, resolve_strategy(config.train.strategy, device, config.model.backbone))
     learner = JointLearner(
         build,
         share,

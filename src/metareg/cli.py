@@ -563,6 +563,8 @@ def _model_result(
                 f"is a stored result ({p}), measured when it was written"
             )
         return EvalResult.from_dict(read_result(p)), None
+    if config is None:  # never: a path that is no stored result was read as a run above
+        raise ConfigError(f"{path} is neither a run nor a stored result")
     if args.data_root:
         config.data.root = args.data_root
     if args.device:
@@ -737,6 +739,12 @@ def cmd_presets(args: argparse.Namespace) -> None:  # noqa: ARG001
             f"{name:<{width}}  {preset.description}\n{'':<{width}}  run with `{SCHEMAS[preset.kind].command}`; "
             f"reproduces: {preset.paper}" + (f"\n{'':<{width}}  cost: {cost}" if cost else "")
         )
+    from .runs.reproduce import EXPERIMENTS
+
+    print("\npaper tables and figures as grids of these presets (`metareg reproduce NAME`, `--plan` for the cost):")
+    width = max(map(len, EXPERIMENTS))
+    for name, experiment in EXPERIMENTS.items():
+        print(f"{name:<{width}}  {experiment.source}: {len(experiment.runs)} runs")
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> None:

@@ -148,6 +148,7 @@ class EvalConfig:
     tasks_per_batch: int = 4
 
 
+@dataclass
 class _RunConfig:
     """A whole run's config: to and from plain dicts (unknown keys are errors; keys of earlier
     versions are read under their new names, see :data:`RENAMED`)."""
@@ -361,6 +362,7 @@ def moved_keys(values: Any, kind: str) -> tuple[Any, list[tuple[str, str]]]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
     for old, new in RENAMED.get(kind, {}).items():
         *old_sections, old_key = old.split(".")
+        holder: dict[str, Any] | None  # the section that holds old_key, None if there is none
         holder = out
         for section in old_sections:
             holder = holder.get(section) if isinstance(holder.get(section), dict) else None
@@ -459,7 +461,7 @@ def _build(cls: type, values: Any, where: str) -> Any:
             hint = f" (did you mean '{where}{close[0]}'?)" if close else f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key {path!r}{hint}")
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{path}.")
             continue
         try:

@@ -162,7 +162,11 @@ class FewShotModel:
         self.regression = dataset.regression
         self.way = None if dataset.regression else config.data.way
         size = config.data.image_size or dataset.image_size
-        self.input_shape: tuple[int, ...] = (1,) if dataset.regression else (dataset.channels, size, size)
+        if size is None and not dataset.regression:
+            raise ConfigError(f"data set {config.data.name!r} has no default image size: set data.image_size")
+        self.input_shape: tuple[int, ...] = (
+            (1,) if dataset.regression or size is None else (dataset.channels, size, size)
+        )
 
     def to(self, device: str | torch.device) -> FewShotModel:
         self.learner.to(resolve_device(str(device)))
@@ -199,7 +203,7 @@ class FewShotModel:
         x = _images(support_x, self.input_shape, "support_x", device, dtype)
         if not isinstance(support_y, Tensor) or support_y.shape[:1] != x.shape[:1]:
             raise ConfigError(f"support_y must be a tensor with one entry per support example ({len(x)})")
-        if self.regression:
+        if self.way is None:  # regression
             y = support_y.to(device=device, dtype=dtype).reshape(len(x), 1)
         else:
             if support_y.dtype.is_floating_point or support_y.dim() != 1:

@@ -60,7 +60,7 @@ def remove_temporaries(folder: Path) -> list[Path]:
     """Remove the temporary files a killed writer left in ``folder`` (only names :func:`temporary_name`
     makes, only plain files directly in it). Call it only while no other process writes there (with the
     folder's lock, :mod:`metareg.runlock`); returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(Path(folder).iterdir())
     except OSError:

@@ -23,7 +23,7 @@ from .errors import ConfigError
 
 def _hints(factory: Callable[..., Any]) -> dict[str, Any]:
     target = inspect.unwrap(factory)
-    target = target.__init__ if isinstance(target, type) else target
+    target = target.__init__ if inspect.isclass(target) else target
     try:
         return typing.get_type_hints(target)
     except Exception:

@@ -24,6 +24,12 @@ Groups = Mapping[str, Sequence[str]]
 COMMON_GROUPS: dict[str, list[str]] = {"full": ["*"]}
 
 
+def layer_groups(model: object) -> dict[str, list[str]] | None:
+    """The groups ``model`` names in its ``layer_groups()``, None if it has no such method."""
+    method = getattr(model, "layer_groups", None)
+    return None if method is None else method()
+
+
 def expand(spec: str | Sequence[str], groups: Groups | None = None) -> list[str]:
     """Glob patterns for ``spec``: a group name, ``"a+b"``, a pattern, or a list of any of these."""
     known = COMMON_GROUPS | dict(groups or {})

@@ -62,7 +62,8 @@ class ClassImages(ImageSet):
     images: Tensor
     class_indices: Sequence[Tensor]
     class_names: Sequence[str]
-    rotations: Tensor | None = None
+    # None: no rotations (all zeros, set by __post_init__, after which it is always a tensor)
+    rotations: Tensor = None  # type: ignore[assignment]
     dataset: str = "dataset"
     split: str = "split"
     index_table: Tensor = field(init=False, repr=False)

@@ -124,11 +124,11 @@ def load_cub(root: str | Path, split: str, image_size: int = 84, *, cache: bool 
         return torch.from_numpy(out), {"rows": count}
 
     key = cache_key("cub-episodic", split, digest.hexdigest(), image_size)
-    images, _ = cached_images(f"cub-{split}-{image_size}px", key, build, enabled=cache)
+    pixels, _ = cached_images(f"cub-{split}-{image_size}px", key, build, enabled=cache)
     sizes = torch.tensor([len(f) for f in files])
     starts = torch.cumsum(sizes, 0) - sizes
     return ClassImages(
-        images=images,
+        images=pixels,
         class_indices=[torch.arange(int(s), int(s) + int(n)) for s, n in zip(starts, sizes)],
         class_names=names,
         dataset="cub",

@@ -87,7 +87,7 @@ def _classes(n: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     h1 = torch.where(kind == 0, 0.0, torch.where(kind == 3, free_bend[..., 0], bend))
     h2 = torch.where(kind == 0, 0.0, torch.where(kind == 1, bend, torch.where(kind == 2, -bend, free_bend[..., 1])))
 
-    strokes = []
+    strokes: list[Tensor] = []
     for i in range(s):
         start = free_start[:, i]
         if i > 0:

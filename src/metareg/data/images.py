@@ -28,15 +28,16 @@ def decode_image(source: bytes | str | Path, mode: str, image_size: int, *, name
     to decode (``name``: the file, for bytes)."""
     name = name if name is not None or isinstance(source, bytes) else source
     if not isinstance(source, bytes):
+        path = source
         try:
-            source = Path(source).read_bytes()
+            source = Path(path).read_bytes()
         except PermissionError:
             raise DataError(
-                f"cannot read image {source}: permission denied; make the data readable (chmod -R a+r on its folder)"
+                f"cannot read image {path}: permission denied; make the data readable (chmod -R a+r on its folder)"
             ) from None
     try:
-        with Image.open(io.BytesIO(source)) as im:
-            im = im.convert(mode)
+        with Image.open(io.BytesIO(source)) as file:
+            im = file.convert(mode)
             if im.size != (image_size, image_size):
                 im = im.resize((image_size, image_size), resample=Image.Resampling.LANCZOS)
             return np.asarray(im, dtype=np.uint8)

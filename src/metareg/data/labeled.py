@@ -226,12 +226,11 @@ def class_tasks(
         cut = [min(len(members[int(c)]) - 1, max(1, int(len(members[int(c)]) * train_fraction))) for c in group]
         train = torch.cat([members[int(c)][:n] for c, n in zip(group, cut)])
         test = torch.cat([members[int(c)][n:] for c, n in zip(group, cut)])
-        out.append(
-            tuple(
-                LabeledImages(data.images[ix], relabel[data.labels[ix]], names, data.dataset, f"task{t}-{part}")
-                for ix, part in ((train, "train"), (test, "test"))
-            )
+        train_set, test_set = (
+            LabeledImages(data.images[ix], relabel[data.labels[ix]], names, data.dataset, f"task{t}-{part}")
+            for ix, part in ((train, "train"), (test, "test"))
         )
+        out.append((train_set, test_set))
     return out
 
 
@@ -261,12 +260,11 @@ def instance_tasks(
         cut = [min(len(m) - 1, max(1, int(len(m) * train_fraction))) for m in parts]
         train = torch.cat([m[:n] for m, n in zip(parts, cut)])
         test = torch.cat([m[n:] for m, n in zip(parts, cut)])
-        out.append(
-            tuple(
-                LabeledImages(data.images[ix], data.labels[ix], list(data.class_names), data.dataset, f"task{t}-{part}")
-                for ix, part in ((train, "train"), (test, "test"))
-            )
+        train_set, test_set = (
+            LabeledImages(data.images[ix], data.labels[ix], list(data.class_names), data.dataset, f"task{t}-{part}")
+            for ix, part in ((train, "train"), (test, "test"))
         )
+        out.append((train_set, test_set))
     return out
 
 

@@ -220,6 +220,7 @@ def load_omniglot(
     root = Path(root).expanduser()
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
         raise DataError(f"Omniglot image_size must be a positive integer, got {image_size!r}")
+    archives: tuple[str, ...]
     if class_split == "vinyals":
         if split not in VINYALS_SPLITS:
             raise DataError(

@@ -17,6 +17,7 @@ task on any inputs (to plot the true curve).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,11 +36,11 @@ def _count(value: object, name: str, where: str) -> int:
 
 
 def _interval(
-    value: object, name: str, where: str, *, strict: bool = False, min_low: float | None = None
+    value: Any, name: str, where: str, *, strict: bool = False, min_low: float | None = None
 ) -> tuple[float, float]:
     """A validated ``(low, high)`` pair of finite floats with low <= high (low < high if strict)."""
     try:
-        low, high = (float(v) for v in value)  # type: ignore[union-attr]
+        low, high = (float(v) for v in value)
     except (TypeError, ValueError):
         raise DataError(f"{where}: {name} must be a pair (low, high) of numbers, got {value!r}") from None
     if not (math.isfinite(low) and math.isfinite(high)):

@@ -340,8 +340,8 @@ def _decode_rgb(
     try:
         if box is None and not trim_bottom:
             return decode_image(path, "RGB", image_size).transpose(2, 0, 1)
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as file:
+            im = file.convert("RGB")
         if box is not None:
             w, h = im.size
             left, top, right, bottom = max(0, box[0]), max(0, box[1]), min(w, box[2]), min(h, box[3])

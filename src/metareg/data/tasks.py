@@ -72,6 +72,16 @@ class TaskSource(Protocol):
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch: ...
 
 
+class IndexedTaskSource(TaskSource, Protocol):
+    """A source that draws a batch's image indices on the host and gathers the images where they
+    are (the image samplers): ``sample`` is ``gather(*draw(...))``, and a captured CUDA graph
+    replays the gather."""
+
+    def draw(self, num_tasks: int, generator: torch.Generator) -> tuple[Tensor, Tensor]: ...
+
+    def gather(self, rows: Tensor, turns: Tensor) -> TaskBatch: ...
+
+
 def on_device(source: TaskSource, device: torch.device | str) -> TaskSource:
     """``source`` producing its batches on ``device`` when it can (images moved there once), else
     itself (its small batches are moved when used)."""

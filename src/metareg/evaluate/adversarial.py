@@ -8,12 +8,12 @@ on. The attacks themselves (FGSM, PGD in L-infinity / L2 / L1 balls, EoT) are in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..perturb.adversarial import PGD, fgsm
+from ..perturb.adversarial import PGD, Norm, fgsm
 
 if TYPE_CHECKING:
     from ..meta import BilevelLearner
@@ -27,7 +27,7 @@ def make_attack(name: str, epsilon: float, *, steps: int = 10, draws: int = 1) -
         raise ConfigError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
     if name == "fgsm":
         return fgsm(epsilon, draws)
-    return PGD(name.removeprefix("pgd-"), epsilon, steps=steps, draws=draws)
+    return PGD(cast(Norm, name.removeprefix("pgd-")), epsilon, steps=steps, draws=draws)  # checked above
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,8 @@ def episode_stream(source: TaskSource, episodes: int, seed: int, tasks_per_batch
     these episodes are gathered (the others are still drawn, so the stream is the same)."""
     generator = torch.Generator().manual_seed(seed)
     keep = keep if keep is not None else range(episodes)
-    done, pending, first = 0, [], None
+    pending: list[TaskBatch] = []
+    done, first = 0, None
     while done < episodes:
         task = source.sample(1, generator)
         if done in keep:

@@ -13,7 +13,8 @@ meta-training (DropGrad acts only then).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -48,18 +49,21 @@ class Chain(GradientTransform):
         super().__init__()
         self.transforms = nn.ModuleList(transforms)
 
+    def _parts(self) -> Iterable[GradientTransform]:
+        return cast("Iterable[GradientTransform]", self.transforms)  # nn.ModuleList is not generic
+
     def init(self, params: dict[str, Tensor]) -> list[Any]:
-        return [t.init(params) for t in self.transforms]
+        return [t.init(params) for t in self._parts()]
 
     def update(self, grads: Grads, state: list[Any], step: int) -> tuple[Grads, list[Any]]:
         new_state = []
-        for transform, s in zip(self.transforms, state):
+        for transform, s in zip(self._parts(), state):
             grads, s = transform.update(grads, s, step)
             new_state.append(s)
         return grads, new_state
 
     def built_for(self) -> set[str] | None:
-        found = [names for t in self.transforms if (names := t.built_for()) is not None]
+        found = [names for t in self._parts() if (names := t.built_for()) is not None]
         if any(names != found[0] for names in found):
             raise ConfigError("the transforms of this inner rule were built for different fast parameters")
         return found[0] if found else None

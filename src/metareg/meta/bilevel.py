@@ -42,7 +42,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ from ..inner.registry import InnerRule
 from ..nets.layers import inner_step, stacked_copies, tracks_running_statistics, use_vmap_safe_layers
 from ..nets.modes import set_training_progress
 from ..nets.slots import perturbation_parameter_names, perturbed_loss, recording
-from ..selection import select
+from ..selection import layer_groups, select
 from .memory import chunk_size, cuda_peak_bytes, saved_tensor_bytes
 from .parallel import TaskPool, accumulate, available_cores
 from .precision import autocast, check_precision
@@ -65,6 +65,8 @@ from .schedule import multi_step_weights
 
 Params = dict[str, Tensor]
 Loss = Callable[[Tensor, Tensor], Tensor]
+Strategy = Literal["loop", "vmap", "parallel"]
+Precision = Literal["float32", "bf16"]
 
 
 def accepts_sample(model: nn.Module) -> bool:
@@ -79,8 +81,7 @@ def select_fast(model: nn.Module, spec: str | list[str] | tuple[str, ...]) -> li
     (:mod:`metareg.selection`). Which weights are fast is configuration: the presets leave the
     perturbations' parameters (phi) out, as the papers do."""
     names = [n for n, _ in model.named_parameters()]
-    groups = model.layer_groups() if hasattr(model, "layer_groups") else None
-    return select(names, list(spec) if not isinstance(spec, str) else spec, groups, role="fast-parameter")
+    return select(names, list(spec) if not isinstance(spec, str) else spec, layer_groups(model), role="fast-parameter")
 
 
 def check_stackable(model: nn.Module) -> None:
@@ -182,10 +183,10 @@ class BilevelLearner(nn.Module):
         fast: list[str] | tuple[str, ...] = ("*",),
         mc_samples: int = 1,
         eval_mc_samples: int = 1,
-        strategy: Literal["loop", "vmap", "parallel"] = "loop",
+        strategy: Strategy = "loop",
         mc_batch: bool = False,
         recompute: bool = False,
-        precision: Literal["float32", "bf16"] = "float32",
+        precision: Precision = "float32",
         task_chunk: int | None = None,
         memory_budget: float | None = None,
         workers: int | None = None,
@@ -196,6 +197,8 @@ class BilevelLearner(nn.Module):
         super().__init__()
         if inner_steps < 1:
             raise ConfigError(f"inner_steps must be >= 1, got {inner_steps}")
+        if mc_samples < 1 or eval_mc_samples < 1:
+            raise ConfigError(f"mc_samples and eval_mc_samples must be >= 1, got {mc_samples} and {eval_mc_samples}")
         if strategy not in ("loop", "vmap", "parallel"):
             raise ConfigError(f"unknown execution strategy {strategy!r}; choose loop, vmap or parallel")
         if task not in ("classification", "regression"):
@@ -279,8 +282,7 @@ class BilevelLearner(nn.Module):
         """The rule for this learner's fast weights: built here from a spec, or checked if built."""
         params = dict(self.model.named_parameters())
         if isinstance(inner, InnerRule):
-            groups = self.model.layer_groups() if hasattr(self.model, "layer_groups") else None
-            rule = inner.build({n: params[n] for n in self.fast_names}, self.inner_steps, groups)
+            rule = inner.build({n: params[n] for n in self.fast_names}, self.inner_steps, layer_groups(self.model))
             reference = next(iter(params.values()), None)
             return rule.to(reference.dtype) if reference is not None and reference.is_floating_point() else rule
         if not isinstance(inner, GradientTransform):
@@ -364,12 +366,12 @@ class BilevelLearner(nn.Module):
             with stacked_copies(samples), recording() as record:
                 out = self.forward_with(params, x.repeat(repeat), sample=True)
             return perturbed_loss(self.loss, out, y.repeat((samples,) + (1,) * (y.dim() - 1)), record)
-        total = 0.0
+        total: Tensor | float = 0.0
         for _ in range(samples):
             with recording() as record:
                 out = self.forward_with(params, x, sample=True)
             total = total + perturbed_loss(self.loss, out, y, record)
-        return total / samples
+        return cast(Tensor, total) / samples  # a tensor: samples >= 1
 
     # ------------------------------------------------------------------------------- inner loop
     def adaptation(
@@ -474,7 +476,7 @@ class BilevelLearner(nn.Module):
         if self.strategy == "vmap":
             return self._meta_backward_vmap(batch)
         if self.pool is not None and batch.num_tasks > 1:
-            return self._meta_backward_parallel(batch)
+            return self._meta_backward_parallel(self.pool, batch)
         num_tasks = batch.num_tasks
         losses, scores = [], []
         for i in range(num_tasks):
@@ -484,12 +486,12 @@ class BilevelLearner(nn.Module):
             scores.append(self.score(out.detach(), batch.query_y[i]))
         return {"loss": torch.stack(losses).mean(), "score": torch.stack(scores).mean()}
 
-    def _meta_backward_parallel(self, batch: TaskBatch) -> dict[str, Tensor]:
+    def _meta_backward_parallel(self, pool: TaskPool, batch: TaskBatch) -> dict[str, Tensor]:
         """The tasks shared among the pool's processes (:mod:`metareg.meta.parallel`), each with its
         own seed drawn from torch's generator; the rows summed in task order into ``.grad``."""
         n = batch.num_tasks
         seeds = torch.randint(0, 2**62, (n,)).tolist()
-        rows, used, metrics = self.pool.task_gradients(batch, n, seeds)
+        rows, used, metrics = pool.task_gradients(batch, n, seeds)
         accumulate([p for p in self.parameters() if p.requires_grad], rows, used)
         return {"loss": metrics["loss"].mean(), "score": metrics["score"].mean()}
 
@@ -510,16 +512,16 @@ class BilevelLearner(nn.Module):
                 objectives, losses, scores = self._vmap_losses(batch)
             grads = [torch.autograd.grad(objectives.sum() / total, params, allow_unused=True)]
         else:
-            grads, losses, scores = [], [], []
+            grads, task_losses, task_scores = [], [], []
             for i in range(batch.num_tasks):
                 with torch.random.fork_rng(devices=[]) if seeds is not None else nullcontext():
                     if seeds is not None:
                         torch.manual_seed(seeds[i])
                     objective, loss, out = self.task_loss(batch, i)
                 grads.append(torch.autograd.grad(objective / total, params, allow_unused=True))
-                losses.append(loss.detach())
-                scores.append(self.score(out.detach(), batch.query_y[i]))
-            losses, scores = torch.stack(losses), torch.stack(scores)
+                task_losses.append(loss.detach())
+                task_scores.append(self.score(out.detach(), batch.query_y[i]))
+            losses, scores = torch.stack(task_losses), torch.stack(task_scores)
         used = [any(g[j] is not None for g in grads) for j in range(len(params))]
         rows = torch.stack(
             [
@@ -543,7 +545,7 @@ class BilevelLearner(nn.Module):
                     out = self.forward_with(params, qx, sample=False)
                 loss = self.loss(out, qy)
                 objective = objective + (loss if weights is None else weights[step] * loss)
-            return objective, loss, self.score(out, qy)
+            return cast(Tensor, objective), loss, self.score(out, qy)  # a tensor: the last step always counts
 
         return torch.func.vmap(one_task, randomness="different")(
             batch.support_x, batch.support_y, batch.query_x, batch.query_y

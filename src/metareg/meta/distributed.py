@@ -15,7 +15,7 @@ identity, so the same trainer code runs in one process.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,7 +68,7 @@ class World:
             _collective(dist.all_reduce, flat, dist.ReduceOp.SUM)
         return flat
 
-    def broadcast(self, tensors: list[Tensor]) -> None:
+    def broadcast(self, tensors: Sequence[Tensor]) -> None:
         """Make every process hold rank 0's values."""
         if self.distributed:
             for t in tensors:

@@ -39,7 +39,7 @@ task is divided by the total T, so the all-reduced sum is the mean of Eq. 3.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -55,10 +55,11 @@ from ..perturb.attach import probe
 from ..seeds import derive_seed
 
 TRAIN_PASS, TEST_PASS = 0, 1
+JointStrategy = Literal["loop", "vmap"]
 
 
 @contextmanager
-def norm_in_eval_mode(networks: Sequence[nn.Module]):
+def norm_in_eval_mode(networks: Iterable[nn.Module]):
     """Batch norm layers use (and keep) their running statistics inside the block."""
     norms = [
         m for net in networks for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
@@ -123,6 +124,8 @@ class JointLearner(nn.Module):
         ```
     """
 
+    absent: Tensor  # a buffer: [tasks, outputs], True where a task has no such class
+
     def __init__(
         self,
         build: Callable[[int], nn.Module],
@@ -130,7 +133,7 @@ class JointLearner(nn.Module):
         num_tasks: int,
         *,
         input_shape: Sequence[int],
-        strategy: Literal["loop", "vmap"] = "loop",
+        strategy: JointStrategy = "loop",
         classes: Sequence[int] | None = None,
         sample: bool = True,
     ):
@@ -152,12 +155,12 @@ class JointLearner(nn.Module):
             )
         for net in self.networks[1:]:
             tie_parameters(net, self.networks[0], self.phi_names)
-        outputs = probe(self.networks[0], input_shape).shape[-1] if classes is not None else None
+        outputs = probe(self.networks[0], input_shape).shape[-1] if classes is not None else 1
         if classes is not None and (len(classes) != len(self.task_ids) or not all(1 <= c <= outputs for c in classes)):
             raise ConfigError(
                 f"classes must give each of the {len(self.task_ids)} tasks a count in 1..{outputs}, got {list(classes)}"
             )
-        absent = torch.zeros(len(self.task_ids), outputs or 1, dtype=torch.bool)
+        absent = torch.zeros(len(self.task_ids), outputs, dtype=torch.bool)
         for i, c in enumerate(classes or []):
             absent[i, c:] = True
         self.register_buffer("absent", absent, persistent=False)
@@ -216,16 +219,16 @@ class JointLearner(nn.Module):
             losses, correct = self._vmap_losses(x, y)
             self._accumulate(losses.sum(), which)
             return {"loss": losses.detach(), "accuracy": correct}
-        losses, accuracies = [], []
+        task_losses, accuracies = [], []
         for i, (net, task) in enumerate(zip(self.networks, self.task_ids)):
             torch.manual_seed(derive_seed(seed, step, which, task))
             with recording() as record:
                 out = net(x[i], sample=self.sample).masked_fill(self.absent[i], float("-inf"))
             loss = perturbed_loss(F.cross_entropy, out, y[i], record)
             self._accumulate(loss, which, net)
-            losses.append(loss.detach())
+            task_losses.append(loss.detach())
             accuracies.append((out.argmax(-1) == y[i]).float().mean())
-        return {"loss": torch.stack(losses), "accuracy": torch.stack(accuracies)}
+        return {"loss": torch.stack(task_losses), "accuracy": torch.stack(accuracies)}
 
     def _accumulate(self, loss: Tensor, which: int, net: nn.Module | None = None) -> None:
         if which == TRAIN_PASS:
@@ -258,7 +261,7 @@ class JointLearner(nn.Module):
         return losses, accuracy.detach()
 
 
-def _by_name(networks: Sequence[nn.Module], what: str) -> dict[str, list[Tensor]]:
+def _by_name(networks: Iterable[nn.Module], what: str) -> dict[str, list[Tensor]]:
     out: dict[str, list[Tensor]] = {}
     for net in networks:
         for name, tensor in getattr(net, what)():

@@ -83,15 +83,17 @@ class JointTrainer(CheckpointedTrainer):
         # One all-reduce per step: phi's gradient (each task's loss is already divided by T) and
         # the metrics summed over tasks.
         params = self.learner.phi_parameters()
+        grads = []
         for p in params:  # a part of phi an ablation switches off (MetaPerturb without s or z) gets none
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
         sums = torch.stack([train["loss"].sum(), train["accuracy"].sum(), test["loss"].sum(), test["accuracy"].sum()])
-        flat = self.world.all_reduce_sum(torch.cat([p.grad.flatten() for p in params] + [sums.to(params[0].dtype)]))
+        flat = self.world.all_reduce_sum(torch.cat([g.flatten() for g in grads] + [sums.to(params[0].dtype)]))
         offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
         self.phi_optimizer.step()
         means = flat[offset:] / self.learner.num_tasks
         return dict(zip(("train_loss", "train_accuracy", "test_loss", "test_accuracy"), means)) | {

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -37,7 +37,7 @@ def nonfinite_count(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     floats = [t.detach() for t in tensors if t.is_floating_point()]
     if not floats:
         return torch.zeros((), dtype=torch.long)
-    return sum((~torch.isfinite(t)).sum() for t in floats)
+    return cast(torch.Tensor, sum((~torch.isfinite(t)).sum() for t in floats))  # a tensor: floats is not empty
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -166,7 +166,7 @@ class StepLoop:
                     "seconds": round(seconds, 3),
                     self.rate_column: self.per_step * (done - start) / max(seconds - base, 1e-9),
                 }
-                if at_eval:
+                if at_eval and evaluate is not None:
                     last_eval = evaluate()
                     row |= last_eval
                 if log is not None:

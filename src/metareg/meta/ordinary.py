@@ -73,9 +73,10 @@ def load_convolutions(model: nn.Module, source: dict[str, Tensor], prefix: str =
     per-step batch norm gets the source's in every step's row); their running statistics are not.
     Returns the number of tensors copied."""
     perturbation = set(perturbation_parameter_names(model))
+    kinds: tuple[type[nn.Module], ...] = (nn.Conv2d, *((BatchNorm, _BatchNorm) if norms else ()))
     copied = 0
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, *((BatchNorm, _BatchNorm) if norms else ()))):
+        if not isinstance(module, kinds):
             continue
         for pname, param in module.named_parameters(recurse=False):
             key = f"{prefix}{name}.{pname}"

@@ -29,15 +29,26 @@ import multiprocessing.connection
 import os
 import traceback
 import weakref
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.multiprocessing as mp
-from torch import nn
+from torch import Tensor, nn
 
 from ..data.tasks import TaskBatch
 from ..errors import ConfigError, DistributedError
 from ..nets.modes import set_training_progress
+
+
+class _TaskGradients(Protocol):
+    """What the pool asks of its learner (a :class:`~metareg.meta.bilevel.BilevelLearner`, which
+    this module cannot import: the learner imports the pool)."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def task_gradients(
+        self, batch: TaskBatch, total: int, seeds: list[int] | None = None
+    ) -> tuple[Tensor, list[bool], dict[str, Tensor]]: ...
 
 
 def available_cores() -> int:
@@ -73,8 +84,9 @@ def _serve(learner: nn.Module, conn: multiprocessing.connection.Connection) -> N
         try:
             learner.train(training)
             set_training_progress(learner, progress)
-            learner.set_epoch(epoch)
-            rows, used, metrics = learner.task_gradients(batch, total, seeds=seeds)
+            tasks = cast(_TaskGradients, learner)
+            tasks.set_epoch(epoch)
+            rows, used, metrics = tasks.task_gradients(batch, total, seeds=seeds)
             conn.send(("ok", rows, used, metrics))
         except Exception as err:  # reported to the main process, which raises it
             conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc(limit=3)))
@@ -150,7 +162,11 @@ class TaskPool:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            results = [self.learner.task_gradients(batch.tasks(parts[0]), total, seeds=seeds[: parts[0].stop])]
+            results = [
+                cast(_TaskGradients, self.learner).task_gradients(
+                    batch.tasks(parts[0]), total, seeds=seeds[: parts[0].stop]
+                )
+            ]
         finally:
             torch.set_num_threads(threads)
         for process, conn in zip(self.processes[: len(parts) - 1], self.connections):

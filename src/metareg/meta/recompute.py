@@ -48,7 +48,7 @@ class _RecomputedStep(torch.autograd.Function):
     """Inputs: ``n_fast`` fast weights, ``n_state`` state tensors, then the meta-parameters (leaves)."""
 
     @staticmethod
-    def forward(ctx, run: StepFn, spec: Any, n_fast: int, n_state: int, *tensors: Tensor):  # type: ignore[override]
+    def forward(ctx, run: StepFn, spec: Any, n_fast: int, n_state: int, *tensors: Tensor):
         device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
         ctx.run, ctx.spec, ctx.n_fast, ctx.n_state, ctx.device = run, spec, n_fast, n_state, device
         ctx.cpu_rng = torch.get_rng_state()
@@ -65,7 +65,7 @@ class _RecomputedStep(torch.autograd.Function):
         return tuple(t.detach() for t in [*new_fast, *new_state_tensors])
 
     @staticmethod
-    def backward(ctx, *grad_outputs: Tensor):  # type: ignore[override]
+    def backward(ctx, *grad_outputs: Tensor):
         tensors = ctx.saved_tensors
         n = ctx.n_fast + ctx.n_state
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors[:n]] + list(tensors[n:])

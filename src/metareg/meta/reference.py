@@ -78,8 +78,8 @@ def reference_meta_gradient(
         fast = leaves
         for _ in range(steps):
             inner = loss_fn(forward(dict(zip(names, fast)), batch.support_x[i]), batch.support_y[i])
-            g = torch.autograd.grad(inner, fast, create_graph=not first_order)
-            fast = [w - lr * gw for w, gw in zip(fast, g)]
+            inner_grads = torch.autograd.grad(inner, fast, create_graph=not first_order)
+            fast = [w - lr * gw for w, gw in zip(fast, inner_grads)]
         query = loss_fn(forward(dict(zip(names, fast)), batch.query_x[i]), batch.query_y[i]) / batch.num_tasks
         for acc, g in zip(grads, torch.autograd.grad(query, leaves)):
             acc += g

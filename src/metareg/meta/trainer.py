@@ -22,13 +22,14 @@ the iteration, so a resumed run follows them exactly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import torch
 
 from ..checkpoint import restore_rng, rng_tensors, state_to_tensors, tensors_to_state
 from ..config import TrainConfig
-from ..data.tasks import TaskBatch, TaskSource, on_device
+from ..data.tasks import IndexedTaskSource, TaskBatch, TaskSource, on_device
 from ..nets.modes import eval_mode, scheduled
 from ..seeds import derive_seed, seeded
 from .bilevel import BilevelLearner
@@ -141,7 +142,8 @@ class MetaTrainer(CheckpointedTrainer):
 
     def gathered_update(self, rows: torch.Tensor, turns: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`update` on the episodes of drawn indices, gathered on the device."""
-        return self.update(self.source.gather(rows, turns).to(self.device, self.dtype))
+        source = cast(IndexedTaskSource, self.source)  # with a CUDA graph only: a source that draws
+        return self.update(source.gather(rows, turns).to(self.device, self.dtype))
 
     def train_step(self, step: int) -> dict[str, torch.Tensor]:
         """Meta-iteration ``step`` (0-based): sample tasks, meta-backward, clip, Adam step (replayed
@@ -158,7 +160,7 @@ class MetaTrainer(CheckpointedTrainer):
             return self.update(
                 self.source.sample(self.meta_batch, self.episodes).tasks(self.share).to(self.device, self.dtype)
             )
-        rows, turns = self.source.draw(self.meta_batch, self.episodes)
+        rows, turns = cast(IndexedTaskSource, self.source).draw(self.meta_batch, self.episodes)  # see cuda_graph
         if self.graph is None:
             self.graph = capture_or_none(
                 self.gathered_update,
@@ -173,13 +175,13 @@ class MetaTrainer(CheckpointedTrainer):
         return self.graph(rows, turns)
 
     def run(self, resume_log: bool = False) -> dict[str, Any]:
-        def validate() -> dict[str, float]:
-            self.last_val = self.validate(self.learner)
+        def validate(check: Callable[[BilevelLearner], tuple[float, float]]) -> dict[str, float]:
+            self.last_val = check(self.learner)
             return {"val_score": self.last_val[0], "val_ci95": self.last_val[1]}
 
         self.run_steps(
             COLUMNS,
-            evaluate=validate if self.validate is not None else None,
+            evaluate=partial(validate, self.validate) if self.validate is not None else None,
             resume_log=resume_log,
             eval_every=self.val_every,
             shown=("loss", "score", "val_score"),

@@ -3,6 +3,7 @@ Conv6, VGG9), with a feature-perturbation slot in every block."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Transform, episodic_norm, truncated_normal_
+from .layers import Transform, bias_of, episodic_norm, truncated_normal_
 from .registry import register_backbone
 from .slots import LayerInfo, PerturbationFactory, identity_factory
 
@@ -129,7 +130,7 @@ class ConvNet(nn.Module):
         pools = [True] * len(widths) if pool is None else [bool(p) for p in pool]
         if len(pools) != len(widths) or not widths:
             raise ValueError(f"pool must give one flag per block ({len(widths)}), got {len(pools)}")
-        blocks = []
+        blocks: list[ConvBlock] = []
         size, cin = image_size, in_channels
         for i, (width, pooled) in enumerate(zip(widths, pools)):
             slot_size = (size + 1) // 2 if strided else size
@@ -186,18 +187,19 @@ class ConvNet(nn.Module):
             )
         )
         if init == "kaiming":
-            for block in self.blocks:
+            for block in blocks:
                 nn.init.kaiming_normal_(block.conv.weight, mode="fan_out", nonlinearity="relu")
         if init == "truncated_normal":
-            for block in self.blocks:
+            for block in blocks:
                 truncated_normal_(block.conv.weight, 0.02)
-                nn.init.zeros_(block.conv.bias)
+                nn.init.zeros_(bias_of(block.conv))
             nn.init.normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
         if init == "xavier":
-            for layer in [*(block.conv for block in self.blocks), self.head]:
+            layers: list[nn.Conv2d | nn.Linear] = [*(block.conv for block in blocks), self.head]
+            for layer in layers:
                 nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
+                nn.init.zeros_(bias_of(layer))
 
     def layer_groups(self) -> dict[str, list[str]]:
         """Named parameter groups (:mod:`metareg.selection`): the first and last conv blocks, the classifier."""
@@ -226,8 +228,8 @@ def _convnet(**defaults):
     def make(num_outputs, in_channels, image_size, perturbation, **options):
         return ConvNet(num_outputs, in_channels, image_size, perturbation=perturbation, **(defaults | options))
 
-    make.__wrapped__ = ConvNet  # its options are ConvNet's (checked against its signature)
-    return make
+    # make.__wrapped__ = ConvNet: its options are ConvNet's (checked against its signature)
+    return functools.update_wrapper(make, ConvNet, assigned=(), updated=())
 
 
 VGG9_WIDTHS = (64, 128, 256, 256, 512, 512, 512, 512)

@@ -79,6 +79,9 @@ class BatchNorm(nn.Module):
       default, since the released code (and its reported numbers) never does.
     """
 
+    running_mean: Tensor  # buffers, registered with per_step_stats
+    running_var: Tensor
+
     def __init__(
         self,
         channels: int,
@@ -250,3 +253,10 @@ def drop_blocks(x: Tensor, p: float, block_size: int) -> Tensor:
 def truncated_normal_(weight: Tensor, std: float) -> Tensor:
     """Normal(0, std) truncated at two standard deviations (TensorFlow's truncated_normal)."""
     return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def bias_of(layer: nn.Conv2d | nn.Linear) -> Tensor:
+    """The bias of ``layer``, built with one (torch types a convolution's bias as optional)."""
+    if layer.bias is None:
+        raise ValueError(f"this {type(layer).__name__} layer was built without a bias")
+    return layer.bias

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Literal
 
@@ -72,7 +73,8 @@ def _make_mlp(num_outputs, in_channels, image_size, perturbation, **options):  #
     return MLP(in_channels, num_outputs, perturbation=perturbation, **options)
 
 
-_make_mlp.__wrapped__ = MLP  # its options are MLP's (checked against its signature)
+# _make_mlp.__wrapped__ = MLP: its options are MLP's (checked against its signature)
+functools.update_wrapper(_make_mlp, MLP, assigned=(), updated=())
 
 register_backbone(
     "mlp",

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol, cast
 
 from torch import nn
+
+
+class _Scheduled(Protocol):
+    def set_training_progress(self, fraction: float) -> None: ...
+
+
+class _Annealed(Protocol):
+    strength: float
 
 
 @contextmanager
@@ -25,12 +34,12 @@ def set_training_progress(module: nn.Module, fraction: float) -> None:
     strength: anything with a ``set_training_progress`` method) how far training is, in [0, 1]."""
     for part in module.modules():
         if part is not module and hasattr(part, "set_training_progress"):
-            part.set_training_progress(fraction)
+            cast(_Scheduled, part).set_training_progress(fraction)
 
 
 def perturbation_strength(module: nn.Module) -> float:
     """The current strength c of ``module``'s annealed perturbation (MetaPerturb), 1 if none anneals."""
-    return next((float(part.strength) for part in module.modules() if hasattr(part, "strength")), 1.0)
+    return next((float(cast(_Annealed, part).strength) for part in module.modules() if hasattr(part, "strength")), 1.0)
 
 
 def scheduled(module: nn.Module) -> bool:

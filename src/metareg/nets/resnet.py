@@ -26,6 +26,7 @@ initialization.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -131,7 +132,7 @@ def _stages(
     after the first with stride 2, each with its perturbation slot. Returns (blocks, channels, size).
     A slot is ``before_pooling`` when the next block halves the resolution or the global average
     pooling follows (the last block of every stage)."""
-    layers = []
+    layers: list[nn.Module] = []
     total = sum(counts)
     for stage, (count, width) in enumerate(zip(counts, widths)):
         for i in range(count):
@@ -159,6 +160,8 @@ def _stages(
 
 class _ResidualNet(nn.Module):
     """What the residual networks share: blocks with slots, a classifier with its output slot."""
+
+    stem: nn.Module  # each network's own
 
     def _finish(
         self,
@@ -321,8 +324,8 @@ def _resnet(cls: type, **defaults):
     def make(num_outputs, in_channels, image_size, perturbation, **options):
         return cls(num_outputs, in_channels, image_size, perturbation=perturbation, **(defaults | options))
 
-    make.__wrapped__ = cls  # its options are the class's (checked against its signature)
-    return make
+    # make.__wrapped__ = cls: its options are the class's (checked against its signature)
+    return functools.update_wrapper(make, cls, assigned=(), updated=())
 
 
 for _n in (3, 5, 7, 9):

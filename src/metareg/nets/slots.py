@@ -33,10 +33,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,25 @@ class FeaturePerturbation(nn.Module):
         return pre
 
 
+def required_input(layer_input: Tensor | None, who: str) -> Tensor:
+    """``layer_input`` for a perturbation whose noise is a function of it (a slot called without it
+    is an error, not a crash deep inside)."""
+    if layer_input is None:
+        raise ConfigError(f"{who} needs the layer's input: call it as perturb(pre, layer_input, sample=...)")
+    return layer_input
+
+
 PerturbationFactory = Callable[[LayerInfo], nn.Module]
+
+
+def with_attributes(factory: PerturbationFactory, **attributes: Any) -> PerturbationFactory:
+    """``factory`` carrying optional attributes, which their readers take with ``getattr`` and a
+    default: ``shared`` (the one function its slots share), ``sample_at_test`` (predictions are
+    Monte-Carlo averages over the noise), ``support_attack`` (applied to the support set of every
+    inner step), ``vmap_safe`` (False: the loop strategy runs it)."""
+    for name, value in attributes.items():
+        setattr(factory, name, value)
+    return factory
 
 
 def identity_factory(layer: LayerInfo) -> nn.Module:  # noqa: ARG001

@@ -21,13 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory
+from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory, with_attributes
 from .registry import register
 
 Norm = Literal["linf", "l2", "l1"]
@@ -38,7 +38,7 @@ def input_gradient(loss_of: Callable[[Tensor], Tensor], x: Tensor, draws: int = 
     """d loss / d x at ``x``, averaged over ``draws`` evaluations of a stochastic ``loss_of``."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = sum(loss_of(x) for _ in range(draws)) / draws
+        loss = cast(Tensor, sum(loss_of(x) for _ in range(draws))) / draws  # draws >= 1: a tensor, never 0
         (grad,) = torch.autograd.grad(loss, x)
     return grad
 
@@ -177,9 +177,8 @@ def adversarial_training(epsilon: float = 0.1) -> PerturbationFactory:
     def make(info: LayerInfo) -> nn.Module:  # noqa: ARG001
         return FeaturePerturbation()
 
-    make.support_attack = fgsm(epsilon)
-    make.vmap_safe = False  # input gradients inside the inner steps: the loop strategy runs it
-    return make
+    # input gradients inside the inner steps: the loop strategy runs it
+    return with_attributes(make, support_attack=fgsm(epsilon), vmap_safe=False)
 
 
 register("adversarial")(adversarial_training)

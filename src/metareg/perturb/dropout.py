@@ -43,7 +43,7 @@ class Dropout(FeaturePerturbation):
             raise ConfigError(f"dropout during must be sampling or training, got {during!r}")
         self.p, self.kind, self.spatial, self.during = p, kind, spatial, during
 
-    def forward(self, pre: Tensor, layer_input: Tensor, *, sample: bool) -> Tensor:  # noqa: ARG002
+    def forward(self, pre: Tensor, layer_input: Tensor | None = None, *, sample: bool = False) -> Tensor:  # noqa: ARG002
         active = sample if self.during == "sampling" else self.training
         if not active or self.p == 0.0:
             return pre

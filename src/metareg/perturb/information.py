@@ -39,6 +39,8 @@ from ..nets.slots import (
     LayerInfo,
     PerturbationFactory,
     current_record,
+    required_input,
+    with_attributes,
 )
 from .meta_dropout import phi_layer
 from .registry import register
@@ -68,8 +70,7 @@ class VariationalBottleneck(FeaturePerturbation):
         super().__init__()
         _check_beta(beta)
         self.beta = beta
-        self.phi = phi_layer(info)
-        nn.init.constant_(self.phi.bias, math.log(math.expm1(init_sigma)))
+        self.phi = phi_layer(info, bias=math.log(math.expm1(init_sigma)))
 
     def sigma(self, layer_input: Tensor) -> Tensor:
         return F.softplus(self.phi(layer_input))
@@ -77,7 +78,7 @@ class VariationalBottleneck(FeaturePerturbation):
     def forward(self, pre: Tensor, layer_input: Tensor | None = None, *, sample: bool = False) -> Tensor:
         if not sample:
             return pre
-        sigma = self.sigma(layer_input)
+        sigma = self.sigma(required_input(layer_input, "vib"))
         _penalize(self.beta, gaussian_kl(pre, sigma))
         return pre + sigma * torch.randn_like(pre)
 
@@ -102,7 +103,7 @@ class InformationDropout(FeaturePerturbation):
     def forward(self, pre: Tensor, layer_input: Tensor | None = None, *, sample: bool = False) -> Tensor:
         if not sample:
             return pre
-        alpha = self.alpha(layer_input)
+        alpha = self.alpha(required_input(layer_input, "information-dropout"))
         _penalize(self.beta, (-(pre > 0).to(pre.dtype) * torch.log(alpha)).flatten(1).sum(1))
         return pre * torch.exp(alpha * torch.randn_like(pre))
 
@@ -119,8 +120,7 @@ def _hidden(make) -> PerturbationFactory:
     # (measured: Information Dropout on the miniImageNet stand-in, Conv4, 15.9 % noise-free vs 39.1 %
     # averaging 10 samples). Predictions are Monte-Carlo averages over the noise, as MetaPerturb's.
     # The episodic meta-test (batch statistics) keeps its deterministic query pass (Meta-Dropout, Eq. 4).
-    factory.sample_at_test = True
-    return factory
+    return with_attributes(factory, sample_at_test=True)
 
 
 register("vib")(lambda beta=1e-5, init_sigma=0.1: _hidden(lambda info: VariationalBottleneck(info, beta, init_sigma)))

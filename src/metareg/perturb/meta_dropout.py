@@ -42,26 +42,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..nets.layers import truncated_normal_
+from ..nets.layers import bias_of, truncated_normal_
 from ..nets.slots import (
     FeaturePerturbation,
     LayerInfo,
     PerturbationFactory,
     current_record,
+    required_input,
 )
 from .registry import register
 
 
-def phi_layer(info: LayerInfo, out_features: int | None = None) -> nn.Module:
-    """A noise-generator layer with the shape of theta's layer at ``info`` (reference init)."""
+def phi_layer(info: LayerInfo, out_features: int | None = None, bias: float = 0.0) -> nn.Conv2d | nn.Linear:
+    """A noise-generator layer with the shape of theta's layer at ``info`` (reference init; its bias
+    ``bias``)."""
     out = out_features or info.out_features
+    layer: nn.Conv2d | nn.Linear
     if info.kind == "conv":
         layer = nn.Conv2d(info.in_features, out, info.kernel_size, info.stride, info.padding)
         truncated_normal_(layer.weight, 0.02)
     else:
         layer = nn.Linear(info.in_features, out)
         nn.init.normal_(layer.weight, std=0.02)
-    nn.init.zeros_(layer.bias)
+    nn.init.constant_(bias_of(layer), bias)
     return layer
 
 
@@ -96,15 +99,15 @@ class MultiplicativeNoise(FeaturePerturbation):
         self.mu = nn.Parameter(torch.zeros(info.out_features)) if mean == "channel" else None
         self.phi_sigma = phi_layer(info) if variance == "input" else None
 
-    def mean(self, pre: Tensor, layer_input: Tensor) -> Tensor:
+    def mean(self, pre: Tensor, layer_input: Tensor | None) -> Tensor:
         """mu^(l): the mean of a, broadcastable to ``pre``."""
         if self.phi is not None:
-            return self.phi(layer_input)
+            return self.phi(required_input(layer_input, "meta-dropout"))
         if self.mu is not None:
             return self.mu.view(-1, *[1] * (pre.dim() - 2)) if self.kind == "conv" else self.mu
         return pre.new_zeros(())
 
-    def noise(self, pre: Tensor, layer_input: Tensor, *, sample: bool) -> Tensor:
+    def noise(self, pre: Tensor, layer_input: Tensor | None, *, sample: bool) -> Tensor:
         """z^(l) = Softplus(a^(l)), shaped like ``pre`` when sampled."""
         a = self.mean(pre, layer_input)
         if sample and self.kl:  # Table 2's beta rows: KL[N(mu, I) || N(0, I)] = |mu|^2 / 2 per example, weighted
@@ -113,10 +116,14 @@ class MultiplicativeNoise(FeaturePerturbation):
                 record.add_penalty(self.kl * 0.5 * (a.expand_as(pre) ** 2).flatten(1).sum(1).mean())
         if sample and self.stochastic:
             eps = torch.randn_like(pre)
-            a = a + (eps if self.phi_sigma is None else F.softplus(self.phi_sigma(layer_input)) * eps)
+            a = a + (
+                eps
+                if self.phi_sigma is None
+                else F.softplus(self.phi_sigma(required_input(layer_input, "meta-dropout"))) * eps
+            )
         return F.softplus(a)
 
-    def forward(self, pre: Tensor, layer_input: Tensor, *, sample: bool) -> Tensor:
+    def forward(self, pre: Tensor, layer_input: Tensor | None = None, *, sample: bool = False) -> Tensor:
         return pre * self.noise(pre, layer_input, sample=sample)
 
     def extra_repr(self) -> str:
@@ -134,10 +141,10 @@ class AdditiveGaussianOutput(FeaturePerturbation):
         super().__init__()
         self.phi = phi_layer(info, out_features=1)
 
-    def forward(self, pre: Tensor, layer_input: Tensor, *, sample: bool) -> Tensor:
+    def forward(self, pre: Tensor, layer_input: Tensor | None = None, *, sample: bool = False) -> Tensor:
         if not sample:
             return pre
-        sigma = F.softplus(self.phi(layer_input.flatten(1)))
+        sigma = F.softplus(self.phi(required_input(layer_input, "meta-dropout").flatten(1)))
         return pre + sigma * torch.randn_like(pre)
 
 

@@ -69,6 +69,7 @@ from ..nets.slots import (
     LayerInfo,
     PerturbationFactory,
     current_record,
+    with_attributes,
 )
 
 NUM_STATS = 4  # channel statistics per channel: four shared 3x3 kernels
@@ -173,6 +174,9 @@ class MetaPerturb(FeaturePerturbation):
     """
 
     position = "norm"  # after batch norm (or the residual sum), before the ReLU
+    function: MetaPerturbFunction  # a plain reference, set with object.__setattr__ (not a submodule)
+    running_mean: Tensor  # buffers, registered with running_stats
+    running_var: Tensor
 
     def __init__(
         self,
@@ -311,6 +315,5 @@ def metaperturb_slots(function: MetaPerturbFunction, location: str = "all") -> P
             index=info.index,
         )
 
-    make.shared = function
-    make.sample_at_test = True  # predictions are Monte-Carlo averages over the noise (Algorithm 2)
-    return make
+    # predictions are Monte-Carlo averages over the noise (Algorithm 2)
+    return with_attributes(make, shared=function, sample_at_test=True)

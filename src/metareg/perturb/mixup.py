@@ -32,6 +32,7 @@ from ..nets.slots import (
     LayerInfo,
     PerturbationFactory,
     current_record,
+    with_attributes,
 )
 from .registry import register
 
@@ -68,6 +69,7 @@ class Mixup(FeaturePerturbation):
     """The slot of layer ``index``: mixes its input when this pass's draw chose it."""
 
     position = "linear"
+    plan: MixupPlan  # a plain reference, set with object.__setattr__ (not a submodule)
 
     def __init__(self, plan: MixupPlan, index: int):
         super().__init__()
@@ -100,8 +102,8 @@ def _factory(gamma: float, manifold: bool) -> PerturbationFactory:
         plan.layers = max(plan.layers, info.index + 1)
         return Mixup(plan, info.index)
 
-    make.vmap_safe = False  # random permutations are not batched by torch.func.vmap: the loop strategy runs it
-    return make
+    # random permutations are not batched by torch.func.vmap: the loop strategy runs it
+    return with_attributes(make, vmap_safe=False)
 
 
 register("mixup")(lambda gamma=1.0: _factory(gamma, manifold=False))

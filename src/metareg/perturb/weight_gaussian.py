@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..nets.layers import copies
-from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory
+from ..nets.slots import FeaturePerturbation, LayerInfo, PerturbationFactory, required_input
 from .registry import register
 
 
@@ -35,9 +35,10 @@ class WeightGaussian(FeaturePerturbation):
         self.rho = nn.Parameter(torch.full(shape, math.log(math.expm1(init_std))))  # Softplus(rho) = init_std
         self.kind, self.stride, self.padding = info.kind, info.stride, info.padding
 
-    def forward(self, pre: Tensor, layer_input: Tensor, *, sample: bool) -> Tensor:
+    def forward(self, pre: Tensor, layer_input: Tensor | None = None, *, sample: bool = False) -> Tensor:
         if not sample:
             return pre
+        layer_input = required_input(layer_input, "weight-gaussian")
         count = copies()  # stacked independent copies of the batch: one weight sample each
         noise = F.softplus(self.rho) * torch.randn(count, *self.rho.shape, dtype=self.rho.dtype, device=self.rho.device)
         if count == 1:

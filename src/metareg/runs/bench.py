@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -52,8 +52,9 @@ from ..data.tasks import TaskBatch
 from ..errors import ConfigError
 from ..inner import build_inner_rule
 from ..meta import BilevelLearner
+from ..meta.bilevel import Strategy
 from ..meta.graphs import CapturedStep
-from ..meta.joint import JointLearner, norm_in_eval_mode
+from ..meta.joint import JointLearner, JointStrategy, norm_in_eval_mode
 from ..meta.reference import conv_forward, reference_meta_gradient
 from ..nets import ConvNet
 from ..perturb import build_perturbation
@@ -67,7 +68,7 @@ SHAPES = {  # the presets' task shapes
 JOINT_IMPLEMENTATIONS = ("joint-reference", "joint-loop", "joint-vmap")
 
 
-def _joint_problem(args: argparse.Namespace, dtype: torch.dtype, device: str, strategy: str):
+def _joint_problem(args: argparse.Namespace, dtype: torch.dtype, device: str, strategy: JointStrategy):
     torch.manual_seed(0)
     factory = build_perturbation("metaperturb", {"phi": "learned"})
 
@@ -147,7 +148,7 @@ def _problem(
     args: argparse.Namespace,
     dtype: torch.dtype,
     device: str,
-    strategy: str = "loop",
+    strategy: Strategy = "loop",
     perturbation: str = "none",
     mc_batch: bool = False,
     tasks: int | None = None,
@@ -179,7 +180,7 @@ def _problem(
 
 def _reference_step(learner: BilevelLearner, batch: TaskBatch, steps: int):
     params = {n: p.detach().clone().requires_grad_() for n, p in learner.model.named_parameters()}
-    forward = partial(conv_forward, depth=len(learner.model.blocks))
+    forward = partial(conv_forward, depth=len(cast(ConvNet, learner.model).blocks))  # the bench's network
     return lambda: reference_meta_gradient(params, batch, lr=0.1, steps=steps, forward=forward)
 
 
@@ -230,7 +231,7 @@ def worker(impl: str, args: argparse.Namespace) -> dict[str, Any]:
     """Time one implementation in this process; returns seconds per iteration and peak memory."""
     if impl != "reference":
         keep_freed_memory()
-    strategy = "vmap" if impl.endswith("vmap") else "loop"
+    strategy: JointStrategy = "vmap" if impl.endswith("vmap") else "loop"
     if impl.startswith("joint"):
         learner, batches = _joint_problem(args, torch.float32, args.device, strategy)
         step = (

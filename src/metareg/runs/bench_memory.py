@@ -65,11 +65,12 @@ from ..build import resolve_device, resolve_mc_batch, resolve_strategy
 from ..data.tasks import TaskBatch
 from ..inner import build_inner_rule
 from ..meta import BilevelLearner
+from ..meta.bilevel import Precision, Strategy
 from ..meta.reference import conv_forward, reference_meta_gradient, resnet12_forward
 from ..nets import create_model
 from ..runtime import keep_freed_memory
 
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "omniglot-20w1s": {
         "backbone": "conv4",
         "options": {"channels": 64},
@@ -152,7 +153,7 @@ def problem(shape: dict, dtype: torch.dtype, device: str, tasks: int, small: boo
 
 
 def engine(
-    model, shape: dict, steps: int, device: str, strategy: str, recompute: bool, precision: str = "float32"
+    model, shape: dict, steps: int, device: str, strategy: Strategy, recompute: bool, precision: Precision = "float32"
 ) -> BilevelLearner:
     rule = build_inner_rule(dict(model.named_parameters()), step="sgd", lr=shape["lr"], steps=steps)
     learner = BilevelLearner(
@@ -167,7 +168,7 @@ def engine(
     return learner.to(device=device, dtype=next(model.parameters()).dtype)
 
 
-def default_strategy(shape: dict, device: str) -> str:
+def default_strategy(shape: dict, device: str) -> Strategy:
     return resolve_strategy("auto", resolve_device(device), shape["backbone"])
 
 
@@ -209,8 +210,8 @@ def step_function(impl: str, model, batch: TaskBatch, shape: dict, steps: int, d
                     (F.cross_entropy(fmodel(batch.query_x[i]), batch.query_y[i]) / n).backward()
 
         return hi
-    strategy = {"engine-parallel": "parallel"}.get(impl) or default_strategy(shape, device)
-    precision = "bf16" if impl == "engine-bf16" else "float32"
+    strategy: Strategy = "parallel" if impl == "engine-parallel" else default_strategy(shape, device)
+    precision: Precision = "bf16" if impl == "engine-bf16" else "float32"
     learner = engine(model, shape, steps, device, strategy, recompute=impl == "engine-recompute", precision=precision)
 
     def ours() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import preflight
-from ..config import SCHEMAS, Config, load_file, merge, upgrade, validate
+from ..config import SCHEMAS, Config, MetaTrainConfig, TransferConfig, load_file, merge, upgrade, validate
 from ..data import get_episodic, labeled_datasets
 from ..errors import ConfigError
 from ..nets import get_backbone
@@ -29,7 +29,7 @@ def resolve(
     preset: str | None = None,
     file: str | Path | None = None,
     overrides: list[dict[str, Any]] | None = None,
-    schema: type = Config,
+    schema: type[Config | MetaTrainConfig | TransferConfig] = Config,
 ) -> Any:
     """Defaults <- preset <- config file <- overrides, validated; ``schema`` is the kind of run
     (:class:`Config`, :class:`MetaTrainConfig` or :class:`TransferConfig`)."""

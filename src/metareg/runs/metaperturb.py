@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import __version__
 from ..build import IMAGE_CHANNELS, build_joint_learner, dtype_of, resolve_device
@@ -26,6 +26,7 @@ from ..data.labeled import (
 from ..meta import distributed
 from ..meta.joint_trainer import JointTrainer
 from ..meta.loop import RunContext
+from ..perturb.metaperturb import MetaPerturbFunction
 from ..perturb.pretrained import save_phi
 from ..runfolder import prepare_run_folder
 from ..runlock import run_lock
@@ -121,7 +122,7 @@ def _meta_train(
         }
         save_phi(
             out,
-            learner.networks[0].perturbation_function,
+            cast(MetaPerturbFunction, learner.networks[0].perturbation_function),  # metaperturb's phi
             {"source": source, "backbone": config.model.backbone, "steps": trainer.step}
             | provenance(config, trainer.seconds, world.size),
         )

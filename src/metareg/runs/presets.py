@@ -249,6 +249,7 @@ _TABLE_3 = {
         ("95.98 +- 0.15", "98.87 +- 0.06", "50.93 +- 0.68", "66.15 +- 0.56"),
     ),
 }
+_numbers: tuple[str, ...]  # the tables below give 2, 3 or 4 numbers a row
 for _table, _rows in (("Table 1", _TABLE_1), ("Table 3", _TABLE_3)):
     for _suffix, (_label, _perturbation, _step, _numbers) in _rows.items():
         for _base, (_column, _setting) in _BASES.items():
@@ -894,7 +895,8 @@ PRESETS["dropgrad-pretrain-resnet18"] = Preset(
 # -------------------------------------------------------------------------- MetaPerturb Table 3
 # The ablations are options of the same perturbation and of the source split (meta-train and transfer
 # take the same options): s = 1, z = 1, the slots' location, and the homogeneous task split.
-_ABLATIONS = {  # suffix -> (label, perturbation options, meta-train extra values, numbers s-CIFAR100 / Aircraft / CUB)
+# suffix -> (label, perturbation options, meta-train extra values, numbers s-CIFAR100 / Aircraft / CUB)
+_ABLATIONS: dict[str, tuple[str, dict[str, Any], dict[str, Any], tuple[str, ...]]] = {
     "noscale": (
         "w/o channel-wise scaling s",
         {"scale": False},
@@ -953,7 +955,7 @@ def _mtnet_values(setting: str) -> dict[str, Any]:
         data = {"name": "miniimagenet", "way": 5, "shot": 1, "query": 15}
         model = {"channels": 32}
         inner = {"lr": 0.01, "steps": 5, "eval_steps": 10}
-        train = {"steps": 60000, "meta_batch": 4, "clip": 10.0}
+        train: dict[str, Any] = {"steps": 60000, "meta_batch": 4, "clip": 10.0}
     else:
         way = 5 if setting == "omniglot-5w1s" else 20
         data = {

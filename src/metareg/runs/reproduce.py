@@ -355,6 +355,7 @@ def _dropgrad_table_2() -> Experiment:
 
 
 def _dropgrad_table_3() -> Experiment:
+    columns: tuple[tuple[str, str], ...]
     columns = (("0.01, 5 (original)", ""), ("0.1, 5", "-a0.1"), ("0.001, 5", "-a0.001"), ("0.01, 3", "-n3"))
     columns += (("0.01, 7", "-n7"),)
     runs = []
@@ -737,16 +738,16 @@ def _markdown(
     for row, cells in by_row.items():
         lines.append("| " + " | ".join([row, *(cells.get(c, "-") for c in experiment.columns)]) + " |")
     for a, b in experiment.pairs:  # paired differences on the same episodes
-        cells = []
+        differences = []
         for column in experiment.columns:
             one = [next((r for r in experiment.runs if r.row == row and r.column == column), None) for row in (a, b)]
-            found = [results.get(r.name, {}).get(r.shots[0]) if r else None for r in one]
-            if None in found:
-                cells.append("-")
+            first, second = [results.get(r.name, {}).get(r.shots[0]) if r else None for r in one]
+            if first is None or second is None:
+                differences.append("-")
                 continue
-            d = paired_difference(found[0]["scores"], found[1]["scores"])
-            cells.append(f"{d.mean * experiment.scale:+.2f} +- {d.ci95 * experiment.scale:.2f}")
-        lines.append("| " + " | ".join([f"{a} - {b} (paired)", *cells]) + " |")
+            d = paired_difference(first["scores"], second["scores"])
+            differences.append(f"{d.mean * experiment.scale:+.2f} +- {d.ci95 * experiment.scale:.2f}")
+        lines.append("| " + " | ".join([f"{a} - {b} (paired)", *differences]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -66,6 +66,8 @@ def target_data(d: ImageDataConfig) -> tuple[LabeledImages, LabeledImages]:
         chosen = choose_classes(train, d.classes, d.seed)
         train, test = keep_classes(train, chosen), (None if test is None else keep_classes(test, chosen))
     if test is None:
+        if d.train_per_class is None:  # refused by the config's check already
+            raise ConfigError(f"data.train_per_class must be set: train and test images come from {d.train_split!r}")
         return split_per_class(train, d.train_per_class, d.seed, rest=d.test_per_class)
     if d.train_per_class:
         train = take_per_class(train, d.train_per_class, d.seed)
@@ -272,6 +274,7 @@ def select_options(
         trial = TransferConfig.from_dict(config.to_dict())
         trial.select, trial.perturb.options = False, config.perturb.options | options
         folder = out / "selection" / str(i)
+        record: dict[str, Any] | None
         if (folder / "test.json").is_file():
             record = read_result(folder / "test.json")
         else:

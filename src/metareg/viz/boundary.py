@@ -67,8 +67,8 @@ def plot_boundary(view, out: str | Path, *, classes: tuple[int, int] = (0, 1), s
     features = torch.cat([g[2] for g in groups])
     w = view.params["head.weight"][list(classes)]
     b = view.params["head.bias"][list(classes)]
-    xs, ys, x_db = boundary_coordinates(features.double(), w.double(), b.double())
-    xs, ys = xs.cpu().numpy(), ys.numpy()
+    x_coords, y_coords, x_db = boundary_coordinates(features.double(), w.double(), b.double())
+    xs, ys = x_coords.cpu().numpy(), y_coords.numpy()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     colors = {classes[0]: "tab:blue", classes[1]: "tab:red"}
     styles = {

@@ -61,9 +61,10 @@ def plot_curves(runs: list[str | Path], out: str | Path) -> Path:
         panels = PANELS["score" if "score" in log else "accuracy"]
         titles = [title for title, _, _ in panels]
         for ax, (_, column, ci) in zip(axes, panels):
+            zeros = [0.0] * len(log["step"])
             points = [
                 (s, v, c)
-                for s, v, c in zip(log["step"], log.get(column, []), log.get(ci, [0.0] * len(log["step"])))
+                for s, v, c in zip(log["step"], log.get(column, []), zeros if ci is None else log.get(ci, zeros))
                 if v == v
             ]
             if points:
