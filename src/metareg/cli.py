@@ -276,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "reproduce",
         help="run a paper's table or figure as a resumable grid of runs",
-        description="Run a paper's table or figure as a resumable grid of runs. Experiments: "
-        + "; ".join(f"{name} ({e.source.split(' (')[0]})" for name, e in EXPERIMENTS.items()),
+        description="Run a paper's table or figure as a resumable grid of runs. Experiments:\n"
+        + "\n".join(f"  {name:<26} {e.source.split(' (')[0]}" for name, e in EXPERIMENTS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("experiment", nargs="?", help="experiment name, one of those above (omit to list them)")
     p.add_argument("--out", help="folder for the runs and <experiment>.md (default runs/<experiment>)")

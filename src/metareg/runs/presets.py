@@ -648,7 +648,7 @@ def _mamlpp(data: dict[str, Any], channels: int, lr: float, msl: int, first_orde
 _MAMLPP = {  # name: (description, paper row, values, timing)
     "omniglot-20w1s-mamlpp": (
         "MAML++ (MSL, DA, BNRS, BNWB, LSLR, CA), Conv4-64, Omniglot 20-way 1-shot (Vinyals split)",
-        "MAML++ paper (Antoniou et al. 2019) Table 1, MAML++, Omniglot 20-way 1-shot: 97.65 +- 0.05",
+        "MAML++ paper Table 1 (Antoniou et al. 2019), MAML++, Omniglot 20-way 1-shot: 97.65 +- 0.05",
         _mamlpp(
             {
                 "name": "omniglot",
