@@ -2,7 +2,8 @@
 # One GPU window of metareg, in one command of at most 9 minutes on a fresh H100/H200 machine:
 #   1. the CUDA tier (tests/test_cuda.py, `pytest -m cuda`): graphs vs eager, resume with graphs,
 #      vmap vs loop, episodes gathered on the GPU, batched Monte-Carlo samples, CUDA vs CPU meta-test;
-#   2. `metareg bench --device cuda` (engine, plain loop, vmap and graph rows; the S = 30 meta-test)
+#   2. `metareg bench --device cuda` (engine, plain loop, vmap and graph rows; the S = 30 meta-test),
+#      `metareg bench --memory` (stored vs recomputed steps, the bf16 meta-gradient error)
 #      and an operator profile of the engine;
 #   3. the paper-scale runs of benchmarks/gpu_runs.py (gpu-runs/ in the repository, or a copy further
 #      along in ../shared/gpu-runs/) continued for the time left, each tested once at its target;
@@ -80,6 +81,15 @@ say "== bench ($(( $(date +%s) - t0 )) s, exit $?) =="
 cat "$OUT/bench.txt" >> "$SUMMARY"
 if [ "$(left)" -gt 240 ]; then
   timeout 60 $PY -m metareg.cli --no-progress bench --device $DEVICE "${PROFILE[@]}" > "$OUT/profile.txt" 2>&1
+fi
+# 2b. Memory and bf16 (issue 24): the engine stored/recomputed against the plain loop, and the bf16
+# meta-gradient's error against float32 (which decides whether train.precision=bf16 may be a default).
+if [ "$(left)" -gt 240 ]; then
+  t0=$(date +%s)
+  MEMORY=(--shape omniglot-20w1s --memory-steps 5)
+  [ $SMOKE = 1 ] && MEMORY=(--shape omniglot-20w1s --memory-steps 2 --iterations 1)
+  timeout 90 $PY -m metareg.cli --no-progress bench --memory --device $DEVICE "${MEMORY[@]}" >> "$OUT/bench.txt" 2>&1
+  say "== bench --memory ($(( $(date +%s) - t0 )) s, exit $?) =="
 fi
 
 # 3. The runs that accumulate across windows, for the time left (60 s kept to test and pack).
