@@ -211,3 +211,32 @@ def test_task_gradients_of_vmap_and_loop_agree_and_add_up_to_the_meta_gradient()
     torch.testing.assert_close(summed["vmap"], summed["loop"], rtol=1e-10, atol=1e-13)
     for key in ("loss", "score"):
         torch.testing.assert_close(metrics["vmap"][key], metrics["loop"][key], rtol=1e-10, atol=0)
+
+
+def test_setup_takes_the_gpu_of_its_local_rank_and_nccl_on_cuda_gloo_on_cpu(monkeypatch):
+    """torchrun's environment read by ``distributed.setup`` without a GPU (torch's calls recorded):
+    on CUDA, process LOCAL_RANK=1 uses cuda:1 and joins with nccl; on the CPU, gloo; one process
+    joins nothing. Catches LOCAL_RANK ignored (every process on cuda:0) or the backend swapped."""
+    from metareg.meta import distributed
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(distributed.dist, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        distributed.dist,
+        "init_process_group",
+        lambda backend, timeout: calls.append(("init", backend, timeout.total_seconds() > 0)),
+    )
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    world = distributed.setup(torch.device("cuda"))
+    assert world.device == torch.device("cuda", 1) and (world.rank, world.size) == (1, 2)
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl", True)]
+    calls.clear()
+    assert distributed.setup(torch.device("cpu")).device == torch.device("cpu") and calls == [("init", "gloo", True)]
+    calls.clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not distributed.setup(torch.device("cuda")).distributed and calls == []
