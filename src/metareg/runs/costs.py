@@ -30,8 +30,29 @@ GPU_TFLOPS = 20.0
 #: Assumed least time of one iteration on a GPU (launch-bound small kernels): an assumption.
 GPU_FLOOR_S = 0.05
 
-#: Measured by ``python benchmarks/seed_costs.py`` (see its docstring for the date and load).
-MEASURED: dict[str, Cost] = {}
+#: Measured by ``python benchmarks/seed_costs.py`` (see its docstring), one thread per run as
+#: ``metareg reproduce --jobs 2`` gives each: the first 9 entries 3 iterations each (2026-11-30 01:01,
+#: 1-minute load average 1.1 to 2.7), the ResNet entries 2 iterations each (2026-11-30 01:41 and
+#: later, load 2.0 to 4.0). The machine was shared with other runs, so these rates are upper bounds:
+#: resnet18-5w5s-7steps, measured at the highest load, is about 2x what 5 vs 3 steps suggests.
+MEASURED: dict[str, Cost] = {
+    "mamlpp-omniglot-20w1s": Cost(5.41, 184.9, "omniglot-20w1s-mamlpp, 3 iterations, 1 thread(s)"),
+    "mtnet-omniglot-5w1s": Cost(0.68, 13.6, "mtnet-omniglot-5w1s-mtnet, 3 iterations, 1 thread(s)"),
+    "mtnet-omniglot-20w1s": Cost(0.86, 27.3, "mtnet-omniglot-20w1s-mtnet, 3 iterations, 1 thread(s)"),
+    "mtnet-miniimagenet-5w1s": Cost(6.31, 118.7, "mtnet-miniimagenet-5w1s-mtnet, 3 iterations, 1 thread(s)"),
+    "mamlpp-miniimagenet-5w1s": Cost(36.83, 580.3, "miniimagenet-5w1s-mamlpp, 3 iterations, 1 thread(s)"),
+    "mamlpp-miniimagenet-5w5s": Cost(27.46, 480.5, "miniimagenet-5w5s-mamlpp, 3 iterations, 1 thread(s)"),
+    "metaperturb-transfer-resnet20-32": Cost(1.57, 33.4, "transfer-scifar100, 3 iterations, 1 thread(s)"),
+    "metaperturb-transfer-resnet20-84": Cost(11.56, 230.5, "transfer-cub, 3 iterations, 1 thread(s)"),
+    "metaperturb-meta-train-resnet20": Cost(41.09, 877.4, "perturb-tinyimagenet-resnet20, 3 iterations, 1 thread(s)"),
+    "resnet18-pretrain": Cost(3.38, 170.3, "dropgrad-pretrain-resnet18, 2 iterations, 1 thread(s)"),
+    "resnet18-5w1s": Cost(113.69, 4258.1, "dropgrad-maml-5w1s-dropgrad, 2 iterations, 1 thread(s)"),
+    "resnet18-5w5s": Cost(151.68, 8516.3, "dropgrad-maml-5w5s-dropgrad, 2 iterations, 1 thread(s)"),
+    "resnet18-5w1s-metasgd": Cost(107.80, 4258.1, "dropgrad-metasgd-5w1s-dropgrad, 2 iterations, 1 thread(s)"),
+    "resnet18-5w5s-metasgd": Cost(182.39, 8516.3, "dropgrad-metasgd-5w5s-dropgrad, 2 iterations, 1 thread(s)"),
+    "resnet18-5w5s-3steps": Cost(108.35, 6387.2, "dropgrad-maml-5w5s-n3-dropgrad, 2 iterations, 1 thread(s)"),
+    "resnet18-5w5s-7steps": Cost(360.81, 10645.4, "dropgrad-maml-5w5s-n7-dropgrad, 2 iterations, 1 thread(s)"),
+}
 
 
 def cost(key: str) -> Cost:
