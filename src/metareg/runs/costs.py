@@ -45,6 +45,7 @@ MEASURED: dict[str, Cost] = {
     "metaperturb-transfer-resnet20-32": Cost(1.57, 33.4, "transfer-scifar100, 3 iterations, 1 thread(s)"),
     "metaperturb-transfer-resnet20-84": Cost(11.56, 230.5, "transfer-cub, 3 iterations, 1 thread(s)"),
     "metaperturb-meta-train-resnet20": Cost(41.09, 877.4, "perturb-tinyimagenet-resnet20, 3 iterations, 1 thread(s)"),
+    "resnet12-5w1s": Cost(560.58, 14712.2, "miniimagenet-5w1s-resnet12, 2 iterations, 1 thread(s)"),
     "resnet18-pretrain": Cost(3.38, 170.3, "dropgrad-pretrain-resnet18, 2 iterations, 1 thread(s)"),
     "resnet18-5w1s": Cost(113.69, 4258.1, "dropgrad-maml-5w1s-dropgrad, 2 iterations, 1 thread(s)"),
     "resnet18-5w5s": Cost(151.68, 8516.3, "dropgrad-maml-5w5s-dropgrad, 2 iterations, 1 thread(s)"),
