@@ -107,7 +107,7 @@ def test_the_plan_of_a_chunked_reproduction(tmp_path):
     run = tmp_path / "omniglot-20w1s"
     train(tiny("train.steps=2"), run, progress=False)
     text = plan("metadropout-table-1", tmp_path)
-    assert "omniglot-20w1s " in text and "2 / 60000 iterations" in text and "min left" in text
+    assert "omniglot-20w1s " in text and "2 / 60000 iterations" in text and "s/iteration (its log)" in text
     assert "--time-budget SECONDS" in text
 
 
