@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shlex
 import tempfile
 import traceback
@@ -32,6 +33,27 @@ from sybil import Document, Example, Sybil
 from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
 
 ROOT = Path(__file__).resolve().parent
+
+
+def pytest_configure() -> None:
+    """Under pytest-xdist, share the cores among the workers instead of letting each take all of them.
+
+    Every worker (and every ``metareg`` subprocess it starts, through ``OMP_NUM_THREADS``) otherwise
+    runs as many intra-op threads as there are cores; two workers on two cores then oversubscribe, and
+    OpenMP's spinning barriers made single tests up to 20x slower than alone (84 s instead of 4 s).
+    """
+    # A subprocess that dies of a signal (a rare SIGABRT of a gloo process at exit was seen once in
+    # a full run) prints the Python stack of each thread, so the next failure says where.
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if not workers or "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 def commands(source: str) -> list[tuple[str, list[str]]]:
