@@ -294,7 +294,7 @@ def worker(impl: str, settings: dict[str, Any]) -> dict[str, Any]:
             if i:
                 times.append(time.perf_counter() - start)
     except (RuntimeError, MemoryError) as err:
-        if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
+        if not isinstance(err, MemoryError) and not ran_out_of_memory(str(err)):
             raise
         return {"impl": impl, "error": OOM, "limit_gb": settings["memory_limit"], "seconds_before": times}
     learner = getattr(step, "learner", None)
@@ -315,6 +315,17 @@ def worker(impl: str, settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "memoryerror", "bad_alloc")
+
+
+def ran_out_of_memory(stderr: str) -> bool:
+    """Whether a worker's error output shows a failed allocation anywhere, not only on its last line:
+    learn2learn catches the allocator's RuntimeError inside ``adapt``, prints it and then fails on an
+    unbound variable (UnboundLocalError), which is still an out-of-memory."""
+    text = stderr.lower()
+    return any(failure in text for failure in ALLOCATION_FAILURES)
+
+
 def _run_worker(impl: str, settings: dict[str, Any], extra_path: str | None) -> dict[str, Any]:
     env = dict(os.environ)
     if extra_path:
@@ -327,7 +338,7 @@ def _run_worker(impl: str, settings: dict[str, Any], extra_path: str | None) -> 
     )
     if done.returncode != 0:
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
-        if "memory" in last.lower() or done.returncode in (-9, 137):
+        if ran_out_of_memory(done.stderr) or done.returncode in (-9, 137):
             return {"impl": impl, "error": OOM, "limit_gb": settings["memory_limit"]}
         return {"impl": impl, "error": f"failed: {last}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
