@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from metareg.runs import bench_memory
 
 # What learn2learn's MAML.adapt prints when the allocator fails inside it: it catches the RuntimeError,
@@ -28,6 +30,7 @@ def test_an_allocation_failure_anywhere_in_the_output_is_out_of_memory():
     assert not bench_memory.ran_out_of_memory("Traceback...\nValueError: expected 4 dimensions, got 3\n")
 
 
+@pytest.mark.slow  # starts a process
 def test_a_worker_beyond_its_heap_cap_is_reported_out_of_memory():
     """A real worker process under a heap cap below what it needs: its row is "out of memory" with
     the cap, not a failure with a traceback line."""

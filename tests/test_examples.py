@@ -18,6 +18,7 @@ import metareg
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 SHARED = Path(os.environ.get("METAREG_SHARED_DATA", REPO.parent / "shared" / "data"))
+pytestmark = pytest.mark.slow  # each starts a process
 OMNIGLOT = SHARED / "omniglot"
 
 
