@@ -482,3 +482,43 @@ def test_inner_rule_configuration_errors_name_the_problem_and_transforms_see_the
         groups=net.layer_groups(),
     )
     assert rule.transforms[0].names == [n for n, _ in net.named_parameters() if n.startswith("blocks.3.")]
+
+
+def test_a_registered_transform_is_built_by_name_and_its_fixed_arguments_are_not_options():
+    """`register` adds a gradient transform that `build_inner_rule` builds by name with the fast
+    weights and the layer groups; a second registration of the name is refused; the arguments the
+    registry fills itself (fast_params, groups) are not options; a ValueError of the factory becomes
+    one ConfigError naming the transform. Kills the registry mutants that survived the second mutmut
+    pass (registration inverted or dropped, the fixed names dropped, the error message dropped)."""
+    from metareg.errors import ConfigError
+    from metareg.inner import registry
+    from metareg.inner.base import GradientTransform
+
+    built = {}
+
+    class Scale(GradientTransform):
+        def __init__(self, fast_params, *, groups=None, factor: float = 2.0):
+            super().__init__()
+            if factor <= 0:
+                raise ValueError(f"factor must be positive, got {factor}")
+            built.update(names=sorted(fast_params), groups=groups, factor=factor)
+
+    fast = {"w": torch.zeros(1), "b": torch.zeros(1)}
+    try:
+        assert registry.register("test-scale")(Scale) is Scale
+        with pytest.raises(ValueError, match="gradient transform 'test-scale' registered twice"):
+            registry.register("test-scale")(Scale)
+        rule = build_inner_rule(
+            fast, step="sgd", lr=0.1, steps=1, transforms=[{"name": "test-scale", "factor": 3.0}], groups={"all": ["w"]}
+        )
+        assert isinstance(rule.transforms[0], Scale)
+        assert built == {"names": ["b", "w"], "groups": {"all": ["w"]}, "factor": 3.0}
+        for fixed in ("fast_params", "groups"):
+            with pytest.raises(ConfigError, match=f"unknown option '{fixed}' for gradient transform 'test-scale'"):
+                build_inner_rule(fast, step="sgd", lr=0.1, steps=1, transforms=[{"name": "test-scale", fixed: {}}])
+        with pytest.raises(
+            ConfigError, match="bad options for gradient transform 'test-scale': factor must be positive"
+        ):
+            build_inner_rule(fast, step="sgd", lr=0.1, steps=1, transforms=[{"name": "test-scale", "factor": -1.0}])
+    finally:
+        registry._TRANSFORMS.pop("test-scale", None)
