@@ -45,8 +45,8 @@ def pytest_configure() -> None:
     # A subprocess that dies of a signal (a rare SIGABRT of a gloo process at exit was seen once in
     # a full run) prints the Python stack of each thread, so the next failure says where.
     os.environ.setdefault("PYTHONFAULTHANDLER", "1")
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if not workers or "PYTEST_XDIST_WORKER" not in os.environ:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))  # set in xdist's workers only
+    if not workers:
         return
     import torch
 

@@ -294,7 +294,7 @@ def worker(impl: str, settings: dict[str, Any]) -> dict[str, Any]:
             if i:
                 times.append(time.perf_counter() - start)
     except (RuntimeError, MemoryError) as err:
-        if not isinstance(err, MemoryError) and not ran_out_of_memory(str(err)):
+        if not ran_out_of_memory(f"{type(err).__name__}: {err}"):
             raise
         return {"impl": impl, "error": OOM, "limit_gb": settings["memory_limit"], "seconds_before": times}
     learner = getattr(step, "learner", None)
@@ -318,11 +318,11 @@ def worker(impl: str, settings: dict[str, Any]) -> dict[str, Any]:
 ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "memoryerror", "bad_alloc")
 
 
-def ran_out_of_memory(stderr: str) -> bool:
-    """Whether a worker's error output shows a failed allocation anywhere, not only on its last line:
+def ran_out_of_memory(error_output: str) -> bool:
+    """Whether error output shows a failed allocation anywhere, not only on its last line:
     learn2learn catches the allocator's RuntimeError inside ``adapt``, prints it and then fails on an
     unbound variable (UnboundLocalError), which is still an out-of-memory."""
-    text = stderr.lower()
+    text = error_output.lower()
     return any(failure in text for failure in ALLOCATION_FAILURES)
 
 
